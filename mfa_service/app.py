@@ -1,0 +1,215 @@
+"""The composition root: ``create_server(settings)`` builds every collaborator once.
+
+Nothing else constructs engines, keyrings, services or servicers. Tests call it with
+``listen_addr=127.0.0.1:0`` and a FixedClock to get an in-process server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
+from mfa.v1 import two_factor_service_pb2 as pb
+from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
+
+from mfa_service.clock import Clock, SystemClock
+from mfa_service.crypto import Keyring, load_or_create_key_file
+from mfa_service.errors import ConfigurationError, StoreError
+from mfa_service.factors.registry import FactorRegistry
+from mfa_service.factors.totp import AuthenticatorApp
+from mfa_service.service.sessions import SessionService
+from mfa_service.service.two_factor import Rules, TwoFactorService
+from mfa_service.settings import Environment, Settings
+from mfa_service.store import migrate
+from mfa_service.store.database import Database
+from mfa_service.store.engine import create_engine, database_url
+from mfa_service.telemetry import configure_tracing, server_interceptor
+from mfa_service.transport.interceptors import ServiceInterceptor
+from mfa_service.transport.servicer import TwoFactorServicer
+
+log = logging.getLogger("mfa_service")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TwoFactorService"].full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def load_keyring(settings: Settings) -> Keyring:
+    if settings.keyring is not None:
+        return Keyring.parse(settings.keyring.get_secret_value())
+    if settings.env is Environment.PRODUCTION:  # pragma: no cover - Settings refuses it first
+        raise ConfigurationError("MFA_KEYRING is required in production")
+    path = settings.resolved_key_file()
+    keyring, created = load_or_create_key_file(path)
+    log.warning("using development keys from a local key file; set MFA_KEYRING in production",
+                extra={"key_file": str(path), "key_file_created": created})
+    return keyring
+
+
+def _is_loopback(listen_addr: str) -> bool:
+    host = listen_addr.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if settings.tls_cert_file is None and settings.tls_key_file is None:
+        return None
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        raise ConfigurationError("set both MFA_TLS_CERT_FILE and MFA_TLS_KEY_FILE")
+    try:
+        chain = settings.tls_cert_file.read_bytes()
+        key = settings.tls_key_file.read_bytes()
+        client_ca = (settings.tls_client_ca_file.read_bytes()
+                     if settings.tls_client_ca_file else None)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read a TLS file: {exc}") from exc
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
+@dataclass
+class App:
+    """A built server and what it owns; ``stop`` releases everything."""
+
+    server: aio.Server
+    port: int
+    database: Database
+    health: health.aio.HealthServicer
+    settings: Settings
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        await self.database.dispose()
+
+
+async def _probe_database(app: App, interval: float) -> None:
+    """Health follows the database: NOT_SERVING while it does not answer."""
+    serving = True
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await app.database.ping()
+            ok = True
+        except StoreError:
+            ok = False
+        if ok != serving:
+            serving = ok
+            status = (health_pb2.HealthCheckResponse.SERVING if ok
+                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            log.warning("database health changed", extra={"serving": ok})
+            for name in ("", SERVICE_NAME):
+                await app.health.set(name, status)
+
+
+def _add_reflection(server: aio.Server) -> None:
+    """Server reflection under v1alpha (grpcio-reflection) *and* v1 (what grpcurl asks first).
+
+    The two services are identical on the wire, so the v1alpha servicer also answers v1.
+    """
+    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflection.enable_server_reflection(names, server)
+    servicer = reflection.aio.ReflectionServicer(names)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(REFLECTION_V1, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_v1alpha_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_v1alpha_pb2.ServerReflectionResponse.SerializeToString,
+        )}),))
+
+
+async def create_server(settings: Settings, *, clock: Clock | None = None,
+                        keyring: Keyring | None = None) -> App:
+    """Build and start the server; returns once it listens (and the database answered)."""
+    clock = clock or SystemClock()
+    configure_tracing(settings.otel_exporter)
+    credentials = _server_credentials(settings)
+    if credentials is None:
+        if settings.env is Environment.PRODUCTION:
+            raise ConfigurationError("MFA_ENV=production needs TLS: set MFA_TLS_CERT_FILE "
+                                     "and MFA_TLS_KEY_FILE")
+        if not _is_loopback(settings.listen_addr):
+            log.warning("plaintext gRPC on a non-loopback address: development only",
+                        extra={"listen_addr": settings.listen_addr})
+    keyring = keyring or load_keyring(settings)
+
+    password = settings.database_password.get_secret_value() if settings.database_password \
+        else None
+    engine = create_engine(database_url(settings.database_url, password),
+                           pool_size=settings.database_pool_size,
+                           timeout=settings.database_timeout_seconds)
+    database = Database(engine)
+    try:
+        await database.ping()
+        if settings.is_sqlite:
+            await migrate.upgrade(engine)  # the embedded default migrates itself
+        else:
+            await migrate.require_current_schema(engine)
+    except BaseException:
+        await engine.dispose()
+        raise
+
+    registry = FactorRegistry([
+        AuthenticatorApp(keyring, settings.totp_issuer, settings.totp_window),
+    ])
+    sessions = SessionService(database, keyring, clock,
+                              ttl=timedelta(seconds=settings.session_ttl_seconds),
+                              idle=timedelta(seconds=settings.session_idle_seconds))
+    service = TwoFactorService(
+        database, registry, keyring, clock, sessions,
+        Rules(code_ttl=timedelta(seconds=settings.code_ttl_seconds),
+              max_attempts=settings.max_attempts,
+              max_factors_per_user=settings.max_factors_per_user))
+
+    server = aio.server(
+        interceptors=[server_interceptor(), ServiceInterceptor()],
+        options=[
+            # On by default on Linux: a second server on the same port would silently
+            # share it. Several workers on one port are opt-in, not an accident.
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 64 * 1024),
+            # Accept client keepalive pings every 20 s (default rejects < 5 min).
+            ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ])
+    pb_grpc.add_TwoFactorServiceServicer_to_server(TwoFactorServicer(service, sessions), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    _add_reflection(server)
+
+    try:
+        port = (server.add_secure_port(settings.listen_addr, credentials) if credentials
+                else server.add_insecure_port(settings.listen_addr))
+    except RuntimeError as exc:
+        await engine.dispose()
+        raise ConfigurationError(f"cannot listen on {settings.listen_addr}: {exc}") from exc
+    await server.start()
+    app = App(server=server, port=port, database=database, health=health_servicer,
+              settings=settings)
+    # SERVING only now: the database answered and the schema is current.
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    app._tasks.append(asyncio.create_task(
+        _probe_database(app, settings.health_probe_seconds), name="db-health-probe"))
+    log.info("listening", extra={"listen_addr": settings.listen_addr, "port": port,
+                                 "tls": credentials is not None,
+                                 "database": engine.url.render_as_string(hide_password=True)})
+    return app

@@ -1,0 +1,142 @@
+"""Domain values shared by every layer: enums and frozen records.
+
+The enum values are what the store writes (short lowercase words); the transport layer
+maps them to and from the proto enums in one table (transport/convert.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+
+class Method(StrEnum):
+    EMAIL = "email"
+    PHONE = "phone"
+    AUTHENTICATOR_APP = "authenticator_app"
+    RECOVERY_CODE = "recovery_code"
+
+
+class Channel(StrEnum):
+    EMAIL = "email"
+    SMS = "sms"
+    VOICE = "voice"
+    NONE = "none"
+
+
+class Purpose(StrEnum):
+    LOGIN = "login"
+    CONFIRM_ENROLLMENT = "confirm_enrollment"
+    DISABLE = "disable"
+    CHANGE_PHONE = "change_phone"
+
+
+class Application(StrEnum):
+    PORTAL = "portal"
+    BACKOFFICE = "backoffice"
+
+
+class FactorStatus(StrEnum):
+    PENDING = "pending"
+    ACTIVE = "active"
+    DISABLED = "disabled"
+
+
+class ChallengeState(StrEnum):
+    """Where a challenge is; only OPEN accepts codes."""
+
+    OPEN = "open"
+    APPROVED = "approved"
+    EXHAUSTED = "exhausted"  # max wrong attempts reached: terminal
+    SUPERSEDED = "superseded"  # a newer challenge for the same factor and purpose replaced it
+
+
+class VerifyResult(StrEnum):
+    APPROVED = "approved"
+    INVALID_CODE = "invalid_code"
+    EXPIRED = "expired"
+    MAX_ATTEMPTS_REACHED = "max_attempts_reached"
+    ALREADY_USED = "already_used"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling this service (a backend, not the end user)."""
+
+    name: str
+    applications: frozenset[Application] = field(
+        default_factory=lambda: frozenset(Application))
+
+
+@dataclass(frozen=True)
+class Factor:
+    factor_id: str
+    user_id: str
+    method: Method
+    status: FactorStatus
+    masked_destination: str
+    created_at: datetime
+    confirmed_at: datetime | None = None
+    last_used_at: datetime | None = None
+    disabled_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class FactorRecord:
+    """A factor as stored, including what only the service may see."""
+
+    factor: Factor
+    label: str
+    destination: str | None
+    secret_ciphertext: bytes | None
+    secret_key_id: str | None
+    last_totp_step: int | None
+
+
+@dataclass(frozen=True)
+class Challenge:
+    challenge_id: str
+    user_id: str
+    factor_id: str
+    purpose: Purpose
+    application: Application
+    channel: Channel
+    state: ChallengeState
+    attempts: int
+    max_attempts: int
+    created_at: datetime
+    expires_at: datetime
+    code_hash: bytes | None = None
+    code_key_id: str | None = None
+    request_id: str | None = None
+    approved_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Session:
+    session_id: str
+    user_id: str
+    factor_id: str
+    method: Method
+    application: Application
+    authenticated_at: datetime
+    expires_at: datetime
+    idle_expires_at: datetime
+
+
+@dataclass(frozen=True)
+class NewSession:
+    """A session just created: the only time its token exists in the clear."""
+
+    session: Session
+    token: str
+
+
+@dataclass(frozen=True)
+class AuditContext:
+    """Who did it and from where, for the audit trail (never a secret)."""
+
+    caller: str
+    client_ip: str = ""
+    user_agent: str = ""

@@ -1,0 +1,138 @@
+"""The exception tree of mfa-service, translated to gRPC once, in the transport layer.
+
+::
+
+    MfaError                          reason (ErrorReason name)         gRPC status
+     ├── InvalidArgument              ERROR_REASON_INVALID_REQUEST      INVALID_ARGUMENT + BadRequest
+     ├── NotFound
+     │    ├── FactorNotFound          ERROR_REASON_FACTOR_NOT_FOUND     NOT_FOUND
+     │    └── ChallengeNotFound       ERROR_REASON_CHALLENGE_NOT_FOUND  NOT_FOUND
+     ├── FailedPrecondition           (reason given per raise)          FAILED_PRECONDITION
+     ├── ResourceExhausted            (reason given per raise)          RESOURCE_EXHAUSTED + RetryInfo
+     ├── Unauthenticated              ERROR_REASON_CALLER_UNAUTHENTICATED UNAUTHENTICATED
+     ├── PermissionDenied             ERROR_REASON_APPLICATION_NOT_ALLOWED PERMISSION_DENIED
+     ├── NotSupported                 ERROR_REASON_NOT_SUPPORTED        UNIMPLEMENTED
+     └── StoreError                                                     (never seen as such)
+          ├── StoreUnavailable        ERROR_REASON_STORE_UNAVAILABLE    UNAVAILABLE
+          └── StoreConflict           ERROR_REASON_INTERNAL             ABORTED
+
+Messages are written for the caller and never carry a code, secret or token. The
+reason strings are the names of ``mfa.v1.ErrorReason`` values; a test checks that every
+reason used here exists in the proto.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad request field (google.rpc.BadRequest.FieldViolation)."""
+
+    field: str
+    description: str
+
+
+class MfaError(Exception):
+    """Base of every error this service raises on purpose."""
+
+    reason = "ERROR_REASON_UNSPECIFIED"
+
+    def __init__(self, message: str, *, reason: str | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class InvalidArgument(MfaError):
+    """The request is malformed; ``violations`` names every bad field."""
+
+    reason = "ERROR_REASON_INVALID_REQUEST"
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        fields = ", ".join(v.field for v in violations)
+        super().__init__(f"invalid request: {fields}")
+        self.violations = violations
+
+    @classmethod
+    def single(cls, field: str, description: str) -> InvalidArgument:
+        return cls([FieldViolation(field, description)])
+
+
+class NotFound(MfaError):
+    """The named resource does not exist (or is not the caller's to see)."""
+
+
+class FactorNotFound(NotFound):
+    reason = "ERROR_REASON_FACTOR_NOT_FOUND"
+
+    def __init__(self) -> None:
+        super().__init__("factor not found")
+
+
+class ChallengeNotFound(NotFound):
+    reason = "ERROR_REASON_CHALLENGE_NOT_FOUND"
+
+    def __init__(self) -> None:
+        super().__init__("challenge not found")
+
+
+class FailedPrecondition(MfaError):
+    """The current state forbids the call; ``reason`` says which state."""
+
+    reason = "ERROR_REASON_FACTOR_STATUS_FORBIDS"
+
+
+class ResourceExhausted(MfaError):
+    """A rate limit or lockout; the caller may retry after ``retry_after_seconds``."""
+
+    reason = "ERROR_REASON_SEND_RATE_LIMITED"
+
+    def __init__(self, message: str, *, retry_after_seconds: float, reason: str | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
+        self.retry_after_seconds = max(0.0, retry_after_seconds)
+
+
+class Unauthenticated(MfaError):
+    reason = "ERROR_REASON_CALLER_UNAUTHENTICATED"
+
+
+class PermissionDenied(MfaError):
+    reason = "ERROR_REASON_APPLICATION_NOT_ALLOWED"
+
+
+class NotSupported(MfaError):
+    """Part of the contract that this server does not offer (yet)."""
+
+    reason = "ERROR_REASON_NOT_SUPPORTED"
+
+
+class StoreError(MfaError):
+    """The store failed; raised by the store layer with the driver error as ``__cause__``."""
+
+    reason = "ERROR_REASON_INTERNAL"
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or refused the connection; retryable."""
+
+    reason = "ERROR_REASON_STORE_UNAVAILABLE"
+
+    def __init__(self, message: str = "the database is unavailable, retry later") -> None:
+        super().__init__(message)
+
+
+class StoreConflict(StoreError):
+    """A concurrent write won (unique or serialization conflict); retryable."""
+
+    def __init__(self, message: str = "a concurrent request changed the same data, retry") -> None:
+        super().__init__(message)
+
+
+class ConfigurationError(Exception):
+    """Settings that cannot work; raised at start-up, never at request time."""

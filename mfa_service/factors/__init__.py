@@ -1,0 +1,1 @@
+"""One module per factor method, all behind the small protocol in ``base``."""

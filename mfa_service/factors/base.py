@@ -1,0 +1,87 @@
+"""The protocol every factor method implements, and the values it trades in.
+
+A method knows how to set itself up for a user, what its codes look like and whether
+a code matches. The rules around it (attempts, single use, sessions, lockout) live once,
+in the service layer, for all methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from mfa_service.domain import Challenge, Channel, FactorRecord, Method
+
+
+@dataclass(frozen=True)
+class EnrollInput:
+    """What the caller asked for, already validated for shape by the transport."""
+
+    factor_id: str
+    user_id: str
+    email: str = ""
+    phone_number: str = ""
+    channel: Channel | None = None
+    account_name: str = ""
+
+
+@dataclass(frozen=True)
+class Provisioning:
+    """What an authenticator app needs; returned once, at enrolment."""
+
+    secret_base32: str
+    otpauth_uri: str
+    qr_svg: str
+    qr_png: bytes
+
+
+@dataclass(frozen=True)
+class EnrollmentMaterial:
+    """What to store for a new factor, and what to show the user once."""
+
+    label: str
+    masked_destination: str
+    destination: str | None = None
+    secret_ciphertext: bytes | None = None
+    secret_key_id: str | None = None
+    provisioning: Provisioning | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Match:
+    """The outcome of comparing a code. ``totp_step`` is the RFC 6238 time step matched."""
+
+    ok: bool
+    totp_step: int | None = None
+
+
+class FactorMethod(Protocol):
+    """One way to pass a second factor."""
+
+    method: Method
+
+    @property
+    def code_length(self) -> int: ...
+
+    def channel_for(self, requested: Channel | None) -> Channel:
+        """The channel to use, or InvalidArgument if ``requested`` makes no sense here."""
+        ...
+
+    def begin_enrollment(self, request: EnrollInput) -> EnrollmentMaterial:
+        """Validate the destination and create the factor's secret material."""
+        ...
+
+    def parse_code(self, raw: str) -> str:
+        """Normalise what the user typed, or raise InvalidArgument if it cannot be a code."""
+        ...
+
+    def new_code(self) -> str | None:
+        """A fresh code to send, or None when the user already holds the code (TOTP)."""
+        ...
+
+    def match(self, record: FactorRecord, challenge: Challenge, code: str,
+              now: datetime) -> Match:
+        """Whether ``code`` proves possession of the factor for ``challenge``."""
+        ...

@@ -1,0 +1,123 @@
+"""The authenticator app: TOTP (RFC 6238) with SHA1, 6 digits, 30-second steps.
+
+Those parameters are the only ones every common app (Google/Microsoft Authenticator,
+1Password, ...) honours from an otpauth URI, so they are fixed, not settings. The secret
+is 160 bits (RFC 4226 R6 recommends 160) and lives encrypted (AES-256-GCM) with the
+factor id and user id as associated data, so a ciphertext copied onto another factor
+row does not decrypt.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import secrets
+from datetime import datetime
+
+import pyotp
+import segno
+
+from mfa_service.crypto import Keyring
+from mfa_service.domain import Challenge, Channel, FactorRecord, Method
+from mfa_service.errors import InvalidArgument
+from mfa_service.factors.base import EnrollInput, EnrollmentMaterial, Match, Provisioning
+from mfa_service.factors.codes import normalise_digits
+
+PERIOD_SECONDS = 30
+DIGITS = 6
+SECRET_BYTES = 20  # 160 bits, RFC 4226 section 4 R6
+MAX_ACCOUNT_NAME = 100
+
+
+def secret_aad(factor_id: str, user_id: str) -> bytes:
+    """Associated data binding a TOTP secret ciphertext to its factor and user."""
+    return f"mfa-service/v1/totp-secret/{factor_id}/{user_id}".encode()
+
+
+def time_step(at: datetime, period: int = PERIOD_SECONDS) -> int:
+    """RFC 6238 T = floor((unix time - T0) / X) with T0 = 0."""
+    return int(at.timestamp()) // period
+
+
+def match_totp(secret: bytes, code: str, at: datetime, *, window: int,
+               last_step: int | None) -> int | None:
+    """The time step ``code`` matches within +-``window`` steps of ``at``, else None.
+
+    Only steps newer than ``last_step`` count: RFC 6238 section 5.2 says a verifier MUST
+    NOT accept the second attempt of the same OTP. Every candidate is compared (no early
+    exit) with a constant-time comparison. The store re-checks the step atomically.
+    """
+    otp = pyotp.TOTP(base64.b32encode(secret).decode(), digits=DIGITS, interval=PERIOD_SECONDS)
+    current = time_step(at)
+    matched: int | None = None
+    for step in range(current - window, current + window + 1):
+        if step < 0:
+            continue
+        fresh = last_step is None or step > last_step
+        if hmac.compare_digest(otp.generate_otp(step), code) and fresh:
+            matched = step
+    return matched
+
+
+def provisioning(secret: bytes, issuer: str, account_name: str) -> Provisioning:
+    """The otpauth:// URI (Key Uri Format) and its QR code as SVG and PNG."""
+    secret_b32 = base64.b32encode(secret).decode().rstrip("=")
+    uri = pyotp.TOTP(secret_b32, digits=DIGITS, interval=PERIOD_SECONDS).provisioning_uri(
+        name=account_name, issuer_name=issuer)
+    qr = segno.make_qr(uri, error="m")
+    svg, png = io.BytesIO(), io.BytesIO()
+    qr.save(svg, kind="svg", scale=4, xmldecl=False)
+    qr.save(png, kind="png", scale=5)
+    return Provisioning(secret_base32=secret_b32, otpauth_uri=uri,
+                        qr_svg=svg.getvalue().decode(), qr_png=png.getvalue())
+
+
+class AuthenticatorApp:
+    """METHOD_AUTHENTICATOR_APP."""
+
+    method = Method.AUTHENTICATOR_APP
+
+    def __init__(self, keyring: Keyring, issuer: str, window: int) -> None:
+        self._keyring = keyring
+        self._issuer = issuer
+        self._window = window
+
+    @property
+    def code_length(self) -> int:
+        return DIGITS
+
+    def channel_for(self, requested: Channel | None) -> Channel:
+        if requested not in (None, Channel.NONE):
+            raise InvalidArgument.single(
+                "channel", "must be unset or CHANNEL_NONE for METHOD_AUTHENTICATOR_APP")
+        return Channel.NONE
+
+    def begin_enrollment(self, request: EnrollInput) -> EnrollmentMaterial:
+        label = request.account_name or request.user_id
+        if len(label) > MAX_ACCOUNT_NAME or not label.isprintable() or ":" in label:
+            raise InvalidArgument.single(
+                "account_name",
+                f"must be printable, without ':', at most {MAX_ACCOUNT_NAME} characters")
+        secret = secrets.token_bytes(SECRET_BYTES)
+        key_id, ciphertext = self._keyring.encrypt(
+            secret, secret_aad(request.factor_id, request.user_id))
+        return EnrollmentMaterial(
+            label=label, masked_destination=label, secret_ciphertext=ciphertext,
+            secret_key_id=key_id, provisioning=provisioning(secret, self._issuer, label))
+
+    def parse_code(self, raw: str) -> str:
+        return normalise_digits(raw, (DIGITS,))
+
+    def new_code(self) -> str | None:
+        return None  # the app computes the code itself
+
+    def match(self, record: FactorRecord, challenge: Challenge, code: str,
+              now: datetime) -> Match:
+        if record.secret_ciphertext is None or record.secret_key_id is None:
+            return Match(ok=False)  # a disabled factor's secret has been wiped
+        secret = self._keyring.decrypt(
+            record.secret_key_id, record.secret_ciphertext,
+            secret_aad(record.factor.factor_id, record.factor.user_id))
+        step = match_totp(secret, code, now, window=self._window, last_step=record.last_totp_step)
+        return Match(ok=step is not None, totp_step=step)

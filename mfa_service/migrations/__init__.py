@@ -1,0 +1,1 @@
+"""Alembic migrations (script_location ``mfa_service:migrations``); run with ``mfa-service migrate``."""

@@ -1,0 +1,34 @@
+"""Writing the audit trail, inside the transaction of the change it records."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from enum import StrEnum
+
+from mfa_service.domain import Application, AuditContext
+from mfa_service.store.database import Transaction
+
+
+class Event(StrEnum):
+    ENROLL = "enroll"
+    CONFIRM = "factor_confirmed"
+    CHALLENGE = "challenge_opened"
+    VERIFY = "verify"
+    DISABLE = "factor_disabled"
+    SESSION_CREATED = "session_created"
+    SESSION_REVOKED = "session_revoked"
+
+
+async def record(tx: Transaction, now: datetime, event: Event, outcome: str, who: AuditContext,
+                 *, user_id: str | None = None, factor_id: str | None = None,
+                 challenge_id: str | None = None, session_id: str | None = None,
+                 application: Application | None = None,
+                 detail: dict[str, str | int] | None = None) -> None:
+    """Append one event. ``detail`` holds non-secret facts only (a result, a purpose)."""
+    await tx.audit.record(
+        occurred_at=now, event=event.value, outcome=outcome, user_id=user_id,
+        factor_id=factor_id, challenge_id=challenge_id, session_id=session_id,
+        caller=who.caller, application=application.value if application else None,
+        client_ip=who.client_ip or None, user_agent=who.user_agent or None,
+        detail=json.dumps(detail, sort_keys=True) if detail else None)

@@ -1,0 +1,79 @@
+"""2FA sessions: opened by a LOGIN verification, honoured by every application.
+
+Tokens are 256 random bits (NIST SP 800-63B 7.1: at least 64) and only their HMAC is
+stored, so a database dump yields no usable session. Absolute and idle lifetimes follow
+NIST AAL2 (12 h / 30 min); CheckSession slides the idle deadline, never past the absolute one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+from mfa_service.clock import Clock
+from mfa_service.crypto import Keyring, new_token
+from mfa_service.domain import Application, AuditContext, FactorRecord, NewSession, Session
+from mfa_service.service import audit
+from mfa_service.store.database import Database, Transaction
+
+
+def _token_message(token: str) -> bytes:
+    return b"mfa-service/v1/session/" + token.encode()
+
+
+class SessionService:
+    def __init__(self, db: Database, keyring: Keyring, clock: Clock, *,
+                 ttl: timedelta, idle: timedelta) -> None:
+        self._db = db
+        self._keyring = keyring
+        self._clock = clock
+        self._ttl = ttl
+        self._idle = idle
+
+    async def open(self, tx: Transaction, record: FactorRecord, application: Application,
+                   who: AuditContext, now: datetime) -> NewSession:
+        """Create a session inside the caller's transaction (the one approving the login)."""
+        token = new_token()
+        key_id, token_hash = self._keyring.mac(_token_message(token))
+        expires = now + self._ttl
+        session = Session(
+            session_id=str(uuid.uuid4()), user_id=record.factor.user_id,
+            factor_id=record.factor.factor_id, method=record.factor.method,
+            application=application, authenticated_at=now, expires_at=expires,
+            idle_expires_at=min(now + self._idle, expires))
+        await tx.sessions.add(session, token_hash, key_id, who.caller)
+        await audit.record(tx, now, audit.Event.SESSION_CREATED, "ok", who,
+                           user_id=session.user_id, factor_id=session.factor_id,
+                           session_id=session.session_id, application=application)
+        return NewSession(session=session, token=token)
+
+    async def check(self, token: str) -> Session | None:
+        """The live session for ``token`` (its idle deadline extended), or None."""
+        now = self._clock.now()
+        hashes = self._keyring.mac_all(_token_message(token))
+        async with self._db.transaction() as tx:
+            return await tx.sessions.touch_live(hashes, now, now + self._idle)
+
+    async def revoke_token(self, token: str, who: AuditContext) -> int:
+        now = self._clock.now()
+        async with self._db.transaction() as tx:
+            ended = await tx.sessions.revoke_by_hash(
+                self._keyring.mac_all(_token_message(token)), now)
+            await self._audit_revoked(tx, ended, who, now, "logout")
+        return len(ended)
+
+    async def revoke_user(self, user_id: str, who: AuditContext) -> int:
+        now = self._clock.now()
+        async with self._db.transaction() as tx:
+            ended = await tx.sessions.revoke_user(user_id, now)
+            await self._audit_revoked(tx, ended, who, now, "all_sessions")
+        return len(ended)
+
+    @staticmethod
+    async def _audit_revoked(tx: Transaction, ended: list[Session], who: AuditContext,
+                             now: datetime, scope: str) -> None:
+        for s in ended:
+            await audit.record(tx, now, audit.Event.SESSION_REVOKED, "ok", who,
+                               user_id=s.user_id, factor_id=s.factor_id,
+                               session_id=s.session_id, application=s.application,
+                               detail={"scope": scope})

@@ -1,0 +1,364 @@
+"""TwoFactorService's rules, one transaction per call, the same for every factor method.
+
+The method-specific parts (what a destination is, what a code looks like, whether it
+matches) come from the factor registry; everything else lives here once: ownership
+checks, the factor lifecycle, challenge single use and attempt limits, and sessions.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from mfa_service.clock import Clock
+from mfa_service.crypto import Keyring
+from mfa_service.domain import (
+    Application,
+    AuditContext,
+    Challenge,
+    ChallengeState,
+    Channel,
+    Factor,
+    FactorRecord,
+    FactorStatus,
+    Method,
+    NewSession,
+    Purpose,
+    VerifyResult,
+)
+from mfa_service.errors import (
+    ChallengeNotFound,
+    FactorNotFound,
+    FailedPrecondition,
+    InvalidArgument,
+    StoreConflict,
+)
+from mfa_service.factors.base import EnrollInput, FactorMethod, Provisioning
+from mfa_service.factors.codes import hash_code
+from mfa_service.factors.registry import FactorRegistry
+from mfa_service.service import audit
+from mfa_service.service.sessions import SessionService
+from mfa_service.store.database import Database, Transaction
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The limits of SPEC.md, already bounded by Settings."""
+
+    code_ttl: timedelta = timedelta(minutes=5)
+    max_attempts: int = 5
+    max_factors_per_user: int = 20
+
+
+@dataclass(frozen=True)
+class EnrollCommand:
+    user_id: str
+    method: Method
+    application: Application
+    email: str = ""
+    phone_number: str = ""
+    channel: Channel | None = None
+    account_name: str = ""
+    change_proof_challenge_id: str | None = None
+
+
+@dataclass(frozen=True)
+class EnrollResult:
+    factor: Factor
+    challenge: Challenge
+    code_length: int
+    provisioning: Provisioning | None
+
+
+@dataclass(frozen=True)
+class ChallengeCommand:
+    user_id: str
+    factor_id: str
+    purpose: Purpose
+    application: Application
+    channel: Channel | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class ChallengeResult:
+    challenge: Challenge
+    factor: Factor
+    code_length: int
+    resend_available_at: datetime
+
+
+@dataclass(frozen=True)
+class VerifyOutcome:
+    result: VerifyResult
+    attempts_remaining: int
+    session: NewSession | None = None
+    factor: Factor | None = None
+    recovery_codes: tuple[str, ...] = ()
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())
+
+
+# Which factor status each purpose needs before a challenge may be opened or approved.
+_NEEDS_STATUS = {
+    Purpose.LOGIN: FactorStatus.ACTIVE,
+    Purpose.DISABLE: FactorStatus.ACTIVE,
+    Purpose.CHANGE_PHONE: FactorStatus.ACTIVE,
+    Purpose.CONFIRM_ENROLLMENT: FactorStatus.PENDING,
+}
+
+
+def _require_status(factor: Factor, purpose: Purpose) -> None:
+    if factor.status is FactorStatus.DISABLED:
+        raise FailedPrecondition("the factor is disabled", reason="ERROR_REASON_FACTOR_DISABLED")
+    needed = _NEEDS_STATUS[purpose]
+    if factor.status is not needed:
+        raise FailedPrecondition(
+            f"this purpose needs a {needed.value} factor; the factor is {factor.status.value}",
+            reason="ERROR_REASON_FACTOR_STATUS_FORBIDS",
+            metadata={"factorStatus": factor.status.value})
+
+
+class TwoFactorService:
+    def __init__(self, db: Database, registry: FactorRegistry, keyring: Keyring, clock: Clock,
+                 sessions: SessionService, rules: Rules,
+                 new_id: Callable[[], str] = _new_id) -> None:
+        self._db = db
+        self._registry = registry
+        self._keyring = keyring
+        self._clock = clock
+        self._sessions = sessions
+        self._rules = rules
+        self._new_id = new_id
+
+    # -- Enroll ----------------------------------------------------------------------------
+    async def enroll(self, cmd: EnrollCommand, who: AuditContext) -> EnrollResult:
+        if cmd.method is Method.RECOVERY_CODE:
+            raise InvalidArgument.single(
+                "method", "recovery codes are issued with the first active factor, not enrolled")
+        method = self._registry.get(cmd.method)
+        channel = method.channel_for(cmd.channel)
+        factor_id = self._new_id()
+        # Secret generation, encryption and the QR image happen before the transaction
+        # opens, so no database connection waits on CPU work.
+        material = method.begin_enrollment(EnrollInput(
+            factor_id=factor_id, user_id=cmd.user_id, email=cmd.email,
+            phone_number=cmd.phone_number, channel=channel, account_name=cmd.account_name))
+        now = self._clock.now()
+        factor = Factor(factor_id=factor_id, user_id=cmd.user_id, method=cmd.method,
+                        status=FactorStatus.PENDING,
+                        masked_destination=material.masked_destination, created_at=now)
+        async with self._db.transaction() as tx:
+            live = await tx.factors.count_for_user(
+                cmd.user_id, [FactorStatus.PENDING, FactorStatus.ACTIVE])
+            if live >= self._rules.max_factors_per_user:
+                raise FailedPrecondition("the user has too many factors; disable one first",
+                                         reason="ERROR_REASON_TOO_MANY_FACTORS")
+            if await tx.factors.active_of_method(cmd.user_id, cmd.method) is not None:
+                raise FailedPrecondition(
+                    "the user already has an active factor of this method; disable it first",
+                    reason="ERROR_REASON_ALREADY_ENROLLED")
+            # A newer enrolment replaces an unconfirmed one (a QR code scanned earlier and
+            # never confirmed must not become usable later).
+            await tx.factors.supersede_pending(cmd.user_id, cmd.method, now)
+            await tx.factors.add(FactorRecord(
+                factor=factor, label=material.label, destination=material.destination,
+                secret_ciphertext=material.secret_ciphertext,
+                secret_key_id=material.secret_key_id, last_totp_step=None))
+            challenge = await self._open_challenge(
+                tx, method, factor, Purpose.CONFIRM_ENROLLMENT, cmd.application, channel,
+                None, who, now)
+            await audit.record(tx, now, audit.Event.ENROLL, "ok", who, user_id=cmd.user_id,
+                               factor_id=factor_id, challenge_id=challenge.challenge_id,
+                               application=cmd.application, detail={"method": cmd.method.value})
+        return EnrollResult(factor=factor, challenge=challenge, code_length=method.code_length,
+                            provisioning=material.provisioning)
+
+    # -- Challenge -------------------------------------------------------------------------
+    async def challenge(self, cmd: ChallengeCommand, who: AuditContext) -> ChallengeResult:
+        try:
+            return await self._challenge(cmd, who)
+        except StoreConflict:
+            # Two retries with the same request_id raced on the unique index: the loser
+            # runs again and finds the winner's challenge.
+            if cmd.request_id is None:
+                raise
+            return await self._challenge(cmd, who)
+
+    async def _challenge(self, cmd: ChallengeCommand, who: AuditContext) -> ChallengeResult:
+        now = self._clock.now()
+        async with self._db.transaction() as tx:
+            record = await self._owned_factor(tx, cmd.user_id, cmd.factor_id)
+            method = self._registry.get(record.factor.method)
+            if cmd.purpose is Purpose.CHANGE_PHONE and record.factor.method is not Method.PHONE:
+                raise InvalidArgument.single("purpose", "PURPOSE_CHANGE_PHONE needs a phone factor")
+            channel = method.channel_for(cmd.channel)
+            if cmd.request_id is not None:
+                existing = await tx.challenges.by_request_id(cmd.factor_id, cmd.request_id)
+                if existing is not None:
+                    if (existing.purpose, existing.application, existing.channel) != (
+                            cmd.purpose, cmd.application, channel):
+                        raise FailedPrecondition(
+                            "request_id was already used for a different request",
+                            reason="ERROR_REASON_REQUEST_ID_REUSED")
+                    return ChallengeResult(existing, record.factor, method.code_length, now)
+            _require_status(record.factor, cmd.purpose)
+            challenge = await self._open_challenge(
+                tx, method, record.factor, cmd.purpose, cmd.application, channel,
+                cmd.request_id, who, now)
+        return ChallengeResult(challenge, record.factor, method.code_length, now)
+
+    async def _open_challenge(self, tx: Transaction, method: FactorMethod, factor: Factor,
+                              purpose: Purpose, application: Application, channel: Channel,
+                              request_id: str | None, who: AuditContext,
+                              now: datetime) -> Challenge:
+        """Replace the factor's open challenge for ``purpose`` with a new one."""
+        challenge_id = self._new_id()
+        code = method.new_code()
+        code_key_id, code_hash = (hash_code(self._keyring, challenge_id, code)
+                                  if code is not None else (None, None))
+        challenge = Challenge(
+            challenge_id=challenge_id, user_id=factor.user_id, factor_id=factor.factor_id,
+            purpose=purpose, application=application, channel=channel,
+            state=ChallengeState.OPEN, attempts=0, max_attempts=self._rules.max_attempts,
+            created_at=now, expires_at=now + self._rules.code_ttl, code_hash=code_hash,
+            code_key_id=code_key_id, request_id=request_id)
+        await tx.challenges.supersede_open(factor.factor_id, purpose)
+        await tx.challenges.add(challenge, who.caller)
+        await audit.record(tx, now, audit.Event.CHALLENGE, "ok", who, user_id=factor.user_id,
+                           factor_id=factor.factor_id, challenge_id=challenge_id,
+                           application=application,
+                           detail={"purpose": purpose.value, "channel": channel.value})
+        return challenge
+
+    # -- Verify / Disable ------------------------------------------------------------------
+    async def verify(self, challenge_id: str, raw_code: str, who: AuditContext) -> VerifyOutcome:
+        return await self._verify(challenge_id, raw_code, who, expect=None)
+
+    async def disable(self, user_id: str, factor_id: str, challenge_id: str, raw_code: str,
+                      who: AuditContext) -> VerifyOutcome:
+        """Disable ``factor_id``, proven by a code on a PURPOSE_DISABLE challenge for it."""
+        return await self._verify(challenge_id, raw_code, who,
+                                  expect=(user_id, factor_id, Purpose.DISABLE))
+
+    async def _verify(self, challenge_id: str, raw_code: str, who: AuditContext,
+                      expect: tuple[str, str, Purpose] | None) -> VerifyOutcome:
+        now = self._clock.now()
+        async with self._db.transaction() as tx:
+            challenge = await tx.challenges.get(challenge_id)
+            if challenge is None:
+                raise ChallengeNotFound()
+            if expect is not None:
+                user_id, factor_id, purpose = expect
+                await self._owned_factor(tx, user_id, factor_id)
+                if challenge.user_id != user_id:
+                    raise ChallengeNotFound()
+                if challenge.factor_id != factor_id or challenge.purpose is not purpose:
+                    raise FailedPrecondition(
+                        "the challenge was not opened to disable this factor",
+                        reason="ERROR_REASON_CHALLENGE_MISMATCH")
+            record = await tx.factors.get(challenge.factor_id)
+            if record is None:  # pragma: no cover - the foreign key forbids it
+                raise ChallengeNotFound()
+            method = self._registry.get(record.factor.method)
+            code = method.parse_code(raw_code)  # malformed input is not a guess
+            if challenge.state is ChallengeState.OPEN and challenge.expires_at > now:
+                _require_status(record.factor, challenge.purpose)
+
+            counted = await tx.challenges.count_attempt(challenge_id, now)
+            if counted is None:
+                outcome = await self._closed_outcome(tx, challenge_id, now)
+                await self._audit_verify(tx, now, who, challenge, outcome.result)
+                return outcome
+
+            match = method.match(record, counted, code, now)
+            ok = match.ok
+            if ok and match.totp_step is not None:
+                # RFC 6238 5.2: the same (or an older) step is a replay, decided atomically.
+                ok = await tx.factors.accept_totp_step(record.factor.factor_id,
+                                                       match.totp_step, now)
+            remaining = counted.max_attempts - counted.attempts
+            if not ok:
+                result = VerifyResult.INVALID_CODE
+                if remaining == 0:
+                    await tx.challenges.close(challenge_id, ChallengeState.EXHAUSTED, now)
+                    result = VerifyResult.MAX_ATTEMPTS_REACHED
+                await self._audit_verify(tx, now, who, counted, result)
+                return VerifyOutcome(result, remaining)
+            if not await tx.challenges.close(challenge_id, ChallengeState.APPROVED, now):
+                return VerifyOutcome(VerifyResult.ALREADY_USED, remaining)  # pragma: no cover
+            await self._audit_verify(tx, now, who, counted, VerifyResult.APPROVED)
+            return await self._fulfil(tx, counted, record, remaining, who, now)
+
+    async def _closed_outcome(self, tx: Transaction, challenge_id: str,
+                              now: datetime) -> VerifyOutcome:
+        """Why a challenge took no attempt: used, exhausted or expired (in that order)."""
+        current = await tx.challenges.get(challenge_id)
+        assert current is not None
+        if current.state in (ChallengeState.APPROVED, ChallengeState.SUPERSEDED):
+            return VerifyOutcome(VerifyResult.ALREADY_USED, 0)
+        if current.state is ChallengeState.EXHAUSTED or current.attempts >= current.max_attempts:
+            return VerifyOutcome(VerifyResult.MAX_ATTEMPTS_REACHED, 0)
+        return VerifyOutcome(VerifyResult.EXPIRED, current.max_attempts - current.attempts)
+
+    async def _fulfil(self, tx: Transaction, challenge: Challenge, record: FactorRecord,
+                      remaining: int, who: AuditContext, now: datetime) -> VerifyOutcome:
+        """Carry out an approved challenge's purpose, in the same transaction."""
+        factor = record.factor
+        if challenge.purpose is Purpose.LOGIN:
+            await tx.factors.touch(factor.factor_id, now)
+            session = await self._sessions.open(tx, record, challenge.application, who, now)
+            return VerifyOutcome(VerifyResult.APPROVED, remaining, session=session)
+        if challenge.purpose is Purpose.CONFIRM_ENROLLMENT:
+            if await tx.factors.active_of_method(factor.user_id, factor.method) is not None:
+                raise FailedPrecondition(
+                    "the user already has an active factor of this method; disable it first",
+                    reason="ERROR_REASON_ALREADY_ENROLLED")
+            if not await tx.factors.activate(factor.factor_id, now):
+                raise FailedPrecondition("the factor is no longer pending",
+                                         reason="ERROR_REASON_FACTOR_STATUS_FORBIDS")
+            await audit.record(tx, now, audit.Event.CONFIRM, "ok", who, user_id=factor.user_id,
+                               factor_id=factor.factor_id, application=challenge.application)
+            active = replace(factor, status=FactorStatus.ACTIVE, confirmed_at=now,
+                             last_used_at=now)
+            return VerifyOutcome(VerifyResult.APPROVED, remaining, factor=active)
+        if challenge.purpose is Purpose.DISABLE:
+            await tx.factors.disable(factor.factor_id, now)
+            await audit.record(tx, now, audit.Event.DISABLE, "ok", who, user_id=factor.user_id,
+                               factor_id=factor.factor_id, application=challenge.application)
+            disabled = replace(factor, status=FactorStatus.DISABLED, disabled_at=now,
+                               last_used_at=now)
+            return VerifyOutcome(VerifyResult.APPROVED, remaining, factor=disabled)
+        # PURPOSE_CHANGE_PHONE: the approval itself is the proof Enroll(METHOD_PHONE) asks for.
+        await tx.factors.touch(factor.factor_id, now)
+        return VerifyOutcome(VerifyResult.APPROVED, remaining,
+                             factor=replace(factor, last_used_at=now))
+
+    @staticmethod
+    async def _audit_verify(tx: Transaction, now: datetime, who: AuditContext,
+                            challenge: Challenge, result: VerifyResult) -> None:
+        await audit.record(
+            tx, now, audit.Event.VERIFY,
+            "ok" if result is VerifyResult.APPROVED else "failed", who,
+            user_id=challenge.user_id, factor_id=challenge.factor_id,
+            challenge_id=challenge.challenge_id, application=challenge.application,
+            detail={"result": result.value, "purpose": challenge.purpose.value})
+
+    # -- ListFactors -----------------------------------------------------------------------
+    async def list_factors(self, user_id: str) -> tuple[list[Factor], int]:
+        async with self._db.transaction() as tx:
+            records = await tx.factors.list_for_user(user_id)
+        return [r.factor for r in records], 0
+
+    # -- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    async def _owned_factor(tx: Transaction, user_id: str, factor_id: str) -> FactorRecord:
+        record = await tx.factors.get(factor_id)
+        # Another user's factor is "not found": no oracle for which ids exist.
+        if record is None or record.factor.user_id != user_id:
+            raise FactorNotFound()
+        return record

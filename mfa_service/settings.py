@@ -1,0 +1,108 @@
+"""Typed settings, read once from ``MFA_*`` environment variables (and an optional .env).
+
+Nothing below the entry point reads ``os.environ``: ``cli`` builds one ``Settings`` and
+hands it to ``app.create_server``. Bounds come from SPEC.md (NIST SP 800-63B, RFC 6238).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./mfa-service.db"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MFA_", env_file=".env", env_file_encoding="utf-8", extra="ignore",
+        frozen=True,
+    )
+
+    env: Environment = Environment.DEVELOPMENT
+    listen_addr: str = "127.0.0.1:50051"
+
+    # Store. The password lives in its own secret field so it never shows in a repr or log.
+    database_url: str = DEFAULT_DATABASE_URL
+    database_password: SecretStr | None = None
+    database_pool_size: int = Field(default=5, ge=1, le=50)
+    database_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+
+    # Keys: "kid:base64url(32 bytes)[,kid:...]", the first is primary. Without it (development
+    # only) a key file is generated beside the SQLite database (or in the working directory).
+    keyring: SecretStr | None = None
+    key_file: Path | None = None
+
+    # TLS. With a client CA, callers must present a certificate it signed (mTLS).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+
+    # Authenticator app (RFC 6238 defaults: SHA1, 6 digits, 30 s; +-1 step of clock drift).
+    totp_issuer: str = Field(default="Cloud Platform", min_length=1, max_length=64)
+    totp_window: int = Field(default=1, ge=0, le=1)
+
+    # One-time codes (email/SMS/voice) and challenges.
+    code_length: int = Field(default=6, ge=6, le=8)
+    code_ttl_seconds: int = Field(default=300, ge=60, le=600)  # NIST: at most 10 minutes
+    max_attempts: int = Field(default=5, ge=1, le=10)
+    max_factors_per_user: int = Field(default=20, ge=1, le=100)
+
+    # 2FA sessions (NIST AAL2: at most 12 h absolute, 30 min idle).
+    session_ttl_seconds: int = Field(default=12 * 3600, ge=60, le=12 * 3600)
+    session_idle_seconds: int = Field(default=30 * 60, ge=60, le=30 * 60)
+
+    # Operations.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    otel_exporter: Literal["none", "console"] = "none"
+    shutdown_grace_seconds: float = Field(default=5.0, ge=0, le=60)
+    health_probe_seconds: float = Field(default=5.0, gt=0, le=300)
+
+    @field_validator("listen_addr")
+    @classmethod
+    def _check_listen_addr(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:50051")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        url = make_url(value)
+        if url.drivername not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
+            raise ValueError("use sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB")
+        return value
+
+    @model_validator(mode="after")
+    def _check_production(self) -> Settings:
+        if self.env is Environment.PRODUCTION and self.keyring is None:
+            raise ValueError("MFA_KEYRING is required when MFA_ENV=production "
+                             "(generate one with `mfa-service keys generate`)")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return make_url(self.database_url).get_backend_name() == "sqlite"
+
+    def resolved_key_file(self) -> Path:
+        """Where the development key file lives: beside the SQLite file, else in the cwd."""
+        if self.key_file is not None:
+            return self.key_file
+        url = make_url(self.database_url)
+        if self.is_sqlite and url.database and url.database != ":memory:":
+            return Path(url.database).with_suffix(".keys")
+        return Path("mfa-service.keys")

@@ -1,0 +1,86 @@
+"""The engine, and every difference between SQLite and PostgreSQL, in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from mfa_service.errors import StoreConflict, StoreError, StoreUnavailable
+
+# SQLSTATEs that mean "another transaction won, try again" (PostgreSQL appendix A).
+_RETRYABLE_SQLSTATES = {"40001", "40P01"}
+
+
+def database_url(url: str, password: str | None) -> URL:
+    parsed = make_url(url)
+    if password is not None:
+        parsed = parsed.set(password=password)
+    return parsed
+
+
+def create_engine(url: URL, *, pool_size: int = 5, timeout: float = 5.0,
+                  echo: bool = False) -> AsyncEngine:
+    """An async engine tuned per dialect."""
+    if url.get_backend_name() == "sqlite":
+        engine = create_async_engine(
+            url, echo=echo, hide_parameters=True, connect_args={"timeout": timeout * 6})
+        _make_sqlite_transactions_immediate(engine)
+        return engine
+    # hide_parameters: SQLAlchemy puts bound parameters into exception messages, and ours
+    # include hashes and ciphertexts; nothing of that may reach a log line.
+    return create_async_engine(
+        url, echo=echo, hide_parameters=True,
+        # Small pools: on 2 cores 64 connections were slower than 16 (shared/BASELINES.md).
+        pool_size=pool_size, max_overflow=pool_size, pool_timeout=timeout,
+        pool_pre_ping=True,
+        connect_args={"timeout": timeout, "command_timeout": timeout * 6,
+                      "server_settings": {"application_name": "mfa-service"}},
+    )
+
+
+def _make_sqlite_transactions_immediate(engine: AsyncEngine) -> None:
+    """Start every SQLite transaction with BEGIN IMMEDIATE.
+
+    The driver's default is a deferred BEGIN: a transaction that reads and then writes
+    must upgrade its lock, and when another connection writes meanwhile SQLite fails
+    with SQLITE_BUSY at once, without waiting on busy_timeout. Taking the write lock up
+    front makes concurrent transactions queue instead (the SQLAlchemy pysqlite recipe).
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def translate(exc: BaseException) -> StoreError | None:
+    """Map a driver or SQLAlchemy error to a store error (None: not a store error)."""
+    if isinstance(exc, IntegrityError):
+        return StoreConflict()
+    if isinstance(exc, DBAPIError):
+        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        if sqlstate in _RETRYABLE_SQLSTATES:
+            return StoreConflict()
+        if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
+            if "locked" in str(exc.orig):  # SQLite: busy_timeout ran out
+                return StoreConflict("the database is busy, retry")
+            return StoreUnavailable()
+        if sqlstate is not None and sqlstate[:2] in ("08", "53", "57"):
+            # connection exception / insufficient resources / operator intervention
+            return StoreUnavailable()
+        return None
+    if isinstance(exc, OSError | TimeoutError):  # asyncpg connect failures surface raw
+        return StoreUnavailable()
+    return None

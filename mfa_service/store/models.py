@@ -1,0 +1,164 @@
+"""Tables. Secrets never sit here in plaintext: codes and tokens are HMACs, TOTP secrets
+AES-GCM ciphertexts; each carries the id of the key that made it (rotation)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, stored naive-UTC on every dialect
+    (SQLite has no time zones; one representation keeps comparisons identical)."""
+
+    impl = DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # SQLite returns text for RETURNING of some expressions
+            value = datetime.fromisoformat(value)
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC)
+
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ID = String(36)  # UUID text
+USER_ID = String(128)
+BigID = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements INTEGER only
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class FactorRow(Base):
+    __tablename__ = "factors"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(USER_ID, index=True)
+    method: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str] = mapped_column(String(128))
+    masked_destination: Mapped[str] = mapped_column(String(128))
+    # Email address or E.164 number (needed to send; contact data, not a secret).
+    destination: Mapped[str | None] = mapped_column(String(320))
+    secret_ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
+    secret_key_id: Mapped[str | None] = mapped_column(String(64))
+    # RFC 6238 5.2: the last accepted time step; a code for this step or older is a replay.
+    last_totp_step: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        # At most one ACTIVE factor per method per user, enforced by the database so two
+        # confirmations racing each other cannot both win.
+        Index("uq_factors_one_active_per_method", "user_id", "method", unique=True,
+              sqlite_where=text("status = 'active'"),
+              postgresql_where=text("status = 'active'")),
+    )
+
+
+class ChallengeRow(Base):
+    __tablename__ = "challenges"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(USER_ID)
+    factor_id: Mapped[str] = mapped_column(ForeignKey("factors.id", ondelete="CASCADE"),
+                                           index=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    application: Mapped[str] = mapped_column(String(32))
+    channel: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    code_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
+    code_key_id: Mapped[str | None] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    caller: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        # AIP-155 idempotency: one challenge per (factor, request_id); NULLs never collide.
+        Index("uq_challenges_factor_request", "factor_id", "request_id", unique=True),
+    )
+
+
+class SessionRow(Base):
+    __tablename__ = "sessions"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    # HMAC-SHA256 of the bearer token; the token itself is never stored.
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
+    token_key_id: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str] = mapped_column(USER_ID, index=True)
+    factor_id: Mapped[str] = mapped_column(ID)
+    method: Mapped[str] = mapped_column(String(32))
+    application: Mapped[str] = mapped_column(String(32))
+    caller: Mapped[str] = mapped_column(String(128))
+    authenticated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    idle_expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditEventRow(Base):
+    """The audit trail: who did what to whose factor, from where. Never a code,
+    secret or token (``detail`` holds only non-secret facts such as a result)."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    event: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(32))
+    user_id: Mapped[str | None] = mapped_column(USER_ID, index=True)
+    factor_id: Mapped[str | None] = mapped_column(ID)
+    challenge_id: Mapped[str | None] = mapped_column(ID)
+    session_id: Mapped[str | None] = mapped_column(ID)
+    caller: Mapped[str] = mapped_column(String(128))
+    application: Mapped[str | None] = mapped_column(String(32))
+    client_ip: Mapped[str | None] = mapped_column(String(64))
+    user_agent: Mapped[str | None] = mapped_column(String(512))
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+factors = FactorRow.__table__
+challenges = ChallengeRow.__table__
+sessions = SessionRow.__table__
+audit_events = AuditEventRow.__table__

@@ -1,0 +1,34 @@
+"""OpenTelemetry set-up: a span per RPC from the gRPC instrumentation.
+
+Spans carry the RPC name, peer and status code, never a message body. With
+``MFA_OTEL_EXPORTER=none`` the global tracer provider stays the no-op default.
+"""
+
+from __future__ import annotations
+
+from grpc import aio
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+from mfa_service import __version__
+
+_configured = False
+
+
+def configure_tracing(exporter: str) -> None:
+    global _configured
+    if exporter == "none" or _configured:
+        return
+    provider = TracerProvider(resource=Resource.create(
+        {"service.name": "mfa-service", "service.version": __version__}))
+    provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    trace.set_tracer_provider(provider)
+    _configured = True
+
+
+def server_interceptor() -> aio.ServerInterceptor:
+    interceptor: aio.ServerInterceptor = aio_server_interceptor()
+    return interceptor

@@ -1,0 +1,1 @@
+"""gRPC transport: a thin servicer, proto <-> domain conversion, interceptors."""

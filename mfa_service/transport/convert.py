@@ -1,0 +1,317 @@
+"""Proto <-> domain: request validation (shape only) and response building.
+
+Every request is checked field by field and all violations are reported together in
+one INVALID_ARGUMENT with a BadRequest detail. Semantic rules (does the factor exist,
+may it be challenged) belong to the service layer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+from datetime import datetime
+from typing import TypeVar
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from mfa.v1 import two_factor_service_pb2 as pb
+
+from mfa_service import domain
+from mfa_service.errors import FieldViolation, InvalidArgument
+from mfa_service.service.two_factor import (
+    ChallengeCommand,
+    ChallengeResult,
+    EnrollCommand,
+    EnrollResult,
+    VerifyOutcome,
+)
+
+K = TypeVar("K", bound=int)
+V = TypeVar("V")
+
+MAX_USER_ID = 128
+MAX_REQUEST_ID = 64
+MAX_CODE = 64
+MAX_TOKEN = 256
+MAX_USER_AGENT = 512
+MAX_TEXT = 320
+
+METHODS = {
+    pb.METHOD_EMAIL: domain.Method.EMAIL,
+    pb.METHOD_PHONE: domain.Method.PHONE,
+    pb.METHOD_AUTHENTICATOR_APP: domain.Method.AUTHENTICATOR_APP,
+    pb.METHOD_RECOVERY_CODE: domain.Method.RECOVERY_CODE,
+}
+CHANNELS = {
+    pb.CHANNEL_EMAIL: domain.Channel.EMAIL,
+    pb.CHANNEL_SMS: domain.Channel.SMS,
+    pb.CHANNEL_VOICE: domain.Channel.VOICE,
+    pb.CHANNEL_NONE: domain.Channel.NONE,
+}
+PURPOSES = {
+    pb.PURPOSE_LOGIN: domain.Purpose.LOGIN,
+    pb.PURPOSE_CONFIRM_ENROLLMENT: domain.Purpose.CONFIRM_ENROLLMENT,
+    pb.PURPOSE_DISABLE: domain.Purpose.DISABLE,
+    pb.PURPOSE_CHANGE_PHONE: domain.Purpose.CHANGE_PHONE,
+}
+APPLICATIONS = {
+    pb.APPLICATION_PORTAL: domain.Application.PORTAL,
+    pb.APPLICATION_BACKOFFICE: domain.Application.BACKOFFICE,
+}
+STATUSES = {
+    domain.FactorStatus.PENDING: pb.FACTOR_STATUS_PENDING,
+    domain.FactorStatus.ACTIVE: pb.FACTOR_STATUS_ACTIVE,
+    domain.FactorStatus.DISABLED: pb.FACTOR_STATUS_DISABLED,
+}
+RESULTS = {
+    domain.VerifyResult.APPROVED: pb.VERIFY_RESULT_APPROVED,
+    domain.VerifyResult.INVALID_CODE: pb.VERIFY_RESULT_INVALID_CODE,
+    domain.VerifyResult.EXPIRED: pb.VERIFY_RESULT_EXPIRED,
+    domain.VerifyResult.MAX_ATTEMPTS_REACHED: pb.VERIFY_RESULT_MAX_ATTEMPTS_REACHED,
+    domain.VerifyResult.ALREADY_USED: pb.VERIFY_RESULT_ALREADY_USED,
+}
+METHODS_OUT = {v: k for k, v in METHODS.items()}
+CHANNELS_OUT = {v: k for k, v in CHANNELS.items()}
+APPLICATIONS_OUT = {v: k for k, v in APPLICATIONS.items()}
+
+
+class _Checker:
+    """Collects field violations; ``done()`` raises them all at once."""
+
+    def __init__(self) -> None:
+        self.violations: list[FieldViolation] = []
+
+    def bad(self, field: str, description: str) -> None:
+        self.violations.append(FieldViolation(field, description))
+
+    def done(self) -> None:
+        if self.violations:
+            raise InvalidArgument(self.violations)
+
+    def text(self, field: str, value: str, *, max_len: int, required: bool) -> str:
+        if not value:
+            if required:
+                self.bad(field, "is required")
+            return ""
+        if len(value) > max_len:
+            self.bad(field, f"must be at most {max_len} characters")
+        elif not value.isprintable() or value != value.strip():
+            self.bad(field, "must be printable, without leading or trailing spaces")
+        return value
+
+    def user_id(self, value: str, field: str = "user_id") -> str:
+        return self.text(field, value, max_len=MAX_USER_ID, required=True)
+
+    def resource_id(self, field: str, value: str) -> str:
+        if not value:
+            self.bad(field, "is required")
+            return ""
+        try:
+            parsed = uuid.UUID(value)
+        except ValueError:
+            parsed = None
+        if parsed is None or str(parsed) != value:
+            self.bad(field, "must be an id returned by this service (a lowercase UUID)")
+        return value
+
+    def enum(self, field: str, value: K, table: dict[K, V], allowed: str) -> V | None:
+        if value == 0:
+            self.bad(field, f"is required: one of {allowed}")
+            return None
+        if value not in table:
+            self.bad(field, f"unknown value {value}; use one of {allowed}")
+            return None
+        return table[value]
+
+    def optional_channel(self, value: pb.Channel.ValueType) -> domain.Channel | None:
+        if value == pb.CHANNEL_UNSPECIFIED:
+            return None
+        if value not in CHANNELS:
+            self.bad("channel", f"unknown value {value}")
+            return None
+        return CHANNELS[value]
+
+    def audit_fields(self, client_ip: str, user_agent: str) -> None:
+        if client_ip:
+            try:
+                ipaddress.ip_address(client_ip)
+            except ValueError:
+                self.bad("client_ip", "must be an IPv4 or IPv6 address")
+        self.text("user_agent", user_agent, max_len=MAX_USER_AGENT, required=False)
+
+
+_METHOD_NAMES = "METHOD_EMAIL, METHOD_PHONE, METHOD_AUTHENTICATOR_APP"
+_APP_NAMES = "APPLICATION_PORTAL, APPLICATION_BACKOFFICE"
+_PURPOSE_NAMES = ("PURPOSE_LOGIN, PURPOSE_CONFIRM_ENROLLMENT, PURPOSE_DISABLE, "
+                  "PURPOSE_CHANGE_PHONE")
+
+
+def enroll_command(req: pb.EnrollRequest) -> EnrollCommand:
+    c = _Checker()
+    user_id = c.user_id(req.user_id)
+    method = c.enum("method", req.method, METHODS, _METHOD_NAMES)
+    application = c.enum("application", req.application, APPLICATIONS, _APP_NAMES)
+    channel = c.optional_channel(req.channel)
+    c.text("email", req.email, max_len=MAX_TEXT, required=False)
+    c.text("phone_number", req.phone_number, max_len=32, required=False)
+    c.text("account_name", req.account_name, max_len=MAX_TEXT, required=False)
+    if req.change_proof_challenge_id:
+        c.resource_id("change_proof_challenge_id", req.change_proof_challenge_id)
+    if method is not domain.Method.EMAIL and req.email:
+        c.bad("email", "is only for METHOD_EMAIL")
+    if method is not domain.Method.PHONE:
+        if req.phone_number:
+            c.bad("phone_number", "is only for METHOD_PHONE")
+        if req.change_proof_challenge_id:
+            c.bad("change_proof_challenge_id", "is only for METHOD_PHONE")
+    c.done()
+    assert method is not None and application is not None
+    return EnrollCommand(
+        user_id=user_id, method=method, application=application, email=req.email,
+        phone_number=req.phone_number, channel=channel, account_name=req.account_name,
+        change_proof_challenge_id=req.change_proof_challenge_id or None)
+
+
+def challenge_command(req: pb.ChallengeRequest) -> ChallengeCommand:
+    c = _Checker()
+    user_id = c.user_id(req.user_id)
+    factor_id = c.resource_id("factor_id", req.factor_id)
+    purpose = c.enum("purpose", req.purpose, PURPOSES, _PURPOSE_NAMES)
+    application = c.enum("application", req.application, APPLICATIONS, _APP_NAMES)
+    channel = c.optional_channel(req.channel)
+    request_id = c.text("request_id", req.request_id, max_len=MAX_REQUEST_ID, required=False)
+    c.done()
+    assert purpose is not None and application is not None
+    return ChallengeCommand(user_id=user_id, factor_id=factor_id, purpose=purpose,
+                            application=application, channel=channel,
+                            request_id=request_id or None)
+
+
+def verify_args(req: pb.VerifyRequest) -> tuple[str, str]:
+    c = _Checker()
+    challenge_id = c.resource_id("challenge_id", req.challenge_id)
+    code = c.text("code", req.code, max_len=MAX_CODE, required=True)
+    c.audit_fields(req.client_ip, req.user_agent)
+    c.done()
+    return challenge_id, code
+
+
+def disable_args(req: pb.DisableRequest) -> tuple[str, str, str, str]:
+    c = _Checker()
+    user_id = c.user_id(req.user_id)
+    factor_id = c.resource_id("factor_id", req.factor_id)
+    challenge_id = c.resource_id("challenge_id", req.challenge_id)
+    code = c.text("code", req.code, max_len=MAX_CODE, required=True)
+    c.audit_fields(req.client_ip, req.user_agent)
+    c.done()
+    return user_id, factor_id, challenge_id, code
+
+
+def session_token(value: str, field: str = "session_token") -> str:
+    c = _Checker()
+    c.text(field, value, max_len=MAX_TOKEN, required=True)
+    c.done()
+    return value
+
+
+def check_session_args(req: pb.CheckSessionRequest) -> str:
+    c = _Checker()
+    token = c.text("session_token", req.session_token, max_len=MAX_TOKEN, required=True)
+    c.enum("application", req.application, APPLICATIONS, _APP_NAMES)
+    c.done()
+    return token
+
+
+def list_factors_args(req: pb.ListFactorsRequest) -> str:
+    c = _Checker()
+    user_id = c.user_id(req.user_id)
+    c.done()
+    return user_id
+
+
+def revoke_target(req: pb.RevokeSessionRequest) -> tuple[str, str]:
+    """("session_token", token) or ("user_id", id)."""
+    which = req.WhichOneof("target")
+    c = _Checker()
+    if which == "session_token":
+        value = c.text("session_token", req.session_token, max_len=MAX_TOKEN, required=True)
+    elif which == "user_id":
+        value = c.user_id(req.user_id)
+    else:
+        c.bad("target", "set session_token (one session) or user_id (all of a user's)")
+        value = ""
+    c.done()
+    assert which is not None
+    return which, value
+
+
+# -- responses -------------------------------------------------------------------------------
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def factor_pb(f: domain.Factor) -> pb.Factor:
+    return pb.Factor(
+        factor_id=f.factor_id, user_id=f.user_id, method=METHODS_OUT[f.method],
+        status=STATUSES[f.status], masked_destination=f.masked_destination,
+        created_at=timestamp(f.created_at), confirmed_at=timestamp(f.confirmed_at),
+        last_used_at=timestamp(f.last_used_at), disabled_at=timestamp(f.disabled_at))
+
+
+def enroll_response(r: EnrollResult) -> pb.EnrollResponse:
+    resp = pb.EnrollResponse(
+        factor=factor_pb(r.factor), challenge_id=r.challenge.challenge_id,
+        expires_at=timestamp(r.challenge.expires_at), code_length=r.code_length)
+    if r.provisioning is not None:
+        resp.totp_secret = r.provisioning.secret_base32
+        resp.otpauth_uri = r.provisioning.otpauth_uri
+        resp.qr_svg = r.provisioning.qr_svg
+        resp.qr_png = r.provisioning.qr_png
+    return resp
+
+
+def challenge_response(r: ChallengeResult) -> pb.ChallengeResponse:
+    return pb.ChallengeResponse(
+        challenge_id=r.challenge.challenge_id, method=METHODS_OUT[r.factor.method],
+        channel=CHANNELS_OUT[r.challenge.channel],
+        masked_destination=r.factor.masked_destination,
+        expires_at=timestamp(r.challenge.expires_at),
+        resend_available_at=timestamp(r.resend_available_at), code_length=r.code_length)
+
+
+def session_pb(s: domain.Session, token: str = "") -> pb.Session:
+    return pb.Session(
+        session_token=token, user_id=s.user_id, method=METHODS_OUT[s.method],
+        application=APPLICATIONS_OUT[s.application],
+        authenticated_at=timestamp(s.authenticated_at), expires_at=timestamp(s.expires_at),
+        idle_expires_at=timestamp(s.idle_expires_at))
+
+
+def verify_response(o: VerifyOutcome) -> pb.VerifyResponse:
+    resp = pb.VerifyResponse(result=RESULTS[o.result], attempts_remaining=o.attempts_remaining,
+                             recovery_codes=list(o.recovery_codes))
+    if o.session is not None:
+        resp.session.CopyFrom(session_pb(o.session.session, o.session.token))
+    if o.factor is not None:
+        resp.factor.CopyFrom(factor_pb(o.factor))
+    return resp
+
+
+def disable_response(o: VerifyOutcome) -> pb.DisableResponse:
+    resp = pb.DisableResponse(result=RESULTS[o.result], attempts_remaining=o.attempts_remaining)
+    if o.factor is not None:
+        resp.factor.CopyFrom(factor_pb(o.factor))
+    return resp
+
+
+def check_session_response(s: domain.Session | None) -> pb.CheckSessionResponse:
+    if s is None:
+        return pb.CheckSessionResponse(valid=False)
+    return pb.CheckSessionResponse(
+        valid=True, user_id=s.user_id, method=METHODS_OUT[s.method],
+        application=APPLICATIONS_OUT[s.application],
+        authenticated_at=timestamp(s.authenticated_at), expires_at=timestamp(s.expires_at),
+        idle_expires_at=timestamp(s.idle_expires_at))

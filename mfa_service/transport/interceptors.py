@@ -1,0 +1,78 @@
+"""Cross-cutting work around every TwoFactorService call.
+
+Order on the server (outermost first): OpenTelemetry's server interceptor (a span per
+RPC), then ``ServiceInterceptor``: caller identity and request id into contextvars,
+one access-log line per call, and the single place where exceptions become statuses.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from mfa_service.errors import MfaError
+from mfa_service.transport.status import internal_status, status_code_for, to_grpc_status
+
+log = logging.getLogger("mfa_service.rpc")
+
+caller_var: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="anonymous")
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+SERVICE_PREFIX = "/mfa.v1."
+
+Handler = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+class ServiceInterceptor(aio.ServerInterceptor):
+    """Context, access log and error mapping for mfa.v1 unary calls."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or handler.unary_unary is None or not method.startswith(
+                SERVICE_PREFIX):
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap(method, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+def _wrap(method: str, inner: Handler) -> Handler:
+    rpc = method.rsplit("/", 1)[-1]
+
+    async def handle(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        request_id_var.set(uuid.uuid4().hex[:16])
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await inner(request, context)
+        except aio.AbortError:
+            raise
+        except MfaError as exc:
+            status = to_grpc_status(exc)
+            code = status_code_for(exc)
+            # context.abort (not abort_with_status) so OpenTelemetry records the code.
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("unhandled error", extra={"rpc": rpc})
+            status = internal_status()
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        finally:
+            log.info("rpc", extra={
+                "rpc": rpc, "code": code.name, "caller": caller_var.get(),
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+
+    return handle

@@ -1,0 +1,73 @@
+"""The TwoFactorService servicer: request -> domain values -> one service call -> response.
+
+No SQL, no business rules, no ``context.abort`` here; errors are raised as domain
+exceptions and mapped to statuses by the interceptor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grpc import aio
+from mfa.v1 import two_factor_service_pb2 as pb
+from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
+
+from mfa_service.domain import AuditContext
+from mfa_service.service.sessions import SessionService
+from mfa_service.service.two_factor import TwoFactorService
+from mfa_service.transport import convert
+from mfa_service.transport.interceptors import caller_var
+
+Context = aio.ServicerContext[Any, Any]
+
+
+def _who(client_ip: str = "", user_agent: str = "") -> AuditContext:
+    return AuditContext(caller=caller_var.get(), client_ip=client_ip, user_agent=user_agent)
+
+
+class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
+    def __init__(self, service: TwoFactorService, sessions: SessionService) -> None:
+        self._service = service
+        self._sessions = sessions
+
+    async def Enroll(self, request: pb.EnrollRequest, context: Context) -> pb.EnrollResponse:
+        result = await self._service.enroll(convert.enroll_command(request), _who())
+        return convert.enroll_response(result)
+
+    async def Challenge(self, request: pb.ChallengeRequest,
+                        context: Context) -> pb.ChallengeResponse:
+        result = await self._service.challenge(convert.challenge_command(request), _who())
+        return convert.challenge_response(result)
+
+    async def Verify(self, request: pb.VerifyRequest, context: Context) -> pb.VerifyResponse:
+        challenge_id, code = convert.verify_args(request)
+        outcome = await self._service.verify(
+            challenge_id, code, _who(request.client_ip, request.user_agent))
+        return convert.verify_response(outcome)
+
+    async def Disable(self, request: pb.DisableRequest, context: Context) -> pb.DisableResponse:
+        user_id, factor_id, challenge_id, code = convert.disable_args(request)
+        outcome = await self._service.disable(
+            user_id, factor_id, challenge_id, code, _who(request.client_ip, request.user_agent))
+        return convert.disable_response(outcome)
+
+    async def CheckSession(self, request: pb.CheckSessionRequest,
+                           context: Context) -> pb.CheckSessionResponse:
+        token = convert.check_session_args(request)
+        return convert.check_session_response(await self._sessions.check(token))
+
+    async def ListFactors(self, request: pb.ListFactorsRequest,
+                          context: Context) -> pb.ListFactorsResponse:
+        factors, recovery_remaining = await self._service.list_factors(
+            convert.list_factors_args(request))
+        return pb.ListFactorsResponse(factors=[convert.factor_pb(f) for f in factors],
+                                      recovery_codes_remaining=recovery_remaining)
+
+    async def RevokeSession(self, request: pb.RevokeSessionRequest,
+                            context: Context) -> pb.RevokeSessionResponse:
+        which, value = convert.revoke_target(request)
+        if which == "session_token":
+            count = await self._sessions.revoke_token(value, _who())
+        else:
+            count = await self._sessions.revoke_user(value, _who())
+        return pb.RevokeSessionResponse(revoked_count=count)
