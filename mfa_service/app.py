@@ -98,7 +98,12 @@ class App:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
-        await self.database.dispose()
+        # Calls cut off by the grace period may leave a connection closing in its thread;
+        # never let that hold the process up.
+        try:
+            await asyncio.wait_for(self.database.dispose(), timeout=5)
+        except TimeoutError:
+            log.warning("database pool did not close within 5 s")
 
 
 async def _probe_database(app: App, interval: float) -> None:

@@ -309,8 +309,11 @@ class TwoFactorService:
                       remaining: int, who: AuditContext, now: datetime) -> VerifyOutcome:
         """Carry out an approved challenge's purpose, in the same transaction."""
         factor = record.factor
+        if challenge.purpose is not Purpose.CONFIRM_ENROLLMENT and not (
+                await tx.factors.touch_active(factor.factor_id, now)):
+            raise FailedPrecondition("the factor is disabled",
+                                     reason="ERROR_REASON_FACTOR_DISABLED")
         if challenge.purpose is Purpose.LOGIN:
-            await tx.factors.touch(factor.factor_id, now)
             session = await self._sessions.open(tx, record, challenge.application, who, now)
             return VerifyOutcome(VerifyResult.APPROVED, remaining, session=session)
         if challenge.purpose is Purpose.CONFIRM_ENROLLMENT:
@@ -334,7 +337,6 @@ class TwoFactorService:
                                last_used_at=now)
             return VerifyOutcome(VerifyResult.APPROVED, remaining, factor=disabled)
         # PURPOSE_CHANGE_PHONE: the approval itself is the proof Enroll(METHOD_PHONE) asks for.
-        await tx.factors.touch(factor.factor_id, now)
         return VerifyOutcome(VerifyResult.APPROVED, remaining,
                              factor=replace(factor, last_used_at=now))
 

@@ -117,9 +117,14 @@ class FactorRepository:
             .values(last_totp_step=step, last_used_at=now))
         return result.rowcount == 1
 
-    async def touch(self, factor_id: str, now: datetime) -> None:
-        await self._conn.execute(
-            update(factors).where(factors.c.id == factor_id).values(last_used_at=now))
+    async def touch_active(self, factor_id: str, now: datetime) -> bool:
+        """Mark an ACTIVE factor used; False if it stopped being ACTIVE meanwhile (a
+        concurrent Disable won the row lock first)."""
+        result = await self._conn.execute(
+            update(factors).where(factors.c.id == factor_id,
+                                  factors.c.status == FactorStatus.ACTIVE.value)
+            .values(last_used_at=now))
+        return result.rowcount == 1
 
 
 def _challenge(row: Row[Any]) -> Challenge:
