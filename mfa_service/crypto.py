@@ -67,7 +67,7 @@ class Keyring:
 
     @classmethod
     def parse(cls, spec: str) -> Keyring:
-        """Parse ``kid:base64url[,kid:base64url...]`` (as printed by ``mfa-service keys generate``)."""
+        """Parse ``kid:base64url[,kid:base64url...]`` (from ``mfa-service keys generate``)."""
         keys: list[tuple[str, bytes]] = []
         for part in spec.split(","):
             key_id, sep, encoded = part.strip().partition(":")

@@ -2,19 +2,19 @@
 
 ::
 
-    MfaError                          reason (ErrorReason name)         gRPC status
-     ├── InvalidArgument              ERROR_REASON_INVALID_REQUEST      INVALID_ARGUMENT + BadRequest
+    MfaError                     reason (ErrorReason name)            gRPC status
+     ├── InvalidArgument         ERROR_REASON_INVALID_REQUEST         INVALID_ARGUMENT+BadRequest
      ├── NotFound
-     │    ├── FactorNotFound          ERROR_REASON_FACTOR_NOT_FOUND     NOT_FOUND
-     │    └── ChallengeNotFound       ERROR_REASON_CHALLENGE_NOT_FOUND  NOT_FOUND
-     ├── FailedPrecondition           (reason given per raise)          FAILED_PRECONDITION
-     ├── ResourceExhausted            (reason given per raise)          RESOURCE_EXHAUSTED + RetryInfo
-     ├── Unauthenticated              ERROR_REASON_CALLER_UNAUTHENTICATED UNAUTHENTICATED
-     ├── PermissionDenied             ERROR_REASON_APPLICATION_NOT_ALLOWED PERMISSION_DENIED
-     ├── NotSupported                 ERROR_REASON_NOT_SUPPORTED        UNIMPLEMENTED
-     └── StoreError                                                     (never seen as such)
-          ├── StoreUnavailable        ERROR_REASON_STORE_UNAVAILABLE    UNAVAILABLE
-          └── StoreConflict           ERROR_REASON_INTERNAL             ABORTED
+     │    ├── FactorNotFound     ERROR_REASON_FACTOR_NOT_FOUND        NOT_FOUND
+     │    └── ChallengeNotFound  ERROR_REASON_CHALLENGE_NOT_FOUND     NOT_FOUND
+     ├── FailedPrecondition      (reason given per raise)             FAILED_PRECONDITION
+     ├── ResourceExhausted       (reason given per raise)             RESOURCE_EXHAUSTED+RetryInfo
+     ├── Unauthenticated         ERROR_REASON_CALLER_UNAUTHENTICATED  UNAUTHENTICATED
+     ├── PermissionDenied        ERROR_REASON_APPLICATION_NOT_ALLOWED PERMISSION_DENIED
+     ├── NotSupported            ERROR_REASON_NOT_SUPPORTED           UNIMPLEMENTED
+     └── StoreError              ERROR_REASON_INTERNAL                INTERNAL
+          ├── StoreUnavailable   ERROR_REASON_STORE_UNAVAILABLE       UNAVAILABLE
+          └── StoreConflict      ERROR_REASON_INTERNAL                ABORTED
 
 Messages are written for the caller and never carry a code, secret or token. The
 reason strings are the names of ``mfa.v1.ErrorReason`` values; a test checks that every

@@ -30,5 +30,5 @@ def configure_tracing(exporter: str) -> None:
 
 
 def server_interceptor() -> aio.ServerInterceptor:
-    interceptor: aio.ServerInterceptor = aio_server_interceptor()
+    interceptor: aio.ServerInterceptor = aio_server_interceptor()  # type: ignore[no-untyped-call]
     return interceptor

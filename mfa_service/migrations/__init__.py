@@ -1,1 +1,4 @@
-"""Alembic migrations (script_location ``mfa_service:migrations``); run with ``mfa-service migrate``."""
+"""Alembic migrations (script_location ``mfa_service:migrations``).
+
+Run them with ``mfa-service migrate``.
+"""

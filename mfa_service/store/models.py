@@ -4,7 +4,7 @@ AES-GCM ciphertexts; each carries the id of the key that made it (rotation)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -15,6 +15,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     text,
 )
@@ -158,7 +159,7 @@ class AuditEventRow(Base):
     detail: Mapped[str | None] = mapped_column(Text)
 
 
-factors = FactorRow.__table__
-challenges = ChallengeRow.__table__
-sessions = SessionRow.__table__
-audit_events = AuditEventRow.__table__
+factors = cast(Table, FactorRow.__table__)
+challenges = cast(Table, ChallengeRow.__table__)
+sessions = cast(Table, SessionRow.__table__)
+audit_events = cast(Table, AuditEventRow.__table__)

@@ -77,7 +77,7 @@ class FactorRepository:
         return _factor(row) if row else None
 
     async def supersede_pending(self, user_id: str, method: Method, now: datetime) -> int:
-        """Disable the user's unconfirmed factors of ``method`` (a newer enrolment replaces them)."""
+        """Disable the user's unconfirmed factors of ``method``: a newer enrolment replaces them."""
         result = await self._conn.execute(
             update(factors).where(
                 factors.c.user_id == user_id, factors.c.method == method.value,

@@ -43,7 +43,7 @@ _STATUS_BY_CLASS: dict[type[MfaError], grpc.StatusCode] = {
 def status_code_for(exc: MfaError) -> grpc.StatusCode:
     for cls in type(exc).__mro__:
         if cls in _STATUS_BY_CLASS:
-            return _STATUS_BY_CLASS[cls]  # type: ignore[index]
+            return _STATUS_BY_CLASS[cls]
     return grpc.StatusCode.INTERNAL
 
 
