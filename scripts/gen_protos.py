@@ -19,6 +19,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 
 
+def _plugin(name: str) -> str:
+    found = shutil.which(f"protoc-gen-{name}")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / f"protoc-gen-{name}"
+    if not beside.exists():
+        raise SystemExit(f"protoc-gen-{name} not found: pip install -e '.[test]'")
+    return str(beside)
+
+
 def generate(out_dir: Path) -> None:
     """Write the stubs for every protos/**/*.proto into out_dir (replacing its mfa/)."""
     target = out_dir / "mfa"
@@ -28,8 +38,11 @@ def generate(out_dir: Path) -> None:
     # grpc_tools ships the well-known types (google/protobuf/*.proto).
     well_known = Path(protoc.__file__).parent / "_proto"
     sources = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
+    # mypy-protobuf's plugins sit beside this interpreter, which may not be on PATH.
+    plugins = [f"--plugin=protoc-gen-{name}={_plugin(name)}" for name in ("mypy", "mypy_grpc")]
     args = [
         "grpc_tools.protoc",
+        *plugins,
         f"-I{PROTOS}",
         f"-I{well_known}",
         f"--python_out={out_dir}",

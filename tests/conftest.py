@@ -64,14 +64,7 @@ async def postgres_url() -> AsyncIterator[str]:
     finally:
         await conn.close()
     url = admin.set(database=name).render_as_string(hide_password=False)
-    from mfa_service.store import migrate
-    from mfa_service.store.engine import create_engine
-
-    engine = create_engine(make_url(url))
-    try:
-        await migrate.upgrade(engine)  # the production path: `mfa-service migrate` first
-    finally:
-        await engine.dispose()
+    await _migrate(url)  # the production path: `mfa-service migrate` before `serve`
     yield url
     conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL), timeout=5)
     try:
@@ -81,8 +74,22 @@ async def postgres_url() -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="session")
-def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('sqlite') / 'mfa.db'}"
+async def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A migrated SQLite file for this test session."""
+    url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('sqlite') / 'mfa.db'}"
+    await _migrate(url)
+    return url
+
+
+async def _migrate(url: str) -> None:
+    from mfa_service.store import migrate
+    from mfa_service.store.engine import create_engine
+
+    engine = create_engine(make_url(url))
+    try:
+        await migrate.upgrade(engine)
+    finally:
+        await engine.dispose()
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])

@@ -1,0 +1,116 @@
+"""The entry points as an operator runs them: real processes, real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.engine import make_url
+
+from tests.conftest import PG_ADMIN_URL, _asyncpg_dsn
+
+CLI = str(Path(sys.executable).parent / "mfa-service")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MFA_")}
+    env.update(extra)
+    return env
+
+
+async def _wait_serving(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            try:
+                resp = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except aio.AioRpcError:
+                pass
+            assert asyncio.get_running_loop().time() < deadline, "server never became SERVING"
+            await asyncio.sleep(0.1)
+
+
+async def test_serve_with_no_configuration_then_graceful_stop(tmp_path: Path) -> None:
+    port = _free_port()
+    proc = subprocess.Popen([CLI, "serve"], cwd=tmp_path, stderr=subprocess.PIPE,
+                            env=_env(MFA_LISTEN_ADDR=f"127.0.0.1:{port}"))
+    try:
+        await _wait_serving(port, proc)
+        assert (tmp_path / "mfa-service.db").exists()  # created and migrated on first start
+        keys = tmp_path / "mfa-service.keys"
+        assert stat.S_IMODE(keys.stat().st_mode) == 0o600
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 15) == 0
+        log = proc.stderr.read().decode() if proc.stderr else ""
+        assert "development keys" in log and "shutting down" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+@pytest.fixture
+async def fresh_postgres(postgres_url: str) -> AsyncIterator[str]:
+    name = f"mfa_cli_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL))
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL))
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await conn.close()
+
+
+async def test_postgres_needs_migrate_before_serve(tmp_path: Path, fresh_postgres: str) -> None:
+    env = _env(MFA_DATABASE_URL=fresh_postgres, MFA_LISTEN_ADDR=f"127.0.0.1:{_free_port()}",
+               MFA_KEY_FILE=str(tmp_path / "k.keys"))
+    refused = await asyncio.to_thread(subprocess.run, [CLI, "serve"], cwd=tmp_path, env=env,
+                                      capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert "run `mfa-service migrate` first" in refused.stderr
+
+    migrated = await asyncio.to_thread(subprocess.run, [CLI, "migrate"], cwd=tmp_path, env=env,
+                                       capture_output=True, text=True, timeout=60)
+    assert migrated.returncode == 0, migrated.stderr
+    assert "schema at revision" in migrated.stdout
+
+
+async def test_invalid_settings_are_refused_with_a_message(tmp_path: Path) -> None:
+    result = await asyncio.to_thread(
+        subprocess.run, [CLI, "serve"], cwd=tmp_path, capture_output=True, text=True,
+        timeout=60, env=_env(MFA_CODE_TTL_SECONDS="3600"))
+    assert result.returncode == 2
+    assert "code_ttl_seconds" in result.stderr
+
+
+def test_keys_generate_prints_a_usable_entry() -> None:
+    from mfa_service.crypto import Keyring
+
+    out = subprocess.run([CLI, "keys", "generate", "--id", "prod-1"], capture_output=True,
+                         text=True, check=True, timeout=60).stdout.strip()
+    assert Keyring.parse(out).primary_id == "prod-1"

@@ -1,0 +1,102 @@
+"""Alembic is the schema authority: migrations match the models on both backends, and
+`serve` refuses a database whose schema is missing or outdated."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, make_url
+
+from mfa_service.app import create_server
+from mfa_service.crypto import Keyring
+from mfa_service.errors import ConfigurationError
+from mfa_service.store import migrate
+from mfa_service.store.engine import create_engine
+from mfa_service.store.models import Base
+from tests.conftest import PG_ADMIN_URL, TEST_KEYRING, _asyncpg_dsn, make_settings
+
+
+async def test_migrated_schema_matches_the_models(database_url: str) -> None:
+    engine = create_engine(make_url(database_url))
+
+    def diff(conn: Connection) -> list[object]:
+        return list(compare_metadata(MigrationContext.configure(conn), Base.metadata))
+
+    try:
+        async with engine.connect() as conn:
+            assert await conn.run_sync(diff) == []
+        assert await migrate.current_revision(engine) == migrate.head_revision()
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def empty_postgres(postgres_url: str) -> AsyncIterator[str]:
+    """A PostgreSQL database with no schema at all."""
+    name = f"mfa_empty_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL))
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL))
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await conn.close()
+
+
+async def test_serve_refuses_an_unmigrated_postgres(empty_postgres: str) -> None:
+    with pytest.raises(ConfigurationError, match="run `mfa-service migrate` first"):
+        await create_server(make_settings(empty_postgres), keyring=Keyring.parse(TEST_KEYRING))
+
+
+async def test_serve_refuses_an_outdated_schema_then_migrate_fixes_it(
+        empty_postgres: str) -> None:
+    engine = create_engine(make_url(empty_postgres))
+    try:
+        await migrate.upgrade(engine)
+        async with engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = '0000'"))
+        with pytest.raises(ConfigurationError, match="at revision 0000, this build needs"):
+            await create_server(make_settings(empty_postgres),
+                                keyring=Keyring.parse(TEST_KEYRING))
+        async with engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = :v"),
+                               {"v": migrate.head_revision()})
+        app = await create_server(make_settings(empty_postgres),
+                                  keyring=Keyring.parse(TEST_KEYRING))
+        await app.stop(0)
+    finally:
+        await engine.dispose()
+
+
+async def test_downgrade_to_base_and_back(tmp_path: object, empty_postgres: str) -> None:
+    for url in (f"sqlite+aiosqlite:///{tmp_path}/m.db", empty_postgres):
+        engine = create_engine(make_url(url))
+        try:
+            await migrate.upgrade(engine)
+            await _downgrade(engine)
+            assert await migrate.current_revision(engine) is None
+            await migrate.upgrade(engine)
+            assert await migrate.current_revision(engine) == migrate.head_revision()
+        finally:
+            await engine.dispose()
+
+
+async def _downgrade(engine: object) -> None:
+    from alembic import command
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    assert isinstance(engine, AsyncEngine)
+
+    def run(conn: Connection) -> None:
+        cfg = migrate.alembic_config()
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "base")
+
+    async with engine.begin() as conn:
+        await conn.run_sync(run)
