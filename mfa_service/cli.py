@@ -1,4 +1,4 @@
-"""Entry points: ``mfa-service serve | migrate | keys generate``."""
+"""Entry points: ``mfa-service serve | migrate | health | keys generate``."""
 
 from __future__ import annotations
 
@@ -48,11 +48,41 @@ async def _migrate(settings: Settings) -> None:
     print(f"schema at revision {after} (was {before})")
 
 
+async def _health(settings: Settings, service: str, deadline: float) -> bool:
+    """Ask the local server's grpc.health.v1 service; True when SERVING."""
+    import grpc
+    from grpc import aio
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    host, _, port = settings.listen_addr.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::"):  # noqa: S104 - we connect, not bind
+        host = "127.0.0.1"
+    target = f"{host}:{port}"
+    if settings.tls_cert_file is not None:
+        creds = grpc.ssl_channel_credentials(root_certificates=settings.tls_cert_file.read_bytes())
+        channel = aio.secure_channel(target, creds)
+    else:
+        channel = aio.insecure_channel(target)
+    async with channel:
+        try:
+            resp = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=deadline)
+        except aio.AioRpcError as exc:
+            print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return False
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    print(name)
+    return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mfa-service", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run the gRPC server (settings from MFA_* variables)")
     sub.add_parser("migrate", help="bring the database schema to this build's revision")
+    probe = sub.add_parser("health", help="exit 0 if the local server reports SERVING")
+    probe.add_argument("--service", default="", help="service name (default: overall)")
+    probe.add_argument("--timeout", type=float, default=3.0)
     keys = sub.add_parser("keys", help="key management")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     gen = keys_sub.add_parser("generate", help="print a new keyring entry for MFA_KEYRING")
@@ -67,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"mfa-service: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    if args.command == "health":
+        return 0 if asyncio.run(_health(settings, args.service, args.timeout)) else 1
     configure_logging(settings.log_level, settings.log_format)
     try:
         if args.command == "serve":

@@ -60,6 +60,10 @@ async def test_serve_with_no_configuration_then_graceful_stop(tmp_path: Path) ->
     try:
         await _wait_serving(port, proc)
         assert (tmp_path / "mfa-service.db").exists()  # created and migrated on first start
+        probe = await asyncio.to_thread(
+            subprocess.run, [CLI, "health"], cwd=tmp_path, capture_output=True, text=True,
+            timeout=30, env=_env(MFA_LISTEN_ADDR=f"127.0.0.1:{port}"))
+        assert (probe.returncode, probe.stdout.strip()) == (0, "SERVING")
         keys = tmp_path / "mfa-service.keys"
         assert stat.S_IMODE(keys.stat().st_mode) == 0o600
         proc.send_signal(signal.SIGTERM)
@@ -106,6 +110,14 @@ async def test_invalid_settings_are_refused_with_a_message(tmp_path: Path) -> No
         timeout=60, env=_env(MFA_CODE_TTL_SECONDS="3600"))
     assert result.returncode == 2
     assert "code_ttl_seconds" in result.stderr
+
+
+def test_health_fails_when_nothing_listens(tmp_path: Path) -> None:
+    probe = subprocess.run([CLI, "health", "--timeout", "1"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=30,
+                           env=_env(MFA_LISTEN_ADDR=f"127.0.0.1:{_free_port()}"))
+    assert probe.returncode == 1
+    assert "unhealthy: UNAVAILABLE" in probe.stderr
 
 
 def test_keys_generate_prints_a_usable_entry() -> None:
