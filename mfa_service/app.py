@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -125,11 +126,41 @@ async def _probe_database(app: App, interval: float) -> None:
                 await app.health.set(name, status)
 
 
+def _register_reflection_v1_descriptor() -> None:
+    """Put grpc/reflection/v1/reflection.proto into the default pool.
+
+    grpcio-reflection ships only the v1alpha file. v1 is the same file under another
+    package, so we derive it; without it, reflection would list grpc.reflection.v1 but
+    fail to describe it (grpcurl's `describe` stops on the unresolvable symbol).
+    """
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName("grpc/reflection/v1/reflection.proto")
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_v1alpha_pb2.DESCRIPTOR.CopyToProto(proto)
+    proto.name = "grpc/reflection/v1/reflection.proto"
+    proto.package = "grpc.reflection.v1"
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    for message in proto.message_type:
+        for f in message.field:
+            if f.HasField("type_name"):
+                f.type_name = f.type_name.replace(old, new)
+    for service in proto.service:
+        for method in service.method:
+            for attr in ("input_type", "output_type"):
+                setattr(method, attr, getattr(method, attr).replace(old, new))
+    pool.Add(proto)
+
+
 def _add_reflection(server: aio.Server) -> None:
     """Server reflection under v1alpha (grpcio-reflection) *and* v1 (what grpcurl asks first).
 
     The two services are identical on the wire, so the v1alpha servicer also answers v1.
     """
+    _register_reflection_v1_descriptor()
     names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
     reflection.enable_server_reflection(names, server)
     servicer = reflection.aio.ReflectionServicer(names)
