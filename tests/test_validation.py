@@ -357,7 +357,7 @@ async def test_length_limits_are_inclusive(stub: Stub, real: Real) -> None:
     assert check.valid is False
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=aio.AioRpcError, reason=(
     "BUG: account_name defaults to user_id, and the authenticator-app label allows at most "
     "100 characters and no ':'; a valid user_id (1-128 printable characters) without an "
     "account_name is refused with a violation on account_name, a field the caller never set"))
@@ -515,10 +515,8 @@ async def test_nasty_values_never_break_the_server(
         request.CopyFrom(base)
         setattr(request, field, value)
         try:
-            r = await call(stub, rpc, request)
-            print("SWEEP", rpc, field, repr(value[:12]), "OK", str(r)[:60].replace("\n"," "))
+            await call(stub, rpc, request)
         except aio.AioRpcError as err:
-            print("SWEEP", rpc, field, repr(value[:12]), err.code().name, err.details()[:60])
             problem = contract_problem(err)
             if problem is not None:
                 problems.append(f"{rpc}.{field}={value[:40]!r}: {problem}")
