@@ -24,9 +24,22 @@ from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 
 from mfa_service.clock import Clock, SystemClock
 from mfa_service.crypto import Keyring, load_or_create_key_file
+from mfa_service.delivery.dispatcher import Dispatcher
+from mfa_service.delivery.senders import (
+    ConsoleSender,
+    Sender,
+    SmtpSender,
+    TwilioSender,
+    WebhookSender,
+)
+from mfa_service.domain import Channel
 from mfa_service.errors import ConfigurationError, StoreError
+from mfa_service.factors.email_code import EmailCode
+from mfa_service.factors.phone_code import PhoneCode
 from mfa_service.factors.registry import FactorRegistry
+from mfa_service.factors.sent_code import SentCode
 from mfa_service.factors.totp import AuthenticatorApp
+from mfa_service.service.notices import Notifier
 from mfa_service.service.sessions import SessionService
 from mfa_service.service.two_factor import Rules, TwoFactorService
 from mfa_service.settings import Environment, Settings
@@ -81,6 +94,33 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
+def build_senders(settings: Settings) -> dict[Channel, Sender]:
+    """One sender per channel, from settings (console only outside production)."""
+    email: Sender
+    if settings.email_provider == "smtp":
+        email = SmtpSender(
+            settings.smtp_host, settings.smtp_port, settings.smtp_tls, settings.smtp_username,
+            settings.smtp_password.get_secret_value() if settings.smtp_password else None,
+            settings.smtp_from, timeout=settings.smtp_timeout_seconds)
+    else:
+        email = ConsoleSender()
+    phone: Sender
+    if settings.phone_provider == "webhook":
+        assert settings.phone_webhook_url is not None
+        headers = ({"Authorization": f"Bearer {settings.phone_webhook_token.get_secret_value()}"}
+                   if settings.phone_webhook_token else None)
+        phone = WebhookSender(settings.phone_webhook_url, headers=headers,
+                              timeout=settings.provider_timeout_seconds)
+    elif settings.phone_provider == "twilio":
+        assert settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from
+        phone = TwilioSender(settings.twilio_base_url, settings.twilio_account_sid,
+                             settings.twilio_auth_token.get_secret_value(), settings.twilio_from,
+                             timeout=settings.provider_timeout_seconds)
+    else:
+        phone = email if isinstance(email, ConsoleSender) else ConsoleSender()
+    return {Channel.EMAIL: email, Channel.SMS: phone, Channel.VOICE: phone}
+
+
 @dataclass
 class App:
     """A built server and what it owns; ``stop`` releases everything."""
@@ -90,6 +130,8 @@ class App:
     database: Database
     health: health.aio.HealthServicer
     settings: Settings
+    dispatcher: Dispatcher
+    senders: list[Sender]
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -99,6 +141,8 @@ class App:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        for sender in self.senders:
+            await sender.aclose()
         # Calls cut off by the grace period may leave a connection closing in its thread;
         # never let that hold the process up.
         try:
@@ -203,9 +247,18 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         await engine.dispose()
         raise
 
+    codes = SentCode(keyring, settings.code_length)
     registry = FactorRegistry([
         AuthenticatorApp(keyring, settings.totp_issuer, settings.totp_window),
+        EmailCode(codes),
+        PhoneCode(codes),
     ])
+    senders = build_senders(settings)
+    dispatcher = Dispatcher(
+        database, keyring, clock, senders,
+        lease=timedelta(seconds=settings.outbox_lease_seconds),
+        backoff_max=settings.outbox_backoff_max_seconds,
+        poll_seconds=settings.outbox_poll_seconds)
     sessions = SessionService(database, keyring, clock,
                               ttl=timedelta(seconds=settings.session_ttl_seconds),
                               idle=timedelta(seconds=settings.session_idle_seconds))
@@ -213,7 +266,14 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         database, registry, keyring, clock, sessions,
         Rules(code_ttl=timedelta(seconds=settings.code_ttl_seconds),
               max_attempts=settings.max_attempts,
-              max_factors_per_user=settings.max_factors_per_user))
+              max_factors_per_user=settings.max_factors_per_user,
+              resend_cooldown=timedelta(seconds=settings.resend_cooldown_seconds),
+              max_sends=settings.max_sends_per_window,
+              send_window=timedelta(seconds=settings.send_window_seconds),
+              change_proof_max_age=timedelta(seconds=settings.change_proof_max_age_seconds),
+              product=settings.product_name, default_locale=settings.default_locale),
+        Notifier(keyring, settings.product_name, timedelta(seconds=settings.notice_ttl_seconds)),
+        on_enqueue=dispatcher.wake)
 
     server = aio.server(
         interceptors=[server_interceptor(), ServiceInterceptor()],
@@ -239,12 +299,14 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         raise ConfigurationError(f"cannot listen on {settings.listen_addr}: {exc}") from exc
     await server.start()
     app = App(server=server, port=port, database=database, health=health_servicer,
-              settings=settings)
+              settings=settings, dispatcher=dispatcher, senders=list(set(senders.values())))
     # SERVING only now: the database answered and the schema is current.
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     app._tasks.append(asyncio.create_task(
         _probe_database(app, settings.health_probe_seconds), name="db-health-probe"))
+    if settings.outbox_dispatcher:
+        app._tasks.append(asyncio.create_task(dispatcher.run(), name="outbox-dispatcher"))
     log.info("listening", extra={"listen_addr": settings.listen_addr, "port": port,
                                  "tls": credentials is not None,
                                  "database": engine.url.render_as_string(hide_password=True)})

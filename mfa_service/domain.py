@@ -92,6 +92,8 @@ class FactorRecord:
     secret_ciphertext: bytes | None
     secret_key_id: str | None
     last_totp_step: int | None
+    locale: str = "en"
+    replaces_factor_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class Challenge:
     code_key_id: str | None = None
     request_id: str | None = None
     approved_at: datetime | None = None
+    consumed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,21 @@ class NewSession:
 
     session: Session
     token: str
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message the service decided to send; the outbox makes it durable."""
+
+    kind: str  # "code" | "notice"
+    channel: Channel
+    destination: str
+    user_id: str
+    subject: str
+    text: str
+    not_after: datetime
+    factor_id: str | None = None
+    challenge_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,37 @@ class Settings(BaseSettings):
     code_ttl_seconds: int = Field(default=300, ge=60, le=600)  # NIST: at most 10 minutes
     max_attempts: int = Field(default=5, ge=1, le=10)
     max_factors_per_user: int = Field(default=20, ge=1, le=100)
+    resend_cooldown_seconds: int = Field(default=30, ge=0, le=300)
+    max_sends_per_window: int = Field(default=5, ge=1, le=50)
+    send_window_seconds: int = Field(default=600, ge=60, le=86400)
+    change_proof_max_age_seconds: int = Field(default=600, ge=60, le=600)
+
+    # Messages.
+    product_name: str = Field(default="Cloud Platform", min_length=1, max_length=32)
+    default_locale: str = Field(default="en", min_length=2, max_length=16)
+    email_provider: Literal["console", "smtp"] = "console"
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(default=587, ge=1, le=65535)
+    smtp_tls: Literal["none", "starttls", "tls"] = "starttls"
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str = "no-reply@localhost"
+    smtp_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    phone_provider: Literal["console", "webhook", "twilio"] = "console"
+    phone_webhook_url: str | None = None
+    phone_webhook_token: SecretStr | None = None
+    twilio_base_url: str = "https://api.twilio.com"
+    twilio_account_sid: str | None = None
+    twilio_auth_token: SecretStr | None = None
+    twilio_from: str | None = None
+    provider_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+
+    # The outbox dispatcher (off: this process only enqueues; another one sends).
+    outbox_dispatcher: bool = True
+    outbox_poll_seconds: float = Field(default=1.0, gt=0, le=60)
+    outbox_lease_seconds: int = Field(default=60, ge=15, le=3600)
+    outbox_backoff_max_seconds: float = Field(default=120.0, ge=1, le=3600)
+    notice_ttl_seconds: int = Field(default=24 * 3600, ge=300, le=7 * 86400)
 
     # 2FA sessions (NIST AAL2: at most 12 h absolute, 30 min idle).
     session_ttl_seconds: int = Field(default=12 * 3600, ge=60, le=12 * 3600)
@@ -88,10 +119,26 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _check_production(self) -> Settings:
-        if self.env is Environment.PRODUCTION and self.keyring is None:
-            raise ValueError("MFA_KEYRING is required when MFA_ENV=production "
-                             "(generate one with `mfa-service keys generate`)")
+    def _check_consistency(self) -> Settings:
+        problems: list[str] = []
+        if self.env is Environment.PRODUCTION:
+            if self.keyring is None:
+                problems.append("MFA_KEYRING is required when MFA_ENV=production "
+                                "(generate one with `mfa-service keys generate`)")
+            if self.email_provider == "console":
+                problems.append("MFA_EMAIL_PROVIDER=console only logs messages: "
+                                "not allowed when MFA_ENV=production")
+            if self.phone_provider == "console":
+                problems.append("MFA_PHONE_PROVIDER=console only logs messages: "
+                                "not allowed when MFA_ENV=production")
+        if self.phone_provider == "webhook" and not self.phone_webhook_url:
+            problems.append("MFA_PHONE_PROVIDER=webhook needs MFA_PHONE_WEBHOOK_URL")
+        if self.phone_provider == "twilio" and not (
+                self.twilio_account_sid and self.twilio_auth_token and self.twilio_from):
+            problems.append("MFA_PHONE_PROVIDER=twilio needs MFA_TWILIO_ACCOUNT_SID, "
+                            "MFA_TWILIO_AUTH_TOKEN and MFA_TWILIO_FROM")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property

@@ -82,6 +82,16 @@ async def test_confirming_with_a_current_code_activates_the_factor(
         (resp.factor.factor_id, pb.FACTOR_STATUS_ACTIVE)]
 
 
+async def test_spaces_in_a_typed_code_are_ignored(
+        stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    resp = await stub.Enroll(pb.EnrollRequest(
+        user_id=user_id, method=pb.METHOD_AUTHENTICATOR_APP, application=pb.APPLICATION_PORTAL))
+    code = totp_at(resp.totp_secret, fresh_clock)
+    typed = f" {code[:3]} {code[3:]} "
+    ok = await stub.Verify(pb.VerifyRequest(challenge_id=resp.challenge_id, code=typed))
+    assert ok.result == pb.VERIFY_RESULT_APPROVED
+
+
 async def test_login_session_is_honoured_by_both_applications(
         stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
     factor = await enroll_app(stub, user_id, fresh_clock)

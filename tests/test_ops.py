@@ -92,6 +92,26 @@ async def test_reflection_describes_the_service(channel: aio.Channel, reflection
 
 
 @pytest.mark.parametrize("reflection", REFLECTION_NAMES)
+async def test_reflection_describes_every_listed_service(
+        channel: aio.Channel, reflection: str) -> None:
+    """What `grpcurl describe` needs: every listed service resolves to its file."""
+    [listed] = await reflect(channel, reflection,
+                             reflection_pb2.ServerReflectionRequest(list_services=""))
+    names = [s.name for s in listed.list_services_response.service]
+    answers = await reflect(channel, reflection, *[
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=n) for n in names])
+    unresolved = [n for n, r in zip(names, answers, strict=True)
+                  if r.WhichOneof("message_response") != "file_descriptor_response"]
+    assert unresolved == []
+    for name, resp in zip(names, answers, strict=True):
+        package, _, service = name.rpartition(".")
+        files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+                 for raw in resp.file_descriptor_response.file_descriptor_proto]
+        assert any(fd.package == package and service in {s.name for s in fd.service}
+                   for fd in files), name
+
+
+@pytest.mark.parametrize("reflection", REFLECTION_NAMES)
 async def test_reflection_unknown_symbol_is_not_found(
         channel: aio.Channel, reflection: str) -> None:
     [resp] = await reflect(channel, reflection, reflection_pb2.ServerReflectionRequest(

@@ -87,7 +87,7 @@ _ENHANCED_STATUS = re.compile(r"\s*([245]\.\d{1,3}\.\d{1,3})\b")
 
 
 def _smtp_reply(code: int, text: str) -> str:
-    """"reply 550 (5.1.1)": the reply code and the RFC 3463 enhanced status, if any.
+    """The reply code and the RFC 3463 enhanced status, if any: ``reply 550 (5.1.1)``.
 
     The server's free text is left out; the codes say what an operator needs.
     """
@@ -146,7 +146,7 @@ class SmtpSender:
         msg["To"] = message.to
         msg["Subject"] = message.subject
         msg["Date"] = email.utils.format_datetime(datetime.now(UTC))
-        # The same id on every retry lets receiving systems drop a duplicate.
+        # The same id on every retry lets receivers and mail clients spot a duplicate.
         local = (message.message_id if _SAFE_ID.fullmatch(message.message_id)
                  else hashlib.sha256(message.message_id.encode()).hexdigest()[:32])
         msg["Message-ID"] = f"<{local}@{self._domain}>"
@@ -211,13 +211,12 @@ class SmtpSender:
                                 retryable=False) from exc
         except (aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
             raise DeliveryError(f"{self._where()} timed out", retryable=True) from exc
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPConnectError) as exc:
-            raise DeliveryError(f"{self._where()} connection failed or was lost",
-                                retryable=True) from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
-            # No STARTTLS on offer, no usable AUTH mechanism, a TLS handshake failure:
-            # configuration or the server, never this message.
-            raise DeliveryError(f"{self._where()} failed: {type(exc).__name__}",
+            # Refused or lost connections, a TLS handshake or certificate failure, no
+            # STARTTLS on offer, no usable AUTH mechanism: the network, the server or our
+            # configuration, never this message. These texts come from aiosmtplib or
+            # OpenSSL, not from the message.
+            raise DeliveryError(f"{self._where()} failed: {type(exc).__name__}: {exc}"[:300],
                                 retryable=True) from exc
         except ValueError as exc:  # aiosmtplib refuses an address it cannot put on a line
             raise DeliveryError(f"{self._where()}: the address cannot be sent",
@@ -295,6 +294,8 @@ class WebhookSender(_HttpSender):
         _check_http_url(url)
         super().__init__(timeout, client)
         self._url = url
+        # The host names the gateway in errors; the path or query may hold a secret.
+        self._label = f"webhook {httpx.URL(url).host}"
         self._headers = dict(headers or {})
 
     async def send(self, message: OutgoingMessage) -> None:
@@ -313,9 +314,9 @@ class WebhookSender(_HttpSender):
             response = await self._client.post(self._url, json=body, headers=headers,
                                                timeout=self._timeout)
         except httpx.TransportError as exc:
-            raise _transport_failure("webhook", exc) from exc
+            raise _transport_failure(self._label, exc) from exc
         if not response.is_success:
-            raise _http_failure("webhook", response)
+            raise _http_failure(self._label, response)
         log.debug("webhook accepted", extra={"message_id": message.message_id,
                                              "http_status": response.status_code})
 

@@ -61,6 +61,7 @@ class FactorMethod(Protocol):
     """One way to pass a second factor."""
 
     method: Method
+    sends_code: bool  # True: the service sends a code (email, phone); False: the user has it
 
     @property
     def code_length(self) -> int: ...

@@ -27,7 +27,7 @@ from mfa_service.factors.codes import normalise_digits
 PERIOD_SECONDS = 30
 DIGITS = 6
 SECRET_BYTES = 20  # 160 bits, RFC 4226 section 4 R6
-MAX_ACCOUNT_NAME = 100
+MAX_ACCOUNT_NAME = 128
 
 
 def secret_aad(factor_id: str, user_id: str) -> bytes:
@@ -77,6 +77,7 @@ class AuthenticatorApp:
     """METHOD_AUTHENTICATOR_APP."""
 
     method = Method.AUTHENTICATOR_APP
+    sends_code = False
 
     def __init__(self, keyring: Keyring, issuer: str, window: int) -> None:
         self._keyring = keyring
@@ -94,7 +95,9 @@ class AuthenticatorApp:
         return Channel.NONE
 
     def begin_enrollment(self, request: EnrollInput) -> EnrollmentMaterial:
-        label = request.account_name or request.user_id
+        # The Key Uri Format forbids ':' in the account name (it separates the issuer).
+        # A caller-given name must respect that; the default (the user id) is adapted.
+        label = request.account_name or request.user_id.replace(":", "-")
         if len(label) > MAX_ACCOUNT_NAME or not label.isprintable() or ":" in label:
             raise InvalidArgument.single(
                 "account_name",

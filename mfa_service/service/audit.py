@@ -16,6 +16,7 @@ class Event(StrEnum):
     CHALLENGE = "challenge_opened"
     VERIFY = "verify"
     DISABLE = "factor_disabled"
+    PHONE_CHANGED = "phone_changed"
     SESSION_CREATED = "session_created"
     SESSION_REVOKED = "session_revoked"
 

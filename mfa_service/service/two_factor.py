@@ -14,6 +14,8 @@ from datetime import datetime, timedelta
 
 from mfa_service.clock import Clock
 from mfa_service.crypto import Keyring
+from mfa_service.delivery.outbox import enqueue
+from mfa_service.delivery.templates import code_message
 from mfa_service.domain import (
     Application,
     AuditContext,
@@ -25,6 +27,7 @@ from mfa_service.domain import (
     FactorStatus,
     Method,
     NewSession,
+    Outgoing,
     Purpose,
     VerifyResult,
 )
@@ -33,12 +36,14 @@ from mfa_service.errors import (
     FactorNotFound,
     FailedPrecondition,
     InvalidArgument,
+    ResourceExhausted,
     StoreConflict,
 )
 from mfa_service.factors.base import EnrollInput, FactorMethod, Provisioning
 from mfa_service.factors.codes import hash_code
 from mfa_service.factors.registry import FactorRegistry
 from mfa_service.service import audit
+from mfa_service.service.notices import Notifier
 from mfa_service.service.sessions import SessionService
 from mfa_service.store.database import Database, Transaction
 
@@ -50,6 +55,12 @@ class Rules:
     code_ttl: timedelta = timedelta(minutes=5)
     max_attempts: int = 5
     max_factors_per_user: int = 20
+    resend_cooldown: timedelta = timedelta(seconds=30)
+    max_sends: int = 5
+    send_window: timedelta = timedelta(minutes=10)
+    change_proof_max_age: timedelta = timedelta(minutes=10)
+    product: str = "Cloud Platform"
+    default_locale: str = "en"
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,7 @@ class EnrollCommand:
     channel: Channel | None = None
     account_name: str = ""
     change_proof_challenge_id: str | None = None
+    locale: str = ""
 
 
 @dataclass(frozen=True)
@@ -123,17 +135,25 @@ def _require_status(factor: Factor, purpose: Purpose) -> None:
             metadata={"factorStatus": factor.status.value})
 
 
+def _nothing() -> None:
+    return None
+
+
 class TwoFactorService:
     def __init__(self, db: Database, registry: FactorRegistry, keyring: Keyring, clock: Clock,
-                 sessions: SessionService, rules: Rules,
-                 new_id: Callable[[], str] = _new_id) -> None:
+                 sessions: SessionService, rules: Rules, notifier: Notifier,
+                 new_id: Callable[[], str] = _new_id,
+                 on_enqueue: Callable[[], None] = _nothing) -> None:
         self._db = db
         self._registry = registry
         self._keyring = keyring
         self._clock = clock
         self._sessions = sessions
         self._rules = rules
+        self._notifier = notifier
         self._new_id = new_id
+        # Wakes the dispatcher once a transaction that queued a message has committed.
+        self._on_enqueue = on_enqueue
 
     # -- Enroll ----------------------------------------------------------------------------
     async def enroll(self, cmd: EnrollCommand, who: AuditContext) -> EnrollResult:
@@ -158,25 +178,89 @@ class TwoFactorService:
             if live >= self._rules.max_factors_per_user:
                 raise FailedPrecondition("the user has too many factors; disable one first",
                                          reason="ERROR_REASON_TOO_MANY_FACTORS")
-            if await tx.factors.active_of_method(cmd.user_id, cmd.method) is not None:
-                raise FailedPrecondition(
-                    "the user already has an active factor of this method; disable it first",
-                    reason="ERROR_REASON_ALREADY_ENROLLED")
+            replaces = await self._replaced_factor(tx, cmd, now)
+            if method.sends_code:
+                await self._check_send_rate(tx, cmd.user_id, cmd.method, None, now)
             # A newer enrolment replaces an unconfirmed one (a QR code scanned earlier and
             # never confirmed must not become usable later).
             await tx.factors.supersede_pending(cmd.user_id, cmd.method, now)
-            await tx.factors.add(FactorRecord(
+            record = FactorRecord(
                 factor=factor, label=material.label, destination=material.destination,
                 secret_ciphertext=material.secret_ciphertext,
-                secret_key_id=material.secret_key_id, last_totp_step=None))
+                secret_key_id=material.secret_key_id, last_totp_step=None,
+                locale=cmd.locale or self._rules.default_locale, replaces_factor_id=replaces)
+            await tx.factors.add(record)
             challenge = await self._open_challenge(
-                tx, method, factor, Purpose.CONFIRM_ENROLLMENT, cmd.application, channel,
+                tx, method, record, Purpose.CONFIRM_ENROLLMENT, cmd.application, channel,
                 None, who, now)
             await audit.record(tx, now, audit.Event.ENROLL, "ok", who, user_id=cmd.user_id,
                                factor_id=factor_id, challenge_id=challenge.challenge_id,
-                               application=cmd.application, detail={"method": cmd.method.value})
+                               application=cmd.application,
+                               detail={"method": cmd.method.value,
+                                       **({"replaces": replaces} if replaces else {})})
+        if method.sends_code:
+            self._on_enqueue()
         return EnrollResult(factor=factor, challenge=challenge, code_length=method.code_length,
                             provisioning=material.provisioning)
+
+    async def _replaced_factor(self, tx: Transaction, cmd: EnrollCommand,
+                               now: datetime) -> str | None:
+        """The ACTIVE factor this enrolment will replace (a phone change), or None.
+
+        One ACTIVE factor per method: a second one is refused, except a new phone number
+        proven by a fresh, unused PURPOSE_CHANGE_PHONE approval on the old one (OWASP
+        "changing factors": the old factor must consent).
+        """
+        active = await tx.factors.active_of_method(cmd.user_id, cmd.method)
+        if active is None:
+            if cmd.change_proof_challenge_id is not None:
+                raise InvalidArgument.single("change_proof_challenge_id",
+                                             "the user has no active phone to change")
+            return None
+        if cmd.method is not Method.PHONE:
+            raise FailedPrecondition(
+                "the user already has an active factor of this method; disable it first",
+                reason="ERROR_REASON_ALREADY_ENROLLED")
+        if cmd.change_proof_challenge_id is None:
+            raise FailedPrecondition(
+                "a phone is already active: verify a PURPOSE_CHANGE_PHONE challenge on it and "
+                "pass its id as change_proof_challenge_id",
+                reason="ERROR_REASON_PHONE_CHANGE_PROOF_REQUIRED")
+        if not await tx.challenges.consume_change_proof(
+                cmd.change_proof_challenge_id, active.factor.factor_id,
+                now - self._rules.change_proof_max_age, now):
+            raise FailedPrecondition(
+                "change_proof_challenge_id must be an approved PURPOSE_CHANGE_PHONE challenge "
+                "on the current phone, from the last 10 minutes, not used before",
+                reason="ERROR_REASON_PHONE_CHANGE_PROOF_REQUIRED")
+        return active.factor.factor_id
+
+    async def _check_send_rate(self, tx: Transaction, user_id: str, method: Method,
+                               factor_id: str | None, now: datetime) -> None:
+        """30 s between codes to one factor; at most N codes per user and method per window.
+
+        Counted from the challenges table inside the transaction that will add the next
+        one, with the factor row locked (PostgreSQL) or the write lock held (SQLite), so
+        parallel requests cannot all see "4 sent" and all send (OWASP, Twilio Verify).
+        The window counts per user and method, not per factor, so re-enrolling a new
+        address cannot be used to send without limit.
+        """
+        rules = self._rules
+        if factor_id is not None and rules.resend_cooldown.total_seconds() > 0:
+            _, _, latest = await tx.challenges.sends_since(
+                now - rules.resend_cooldown, factor_id=factor_id)
+            if latest is not None:
+                wait = (latest + rules.resend_cooldown - now).total_seconds()
+                raise ResourceExhausted(
+                    "a code was sent moments ago; wait before asking for a new one",
+                    retry_after_seconds=wait, reason="ERROR_REASON_RESEND_COOLDOWN")
+        count, earliest, _ = await tx.challenges.sends_since(
+            now - rules.send_window, user_id=user_id, method=method)
+        if count >= rules.max_sends and earliest is not None:
+            wait = (earliest + rules.send_window - now).total_seconds()
+            raise ResourceExhausted(
+                "too many codes were sent; wait before asking for a new one",
+                retry_after_seconds=wait, reason="ERROR_REASON_SEND_RATE_LIMITED")
 
     # -- Challenge -------------------------------------------------------------------------
     async def challenge(self, cmd: ChallengeCommand, who: AuditContext) -> ChallengeResult:
@@ -192,7 +276,7 @@ class TwoFactorService:
     async def _challenge(self, cmd: ChallengeCommand, who: AuditContext) -> ChallengeResult:
         now = self._clock.now()
         async with self._db.transaction() as tx:
-            record = await self._owned_factor(tx, cmd.user_id, cmd.factor_id)
+            record = await self._owned_factor(tx, cmd.user_id, cmd.factor_id, for_update=True)
             method = self._registry.get(record.factor.method)
             if cmd.purpose is Purpose.CHANGE_PHONE and record.factor.method is not Method.PHONE:
                 raise InvalidArgument.single("purpose", "PURPOSE_CHANGE_PHONE needs a phone factor")
@@ -205,18 +289,31 @@ class TwoFactorService:
                         raise FailedPrecondition(
                             "request_id was already used for a different request",
                             reason="ERROR_REASON_REQUEST_ID_REUSED")
-                    return ChallengeResult(existing, record.factor, method.code_length, now)
+                    return ChallengeResult(existing, record.factor, method.code_length,
+                                           self._resend_at(method, existing.created_at))
             _require_status(record.factor, cmd.purpose)
+            if method.sends_code:
+                await self._check_send_rate(tx, cmd.user_id, record.factor.method,
+                                            record.factor.factor_id, now)
             challenge = await self._open_challenge(
-                tx, method, record.factor, cmd.purpose, cmd.application, channel,
+                tx, method, record, cmd.purpose, cmd.application, channel,
                 cmd.request_id, who, now)
-        return ChallengeResult(challenge, record.factor, method.code_length, now)
+        if method.sends_code:
+            self._on_enqueue()
+        return ChallengeResult(challenge, record.factor, method.code_length,
+                               self._resend_at(method, now))
 
-    async def _open_challenge(self, tx: Transaction, method: FactorMethod, factor: Factor,
-                              purpose: Purpose, application: Application, channel: Channel,
-                              request_id: str | None, who: AuditContext,
+    def _resend_at(self, method: FactorMethod, sent_at: datetime) -> datetime:
+        return sent_at + self._rules.resend_cooldown if method.sends_code else sent_at
+
+    async def _open_challenge(self, tx: Transaction, method: FactorMethod,
+                              record: FactorRecord, purpose: Purpose, application: Application,
+                              channel: Channel, request_id: str | None, who: AuditContext,
                               now: datetime) -> Challenge:
-        """Replace the factor's open challenge for ``purpose`` with a new one."""
+        """Replace the factor's open challenge for ``purpose`` with a new one; for a sent
+        code, queue the message in the same transaction (nothing is lost, nothing is sent
+        for a challenge that did not commit)."""
+        factor = record.factor
         challenge_id = self._new_id()
         code = method.new_code()
         code_key_id, code_hash = (hash_code(self._keyring, challenge_id, code)
@@ -229,6 +326,17 @@ class TwoFactorService:
             code_key_id=code_key_id, request_id=request_id)
         await tx.challenges.supersede_open(factor.factor_id, purpose)
         await tx.challenges.add(challenge, who.caller)
+        if code is not None:
+            assert record.destination is not None
+            subject, text = code_message(
+                channel, code=code, purpose=purpose, product=self._rules.product,
+                valid_minutes=max(1, int(self._rules.code_ttl.total_seconds()) // 60),
+                locale=record.locale)
+            await enqueue(tx, self._keyring, Outgoing(
+                kind="code", channel=channel, destination=record.destination,
+                user_id=factor.user_id, subject=subject, text=text,
+                not_after=challenge.expires_at, factor_id=factor.factor_id,
+                challenge_id=challenge_id), now)
         await audit.record(tx, now, audit.Event.CHALLENGE, "ok", who, user_id=factor.user_id,
                            factor_id=factor.factor_id, challenge_id=challenge_id,
                            application=application,
@@ -317,6 +425,7 @@ class TwoFactorService:
             session = await self._sessions.open(tx, record, challenge.application, who, now)
             return VerifyOutcome(VerifyResult.APPROVED, remaining, session=session)
         if challenge.purpose is Purpose.CONFIRM_ENROLLMENT:
+            replaced = await self._retire_replaced(tx, record, now)
             if await tx.factors.active_of_method(factor.user_id, factor.method) is not None:
                 raise FailedPrecondition(
                     "the user already has an active factor of this method; disable it first",
@@ -326,6 +435,15 @@ class TwoFactorService:
                                          reason="ERROR_REASON_FACTOR_STATUS_FORBIDS")
             await audit.record(tx, now, audit.Event.CONFIRM, "ok", who, user_id=factor.user_id,
                                factor_id=factor.factor_id, application=challenge.application)
+            if replaced is not None:
+                await audit.record(tx, now, audit.Event.PHONE_CHANGED, "ok", who,
+                                   user_id=factor.user_id, factor_id=factor.factor_id,
+                                   application=challenge.application,
+                                   detail={"replaced_factor_id": replaced.factor.factor_id})
+                await self._notifier.notify(tx, now, factor.user_id, "phone_changed",
+                                            also=replaced,
+                                            masked_detail=factor.masked_destination)
+                self._on_enqueue()
             active = replace(factor, status=FactorStatus.ACTIVE, confirmed_at=now,
                              last_used_at=now)
             return VerifyOutcome(VerifyResult.APPROVED, remaining, factor=active)
@@ -339,6 +457,19 @@ class TwoFactorService:
         # PURPOSE_CHANGE_PHONE: the approval itself is the proof Enroll(METHOD_PHONE) asks for.
         return VerifyOutcome(VerifyResult.APPROVED, remaining,
                              factor=replace(factor, last_used_at=now))
+
+    @staticmethod
+    async def _retire_replaced(tx: Transaction, record: FactorRecord,
+                               now: datetime) -> FactorRecord | None:
+        """Phone change: disable the old number in the transaction that activates the new
+        one, so the user has exactly one active phone at every instant."""
+        if record.replaces_factor_id is None:
+            return None
+        old = await tx.factors.get(record.replaces_factor_id)
+        if old is None or old.factor.status is not FactorStatus.ACTIVE:
+            return None  # disabled meanwhile: nothing to swap, the new one just activates
+        await tx.factors.disable(old.factor.factor_id, now)
+        return old
 
     @staticmethod
     async def _audit_verify(tx: Transaction, now: datetime, who: AuditContext,
@@ -358,8 +489,9 @@ class TwoFactorService:
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
-    async def _owned_factor(tx: Transaction, user_id: str, factor_id: str) -> FactorRecord:
-        record = await tx.factors.get(factor_id)
+    async def _owned_factor(tx: Transaction, user_id: str, factor_id: str, *,
+                            for_update: bool = False) -> FactorRecord:
+        record = await tx.factors.get(factor_id, for_update=for_update)
         # Another user's factor is "not found": no oracle for which ids exist.
         if record is None or record.factor.user_id != user_id:
             raise FactorNotFound()

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mfa_service.errors import MfaError
 from mfa_service.store.engine import translate
+from mfa_service.store.outbox import OutboxRepository
 from mfa_service.store.repositories import (
     AuditRepository,
     ChallengeRepository,
@@ -28,6 +29,7 @@ class Transaction:
     challenges: ChallengeRepository
     sessions: SessionRepository
     audit: AuditRepository
+    outbox: OutboxRepository
 
 
 class Database:
@@ -46,7 +48,8 @@ class Database:
         try:
             async with self.engine.begin() as conn:
                 yield Transaction(conn, FactorRepository(conn), ChallengeRepository(conn),
-                                  SessionRepository(conn), AuditRepository(conn))
+                                  SessionRepository(conn), AuditRepository(conn),
+                                  OutboxRepository(conn))
         except MfaError:
             raise
         except Exception as exc:

@@ -83,6 +83,11 @@ class FactorRow(Base):
     confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Language of the messages sent for this factor (BCP 47 primary tag, e.g. "en", "da").
+    locale: Mapped[str] = mapped_column(String(16), server_default=text("'en'"))
+    # A new phone factor enrolled through a phone change: the ACTIVE factor it replaces
+    # when confirmed (both swap in one transaction).
+    replaces_factor_id: Mapped[str | None] = mapped_column(ID)
 
     __table_args__ = (
         # At most one ACTIVE factor per method per user, enforced by the database so two
@@ -113,6 +118,8 @@ class ChallengeRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # An approved PURPOSE_CHANGE_PHONE challenge is a one-time proof: set when an Enroll uses it.
+    consumed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (
         # AIP-155 idempotency: one challenge per (factor, request_id); NULLs never collide.
@@ -136,6 +143,39 @@ class SessionRow(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     idle_expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class OutboxRow(Base):
+    """Messages to send, written in the transaction that decided to send them.
+
+    The body is AES-GCM encrypted (it may hold a code) with the row id as associated
+    data, and wiped once the message is sent or dropped. A dispatcher claims due rows
+    for a lease (``claimed_until``/``claim_token``), sends, then settles the row only if
+    its claim still holds, so two processes never send the same row concurrently.
+    """
+
+    __tablename__ = "outbox"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[str] = mapped_column(String(16))  # "code" | "notice"
+    channel: Mapped[str] = mapped_column(String(16))
+    destination: Mapped[str] = mapped_column(String(320))
+    user_id: Mapped[str] = mapped_column(USER_ID)
+    factor_id: Mapped[str | None] = mapped_column(ID)
+    challenge_id: Mapped[str | None] = mapped_column(ID)
+    payload_ciphertext: Mapped[bytes | None] = mapped_column(LargeBinary)
+    payload_key_id: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))  # pending|sent|expired|superseded|failed
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    not_after: Mapped[datetime] = mapped_column(UTCDateTime)  # drop, never send, after this
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    claim_token: Mapped[str | None] = mapped_column(String(36))
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(String(200))
+
+    __table_args__ = (Index("ix_outbox_due", "state", "next_attempt_at"),)
 
 
 class AuditEventRow(Base):
@@ -163,3 +203,4 @@ factors = cast(Table, FactorRow.__table__)
 challenges = cast(Table, ChallengeRow.__table__)
 sessions = cast(Table, SessionRow.__table__)
 audit_events = cast(Table, AuditEventRow.__table__)
+outbox = cast(Table, OutboxRow.__table__)

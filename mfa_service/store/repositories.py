@@ -7,7 +7,7 @@ whose row count is the answer), never by a read followed by a write in Python.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, case, func, insert, or_, select, update
@@ -37,7 +37,8 @@ def _factor(row: Row[Any]) -> FactorRecord:
             created_at=row.created_at, confirmed_at=row.confirmed_at,
             last_used_at=row.last_used_at, disabled_at=row.disabled_at),
         label=row.label, destination=row.destination, secret_ciphertext=row.secret_ciphertext,
-        secret_key_id=row.secret_key_id, last_totp_step=row.last_totp_step)
+        secret_key_id=row.secret_key_id, last_totp_step=row.last_totp_step, locale=row.locale,
+        replaces_factor_id=row.replaces_factor_id)
 
 
 class FactorRepository:
@@ -51,11 +52,17 @@ class FactorRepository:
             label=record.label, masked_destination=f.masked_destination,
             destination=record.destination, secret_ciphertext=record.secret_ciphertext,
             secret_key_id=record.secret_key_id, last_totp_step=record.last_totp_step,
-            created_at=f.created_at))
+            created_at=f.created_at, locale=record.locale,
+            replaces_factor_id=record.replaces_factor_id))
 
-    async def get(self, factor_id: str) -> FactorRecord | None:
-        row = (await self._conn.execute(
-            select(factors).where(factors.c.id == factor_id))).first()
+    async def get(self, factor_id: str, *, for_update: bool = False) -> FactorRecord | None:
+        """The factor; ``for_update`` locks its row (PostgreSQL) until the transaction ends,
+        serialising send-rate decisions per factor. SQLite's BEGIN IMMEDIATE already
+        serialises every writing transaction."""
+        query = select(factors).where(factors.c.id == factor_id)
+        if for_update:
+            query = query.with_for_update()
+        row = (await self._conn.execute(query)).first()
         return _factor(row) if row else None
 
     async def list_for_user(self, user_id: str) -> list[FactorRecord]:
@@ -127,6 +134,16 @@ class FactorRepository:
         return result.rowcount == 1
 
 
+def _aware(value: Any) -> datetime | None:
+    """Aggregates (min/max) bypass the column type on SQLite (text) and PostgreSQL (naive)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    assert isinstance(value, datetime)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def _challenge(row: Row[Any]) -> Challenge:
     return Challenge(
         challenge_id=row.id, user_id=row.user_id, factor_id=row.factor_id,
@@ -134,7 +151,7 @@ def _challenge(row: Row[Any]) -> Challenge:
         channel=Channel(row.channel), state=ChallengeState(row.state), attempts=row.attempts,
         max_attempts=row.max_attempts, created_at=row.created_at, expires_at=row.expires_at,
         code_hash=row.code_hash, code_key_id=row.code_key_id, request_id=row.request_id,
-        approved_at=row.approved_at)
+        approved_at=row.approved_at, consumed_at=row.consumed_at)
 
 
 class ChallengeRepository:
@@ -185,6 +202,39 @@ class ChallengeRepository:
             .returning(*challenges.c))
         row = result.first()
         return _challenge(row) if row else None
+
+    async def sends_since(self, since: datetime, *, factor_id: str | None = None,
+                          user_id: str | None = None, method: Method | None = None,
+                          ) -> tuple[int, datetime | None, datetime | None]:
+        """(codes sent, earliest, latest) since ``since``, for one factor or for all of a
+        user's factors of a method. A challenge with a code hash is one send."""
+        query = select(func.count(), func.min(challenges.c.created_at),
+                       func.max(challenges.c.created_at)).where(
+            challenges.c.code_hash.is_not(None), challenges.c.created_at > since)
+        if factor_id is not None:
+            query = query.where(challenges.c.factor_id == factor_id)
+        if user_id is not None:
+            query = query.where(challenges.c.user_id == user_id)
+        if method is not None:
+            query = query.where(challenges.c.factor_id.in_(
+                select(factors.c.id).where(factors.c.user_id == user_id,
+                                           factors.c.method == method.value)))
+        row = (await self._conn.execute(query)).one()
+        return int(row[0]), _aware(row[1]), _aware(row[2])
+
+    async def consume_change_proof(self, challenge_id: str, old_factor_id: str,
+                                   approved_after: datetime, now: datetime) -> bool:
+        """Use an approved PURPOSE_CHANGE_PHONE challenge as proof, once."""
+        result = await self._conn.execute(
+            update(challenges).where(
+                challenges.c.id == challenge_id,
+                challenges.c.factor_id == old_factor_id,
+                challenges.c.purpose == Purpose.CHANGE_PHONE.value,
+                challenges.c.state == ChallengeState.APPROVED.value,
+                challenges.c.approved_at >= approved_after,
+                challenges.c.consumed_at.is_(None))
+            .values(consumed_at=now))
+        return result.rowcount == 1
 
     async def close(self, challenge_id: str, state: ChallengeState, now: datetime) -> bool:
         """OPEN -> ``state``; False when another request closed it first (single use)."""

@@ -87,15 +87,18 @@ class _Checker:
         if self.violations:
             raise InvalidArgument(self.violations)
 
-    def text(self, field: str, value: str, *, max_len: int, required: bool) -> str:
+    def text(self, field: str, value: str, *, max_len: int, required: bool,
+             trim_ok: bool = False) -> str:
         if not value:
             if required:
                 self.bad(field, "is required")
             return ""
         if len(value) > max_len:
             self.bad(field, f"must be at most {max_len} characters")
-        elif not value.isprintable() or value != value.strip():
-            self.bad(field, "must be printable, without leading or trailing spaces")
+        elif not value.isprintable():
+            self.bad(field, "must be printable")
+        elif value != value.strip() and not trim_ok:
+            self.bad(field, "must not have leading or trailing spaces")
         return value
 
     def user_id(self, value: str, field: str = "user_id") -> str:
@@ -189,7 +192,8 @@ def challenge_command(req: pb.ChallengeRequest) -> ChallengeCommand:
 def verify_args(req: pb.VerifyRequest) -> tuple[str, str]:
     c = _Checker()
     challenge_id = c.resource_id("challenge_id", req.challenge_id)
-    code = c.text("code", req.code, max_len=MAX_CODE, required=True)
+    # Spaces are what people type around and inside codes; the factor module drops them.
+    code = c.text("code", req.code, max_len=MAX_CODE, required=True, trim_ok=True)
     c.audit_fields(req.client_ip, req.user_agent)
     c.done()
     return challenge_id, code
@@ -200,7 +204,7 @@ def disable_args(req: pb.DisableRequest) -> tuple[str, str, str, str]:
     user_id = c.user_id(req.user_id)
     factor_id = c.resource_id("factor_id", req.factor_id)
     challenge_id = c.resource_id("challenge_id", req.challenge_id)
-    code = c.text("code", req.code, max_len=MAX_CODE, required=True)
+    code = c.text("code", req.code, max_len=MAX_CODE, required=True, trim_ok=True)
     c.audit_fields(req.client_ip, req.user_agent)
     c.done()
     return user_id, factor_id, challenge_id, code

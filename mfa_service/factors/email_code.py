@@ -1,0 +1,62 @@
+"""METHOD_EMAIL: a code mailed to a verified address."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from email_validator import EmailNotValidError, validate_email
+
+from mfa_service.domain import Challenge, Channel, FactorRecord, Method
+from mfa_service.errors import InvalidArgument
+from mfa_service.factors.base import EnrollInput, EnrollmentMaterial, Match
+from mfa_service.factors.sent_code import SentCode
+
+
+def mask_email(address: str) -> str:
+    """``jane@example.com`` -> ``j•••@example.com`` (enough to recognise, not to harvest)."""
+    local, _, domain = address.rpartition("@")
+    return f"{local[:1]}•••@{domain}"
+
+
+def normalise_email(raw: str) -> str:
+    """Syntax check and normalisation (no DNS lookup: the service may not reach the internet)."""
+    if not raw:
+        raise InvalidArgument.single("email", "is required for METHOD_EMAIL")
+    try:
+        result = validate_email(raw, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise InvalidArgument.single("email", f"is not a valid address: {exc}") from None
+    return str(result.normalized)
+
+
+class EmailCode:
+    method = Method.EMAIL
+    sends_code = True
+
+    def __init__(self, codes: SentCode) -> None:
+        self._codes = codes
+
+    @property
+    def code_length(self) -> int:
+        return self._codes.length
+
+    def channel_for(self, requested: Channel | None) -> Channel:
+        if requested not in (None, Channel.EMAIL):
+            raise InvalidArgument.single("channel", "must be unset or CHANNEL_EMAIL for "
+                                                    "METHOD_EMAIL")
+        return Channel.EMAIL
+
+    def begin_enrollment(self, request: EnrollInput) -> EnrollmentMaterial:
+        address = normalise_email(request.email)
+        return EnrollmentMaterial(label=address, masked_destination=mask_email(address),
+                                  destination=address)
+
+    def parse_code(self, raw: str) -> str:
+        return self._codes.parse(raw)
+
+    def new_code(self) -> str | None:
+        return self._codes.new()
+
+    def match(self, record: FactorRecord, challenge: Challenge, code: str,
+              now: datetime) -> Match:
+        return self._codes.match(record, challenge, code, now)

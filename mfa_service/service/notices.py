@@ -1,0 +1,44 @@
+"""Security notices: telling the user, out of band, that their second factor changed.
+
+Notices go through the same durable outbox as codes. They carry no code, so they are
+sent even to a factor that was just replaced (the old phone learns it was replaced: a
+user who did not ask for that can react).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from mfa_service.crypto import Keyring
+from mfa_service.delivery.outbox import enqueue
+from mfa_service.delivery.templates import notice_message
+from mfa_service.domain import Channel, FactorRecord, Method, Outgoing
+from mfa_service.store.database import Transaction
+
+
+class Notifier:
+    def __init__(self, keyring: Keyring, product: str, ttl: timedelta) -> None:
+        self._keyring = keyring
+        self._product = product
+        self._ttl = ttl
+
+    async def notify(self, tx: Transaction, now: datetime, user_id: str, kind: str, *,
+                     also: FactorRecord | None = None, masked_detail: str = "") -> int:
+        """Queue ``kind`` to the user's active email (if any) and to ``also``; returns count."""
+        targets: list[FactorRecord] = []
+        email = await tx.factors.active_of_method(user_id, Method.EMAIL)
+        if email is not None:
+            targets.append(email)
+        if also is not None and also.destination and all(
+                t.factor.factor_id != also.factor.factor_id for t in targets):
+            targets.append(also)
+        for target in targets:
+            channel = Channel.EMAIL if target.factor.method is Method.EMAIL else Channel.SMS
+            subject, text = notice_message(channel, kind=kind, product=self._product,
+                                           locale=target.locale, masked_detail=masked_detail)
+            assert target.destination is not None
+            await enqueue(tx, self._keyring, Outgoing(
+                kind="notice", channel=channel, destination=target.destination,
+                user_id=user_id, subject=subject, text=text, not_after=now + self._ttl,
+                factor_id=target.factor.factor_id), now)
+        return len(targets)

@@ -1,0 +1,130 @@
+"""The outbox: durable messages, claimed for a lease, settled only by their claimant."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mfa_service.domain import Channel
+from mfa_service.store.models import challenges, outbox
+
+PENDING, SENT, EXPIRED, SUPERSEDED, FAILED = "pending", "sent", "expired", "superseded", "failed"
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """A claimed row, ready to decrypt and send."""
+
+    message_id: str
+    kind: str
+    channel: Channel
+    destination: str
+    payload_ciphertext: bytes | None
+    payload_key_id: str | None
+    attempts: int
+    not_after: datetime
+    challenge_id: str | None
+    challenge_open: bool
+    claim_token: str
+
+
+class OutboxRepository:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def add(self, *, message_id: str, now: datetime, kind: str, channel: Channel,
+                  destination: str, user_id: str, factor_id: str | None,
+                  challenge_id: str | None, payload_ciphertext: bytes, payload_key_id: str,
+                  not_after: datetime) -> None:
+        await self._conn.execute(insert(outbox).values(
+            id=message_id, created_at=now, kind=kind, channel=channel.value,
+            destination=destination, user_id=user_id, factor_id=factor_id,
+            challenge_id=challenge_id, payload_ciphertext=payload_ciphertext,
+            payload_key_id=payload_key_id, state=PENDING, attempts=0, next_attempt_at=now,
+            not_after=not_after))
+
+    async def claim_due(self, now: datetime, lease: timedelta, limit: int) -> list[OutboxMessage]:
+        """Claim up to ``limit`` due messages for ``lease``.
+
+        PostgreSQL: ``FOR UPDATE SKIP LOCKED`` lets several dispatchers claim disjoint rows
+        without waiting on each other. SQLite: the writing transaction (BEGIN IMMEDIATE)
+        already excludes every other claimant. A claim whose lease ran out (its process
+        died mid-send) is due again.
+        """
+        due = (select(outbox.c.id).where(
+            outbox.c.state == PENDING, outbox.c.next_attempt_at <= now,
+            or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until <= now))
+            .order_by(outbox.c.next_attempt_at).limit(limit)
+            .with_for_update(skip_locked=True))
+        ids = list((await self._conn.execute(due)).scalars())
+        if not ids:
+            return []
+        token = str(uuid.uuid4())
+        await self._conn.execute(
+            update(outbox).where(outbox.c.id.in_(ids))
+            .values(claimed_until=now + lease, claim_token=token,
+                    attempts=outbox.c.attempts + 1))
+        rows = await self._conn.execute(
+            select(outbox, challenges.c.state.label("challenge_state"))
+            .select_from(outbox.outerjoin(challenges, challenges.c.id == outbox.c.challenge_id))
+            .where(outbox.c.id.in_(ids)))
+        return [_message(r, token) for r in rows]
+
+    async def settle(self, message_id: str, claim_token: str, state: str, now: datetime,
+                     error: str | None = None) -> bool:
+        """Finish a claimed message (sent or dropped) and wipe its body."""
+        values: dict[str, Any] = {"state": state, "claimed_until": None, "claim_token": None,
+                                  "payload_ciphertext": None, "last_error": error}
+        if state == SENT:
+            values["sent_at"] = now
+        result = await self._conn.execute(
+            update(outbox).where(outbox.c.id == message_id, outbox.c.claim_token == claim_token,
+                                 outbox.c.state == PENDING)
+            .values(**values))
+        return result.rowcount == 1
+
+    async def retry_later(self, message_id: str, claim_token: str, when: datetime,
+                          error: str) -> bool:
+        result = await self._conn.execute(
+            update(outbox).where(outbox.c.id == message_id, outbox.c.claim_token == claim_token,
+                                 outbox.c.state == PENDING)
+            .values(next_attempt_at=when, claimed_until=None, claim_token=None,
+                    last_error=error[:200]))
+        return result.rowcount == 1
+
+    async def next_due(self) -> datetime | None:
+        """When the earliest pending message becomes due (for the dispatcher's sleep)."""
+        value: Any = await self._conn.scalar(
+            select(func.min(outbox.c.next_attempt_at)).where(outbox.c.state == PENDING))
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._conn.execute(
+            select(outbox.c.state, func.count()).group_by(outbox.c.state))
+        return {state: int(n) for state, n in rows}
+
+    async def pending_for(self, user_id: str) -> int:
+        value = await self._conn.scalar(select(func.count()).select_from(outbox).where(
+            and_(outbox.c.user_id == user_id, outbox.c.state == PENDING)))
+        return int(value or 0)
+
+
+def _message(row: Row[Any], token: str) -> OutboxMessage:
+    return OutboxMessage(
+        message_id=row.id, kind=row.kind, channel=Channel(row.channel),
+        destination=row.destination, payload_ciphertext=row.payload_ciphertext,
+        payload_key_id=row.payload_key_id, attempts=row.attempts, not_after=row.not_after,
+        challenge_id=row.challenge_id,
+        challenge_open=row.challenge_id is None or row.challenge_state == "open",
+        claim_token=token)
