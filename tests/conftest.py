@@ -116,6 +116,9 @@ def make_settings(database_url: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "database_url": database_url, "listen_addr": "127.0.0.1:0", "keyring": TEST_KEYRING,
         "health_probe_seconds": 0.2, "shutdown_grace_seconds": 0.5, "log_format": "text",
+        # The shared server only queues messages; delivery tests run their own dispatchers
+        # against real SMTP/HTTP servers.
+        "outbox_dispatcher": False,
     }
     values.update(overrides)
     return Settings.model_validate(values)
