@@ -36,6 +36,7 @@ from mfa_service.domain import Channel
 from mfa_service.errors import ConfigurationError, StoreError
 from mfa_service.factors.email_code import EmailCode
 from mfa_service.factors.phone_code import PhoneCode
+from mfa_service.factors.recovery import RecoveryCodes
 from mfa_service.factors.registry import FactorRegistry
 from mfa_service.factors.sent_code import SentCode
 from mfa_service.factors.totp import AuthenticatorApp
@@ -47,6 +48,7 @@ from mfa_service.store import migrate
 from mfa_service.store.database import Database
 from mfa_service.store.engine import create_engine, database_url
 from mfa_service.telemetry import configure_tracing, server_interceptor
+from mfa_service.transport.auth import CallerRegistry
 from mfa_service.transport.interceptors import ServiceInterceptor
 from mfa_service.transport.servicer import TwoFactorServicer
 
@@ -222,13 +224,17 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
     clock = clock or SystemClock()
     configure_tracing(settings.otel_exporter)
     credentials = _server_credentials(settings)
-    if credentials is None:
-        if settings.env is Environment.PRODUCTION:
-            raise ConfigurationError("MFA_ENV=production needs TLS: set MFA_TLS_CERT_FILE "
-                                     "and MFA_TLS_KEY_FILE")
-        if not _is_loopback(settings.listen_addr):
-            log.warning("plaintext gRPC on a non-loopback address: development only",
-                        extra={"listen_addr": settings.listen_addr})
+    callers = (CallerRegistry.from_file(settings.callers_file)
+               if settings.callers_file is not None else None)
+    if settings.env is Environment.PRODUCTION and (credentials is None or callers is None):
+        raise ConfigurationError(  # pragma: no cover - Settings refuses it first
+            "MFA_ENV=production needs TLS and a callers file")
+    if callers is None and not _is_loopback(settings.listen_addr):
+        raise ConfigurationError(
+            "without caller authentication (MFA_CALLERS_FILE) the server listens on "
+            f"loopback only; {settings.listen_addr} is not loopback")
+    if callers is None:
+        log.warning("no caller authentication: development mode on loopback only")
     keyring = keyring or load_keyring(settings)
 
     password = settings.database_password.get_secret_value() if settings.database_password \
@@ -252,6 +258,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         AuthenticatorApp(keyring, settings.totp_issuer, settings.totp_window),
         EmailCode(codes),
         PhoneCode(codes),
+        RecoveryCodes(keyring),
     ])
     senders = build_senders(settings)
     dispatcher = Dispatcher(
@@ -276,7 +283,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         on_enqueue=dispatcher.wake)
 
     server = aio.server(
-        interceptors=[server_interceptor(), ServiceInterceptor()],
+        interceptors=[server_interceptor(), ServiceInterceptor(callers)],
         options=[
             # On by default on Linux: a second server on the same port would silently
             # share it. Several workers on one port are opt-in, not an accident.

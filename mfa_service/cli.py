@@ -1,4 +1,5 @@
-"""Entry points: ``mfa-service serve | migrate | health | keys generate``."""
+"""Entry points: ``mfa-service serve | migrate | health | keys generate`` (and the operator
+commands of cli_admin: ``keys rotate | keys status | admin reset-user | audit``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 
 from pydantic import ValidationError
 
+from mfa_service import cli_admin
 from mfa_service.crypto import Keyring
 from mfa_service.errors import ConfigurationError, StoreError
 from mfa_service.logs import configure_logging
@@ -87,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     gen = keys_sub.add_parser("generate", help="print a new keyring entry for MFA_KEYRING")
     gen.add_argument("--id", default="k1", help="key id (letters, digits, '-')")
+    cli_admin.register(sub, keys_sub)
     args = parser.parse_args(argv)
 
+    if (code := cli_admin.dispatch(args)) is not None:
+        return code
     if args.command == "keys":
         print(Keyring.generate_entry(args.id))
         return 0

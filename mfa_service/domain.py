@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
+
+from mfa_service.errors import PermissionDenied
 
 
 class Method(StrEnum):
@@ -62,11 +65,12 @@ class VerifyResult(StrEnum):
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling this service (a backend, not the end user)."""
+    """Who is calling this service (a backend, not the end user), and what it may do."""
 
     name: str
     applications: frozenset[Application] = field(
         default_factory=lambda: frozenset(Application))
+    audit_reader: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,9 +156,38 @@ class Outgoing:
 
 
 @dataclass(frozen=True)
+class AuditEvent:
+    """One row of the audit trail, as read back."""
+
+    event_id: int
+    occurred_at: datetime
+    event: str
+    outcome: str
+    user_id: str | None
+    factor_id: str | None
+    challenge_id: str | None
+    session_id: str | None
+    caller: str
+    application: str | None
+    client_ip: str | None
+    user_agent: str | None
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class AuditContext:
-    """Who did it and from where, for the audit trail (never a secret)."""
+    """Who did it and from where (for the audit trail, never a secret), and what that
+    caller may do."""
 
     caller: str
     client_ip: str = ""
     user_agent: str = ""
+    applications: frozenset[Application] = frozenset(Application)
+    audit_reader: bool = False
+
+    def authorize(self, application: Application) -> None:
+        """PermissionDenied unless this caller may act for ``application``."""
+        if application not in self.applications:
+            raise PermissionDenied(
+                f"this caller may not act for the {application.value} application",
+                metadata={"application": application.value})

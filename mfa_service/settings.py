@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
 
+    # Callers: a TOML file naming each backend, its bearer-token hashes and/or certificate
+    # names, and the applications it may act for (see mfa_service/transport/auth.py).
+    callers_file: Path | None = None
+
     # Authenticator app (RFC 6238 defaults: SHA1, 6 digits, 30 s; +-1 step of clock drift).
     totp_issuer: str = Field(default="Cloud Platform", min_length=1, max_length=64)
     totp_window: int = Field(default=1, ge=0, le=1)
@@ -122,6 +126,12 @@ class Settings(BaseSettings):
     def _check_consistency(self) -> Settings:
         problems: list[str] = []
         if self.env is Environment.PRODUCTION:
+            if self.tls_cert_file is None or self.tls_key_file is None:
+                problems.append("MFA_TLS_CERT_FILE and MFA_TLS_KEY_FILE are required when "
+                                "MFA_ENV=production (no plaintext gRPC)")
+            if self.callers_file is None:
+                problems.append("MFA_CALLERS_FILE is required when MFA_ENV=production "
+                                "(caller authentication)")
             if self.keyring is None:
                 problems.append("MFA_KEYRING is required when MFA_ENV=production "
                                 "(generate one with `mfa-service keys generate`)")

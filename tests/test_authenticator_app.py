@@ -76,10 +76,16 @@ async def test_confirming_with_a_current_code_activates_the_factor(
     assert ok.factor.status == pb.FACTOR_STATUS_ACTIVE
     assert ok.factor.HasField("confirmed_at")
     assert not ok.HasField("session")
+    # The first active factor comes with 10 recovery codes, shown once.
+    assert len(ok.recovery_codes) == 10
+    assert len(set(ok.recovery_codes)) == 10
 
     listed = await stub.ListFactors(pb.ListFactorsRequest(user_id=user_id))
-    assert [(f.factor_id, f.status) for f in listed.factors] == [
-        (resp.factor.factor_id, pb.FACTOR_STATUS_ACTIVE)]
+    assert [(f.factor_id, f.method, f.status) for f in listed.factors][0] == (
+        resp.factor.factor_id, pb.METHOD_AUTHENTICATOR_APP, pb.FACTOR_STATUS_ACTIVE)
+    assert [(f.method, f.status) for f in listed.factors][1:] == [
+        (pb.METHOD_RECOVERY_CODE, pb.FACTOR_STATUS_ACTIVE)]
+    assert listed.recovery_codes_remaining == 10
 
 
 async def test_spaces_in_a_typed_code_are_ignored(
@@ -185,6 +191,14 @@ async def test_five_wrong_codes_end_the_challenge(
     assert seen == [(pb.VERIFY_RESULT_INVALID_CODE, 4), (pb.VERIFY_RESULT_INVALID_CODE, 3),
                     (pb.VERIFY_RESULT_INVALID_CODE, 2), (pb.VERIFY_RESULT_INVALID_CODE, 1),
                     (pb.VERIFY_RESULT_MAX_ATTEMPTS_REACHED, 0)]
+    # Five consecutive failures also lock the user out for a minute (all challenges)...
+    with pytest.raises(aio.AioRpcError) as err:
+        await stub.Verify(pb.VerifyRequest(challenge_id=ch.challenge_id, code=right))
+    e = rich_error(err.value)
+    assert (e.code, e.reason, e.retry_seconds) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED, "ERROR_REASON_USER_LOCKED_OUT", 60)
+    fresh_clock.advance(60)
+    # ...and the challenge itself stays closed for good.
     after = await stub.Verify(pb.VerifyRequest(challenge_id=ch.challenge_id, code=right))
     assert (after.result, after.attempts_remaining) == (pb.VERIFY_RESULT_MAX_ATTEMPTS_REACHED, 0)
     assert not after.HasField("session")
@@ -312,8 +326,12 @@ async def test_disable_needs_a_current_code_from_the_app(
     assert done.result == pb.VERIFY_RESULT_APPROVED
     assert done.factor.status == pb.FACTOR_STATUS_DISABLED
     listed = await stub.ListFactors(pb.ListFactorsRequest(user_id=user_id))
-    assert [f.status for f in listed.factors] == [pb.FACTOR_STATUS_DISABLED]
+    # The last real factor took the recovery codes with it: 2FA is off.
+    assert [(f.method, f.status) for f in listed.factors] == [
+        (pb.METHOD_AUTHENTICATOR_APP, pb.FACTOR_STATUS_DISABLED),
+        (pb.METHOD_RECOVERY_CODE, pb.FACTOR_STATUS_DISABLED)]
     assert listed.factors[0].HasField("disabled_at")
+    assert listed.recovery_codes_remaining == 0
 
     # The secret is gone from the database (crypto-shredded), and the factor is dead.
     async with app.database.engine.connect() as conn:
@@ -453,8 +471,13 @@ async def test_concurrent_wrong_guesses_never_exceed_the_limit(
     right = totp_at(factor.secret, fresh_clock)
     wrongs = [f"{(int(right) + i) % 1_000_000:06d}" for i in range(1, 21)]
     results = await asyncio.gather(*[
-        stub.Verify(pb.VerifyRequest(challenge_id=ch.challenge_id, code=w)) for w in wrongs])
-    counted = [r for r in results if r.result == pb.VERIFY_RESULT_INVALID_CODE]
-    assert len(counted) == 4
-    assert sum(r.result == pb.VERIFY_RESULT_MAX_ATTEMPTS_REACHED for r in results) == 16
+        stub.Verify(pb.VerifyRequest(challenge_id=ch.challenge_id, code=w)) for w in wrongs],
+        return_exceptions=True)
+    answers = [r for r in results if isinstance(r, pb.VerifyResponse)]
+    refused = [rich_error(r).reason for r in results if isinstance(r, aio.AioRpcError)]
+    counted = [r for r in answers if r.result == pb.VERIFY_RESULT_INVALID_CODE]
     assert sorted(r.attempts_remaining for r in counted) == [1, 2, 3, 4]
+    assert [r.result for r in answers if r not in counted] == [
+        pb.VERIFY_RESULT_MAX_ATTEMPTS_REACHED]
+    # The fifth failure locked the user: every other guess was refused outright.
+    assert refused == ["ERROR_REASON_USER_LOCKED_OUT"] * 15

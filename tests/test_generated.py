@@ -46,5 +46,5 @@ def test_generated_stubs_are_importable_as_documented() -> None:
     service = two_factor_service_pb2.DESCRIPTOR.services_by_name["TwoFactorService"]
     assert [m.name for m in service.methods] == [
         "Enroll", "Challenge", "Verify", "Disable", "CheckSession", "ListFactors",
-        "RevokeSession"]
+        "RevokeSession", "RegenerateRecoveryCodes", "ListAuditEvents"]
     assert hasattr(two_factor_service_pb2_grpc, "TwoFactorServiceStub")

@@ -18,7 +18,7 @@ from tests.conftest import REPO
 
 SERVICE = "mfa.v1.TwoFactorService"
 RPCS = {"Enroll", "Challenge", "Verify", "Disable", "CheckSession", "ListFactors",
-        "RevokeSession"}
+        "RevokeSession", "RegenerateRecoveryCodes", "ListAuditEvents"}
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 REFLECTION_V1ALPHA = "grpc.reflection.v1alpha.ServerReflection"
 

@@ -51,10 +51,16 @@ class EnrollmentMaterial:
 
 @dataclass(frozen=True)
 class Match:
-    """The outcome of comparing a code. ``totp_step`` is the RFC 6238 time step matched."""
+    """The outcome of comparing a code, before the database has its say.
+
+    ``totp_step``: the RFC 6238 step matched (the store refuses it if not newer than the
+    last one). ``recovery_candidates``: HMACs a recovery code may be stored under (the
+    store consumes one, once).
+    """
 
     ok: bool
     totp_step: int | None = None
+    recovery_candidates: tuple[bytes, ...] | None = None
 
 
 class FactorMethod(Protocol):

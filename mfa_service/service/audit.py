@@ -17,8 +17,13 @@ class Event(StrEnum):
     VERIFY = "verify"
     DISABLE = "factor_disabled"
     PHONE_CHANGED = "phone_changed"
+    LOCKOUT = "lockout"
+    RECOVERY_CODE_USED = "recovery_code_used"
+    RECOVERY_CODES_ISSUED = "recovery_codes_issued"
     SESSION_CREATED = "session_created"
     SESSION_REVOKED = "session_revoked"
+    ADMIN_RESET = "admin_reset"  # an operator reset a user's second factor (admin-cli)
+    KEYS_ROTATED = "keys_rotated"  # stored secrets re-encrypted under the primary key
 
 
 async def record(tx: Transaction, now: datetime, event: Event, outcome: str, who: AuditContext,

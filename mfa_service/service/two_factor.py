@@ -19,6 +19,7 @@ from mfa_service.delivery.templates import code_message
 from mfa_service.domain import (
     Application,
     AuditContext,
+    AuditEvent,
     Challenge,
     ChallengeState,
     Channel,
@@ -36,16 +37,21 @@ from mfa_service.errors import (
     FactorNotFound,
     FailedPrecondition,
     InvalidArgument,
+    PermissionDenied,
     ResourceExhausted,
     StoreConflict,
 )
 from mfa_service.factors.base import EnrollInput, FactorMethod, Provisioning
 from mfa_service.factors.codes import hash_code
+from mfa_service.factors.recovery import generate_codes as generate_recovery_codes
+from mfa_service.factors.recovery import hash_codes as hash_recovery_codes
 from mfa_service.factors.registry import FactorRegistry
 from mfa_service.service import audit
+from mfa_service.service.limits import LockoutPolicy
 from mfa_service.service.notices import Notifier
 from mfa_service.service.sessions import SessionService
 from mfa_service.store.database import Database, Transaction
+from mfa_service.store.security import LockoutState
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class Rules:
     change_proof_max_age: timedelta = timedelta(minutes=10)
     product: str = "Cloud Platform"
     default_locale: str = "en"
+    recent_session: timedelta = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,7 @@ class VerifyOutcome:
     session: NewSession | None = None
     factor: Factor | None = None
     recovery_codes: tuple[str, ...] = ()
+    enqueued: bool = False  # a message was queued: wake the dispatcher after commit
 
 
 def _new_id() -> str:
@@ -143,7 +151,8 @@ class TwoFactorService:
     def __init__(self, db: Database, registry: FactorRegistry, keyring: Keyring, clock: Clock,
                  sessions: SessionService, rules: Rules, notifier: Notifier,
                  new_id: Callable[[], str] = _new_id,
-                 on_enqueue: Callable[[], None] = _nothing) -> None:
+                 on_enqueue: Callable[[], None] = _nothing,
+                 lockout: LockoutPolicy | None = None) -> None:
         self._db = db
         self._registry = registry
         self._keyring = keyring
@@ -154,9 +163,11 @@ class TwoFactorService:
         self._new_id = new_id
         # Wakes the dispatcher once a transaction that queued a message has committed.
         self._on_enqueue = on_enqueue
+        self._lockout = lockout or LockoutPolicy()
 
     # -- Enroll ----------------------------------------------------------------------------
     async def enroll(self, cmd: EnrollCommand, who: AuditContext) -> EnrollResult:
+        who.authorize(cmd.application)
         if cmd.method is Method.RECOVERY_CODE:
             raise InvalidArgument.single(
                 "method", "recovery codes are issued with the first active factor, not enrolled")
@@ -264,6 +275,7 @@ class TwoFactorService:
 
     # -- Challenge -------------------------------------------------------------------------
     async def challenge(self, cmd: ChallengeCommand, who: AuditContext) -> ChallengeResult:
+        who.authorize(cmd.application)
         try:
             return await self._challenge(cmd, who)
         except StoreConflict:
@@ -292,6 +304,8 @@ class TwoFactorService:
                     return ChallengeResult(existing, record.factor, method.code_length,
                                            self._resend_at(method, existing.created_at))
             _require_status(record.factor, cmd.purpose)
+            # A locked-out user gets no new codes either (no SMS bombing through lockout).
+            self._refuse_if_locked(await tx.lockouts.peek(cmd.user_id), now)
             if method.sends_code:
                 await self._check_send_rate(tx, cmd.user_id, record.factor.method,
                                             record.factor.factor_id, now)
@@ -356,26 +370,26 @@ class TwoFactorService:
     async def _verify(self, challenge_id: str, raw_code: str, who: AuditContext,
                       expect: tuple[str, str, Purpose] | None) -> VerifyOutcome:
         now = self._clock.now()
+        enqueued = False
         async with self._db.transaction() as tx:
             challenge = await tx.challenges.get(challenge_id)
             if challenge is None:
                 raise ChallengeNotFound()
-            if expect is not None:
-                user_id, factor_id, purpose = expect
-                await self._owned_factor(tx, user_id, factor_id)
-                if challenge.user_id != user_id:
-                    raise ChallengeNotFound()
-                if challenge.factor_id != factor_id or challenge.purpose is not purpose:
-                    raise FailedPrecondition(
-                        "the challenge was not opened to disable this factor",
-                        reason="ERROR_REASON_CHALLENGE_MISMATCH")
+            target: FactorRecord | None = None
             record = await tx.factors.get(challenge.factor_id)
             if record is None:  # pragma: no cover - the foreign key forbids it
                 raise ChallengeNotFound()
+            if expect is not None:
+                target = await self._disable_target(tx, challenge, record, expect)
+            who.authorize(challenge.application)
             method = self._registry.get(record.factor.method)
             code = method.parse_code(raw_code)  # malformed input is not a guess
             if challenge.state is ChallengeState.OPEN and challenge.expires_at > now:
                 _require_status(record.factor, challenge.purpose)
+
+            # Serialise this user's verifications on the lockout row, then refuse early.
+            lockout = await tx.lockouts.lock(challenge.user_id)
+            self._refuse_if_locked(lockout, now)
 
             counted = await tx.challenges.count_attempt(challenge_id, now)
             if counted is None:
@@ -389,6 +403,8 @@ class TwoFactorService:
                 # RFC 6238 5.2: the same (or an older) step is a replay, decided atomically.
                 ok = await tx.factors.accept_totp_step(record.factor.factor_id,
                                                        match.totp_step, now)
+            if ok and match.recovery_candidates is not None:
+                ok = await tx.recovery.consume(counted.user_id, match.recovery_candidates, now)
             remaining = counted.max_attempts - counted.attempts
             if not ok:
                 result = VerifyResult.INVALID_CODE
@@ -396,11 +412,70 @@ class TwoFactorService:
                     await tx.challenges.close(challenge_id, ChallengeState.EXHAUSTED, now)
                     result = VerifyResult.MAX_ATTEMPTS_REACHED
                 await self._audit_verify(tx, now, who, counted, result)
-                return VerifyOutcome(result, remaining)
-            if not await tx.challenges.close(challenge_id, ChallengeState.APPROVED, now):
+                enqueued = await self._count_failure(tx, lockout, counted, who, now)
+                outcome = VerifyOutcome(result, remaining)
+            elif not await tx.challenges.close(challenge_id, ChallengeState.APPROVED, now):
                 return VerifyOutcome(VerifyResult.ALREADY_USED, remaining)  # pragma: no cover
-            await self._audit_verify(tx, now, who, counted, VerifyResult.APPROVED)
-            return await self._fulfil(tx, counted, record, remaining, who, now)
+            else:
+                await tx.lockouts.save(counted.user_id, self._lockout.after_success())
+                await self._audit_verify(tx, now, who, counted, VerifyResult.APPROVED)
+                outcome = await self._fulfil(tx, counted, record, target or record, remaining,
+                                             who, now)
+                enqueued = outcome.enqueued
+        if enqueued:
+            self._on_enqueue()
+        return outcome
+
+    async def _disable_target(self, tx: Transaction, challenge: Challenge, record: FactorRecord,
+                              expect: tuple[str, str, Purpose]) -> FactorRecord:
+        """The factor a Disable call may switch off with this challenge.
+
+        The challenge must be a PURPOSE_DISABLE challenge of the same user, on the factor
+        itself or on the user's recovery codes (a lost phone is disabled with a recovery
+        code). Another user's challenge is "not found", never a hint.
+        """
+        user_id, factor_id, purpose = expect
+        target = await self._owned_factor(tx, user_id, factor_id)
+        if challenge.user_id != user_id:
+            raise ChallengeNotFound()
+        by_recovery = record.factor.method is Method.RECOVERY_CODE
+        if challenge.purpose is not purpose or (challenge.factor_id != factor_id
+                                                and not by_recovery):
+            raise FailedPrecondition("the challenge was not opened to disable this factor",
+                                     reason="ERROR_REASON_CHALLENGE_MISMATCH")
+        if target.factor.method is Method.RECOVERY_CODE:
+            raise FailedPrecondition(
+                "recovery codes are removed with the user's last factor, not on their own",
+                reason="ERROR_REASON_FACTOR_STATUS_FORBIDS")
+        return target
+
+    def _refuse_if_locked(self, state: LockoutState | None, now: datetime) -> None:
+        wait = self._lockout.refusal(state, now)
+        if wait is None:
+            return
+        if wait == 0:
+            raise FailedPrecondition(
+                "too many failed verifications: an administrator must unlock this user",
+                reason="ERROR_REASON_ADMIN_RESET_REQUIRED")
+        raise ResourceExhausted("too many failed verifications; wait before trying again",
+                                retry_after_seconds=wait, reason="ERROR_REASON_USER_LOCKED_OUT")
+
+    async def _count_failure(self, tx: Transaction, state: LockoutState, challenge: Challenge,
+                             who: AuditContext, now: datetime) -> bool:
+        """Count a wrong code against the user; returns whether a notice was queued."""
+        new_state, locked = self._lockout.after_failure(state, now)
+        await tx.lockouts.save(challenge.user_id, new_state)
+        if not locked:
+            return False
+        detail: dict[str, str | int] = {"failures": new_state.consecutive_failures}
+        if new_state.locked_until is not None:
+            detail["locked_until"] = new_state.locked_until.isoformat()
+        if new_state.admin_reset_required:
+            detail["admin_reset_required"] = 1
+        await audit.record(tx, now, audit.Event.LOCKOUT, "ok", who, user_id=challenge.user_id,
+                           factor_id=challenge.factor_id, application=challenge.application,
+                           detail=detail)
+        return await self._notifier.notify(tx, now, challenge.user_id, "account_locked") > 0
 
     async def _closed_outcome(self, tx: Transaction, challenge_id: str,
                               now: datetime) -> VerifyOutcome:
@@ -414,49 +489,159 @@ class TwoFactorService:
         return VerifyOutcome(VerifyResult.EXPIRED, current.max_attempts - current.attempts)
 
     async def _fulfil(self, tx: Transaction, challenge: Challenge, record: FactorRecord,
-                      remaining: int, who: AuditContext, now: datetime) -> VerifyOutcome:
+                      target: FactorRecord, remaining: int, who: AuditContext,
+                      now: datetime) -> VerifyOutcome:
         """Carry out an approved challenge's purpose, in the same transaction."""
         factor = record.factor
+        user_id = factor.user_id
         if challenge.purpose is not Purpose.CONFIRM_ENROLLMENT and not (
                 await tx.factors.touch_active(factor.factor_id, now)):
             raise FailedPrecondition("the factor is disabled",
                                      reason="ERROR_REASON_FACTOR_DISABLED")
+        enqueued = False
+        if factor.method is Method.RECOVERY_CODE:
+            left = await tx.recovery.remaining(user_id)
+            await audit.record(tx, now, audit.Event.RECOVERY_CODE_USED, "ok", who,
+                               user_id=user_id, factor_id=factor.factor_id,
+                               application=challenge.application,
+                               detail={"purpose": challenge.purpose.value, "remaining": left})
+            enqueued = await self._notifier.notify(
+                tx, now, user_id, "recovery_codes_used", masked_detail=f"{left} left") > 0
         if challenge.purpose is Purpose.LOGIN:
             session = await self._sessions.open(tx, record, challenge.application, who, now)
-            return VerifyOutcome(VerifyResult.APPROVED, remaining, session=session)
+            return VerifyOutcome(VerifyResult.APPROVED, remaining, session=session,
+                                 enqueued=enqueued)
         if challenge.purpose is Purpose.CONFIRM_ENROLLMENT:
-            replaced = await self._retire_replaced(tx, record, now)
-            if await tx.factors.active_of_method(factor.user_id, factor.method) is not None:
-                raise FailedPrecondition(
-                    "the user already has an active factor of this method; disable it first",
-                    reason="ERROR_REASON_ALREADY_ENROLLED")
-            if not await tx.factors.activate(factor.factor_id, now):
-                raise FailedPrecondition("the factor is no longer pending",
-                                         reason="ERROR_REASON_FACTOR_STATUS_FORBIDS")
-            await audit.record(tx, now, audit.Event.CONFIRM, "ok", who, user_id=factor.user_id,
-                               factor_id=factor.factor_id, application=challenge.application)
-            if replaced is not None:
-                await audit.record(tx, now, audit.Event.PHONE_CHANGED, "ok", who,
-                                   user_id=factor.user_id, factor_id=factor.factor_id,
-                                   application=challenge.application,
-                                   detail={"replaced_factor_id": replaced.factor.factor_id})
-                await self._notifier.notify(tx, now, factor.user_id, "phone_changed",
-                                            also=replaced,
-                                            masked_detail=factor.masked_destination)
-                self._on_enqueue()
-            active = replace(factor, status=FactorStatus.ACTIVE, confirmed_at=now,
-                             last_used_at=now)
-            return VerifyOutcome(VerifyResult.APPROVED, remaining, factor=active)
+            return await self._confirm(tx, challenge, record, remaining, who, now)
         if challenge.purpose is Purpose.DISABLE:
-            await tx.factors.disable(factor.factor_id, now)
-            await audit.record(tx, now, audit.Event.DISABLE, "ok", who, user_id=factor.user_id,
-                               factor_id=factor.factor_id, application=challenge.application)
-            disabled = replace(factor, status=FactorStatus.DISABLED, disabled_at=now,
-                               last_used_at=now)
-            return VerifyOutcome(VerifyResult.APPROVED, remaining, factor=disabled)
+            return await self._disable(tx, challenge, target, remaining, who, now)
         # PURPOSE_CHANGE_PHONE: the approval itself is the proof Enroll(METHOD_PHONE) asks for.
         return VerifyOutcome(VerifyResult.APPROVED, remaining,
-                             factor=replace(factor, last_used_at=now))
+                             factor=replace(factor, last_used_at=now), enqueued=enqueued)
+
+    async def _confirm(self, tx: Transaction, challenge: Challenge, record: FactorRecord,
+                       remaining: int, who: AuditContext, now: datetime) -> VerifyOutcome:
+        factor = record.factor
+        replaced = await self._retire_replaced(tx, record, now)
+        if await tx.factors.active_of_method(factor.user_id, factor.method) is not None:
+            raise FailedPrecondition(
+                "the user already has an active factor of this method; disable it first",
+                reason="ERROR_REASON_ALREADY_ENROLLED")
+        if not await tx.factors.activate(factor.factor_id, now):
+            raise FailedPrecondition("the factor is no longer pending",
+                                     reason="ERROR_REASON_FACTOR_STATUS_FORBIDS")
+        await audit.record(tx, now, audit.Event.CONFIRM, "ok", who, user_id=factor.user_id,
+                           factor_id=factor.factor_id, application=challenge.application,
+                           detail={"method": factor.method.value})
+        if replaced is not None:
+            await audit.record(tx, now, audit.Event.PHONE_CHANGED, "ok", who,
+                               user_id=factor.user_id, factor_id=factor.factor_id,
+                               application=challenge.application,
+                               detail={"replaced_factor_id": replaced.factor.factor_id})
+            await self._notifier.notify(tx, now, factor.user_id, "phone_changed",
+                                        also=replaced, masked_detail=factor.masked_destination)
+        else:
+            await self._notifier.notify(tx, now, factor.user_id, "factor_added",
+                                        masked_detail=factor.masked_destination)
+        codes = await self._issue_first_recovery_codes(tx, factor.user_id, who, now)
+        active = replace(factor, status=FactorStatus.ACTIVE, confirmed_at=now, last_used_at=now)
+        return VerifyOutcome(VerifyResult.APPROVED, remaining, factor=active,
+                             recovery_codes=tuple(codes), enqueued=True)
+
+    async def _disable(self, tx: Transaction, challenge: Challenge, target: FactorRecord,
+                       remaining: int, who: AuditContext, now: datetime) -> VerifyOutcome:
+        factor = target.factor
+        if not await tx.factors.disable(factor.factor_id, now):
+            raise FailedPrecondition("the factor is disabled",
+                                     reason="ERROR_REASON_FACTOR_DISABLED")
+        await audit.record(tx, now, audit.Event.DISABLE, "ok", who, user_id=factor.user_id,
+                           factor_id=factor.factor_id, application=challenge.application,
+                           detail={"method": factor.method.value,
+                                   "proof": challenge.factor_id})
+        # Tell the user, including at the address just removed.
+        await self._notifier.notify(tx, now, factor.user_id, "factor_removed",
+                                    also=target, masked_detail=factor.masked_destination)
+        await self._retire_recovery_if_last(tx, factor.user_id, who, now)
+        disabled = replace(factor, status=FactorStatus.DISABLED, disabled_at=now)
+        return VerifyOutcome(VerifyResult.APPROVED, remaining, factor=disabled, enqueued=True)
+
+    async def _issue_first_recovery_codes(self, tx: Transaction, user_id: str,
+                                          who: AuditContext, now: datetime) -> list[str]:
+        """Recovery codes come with the user's first active factor, once."""
+        if await tx.factors.active_of_method(user_id, Method.RECOVERY_CODE) is not None:
+            return []
+        factor_id = self._new_id()
+        await tx.factors.add(FactorRecord(
+            factor=Factor(factor_id=factor_id, user_id=user_id, method=Method.RECOVERY_CODE,
+                          status=FactorStatus.PENDING, masked_destination="recovery codes",
+                          created_at=now),
+            label="recovery codes", destination=None, secret_ciphertext=None,
+            secret_key_id=None, last_totp_step=None))
+        await tx.factors.activate(factor_id, now)
+        codes = generate_recovery_codes()
+        await tx.recovery.replace(user_id, hash_recovery_codes(self._keyring, user_id, codes),
+                                  now)
+        await audit.record(tx, now, audit.Event.RECOVERY_CODES_ISSUED, "ok", who,
+                           user_id=user_id, factor_id=factor_id, detail={"count": len(codes)})
+        return codes
+
+    async def _retire_recovery_if_last(self, tx: Transaction, user_id: str, who: AuditContext,
+                                       now: datetime) -> None:
+        """With no real factor left, 2FA is off: recovery codes must not log anyone in."""
+        recovery = await tx.factors.active_of_method(user_id, Method.RECOVERY_CODE)
+        if recovery is None:
+            return
+        others = [r for r in await tx.factors.list_for_user(user_id)
+                  if r.factor.status is FactorStatus.ACTIVE
+                  and r.factor.method is not Method.RECOVERY_CODE]
+        if others:
+            return
+        await tx.factors.disable(recovery.factor.factor_id, now)
+        retired = await tx.recovery.retire(user_id, now)
+        await audit.record(tx, now, audit.Event.DISABLE, "ok", who, user_id=user_id,
+                           factor_id=recovery.factor.factor_id,
+                           detail={"method": Method.RECOVERY_CODE.value,
+                                   "reason": "last factor disabled", "codes_retired": retired})
+
+    # -- RegenerateRecoveryCodes -------------------------------------------------------------
+    async def regenerate_recovery_codes(self, user_id: str, session_token: str,
+                                        application: Application,
+                                        who: AuditContext) -> list[str]:
+        """New codes for a user who passed 2FA in the last 10 minutes (old codes die)."""
+        who.authorize(application)
+        now = self._clock.now()
+        session = await self._sessions.check(session_token)
+        if session is None or session.user_id != user_id or (
+                now - session.authenticated_at > self._rules.recent_session):
+            raise FailedPrecondition(
+                "regenerating recovery codes needs a 2FA session of this user from the last "
+                "10 minutes: pass 2FA again", reason="ERROR_REASON_RECENT_SESSION_REQUIRED")
+        async with self._db.transaction() as tx:
+            recovery = await tx.factors.active_of_method(user_id, Method.RECOVERY_CODE)
+            if recovery is None:
+                raise FailedPrecondition("the user has no active factor, so no recovery codes",
+                                         reason="ERROR_REASON_FACTOR_STATUS_FORBIDS")
+            codes = generate_recovery_codes()
+            await tx.recovery.replace(
+                user_id, hash_recovery_codes(self._keyring, user_id, codes), now)
+            await audit.record(tx, now, audit.Event.RECOVERY_CODES_ISSUED, "ok", who,
+                               user_id=user_id, factor_id=recovery.factor.factor_id,
+                               application=application,
+                               detail={"count": len(codes), "regenerated": 1})
+            await self._notifier.notify(tx, now, user_id, "recovery_codes_regenerated")
+        self._on_enqueue()
+        return codes
+
+    # -- ListAuditEvents ---------------------------------------------------------------------
+    async def list_audit_events(self, user_id: str, who: AuditContext, *,
+                                start: datetime | None, end: datetime | None,
+                                before_id: int | None, limit: int) -> list[AuditEvent]:
+        if not who.audit_reader:
+            raise PermissionDenied("this caller may not read the audit trail",
+                                   reason="ERROR_REASON_CALLER_NOT_ALLOWED")
+        async with self._db.transaction() as tx:
+            return await tx.audit.page(user_id, start=start, end=end, before_id=before_id,
+                                       limit=limit)
 
     @staticmethod
     async def _retire_replaced(tx: Transaction, record: FactorRecord,
@@ -485,7 +670,8 @@ class TwoFactorService:
     async def list_factors(self, user_id: str) -> tuple[list[Factor], int]:
         async with self._db.transaction() as tx:
             records = await tx.factors.list_for_user(user_id)
-        return [r.factor for r in records], 0
+            remaining = await tx.recovery.remaining(user_id)
+        return [r.factor for r in records], remaining
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod

@@ -18,6 +18,7 @@ from mfa_service.store.repositories import (
     FactorRepository,
     SessionRepository,
 )
+from mfa_service.store.security import LockoutRepository, RecoveryCodeRepository
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Transaction:
     sessions: SessionRepository
     audit: AuditRepository
     outbox: OutboxRepository
+    lockouts: LockoutRepository
+    recovery: RecoveryCodeRepository
 
 
 class Database:
@@ -49,7 +52,8 @@ class Database:
             async with self.engine.begin() as conn:
                 yield Transaction(conn, FactorRepository(conn), ChallengeRepository(conn),
                                   SessionRepository(conn), AuditRepository(conn),
-                                  OutboxRepository(conn))
+                                  OutboxRepository(conn), LockoutRepository(conn),
+                                  RecoveryCodeRepository(conn))
         except MfaError:
             raise
         except Exception as exc:

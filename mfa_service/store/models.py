@@ -178,6 +178,38 @@ class OutboxRow(Base):
     __table_args__ = (Index("ix_outbox_due", "state", "next_attempt_at"),)
 
 
+class UserLockoutRow(Base):
+    """Consecutive failed verifications per user, across factors and callers.
+
+    One row per user, locked (FOR UPDATE) by every Verify of that user, so the count and
+    the lockout decision are atomic under concurrency (NIST SP 800-63B 5.2.2 throttling).
+    """
+
+    __tablename__ = "user_lockouts"
+
+    user_id: Mapped[str] = mapped_column(USER_ID, primary_key=True)
+    consecutive_failures: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set at the hard limit (100 consecutive failures): only an administrator unlocks.
+    admin_reset_required: Mapped[bool] = mapped_column(server_default=text("false"))
+
+
+class RecoveryCodeRow(Base):
+    """Single-use recovery codes, stored as keyed hashes (HMAC-SHA256) only."""
+
+    __tablename__ = "recovery_codes"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(USER_ID, index=True)
+    code_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    key_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("uq_recovery_codes_hash", "code_hash", unique=True),)
+
+
 class AuditEventRow(Base):
     """The audit trail: who did what to whose factor, from where. Never a code,
     secret or token (``detail`` holds only non-secret facts such as a result)."""
@@ -186,6 +218,7 @@ class AuditEventRow(Base):
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True, autoincrement=True)
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    __table_args__ = (Index("ix_audit_events_user_time", "user_id", "occurred_at"),)
     event: Mapped[str] = mapped_column(String(64))
     outcome: Mapped[str] = mapped_column(String(32))
     user_id: Mapped[str | None] = mapped_column(USER_ID, index=True)
@@ -203,4 +236,6 @@ factors = cast(Table, FactorRow.__table__)
 challenges = cast(Table, ChallengeRow.__table__)
 sessions = cast(Table, SessionRow.__table__)
 audit_events = cast(Table, AuditEventRow.__table__)
+user_lockouts = cast(Table, UserLockoutRow.__table__)
+recovery_codes = cast(Table, RecoveryCodeRow.__table__)
 outbox = cast(Table, OutboxRow.__table__)

@@ -6,6 +6,7 @@ whose row count is the answer), never by a read followed by a write in Python.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -16,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mfa_service.domain import (
     Application,
+    AuditEvent,
     Challenge,
     ChallengeState,
     Channel,
@@ -66,9 +68,11 @@ class FactorRepository:
         return _factor(row) if row else None
 
     async def list_for_user(self, user_id: str) -> list[FactorRecord]:
+        # Oldest first; the recovery-code factor last (it is not one the user "added").
         rows = await self._conn.execute(
             select(factors).where(factors.c.user_id == user_id)
-            .order_by(factors.c.created_at, factors.c.id))
+            .order_by(factors.c.method == Method.RECOVERY_CODE.value, factors.c.created_at,
+                      factors.c.id))
         return [_factor(r) for r in rows]
 
     async def count_for_user(self, user_id: str, statuses: Sequence[FactorStatus]) -> int:
@@ -313,8 +317,21 @@ class AuditRepository:
     async def record(self, **values: Any) -> None:
         await self._conn.execute(insert(audit_events).values(**values))
 
-    async def for_user(self, user_id: str) -> list[dict[str, Any]]:
-        rows = await self._conn.execute(
-            select(audit_events).where(audit_events.c.user_id == user_id)
-            .order_by(audit_events.c.id))
-        return [dict(r._mapping) for r in rows]
+    async def page(self, user_id: str, *, start: datetime | None = None,
+                   end: datetime | None = None, before_id: int | None = None,
+                   limit: int = 100) -> list[AuditEvent]:
+        """A user's events, newest first; ``before_id`` continues after a previous page."""
+        query = select(audit_events).where(audit_events.c.user_id == user_id)
+        if start is not None:
+            query = query.where(audit_events.c.occurred_at >= start)
+        if end is not None:
+            query = query.where(audit_events.c.occurred_at < end)
+        if before_id is not None:
+            query = query.where(audit_events.c.id < before_id)
+        rows = await self._conn.execute(query.order_by(audit_events.c.id.desc()).limit(limit))
+        return [AuditEvent(
+            event_id=r.id, occurred_at=r.occurred_at, event=r.event, outcome=r.outcome,
+            user_id=r.user_id, factor_id=r.factor_id, challenge_id=r.challenge_id,
+            session_id=r.session_id, caller=r.caller, application=r.application,
+            client_ip=r.client_ip, user_agent=r.user_agent,
+            detail=json.loads(r.detail) if r.detail else {}) for r in rows]

@@ -7,9 +7,11 @@ may it be challenged) belong to the service layer.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import uuid
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -34,6 +36,8 @@ MAX_CODE = 64
 MAX_TOKEN = 256
 MAX_USER_AGENT = 512
 MAX_TEXT = 320
+MAX_PAGE = 500
+DEFAULT_PAGE = 100
 
 METHODS = {
     pb.METHOD_EMAIL: domain.Method.EMAIL,
@@ -217,12 +221,70 @@ def session_token(value: str, field: str = "session_token") -> str:
     return value
 
 
-def check_session_args(req: pb.CheckSessionRequest) -> str:
+def check_session_args(req: pb.CheckSessionRequest) -> tuple[str, domain.Application]:
     c = _Checker()
     token = c.text("session_token", req.session_token, max_len=MAX_TOKEN, required=True)
-    c.enum("application", req.application, APPLICATIONS, _APP_NAMES)
+    application = c.enum("application", req.application, APPLICATIONS, _APP_NAMES)
     c.done()
-    return token
+    assert application is not None
+    return token, application
+
+
+def regenerate_args(req: pb.RegenerateRecoveryCodesRequest,
+                    ) -> tuple[str, str, domain.Application]:
+    c = _Checker()
+    user_id = c.user_id(req.user_id)
+    token = c.text("session_token", req.session_token, max_len=MAX_TOKEN, required=True)
+    application = c.enum("application", req.application, APPLICATIONS, _APP_NAMES)
+    c.audit_fields(req.client_ip, req.user_agent)
+    c.done()
+    assert application is not None
+    return user_id, token, application
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    user_id: str
+    start: datetime | None
+    end: datetime | None
+    before_id: int | None
+    limit: int
+
+
+def audit_query(req: pb.ListAuditEventsRequest) -> AuditQuery:
+    c = _Checker()
+    user_id = c.user_id(req.user_id)
+    if req.page_size < 0 or req.page_size > MAX_PAGE:
+        c.bad("page_size", f"must be 0-{MAX_PAGE} (0 means {DEFAULT_PAGE})")
+    before_id = None
+    if req.page_token:
+        try:
+            before_id = int(base64.urlsafe_b64decode(req.page_token.encode()).decode())
+        except (ValueError, UnicodeDecodeError):
+            c.bad("page_token", "must be a next_page_token from a previous answer")
+    start = req.start_time.ToDatetime(UTC) if req.HasField("start_time") else None
+    end = req.end_time.ToDatetime(UTC) if req.HasField("end_time") else None
+    if start and end and end <= start:
+        c.bad("end_time", "must be after start_time")
+    c.done()
+    return AuditQuery(user_id, start, end, before_id, req.page_size or DEFAULT_PAGE)
+
+
+def audit_response(events: list[domain.AuditEvent], limit: int) -> pb.ListAuditEventsResponse:
+    """``events`` holds up to limit+1 rows: one more than asked means another page."""
+    page = events[:limit]
+    resp = pb.ListAuditEventsResponse(events=[pb.AuditEvent(
+        event_id=e.event_id, occurred_at=timestamp(e.occurred_at), event=e.event,
+        outcome=e.outcome, user_id=e.user_id or "", factor_id=e.factor_id or "",
+        challenge_id=e.challenge_id or "", caller=e.caller,
+        application=(APPLICATIONS_OUT[domain.Application(e.application)]
+                     if e.application else pb.APPLICATION_UNSPECIFIED),
+        client_ip=e.client_ip or "", user_agent=e.user_agent or "",
+        detail={k: str(v) for k, v in e.detail.items()}) for e in page])
+    if len(events) > limit:
+        resp.next_page_token = base64.urlsafe_b64encode(
+            str(page[-1].event_id).encode()).decode()
+    return resp
 
 
 def list_factors_args(req: pb.ListFactorsRequest) -> str:

@@ -17,12 +17,14 @@ from typing import Any, cast
 import grpc
 from grpc import aio
 
+from mfa_service.domain import Caller
 from mfa_service.errors import MfaError
+from mfa_service.transport.auth import ANONYMOUS, CallerRegistry
 from mfa_service.transport.status import internal_status, status_code_for, to_grpc_status
 
 log = logging.getLogger("mfa_service.rpc")
 
-caller_var: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="anonymous")
+caller_var: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller", default=ANONYMOUS)
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 SERVICE_PREFIX = "/mfa.v1."
@@ -31,7 +33,14 @@ Handler = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
 class ServiceInterceptor(aio.ServerInterceptor):
-    """Context, access log and error mapping for mfa.v1 unary calls."""
+    """Caller authentication, context, access log and error mapping for mfa.v1 calls.
+
+    Without a registry (development on loopback only, enforced at start-up) every call is
+    the anonymous development caller.
+    """
+
+    def __init__(self, callers: CallerRegistry | None = None) -> None:
+        self._callers = callers
 
     async def intercept_service(
         self,
@@ -45,12 +54,12 @@ class ServiceInterceptor(aio.ServerInterceptor):
                 SERVICE_PREFIX):
             return handler
         return grpc.unary_unary_rpc_method_handler(
-            _wrap(method, cast(Handler, handler.unary_unary)),
+            _wrap(method, cast(Handler, handler.unary_unary), self._callers),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
 
-def _wrap(method: str, inner: Handler) -> Handler:
+def _wrap(method: str, inner: Handler, callers: CallerRegistry | None) -> Handler:
     rpc = method.rsplit("/", 1)[-1]
 
     async def handle(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
@@ -58,6 +67,9 @@ def _wrap(method: str, inner: Handler) -> Handler:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            if callers is not None:
+                caller_var.set(callers.authenticate(
+                    context.invocation_metadata() or (), context.auth_context()))
             return await inner(request, context)
         except aio.AbortError:
             raise
@@ -73,7 +85,7 @@ def _wrap(method: str, inner: Handler) -> Handler:
             await context.abort(status.code, status.details, status.trailing_metadata)
         finally:
             log.info("rpc", extra={
-                "rpc": rpc, "code": code.name, "caller": caller_var.get(),
+                "rpc": rpc, "code": code.name, "caller": caller_var.get().name,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
 
     return handle

@@ -22,7 +22,9 @@ Context = aio.ServicerContext[Any, Any]
 
 
 def _who(client_ip: str = "", user_agent: str = "") -> AuditContext:
-    return AuditContext(caller=caller_var.get(), client_ip=client_ip, user_agent=user_agent)
+    caller = caller_var.get()
+    return AuditContext(caller=caller.name, client_ip=client_ip, user_agent=user_agent,
+                        applications=caller.applications, audit_reader=caller.audit_reader)
 
 
 class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
@@ -53,7 +55,8 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
 
     async def CheckSession(self, request: pb.CheckSessionRequest,
                            context: Context) -> pb.CheckSessionResponse:
-        token = convert.check_session_args(request)
+        token, application = convert.check_session_args(request)
+        _who().authorize(application)  # either application may check any session
         return convert.check_session_response(await self._sessions.check(token))
 
     async def ListFactors(self, request: pb.ListFactorsRequest,
@@ -71,3 +74,19 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         else:
             count = await self._sessions.revoke_user(value, _who())
         return pb.RevokeSessionResponse(revoked_count=count)
+
+    async def RegenerateRecoveryCodes(
+            self, request: pb.RegenerateRecoveryCodesRequest,
+            context: Context) -> pb.RegenerateRecoveryCodesResponse:
+        user_id, token, application = convert.regenerate_args(request)
+        codes = await self._service.regenerate_recovery_codes(
+            user_id, token, application, _who(request.client_ip, request.user_agent))
+        return pb.RegenerateRecoveryCodesResponse(recovery_codes=codes)
+
+    async def ListAuditEvents(self, request: pb.ListAuditEventsRequest,
+                              context: Context) -> pb.ListAuditEventsResponse:
+        q = convert.audit_query(request)
+        events = await self._service.list_audit_events(
+            q.user_id, _who(), start=q.start, end=q.end, before_id=q.before_id,
+            limit=q.limit + 1)
+        return convert.audit_response(events, q.limit)

@@ -60,6 +60,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The user has too many factors; disable one first."""
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 18
     """The server failed in a way the caller did not cause; the call can be retried."""
+    ERROR_REASON_RECENT_SESSION_REQUIRED: _ErrorReason.ValueType  # 19
+    """The call needs a 2FA session of the user that passed 2FA recently (see the RPC)."""
+    ERROR_REASON_ADMIN_RESET_REQUIRED: _ErrorReason.ValueType  # 20
+    """The user failed too often; only an administrator reset unlocks them."""
+    ERROR_REASON_CALLER_NOT_ALLOWED: _ErrorReason.ValueType  # 21
+    """The caller is not allowed to use this RPC (for example reading the audit trail)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reasons for errors returned by mfa.v1.TwoFactorService.
@@ -107,4 +113,10 @@ ERROR_REASON_TOO_MANY_FACTORS: ErrorReason.ValueType  # 17
 """The user has too many factors; disable one first."""
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 18
 """The server failed in a way the caller did not cause; the call can be retried."""
+ERROR_REASON_RECENT_SESSION_REQUIRED: ErrorReason.ValueType  # 19
+"""The call needs a 2FA session of the user that passed 2FA recently (see the RPC)."""
+ERROR_REASON_ADMIN_RESET_REQUIRED: ErrorReason.ValueType  # 20
+"""The user failed too often; only an administrator reset unlocks them."""
+ERROR_REASON_CALLER_NOT_ALLOWED: ErrorReason.ValueType  # 21
+"""The caller is not allowed to use this RPC (for example reading the audit trail)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

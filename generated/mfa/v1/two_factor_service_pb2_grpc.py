@@ -76,6 +76,16 @@ class TwoFactorServiceStub:
                 request_serializer=mfa_dot_v1_dot_two__factor__service__pb2.RevokeSessionRequest.SerializeToString,
                 response_deserializer=mfa_dot_v1_dot_two__factor__service__pb2.RevokeSessionResponse.FromString,
                 _registered_method=True)
+        self.RegenerateRecoveryCodes = channel.unary_unary(
+                '/mfa.v1.TwoFactorService/RegenerateRecoveryCodes',
+                request_serializer=mfa_dot_v1_dot_two__factor__service__pb2.RegenerateRecoveryCodesRequest.SerializeToString,
+                response_deserializer=mfa_dot_v1_dot_two__factor__service__pb2.RegenerateRecoveryCodesResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/mfa.v1.TwoFactorService/ListAuditEvents',
+                request_serializer=mfa_dot_v1_dot_two__factor__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=mfa_dot_v1_dot_two__factor__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class TwoFactorServiceServicer:
@@ -144,6 +154,22 @@ class TwoFactorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegenerateRecoveryCodes(self, request, context):
+        """Replaces a user's recovery codes with 10 new ones (returned once). Needs a 2FA
+        session of that user that passed 2FA less than 10 minutes ago.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """Reads the audit trail of security events, newest first, by user and time range.
+        Only callers allowed to read the audit trail may call it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TwoFactorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +207,16 @@ def add_TwoFactorServiceServicer_to_server(servicer, server):
                     servicer.RevokeSession,
                     request_deserializer=mfa_dot_v1_dot_two__factor__service__pb2.RevokeSessionRequest.FromString,
                     response_serializer=mfa_dot_v1_dot_two__factor__service__pb2.RevokeSessionResponse.SerializeToString,
+            ),
+            'RegenerateRecoveryCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegenerateRecoveryCodes,
+                    request_deserializer=mfa_dot_v1_dot_two__factor__service__pb2.RegenerateRecoveryCodesRequest.FromString,
+                    response_serializer=mfa_dot_v1_dot_two__factor__service__pb2.RegenerateRecoveryCodesResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=mfa_dot_v1_dot_two__factor__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=mfa_dot_v1_dot_two__factor__service__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -379,6 +415,60 @@ class TwoFactorService:
             '/mfa.v1.TwoFactorService/RevokeSession',
             mfa_dot_v1_dot_two__factor__service__pb2.RevokeSessionRequest.SerializeToString,
             mfa_dot_v1_dot_two__factor__service__pb2.RevokeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegenerateRecoveryCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mfa.v1.TwoFactorService/RegenerateRecoveryCodes',
+            mfa_dot_v1_dot_two__factor__service__pb2.RegenerateRecoveryCodesRequest.SerializeToString,
+            mfa_dot_v1_dot_two__factor__service__pb2.RegenerateRecoveryCodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mfa.v1.TwoFactorService/ListAuditEvents',
+            mfa_dot_v1_dot_two__factor__service__pb2.ListAuditEventsRequest.SerializeToString,
+            mfa_dot_v1_dot_two__factor__service__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,14 @@ class TwoFactorServiceStub:
     """Lists a user's factors, whatever their status, for the profile page."""
     RevokeSession: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.RevokeSessionRequest, _two_factor_service_pb2.RevokeSessionResponse]
     """Ends one 2FA session (logout), or every session of a user."""
+    RegenerateRecoveryCodes: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.RegenerateRecoveryCodesRequest, _two_factor_service_pb2.RegenerateRecoveryCodesResponse]
+    """Replaces a user's recovery codes with 10 new ones (returned once). Needs a 2FA
+    session of that user that passed 2FA less than 10 minutes ago.
+    """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.ListAuditEventsRequest, _two_factor_service_pb2.ListAuditEventsResponse]
+    """Reads the audit trail of security events, newest first, by user and time range.
+    Only callers allowed to read the audit trail may call it.
+    """
 
 @_typing.type_check_only
 class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
@@ -105,6 +113,14 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     """Lists a user's factors, whatever their status, for the profile page."""
     RevokeSession: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.RevokeSessionRequest, _two_factor_service_pb2.RevokeSessionResponse]  # type: ignore[assignment]
     """Ends one 2FA session (logout), or every session of a user."""
+    RegenerateRecoveryCodes: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.RegenerateRecoveryCodesRequest, _two_factor_service_pb2.RegenerateRecoveryCodesResponse]  # type: ignore[assignment]
+    """Replaces a user's recovery codes with 10 new ones (returned once). Needs a 2FA
+    session of that user that passed 2FA less than 10 minutes ago.
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.ListAuditEventsRequest, _two_factor_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """Reads the audit trail of security events, newest first, by user and time range.
+    Only callers allowed to read the audit trail may call it.
+    """
 
 class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
     """TwoFactorService owns everything about a user's second factor: binding factors
@@ -183,5 +199,25 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_two_factor_service_pb2.RevokeSessionResponse, _abc.Awaitable[_two_factor_service_pb2.RevokeSessionResponse]]:
         """Ends one 2FA session (logout), or every session of a user."""
+
+    @_abc_1.abstractmethod
+    def RegenerateRecoveryCodes(
+        self,
+        request: _two_factor_service_pb2.RegenerateRecoveryCodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_two_factor_service_pb2.RegenerateRecoveryCodesResponse, _abc.Awaitable[_two_factor_service_pb2.RegenerateRecoveryCodesResponse]]:
+        """Replaces a user's recovery codes with 10 new ones (returned once). Needs a 2FA
+        session of that user that passed 2FA less than 10 minutes ago.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _two_factor_service_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_two_factor_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_two_factor_service_pb2.ListAuditEventsResponse]]:
+        """Reads the audit trail of security events, newest first, by user and time range.
+        Only callers allowed to read the audit trail may call it.
+        """
 
 def add_TwoFactorServiceServicer_to_server(servicer: TwoFactorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

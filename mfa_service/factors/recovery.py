@@ -1,0 +1,88 @@
+"""METHOD_RECOVERY_CODE: single-use codes handed out when the first factor became active.
+
+Ten codes of 10 characters from Crockford's base32 alphabet: 50 bits each (NIST SP
+800-63B 5.1.2 look-up secrets need at least 20 bits from an approved RNG; we give far
+more because these codes bypass the user's real factor), shown in two groups of five.
+Only HMACs are stored; a code is consumed by a conditional UPDATE, so it works once.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from datetime import datetime
+
+from mfa_service.crypto import Keyring
+from mfa_service.domain import Challenge, Channel, FactorRecord, Method
+from mfa_service.errors import InvalidArgument
+from mfa_service.factors.base import EnrollInput, EnrollmentMaterial, Match
+
+ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford: no i, l, o, u
+# What people type instead (Crockford's decoding rules).
+_CONFUSABLE = str.maketrans({"i": "1", "l": "1", "o": "0"})
+CODE_CHARS = 10  # 10 x 5 bits = 50 bits
+COUNT = 10
+
+
+def generate_codes(count: int = COUNT,
+                   randbelow: Callable[[int], int] = secrets.randbelow) -> list[str]:
+    """``count`` codes formatted "xxxxx-xxxxx"."""
+    codes = []
+    for _ in range(count):
+        raw = "".join(ALPHABET[randbelow(len(ALPHABET))] for _ in range(CODE_CHARS))
+        codes.append(f"{raw[:5]}-{raw[5:]}")
+    return codes
+
+
+def normalise(raw: str) -> str:
+    """Case, spaces, dashes and the usual confusions do not matter; the 10 symbols do."""
+    code = raw.strip().lower().replace("-", "").replace(" ", "").translate(_CONFUSABLE)
+    if len(code) != CODE_CHARS or any(c not in ALPHABET for c in code):
+        raise InvalidArgument.single("code", "a recovery code is 10 letters and digits, "
+                                             "like abcde-12345")
+    return code
+
+
+def code_message(user_id: str, code: str) -> bytes:
+    return f"mfa-service/v1/recovery/{user_id}/{code}".encode()
+
+
+def hash_codes(keyring: Keyring, user_id: str, codes: list[str]) -> list[tuple[str, bytes]]:
+    return [keyring.mac(code_message(user_id, normalise(c))) for c in codes]
+
+
+class RecoveryCodes:
+    """The module behind the user's recovery-code factor (created by the service)."""
+
+    method = Method.RECOVERY_CODE
+    sends_code = False
+
+    def __init__(self, keyring: Keyring) -> None:
+        self._keyring = keyring
+
+    @property
+    def code_length(self) -> int:
+        return CODE_CHARS
+
+    def channel_for(self, requested: Channel | None) -> Channel:
+        if requested not in (None, Channel.NONE):
+            raise InvalidArgument.single("channel", "must be unset or CHANNEL_NONE for "
+                                                    "recovery codes")
+        return Channel.NONE
+
+    def begin_enrollment(self, request: EnrollInput) -> EnrollmentMaterial:
+        raise InvalidArgument.single(
+            "method", "recovery codes are issued with the first active factor, not enrolled")
+
+    def parse_code(self, raw: str) -> str:
+        return normalise(raw)
+
+    def new_code(self) -> str | None:
+        return None
+
+    def match(self, record: FactorRecord, challenge: Challenge, code: str,
+              now: datetime) -> Match:
+        # Which stored code it is, and whether it is unused, only the database can say
+        # atomically: hand the service the candidate hashes (one per key in the ring).
+        return Match(ok=True, recovery_candidates=tuple(
+            self._keyring.mac_all(code_message(record.factor.user_id, code))))

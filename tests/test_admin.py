@@ -1,0 +1,505 @@
+"""Operator commands: key rotation and status, the support desk's reset, the audit trail.
+
+Rotation and key status look at every row of the database, so those tests get a database
+of their own (other tests' rows are under TEST_KEYRING); the rest use the shared one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import pytest
+from grpc import aio
+from mfa.v1 import two_factor_service_pb2 as pb
+from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mfa_service.app import App, create_server
+from mfa_service.clock import Clock, FixedClock, SystemClock
+from mfa_service.crypto import Keyring
+from mfa_service.delivery.outbox import decode_payload, enqueue
+from mfa_service.domain import Channel, Factor, FactorRecord, FactorStatus, Method, Outgoing
+from mfa_service.factors.totp import secret_aad
+from mfa_service.service import admin as admin_module
+from mfa_service.service.admin import AdminService
+from mfa_service.store import maintenance
+from mfa_service.store.database import Database
+from mfa_service.store.engine import create_engine
+from mfa_service.store.maintenance import StoredCiphertext
+from mfa_service.store.models import (
+    audit_events,
+    challenges,
+    factors,
+    outbox,
+    recovery_codes,
+    sessions,
+    user_lockouts,
+)
+from mfa_service.store.outbox import SENT
+from tests.conftest import (
+    PG_ADMIN_URL,
+    T0,
+    TEST_KEYRING,
+    _asyncpg_dsn,
+    _migrate,
+    enroll_app,
+    login,
+    make_settings,
+    totp_at,
+)
+
+if TYPE_CHECKING:
+    from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
+
+CLI = str(Path(sys.executable).parent / "mfa-service")
+OLD = Keyring.generate_entry("old-1")
+NEW = Keyring.generate_entry("new-1")
+GONE = Keyring.generate_entry("gone-1")
+ROTATED = f"{NEW},{OLD}"  # the new key first (primary), the old one still readable
+
+
+# -- helpers -----------------------------------------------------------------------------------
+@pytest.fixture
+async def own_url(database_url: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A migrated, empty database for this test, on the backend ``database_url`` is on."""
+    if make_url(database_url).get_backend_name() == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'own.db'}"
+        await _migrate(url)
+        yield url
+        return
+    name = f"mfa_admin_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL), timeout=5)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    await _migrate(url)
+    try:
+        yield url
+    finally:
+        conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL), timeout=5)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+@asynccontextmanager
+async def opened(url: str) -> AsyncIterator[Database]:
+    database = Database(create_engine(make_url(url)))
+    try:
+        yield database
+    finally:
+        await database.dispose()
+
+
+@asynccontextmanager
+async def serving(url: str, clock: FixedClock, keyring: str) -> AsyncIterator[Stub]:
+    app = await create_server(make_settings(url), clock=clock, keyring=Keyring.parse(keyring))
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            yield pb_grpc.TwoFactorServiceStub(channel)
+    finally:
+        await app.stop(0)
+
+
+async def add_factor(db: Database, keyring: Keyring, user_id: str, now: datetime,
+                     secret: bytes = b"s" * 20) -> str:
+    """An ACTIVE authenticator-app factor whose secret ``keyring`` encrypted."""
+    factor_id = str(uuid.uuid4())
+    key_id, blob = keyring.encrypt(secret, secret_aad(factor_id, user_id))
+    async with db.transaction() as tx:
+        await tx.factors.add(FactorRecord(
+            factor=Factor(factor_id=factor_id, user_id=user_id,
+                          method=Method.AUTHENTICATOR_APP, status=FactorStatus.ACTIVE,
+                          masked_destination=user_id, created_at=now, confirmed_at=now),
+            label=user_id, destination=None, secret_ciphertext=blob, secret_key_id=key_id,
+            last_totp_step=None))
+    return factor_id
+
+
+async def add_message(db: Database, keyring: Keyring, user_id: str, now: datetime) -> str:
+    async with db.transaction() as tx:
+        return await enqueue(tx, keyring, Outgoing(
+            kind="notice", channel=Channel.EMAIL, destination=f"{user_id}@example.com",
+            user_id=user_id, subject="Subject", text="a notice",
+            not_after=now + timedelta(hours=1)), now)
+
+
+async def add_live_session(conn: AsyncConnection, keyring: Keyring, user_id: str,
+                           factor_id: str, now: datetime) -> None:
+    key_id, digest = keyring.mac(uuid.uuid4().bytes)
+    await conn.execute(insert(sessions).values(
+        id=str(uuid.uuid4()), token_hash=digest, token_key_id=key_id, user_id=user_id,
+        factor_id=factor_id, method="authenticator_app", application="portal",
+        caller="test", authenticated_at=now, expires_at=now + timedelta(hours=1),
+        idle_expires_at=now + timedelta(minutes=30)))
+
+
+async def factor_row(db: Database, factor_id: str) -> Any:
+    async with db.engine.connect() as conn:
+        return (await conn.execute(select(factors).where(factors.c.id == factor_id))).one()
+
+
+def usage(status: admin_module.KeyStatus, key_id: str) -> admin_module.KeyUsage:
+    [found] = [k for k in status.keys if k.key_id == key_id]
+    return found
+
+
+def b32(secret: str) -> bytes:
+    return base64.b32decode(secret + "=" * (-len(secret) % 8))
+
+
+# -- keys rotate / keys status -----------------------------------------------------------------
+async def test_rotation_moves_secrets_to_the_primary_key_while_old_hmacs_keep_working(
+        own_url: str) -> None:
+    clock = FixedClock(T0)
+    async with serving(own_url, clock, OLD) as stub:
+        active = await enroll_app(stub, "alice", clock)
+        session = await login(stub, active, clock)
+        pending = await stub.Enroll(pb.EnrollRequest(
+            user_id="bob", method=pb.METHOD_AUTHENTICATOR_APP,
+            application=pb.APPLICATION_PORTAL))
+        emailed = await stub.Enroll(pb.EnrollRequest(
+            user_id="carol", method=pb.METHOD_EMAIL, email="carol@example.com",
+            application=pb.APPLICATION_PORTAL))
+    old, rotated = Keyring.parse(OLD), Keyring.parse(ROTATED)
+    async with opened(own_url) as db:
+        async with db.engine.connect() as conn:
+            message = (await conn.execute(select(outbox).where(
+                outbox.c.challenge_id == emailed.challenge_id))).one()
+        body = decode_payload(old, message.id, message.payload_key_id,
+                              message.payload_ciphertext)
+        admin = AdminService(db, clock)
+
+        before = await admin.key_status(rotated)
+        assert usage(before, "old-1").counts[maintenance.FACTOR_SECRETS] == 2
+        assert usage(before, "old-1").counts[maintenance.OUTBOX_PAYLOADS] == 1
+        assert usage(before, "new-1").total == 0
+
+        report = await admin.rotate_keys(rotated, batch=1)  # batch 1: every page boundary
+        assert report.ok, report.failures
+        assert (report.factor_secrets.rekeyed, report.factor_secrets.skipped) == (2, 0)
+        assert (report.outbox_payloads.rekeyed, report.outbox_payloads.skipped) == (1, 0)
+
+        for factor_id, user_id, secret in ((active.factor_id, "alice", active.secret),
+                                           (pending.factor.factor_id, "bob",
+                                            pending.totp_secret)):
+            row = await factor_row(db, factor_id)
+            assert row.secret_key_id == "new-1"
+            assert rotated.decrypt("new-1", row.secret_ciphertext,
+                                   secret_aad(factor_id, user_id)) == b32(secret)
+        async with db.engine.connect() as conn:
+            message = (await conn.execute(select(outbox).where(
+                outbox.c.id == message.id))).one()
+            snapshot = sorted((await conn.execute(
+                select(factors.c.id, factors.c.secret_ciphertext))).all())
+        assert message.payload_key_id == "new-1"
+        assert decode_payload(rotated, message.id, "new-1", message.payload_ciphertext) == body
+
+        after = await admin.key_status(rotated)
+        still = usage(after, "old-1")
+        assert still.encrypted == 0
+        assert still.counts[maintenance.LIVE_SESSIONS] == 1  # alice's session: an HMAC
+        assert still.counts[maintenance.OPEN_CHALLENGES] == 1  # carol's emailed code
+        assert [k.key_id for k in after.still_needed] == ["old-1"]
+        assert after.removable == [] and after.unknown == [] and after.ok
+
+        again = await admin.rotate_keys(rotated)
+        assert (again.factor_secrets.examined, again.outbox_payloads.examined) == (0, 0)
+        async with db.engine.connect() as conn:
+            assert sorted((await conn.execute(
+                select(factors.c.id, factors.c.secret_ciphertext))).all()) == snapshot
+            audited = (await conn.execute(select(audit_events).where(
+                audit_events.c.event == "keys_rotated"))).all()
+        assert len(audited) == 1  # the no-op second run wrote nothing
+        assert json.loads(audited[0].detail)["factor_secrets_rekeyed"] == 2
+        assert audited[0].caller == "admin-cli"
+
+        # Dropping old-1 now would strand the HMAC-keyed values: reported as a problem.
+        dropped = await admin.key_status(Keyring.parse(NEW))
+        assert [k.key_id for k in dropped.unknown] == ["old-1"] and not dropped.ok
+
+    # A server on the rotated keyring reads the re-encrypted secret and the old session.
+    async with serving(own_url, clock, ROTATED) as stub:
+        challenge = await stub.Challenge(pb.ChallengeRequest(
+            user_id="alice", factor_id=active.factor_id, purpose=pb.PURPOSE_LOGIN,
+            application=pb.APPLICATION_PORTAL))
+        result = await stub.Verify(pb.VerifyRequest(
+            challenge_id=challenge.challenge_id, code=totp_at(active.secret, clock)))
+        assert result.result == pb.VERIFY_RESULT_APPROVED
+        check = await stub.CheckSession(pb.CheckSessionRequest(
+            session_token=session.session_token, application=pb.APPLICATION_PORTAL))
+        assert check.valid and check.user_id == "alice"
+
+
+async def test_a_factor_disabled_during_rotation_is_skipped_not_resurrected(
+        own_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FixedClock(T0)
+    async with opened(own_url) as db:
+        factor_id = await add_factor(db, Keyring.parse(OLD), "dave", clock.now())
+        listed = maintenance.factor_secrets_to_rekey
+
+        async def list_then_disable(conn: AsyncConnection, primary_id: str, *,
+                                    after: str | None, limit: int) -> list[StoredCiphertext]:
+            rows = await listed(conn, primary_id, after=after, limit=limit)
+            if rows:  # a request disables the factor right after the listing
+                async with db.transaction() as tx:
+                    assert await tx.factors.disable(factor_id, clock.now())
+            return rows
+
+        monkeypatch.setattr(maintenance, "factor_secrets_to_rekey", list_then_disable)
+        report = await AdminService(db, clock).rotate_keys(Keyring.parse(ROTATED))
+
+        assert (report.factor_secrets.rekeyed, report.factor_secrets.skipped) == (0, 1)
+        assert report.ok
+        row = await factor_row(db, factor_id)
+        assert row.status == "disabled"
+        assert (row.secret_ciphertext, row.secret_key_id) == (None, None)
+
+
+async def test_a_message_sent_during_rotation_keeps_its_wiped_body(
+        own_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FixedClock(T0)
+    async with opened(own_url) as db:
+        message_id = await add_message(db, Keyring.parse(OLD), "erin", clock.now())
+        listed = maintenance.outbox_payloads_to_rekey
+
+        async def list_then_send(conn: AsyncConnection, primary_id: str, *,
+                                 after: str | None, limit: int) -> list[StoredCiphertext]:
+            rows = await listed(conn, primary_id, after=after, limit=limit)
+            if rows:  # a dispatcher sends it meanwhile: settle wipes the body only
+                async with db.transaction() as tx:
+                    [claimed] = await tx.outbox.claim_due(clock.now(), timedelta(minutes=1), 5)
+                    assert await tx.outbox.settle(claimed.message_id, claimed.claim_token,
+                                                  SENT, clock.now())
+            return rows
+
+        monkeypatch.setattr(maintenance, "outbox_payloads_to_rekey", list_then_send)
+        report = await AdminService(db, clock).rotate_keys(Keyring.parse(ROTATED))
+
+        assert (report.outbox_payloads.rekeyed, report.outbox_payloads.skipped) == (0, 1)
+        async with db.engine.connect() as conn:
+            row = (await conn.execute(select(outbox).where(outbox.c.id == message_id))).one()
+        assert row.state == SENT
+        assert row.payload_ciphertext is None
+
+
+async def test_values_under_a_key_missing_from_the_keyring_are_reported(own_url: str) -> None:
+    clock = FixedClock(T0)
+    async with opened(own_url) as db:
+        factor_id = await add_factor(db, Keyring.parse(GONE), "frank", clock.now())
+        kept = await add_factor(db, Keyring.parse(OLD), "grace", clock.now())
+        admin = AdminService(db, clock)
+
+        report = await admin.rotate_keys(Keyring.parse(ROTATED))
+
+        assert (report.factor_secrets.rekeyed, report.factor_secrets.failed) == (1, 1)
+        assert not report.ok
+        assert report.failures == [
+            f"factors {factor_id} (key gone-1): unknown key id 'gone-1'"]
+        assert (await factor_row(db, factor_id)).secret_key_id == "gone-1"  # left alone
+        assert (await factor_row(db, kept)).secret_key_id == "new-1"
+        status = await admin.key_status(Keyring.parse(ROTATED))
+        assert [k.key_id for k in status.unknown] == ["gone-1"] and not status.ok
+        assert [k.key_id for k in status.removable] == ["old-1"]
+
+
+# -- admin reset-user ----------------------------------------------------------------------------
+async def test_reset_user_takes_away_every_factor_session_code_and_lockout(
+        app: App, stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    factor = await enroll_app(stub, user_id, fresh_clock)
+    session = await login(stub, factor, fresh_clock)
+    open_challenge = await stub.Challenge(pb.ChallengeRequest(
+        user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
+        application=pb.APPLICATION_PORTAL))
+    now = fresh_clock.now()
+    async with app.database.transaction() as tx:
+        await tx.conn.execute(delete(user_lockouts).where(user_lockouts.c.user_id == user_id))
+        await tx.conn.execute(insert(user_lockouts).values(
+            user_id=user_id, consecutive_failures=100, last_failure_at=now,
+            admin_reset_required=True))
+        await tx.conn.execute(insert(recovery_codes).values(
+            id=str(uuid.uuid4()), user_id=user_id, code_hash=os.urandom(32), key_id="test-1",
+            created_at=now))
+    admin = AdminService(app.database, fresh_clock)
+
+    report = await admin.reset_user(user_id, "SD-1234: lost phone, identity checked")
+
+    assert report.lockout_cleared and not report.nothing_done
+    assert (report.factors_disabled, report.sessions_revoked) == (1, 1)
+    assert report.recovery_codes_retired >= 1 and report.challenges_closed >= 1
+    listed = await stub.ListFactors(pb.ListFactorsRequest(user_id=user_id))
+    assert [f.status for f in listed.factors] == [pb.FACTOR_STATUS_DISABLED]
+    row = await factor_row(app.database, factor.factor_id)
+    assert (row.secret_ciphertext, row.secret_key_id) == (None, None)
+    check = await stub.CheckSession(pb.CheckSessionRequest(
+        session_token=session.session_token, application=pb.APPLICATION_PORTAL))
+    assert not check.valid
+    async with app.database.engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).select_from(user_lockouts).where(
+            user_lockouts.c.user_id == user_id)) == 0
+        assert await conn.scalar(select(func.count()).select_from(recovery_codes).where(
+            recovery_codes.c.user_id == user_id, recovery_codes.c.used_at.is_(None))) == 0
+        assert await conn.scalar(select(challenges.c.state).where(
+            challenges.c.id == open_challenge.challenge_id)) == "superseded"
+        raw_detail = await conn.scalar(select(audit_events.c.detail).where(
+            audit_events.c.user_id == user_id, audit_events.c.event == "admin_reset"))
+    assert factor.secret not in raw_detail and session.session_token not in raw_detail
+
+    async with app.database.transaction() as tx:
+        [event, *_] = await tx.audit.page(user_id)
+    assert (event.event, event.outcome, event.caller) == ("admin_reset", "ok", "admin-cli")
+    assert event.detail["reason"] == "SD-1234: lost phone, identity checked"
+    assert (event.detail["factors_disabled"], event.detail["sessions_revoked"]) == (1, 1)
+
+    again = await admin.reset_user(user_id, "double check")
+    assert again.nothing_done
+    async with app.database.transaction() as tx:
+        [latest, *_] = await tx.audit.page(user_id)
+    assert (latest.event, latest.outcome) == ("admin_reset", "nothing_to_reset")
+
+
+@pytest.mark.parametrize(("user", "reason", "field"), [
+    ("u", "", "reason"), ("u", "   ", "reason"), ("u", "x" * 501, "reason"),
+    ("u", "two\nlines", "reason"), ("", "ok", "user_id"), (" u", "ok", "user_id"),
+    ("u" * 129, "ok", "user_id"),
+])
+async def test_reset_user_refuses_bad_input(app: App, user: str, reason: str,
+                                            field: str) -> None:
+    from mfa_service.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument) as raised:
+        await AdminService(app.database, SystemClock()).reset_user(user, reason)
+    assert [v.field for v in raised.value.violations] == [field]
+
+
+# -- the real executable ----------------------------------------------------------------------
+def _env(database_url: str, keyring: str = TEST_KEYRING) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MFA_")}
+    env.update(MFA_DATABASE_URL=database_url, MFA_KEYRING=keyring, MFA_LOG_FORMAT="text")
+    return env
+
+
+async def run_cli(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    # cwd: a directory without a .env file, so only ``env`` configures the command.
+    return await asyncio.to_thread(subprocess.run, [CLI, *args], cwd=cwd, env=env,
+                                   capture_output=True, text=True, timeout=60)
+
+
+async def test_audit_command_prints_a_users_events_newest_first(
+        app: App, stub: Stub, database_url: str, user_id: str, fresh_clock: FixedClock,
+        tmp_path: Path) -> None:
+    await enroll_app(stub, user_id, fresh_clock)
+    await AdminService(app.database, fresh_clock).reset_user(user_id, "SD-77")
+    async with app.database.transaction() as tx:
+        expected = await tx.audit.page(user_id)
+    env = _env(database_url)
+
+    text = await run_cli(tmp_path, env, "audit", "--user", user_id)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert len(lines) == len(expected) >= 3
+    assert "  admin_reset  ok  caller=admin-cli  " in lines[0]
+    assert '"reason": "SD-77"' in lines[0]
+    assert any("  factor_confirmed  ok  " in line for line in lines)
+    assert lines[-1].split("  ")[1] == "enroll"
+
+    as_json = await run_cli(tmp_path, env, "audit", "--user", user_id, "--json", "--limit", "2",
+                            "--since", (fresh_clock.now() - timedelta(hours=1)).isoformat())
+    assert as_json.returncode == 0, as_json.stderr
+    events = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [e["event_id"] for e in events] == [e.event_id for e in expected[:2]]
+    assert events[0]["event"] == "admin_reset" and events[0]["user_id"] == user_id
+    assert events[0]["detail"]["reason"] == "SD-77"
+
+    none = await run_cli(tmp_path, env, "audit", "--user", user_id, "--until", "2001-01-01")
+    assert (none.returncode, none.stdout) == (0, "")
+
+
+async def _seed(url: str, clock: Clock) -> tuple[str, str]:
+    """A migrated SQLite file with one factor (old key), one live session (old key) and a
+    lockout, as a server would have left them; returns (user id, factor id)."""
+    await _migrate(url)
+    async with opened(url) as db:
+        factor_id = await add_factor(db, Keyring.parse(OLD), "henry", clock.now())
+        async with db.transaction() as tx:
+            await add_live_session(tx.conn, Keyring.parse(OLD), "henry", factor_id,
+                                   clock.now())
+            await tx.conn.execute(insert(user_lockouts).values(
+                user_id="henry", consecutive_failures=7, locked_until=clock.now()))
+    return "henry", factor_id
+
+
+async def test_keys_commands_from_the_command_line(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'mfa.db'}"
+    await _seed(url, SystemClock())  # the command judges "live" by the real clock
+
+    before = await run_cli(tmp_path, _env(url, ROTATED), "keys", "status")
+    assert before.returncode == 0, before.stderr
+    assert "old-1 is still needed: 1 encrypted value(s): run `mfa-service keys rotate`" \
+        in before.stdout
+
+    rotated = await run_cli(tmp_path, _env(url, ROTATED), "keys", "rotate", "--batch", "10")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "factor secrets: 1 re-encrypted, 0 skipped (changed meanwhile), 0 failed" \
+        in rotated.stdout
+
+    after = await run_cli(tmp_path, _env(url, ROTATED), "keys", "status")
+    assert after.returncode == 0, after.stderr
+    assert "old-1 is still needed: 1 HMAC-keyed value(s)" in after.stdout
+    assert "cannot be re-keyed" in after.stdout and "encrypted value" not in after.stdout
+
+    missing = await run_cli(tmp_path, _env(url, NEW), "keys", "status")
+    assert missing.returncode == 1
+    assert "PROBLEM: old-1 is not in MFA_KEYRING but 1 stored value(s) need it" \
+        in missing.stdout
+
+
+async def test_admin_reset_user_from_the_command_line(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'mfa.db'}"
+    user_id, factor_id = await _seed(url, SystemClock())
+    env = _env(url)
+
+    done = await run_cli(tmp_path, env, "admin", "reset-user", user_id, "--reason", "SD-9")
+    assert done.returncode == 0, done.stderr
+    assert "factors disabled (secrets wiped): 1" in done.stdout
+    assert "sessions revoked: 1" in done.stdout and "lockout cleared: yes" in done.stdout
+    async with opened(url) as db:
+        row = await factor_row(db, factor_id)
+        assert (row.status, row.secret_ciphertext) == ("disabled", None)
+        async with db.engine.connect() as conn:
+            assert await conn.scalar(select(func.count()).select_from(user_lockouts)) == 0
+            assert await conn.scalar(select(func.count()).select_from(sessions).where(
+                sessions.c.revoked_at.is_(None))) == 0
+
+    nobody = await run_cli(tmp_path, env, "admin", "reset-user", "nobody", "--reason", "SD-10")
+    assert nobody.returncode == 0, nobody.stderr
+    assert "nothing to reset" in nobody.stdout
+
+    for bad in (["--reason", "x" * 501], []):
+        refused = await run_cli(tmp_path, env, "admin", "reset-user", user_id, *bad)
+        assert refused.returncode == 2
+        assert "reason" in refused.stderr
+
+
+def test_naive_times_are_utc() -> None:
+    from mfa_service.cli_admin import parse_instant
+
+    assert parse_instant("2026-03-02") == datetime(2026, 3, 2, tzinfo=UTC)
+    assert parse_instant("2026-03-02T11:00:00+01:00") == datetime(2026, 3, 2, 10, tzinfo=UTC)
