@@ -81,7 +81,8 @@ async def test_confirming_with_a_current_code_activates_the_factor(
     assert len(set(ok.recovery_codes)) == 10
 
     listed = await stub.ListFactors(pb.ListFactorsRequest(user_id=user_id))
-    assert [(f.factor_id, f.method, f.status) for f in listed.factors][0] == (
+    first = listed.factors[0]
+    assert (first.factor_id, first.method, first.status) == (
         resp.factor.factor_id, pb.METHOD_AUTHENTICATOR_APP, pb.FACTOR_STATUS_ACTIVE)
     assert [(f.method, f.status) for f in listed.factors][1:] == [
         (pb.METHOD_RECOVERY_CODE, pb.FACTOR_STATUS_ACTIVE)]
