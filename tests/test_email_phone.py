@@ -9,7 +9,7 @@ import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ from mfa_service.crypto import Keyring
 from mfa_service.delivery.outbox import decode_payload
 from mfa_service.settings import Settings
 from mfa_service.store.models import outbox
-from tests.conftest import TEST_KEYRING, make_settings, rich_error
+from tests.conftest import TEST_KEYRING, make_settings, rich_error, totp_at
 from tests.fakes import HttpServer, RecordedRequest, RecordingHandler, http_server_running
 from tests.fakes import smtp_server as run_smtp_server
 
@@ -66,6 +66,7 @@ class Rig:
     smtp: RecordingHandler
     provider: HttpServer
     restart: Callable[..., Any]
+    recovery_codes: dict[str, list[str]] = field(default_factory=dict)
 
     def mails_to(self, address: str, *, notices: bool = False) -> list[EmailMessage]:
         """Mails that carry a code (with ``notices``: every mail) to ``address``."""
@@ -186,7 +187,9 @@ async def rig(request: pytest.FixtureRequest, database_url: str,
 
 
 async def enroll_email(rig: Rig, user_id: str) -> tuple[str, str]:
-    """Enrol and confirm an email factor; returns (factor_id, address)."""
+    """Enrol and confirm an email factor; returns (factor_id, address).
+
+    The user's recovery codes (first factor) are kept in ``rig.recovery_codes``."""
     address = unique_email(user_id)
     resp = await rig.stub.Enroll(pb.EnrollRequest(
         user_id=user_id, method=pb.METHOD_EMAIL, email=address,
@@ -195,6 +198,7 @@ async def enroll_email(rig: Rig, user_id: str) -> tuple[str, str]:
     ok = await rig.stub.Verify(pb.VerifyRequest(challenge_id=resp.challenge_id,
                                                 code=code_in(mail.get_content())))
     assert ok.result == pb.VERIFY_RESULT_APPROVED
+    rig.recovery_codes[user_id] = list(ok.recovery_codes)
     rig.clock.advance(31)  # past the resend cooldown
     return resp.factor.factor_id, address
 
@@ -536,3 +540,54 @@ def test_production_refuses_console_senders() -> None:
         Settings.model_validate({"env": "production", "keyring": TEST_KEYRING})
     assert "MFA_EMAIL_PROVIDER=console" in str(err.value)
     assert "MFA_PHONE_PROVIDER=console" in str(err.value)
+
+
+async def test_security_notices_reach_the_user_by_email(rig: Rig, user_id: str) -> None:
+    _, address = await enroll_email(rig, user_id)
+
+    def notices() -> list[str]:
+        return [m["Subject"] for m in rig.mails_to(address, notices=True)
+                if not has_code(m.get_content())]
+
+    await eventually(lambda: len(notices()) == 1)  # the email factor itself was added
+    app = await rig.stub.Enroll(pb.EnrollRequest(
+        user_id=user_id, method=pb.METHOD_AUTHENTICATOR_APP, application=pb.APPLICATION_PORTAL))
+    confirmed = await rig.stub.Verify(pb.VerifyRequest(
+        challenge_id=app.challenge_id, code=totp_at(app.totp_secret, rig.clock)))
+    assert confirmed.result == pb.VERIFY_RESULT_APPROVED
+    rig.clock.advance(30)
+    await eventually(lambda: len(notices()) == 2)  # the app was added
+
+    # Five wrong app codes lock the account: the user hears of it.
+    listed = await rig.stub.ListFactors(pb.ListFactorsRequest(user_id=user_id))
+    recovery_id = next(f.factor_id for f in listed.factors
+                       if f.method == pb.METHOD_RECOVERY_CODE)
+    ch = await rig.stub.Challenge(pb.ChallengeRequest(
+        user_id=user_id, factor_id=app.factor.factor_id, purpose=pb.PURPOSE_LOGIN,
+        application=pb.APPLICATION_PORTAL))
+    right = totp_at(app.totp_secret, rig.clock)
+    for _ in range(5):
+        await rig.stub.Verify(pb.VerifyRequest(challenge_id=ch.challenge_id,
+                                               code=f"{(int(right) + 1) % 10**6:06d}"))
+    await eventually(lambda: len(notices()) == 3)
+    rig.clock.advance(60)
+
+    # A recovery code is used: told, with how many are left.
+    first_codes = rig.recovery_codes[user_id]  # they came with the first factor (email)
+    assert not confirmed.recovery_codes  # not again with the second
+    ch = await rig.stub.Challenge(pb.ChallengeRequest(
+        user_id=user_id, factor_id=recovery_id, purpose=pb.PURPOSE_DISABLE,
+        application=pb.APPLICATION_PORTAL))
+    done = await rig.stub.Disable(pb.DisableRequest(
+        user_id=user_id, factor_id=app.factor.factor_id, challenge_id=ch.challenge_id,
+        code=first_codes[0]))
+    assert done.result == pb.VERIFY_RESULT_APPROVED
+    # ...and the app factor was removed.
+    await eventually(lambda: len(notices()) == 5)
+    texts = [m.get_content().lower() for m in rig.mails_to(address, notices=True)
+             if not has_code(m.get_content())]
+    assert any("added" in t for t in texts)
+    assert any("locked" in t for t in texts)
+    assert any("recovery code" in t and "9 left" in t for t in texts)
+    assert any("removed" in t for t in texts)
+
