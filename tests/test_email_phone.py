@@ -591,3 +591,18 @@ async def test_security_notices_reach_the_user_by_email(rig: Rig, user_id: str) 
     assert any("recovery code" in t and "9 left" in t for t in texts)
     assert any("removed" in t for t in texts)
 
+
+
+async def test_messages_follow_the_factor_locale(rig: Rig, user_id: str) -> None:
+    address = unique_email(user_id)
+    await rig.stub.Enroll(pb.EnrollRequest(
+        user_id=user_id, method=pb.METHOD_EMAIL, email=address, locale="da-DK",
+        application=pb.APPLICATION_PORTAL))
+    mail = (await eventually(lambda: rig.mails_to(address)))[-1]
+    assert mail["Subject"] == "Din Cloud Platform-bekræftelseskode"
+    assert "5 minutter" in mail.get_content()
+    with pytest.raises(aio.AioRpcError) as err:
+        await rig.stub.Enroll(pb.EnrollRequest(
+            user_id=user_id, method=pb.METHOD_EMAIL, email=address, locale="not a locale!",
+            application=pb.APPLICATION_PORTAL))
+    assert set(rich_error(err.value).field_violations) == {"locale"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +37,7 @@ MAX_CODE = 64
 MAX_TOKEN = 256
 MAX_USER_AGENT = 512
 MAX_TEXT = 320
+LOCALE_RE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8}){0,2}")
 MAX_PAGE = 500
 DEFAULT_PAGE = 100
 
@@ -163,6 +165,8 @@ def enroll_command(req: pb.EnrollRequest) -> EnrollCommand:
     c.text("account_name", req.account_name, max_len=MAX_TEXT, required=False)
     if req.change_proof_challenge_id:
         c.resource_id("change_proof_challenge_id", req.change_proof_challenge_id)
+    if req.locale and not LOCALE_RE.fullmatch(req.locale):
+        c.bad("locale", "must be a BCP 47 language tag such as 'en' or 'da-DK'")
     if method is not domain.Method.EMAIL and req.email:
         c.bad("email", "is only for METHOD_EMAIL")
     if method is not domain.Method.PHONE:
@@ -175,7 +179,8 @@ def enroll_command(req: pb.EnrollRequest) -> EnrollCommand:
     return EnrollCommand(
         user_id=user_id, method=method, application=application, email=req.email,
         phone_number=req.phone_number, channel=channel, account_name=req.account_name,
-        change_proof_challenge_id=req.change_proof_challenge_id or None)
+        change_proof_challenge_id=req.change_proof_challenge_id or None,
+        locale=req.locale.lower())
 
 
 def challenge_command(req: pb.ChallengeRequest) -> ChallengeCommand:

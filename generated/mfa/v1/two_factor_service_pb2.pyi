@@ -336,6 +336,7 @@ class EnrollRequest(_message.Message):
     ACCOUNT_NAME_FIELD_NUMBER: _builtins.int
     APPLICATION_FIELD_NUMBER: _builtins.int
     CHANGE_PROOF_CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    LOCALE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user to bind the factor to (opaque id of the central login, 1-128 characters)."""
     method: Global___Method.ValueType
@@ -354,6 +355,10 @@ class EnrollRequest(_message.Message):
     """For METHOD_PHONE when a phone factor is already ACTIVE: an APPROVED
     PURPOSE_CHANGE_PHONE challenge on the old phone factor.
     """
+    locale: _builtins.str
+    """Language of the messages sent for this factor, a BCP 47 tag ("en", "da-DK");
+    unknown languages fall back to English. Default: the server's MFA_DEFAULT_LOCALE.
+    """
     def __init__(
         self,
         *,
@@ -365,10 +370,11 @@ class EnrollRequest(_message.Message):
         account_name: _builtins.str = ...,
         application: Global___Application.ValueType = ...,
         change_proof_challenge_id: _builtins.str = ...,
+        locale: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_name", b"account_name", "application", b"application", "change_proof_challenge_id", b"change_proof_challenge_id", "channel", b"channel", "email", b"email", "method", b"method", "phone_number", b"phone_number", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_name", b"account_name", "application", b"application", "change_proof_challenge_id", b"change_proof_challenge_id", "channel", b"channel", "email", b"email", "locale", b"locale", "method", b"method", "phone_number", b"phone_number", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
