@@ -89,11 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     gen = keys_sub.add_parser("generate", help="print a new keyring entry for MFA_KEYRING")
     gen.add_argument("--id", default="k1", help="key id (letters, digits, '-')")
+    callers = sub.add_parser("callers", help="caller credentials")
+    callers_sub = callers.add_subparsers(dest="callers_command", required=True)
+    callers_sub.add_parser("new-token", help="print a new bearer token and the SHA-256 "
+                                             "to put in the callers file")
     cli_admin.register(sub, keys_sub)
     args = parser.parse_args(argv)
 
     if (code := cli_admin.dispatch(args)) is not None:
         return code
+    if args.command == "callers":
+        from mfa_service.transport.auth import new_token
+
+        token, digest = new_token()
+        print(f"token (give to the caller, store as a secret): {token}")
+        print(f'token_sha256 (put in the callers file):       "{digest}"')
+        return 0
     if args.command == "keys":
         print(Keyring.generate_entry(args.id))
         return 0

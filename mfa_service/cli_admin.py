@@ -207,7 +207,9 @@ def format_status(status: KeyStatus) -> list[str]:
                        "used or are regenerated")
         lines.append(f"{k.key_id} is still needed: " + "; ".join(why))
     for k in status.removable:
-        lines.append(f"{k.key_id} can be removed from MFA_KEYRING: nothing stored needs it")
+        # A server still running with this key as its primary would keep writing under it.
+        lines.append(f"{k.key_id} can be removed from MFA_KEYRING: nothing stored needs it "
+                     "(remove it once no server has it as its primary key)")
     for k in status.unknown:
         lines.append(f"PROBLEM: {k.key_id} is not in MFA_KEYRING but {k.total} stored "
                      "value(s) need it; they cannot be used until the key is restored")

@@ -126,3 +126,14 @@ def test_keys_generate_prints_a_usable_entry() -> None:
     out = subprocess.run([CLI, "keys", "generate", "--id", "prod-1"], capture_output=True,
                          text=True, check=True, timeout=60).stdout.strip()
     assert Keyring.parse(out).primary_id == "prod-1"
+
+
+def test_callers_new_token_prints_a_token_and_its_hash() -> None:
+    import hashlib
+
+    out = subprocess.run([CLI, "callers", "new-token"], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.splitlines()
+    token = out[0].rsplit(" ", 1)[1]
+    digest = out[1].rsplit(" ", 1)[1].strip('"')
+    assert len(token) >= 43
+    assert hashlib.sha256(token.encode()).hexdigest() == digest

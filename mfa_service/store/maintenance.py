@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from mfa_service.domain import ChallengeState, FactorStatus
+from mfa_service.store.engine import insert_ignore
 from mfa_service.store.models import (
     challenges,
     factors,
@@ -151,11 +152,15 @@ async def clear_lockout(conn: AsyncConnection, user_id: str) -> bool:
     """Delete the user's lockout counter; True if there was one.
 
     Run first in the reset: every Verify locks this row before anything else
-    (LockoutRepository.lock), so taking it first keeps the lock order and a concurrent
-    Verify waits for the reset instead of deadlocking with it.
+    (LockoutRepository.lock), so the reset takes it first too and a concurrent Verify
+    waits for it instead of deadlocking with it. A missing row is inserted first so that
+    there is a row to lock (ON CONFLICT DO NOTHING takes no lock on an existing row; the
+    DELETE does).
     """
-    result = await conn.execute(delete(user_lockouts).where(user_lockouts.c.user_id == user_id))
-    return result.rowcount > 0
+    created = await conn.execute(insert_ignore(conn, user_lockouts, {
+        "user_id": user_id, "consecutive_failures": 0, "admin_reset_required": False}))
+    await conn.execute(delete(user_lockouts).where(user_lockouts.c.user_id == user_id))
+    return created.rowcount == 0
 
 
 async def disable_user_factors(conn: AsyncConnection, user_id: str, now: datetime) -> int:
