@@ -48,3 +48,21 @@ def test_generated_stubs_are_importable_as_documented() -> None:
         "Enroll", "Challenge", "Verify", "Disable", "CheckSession", "ListFactors",
         "RevokeSession", "RegenerateRecoveryCodes", "ListAuditEvents"]
     assert hasattr(two_factor_service_pb2_grpc, "TwoFactorServiceStub")
+
+
+def test_the_wheel_ships_every_module(tmp_path: Path) -> None:
+    """What `pip install .` installs: every package, the stubs, migrations and templates."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300,
+        check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("mfa_service-*.whl")
+    import zipfile
+
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    expected = {str(p.relative_to(REPO)) for p in (REPO / "mfa_service").rglob("*")
+                if p.suffix in (".py", ".mako") and "__pycache__" not in p.parts}
+    expected |= {str(p.relative_to(REPO / "generated")) for p in (REPO / "generated").rglob("*")
+                 if p.suffix in (".py", ".pyi") or p.name == "py.typed"}
+    assert expected - shipped == set()
