@@ -73,6 +73,23 @@ async def postgres_url() -> AsyncIterator[str]:
         await conn.close()
 
 
+@pytest.fixture
+async def empty_postgres(postgres_url: str) -> AsyncIterator[str]:
+    """A PostgreSQL database of its own with no schema at all, dropped afterwards."""
+    name = f"mfa_empty_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL), timeout=5)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL), timeout=5)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="session")
 async def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A migrated SQLite file for this test session."""

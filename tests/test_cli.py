@@ -9,17 +9,10 @@ import socket
 import stat
 import subprocess
 import sys
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
-import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlalchemy.engine import make_url
-
-from tests.conftest import PG_ADMIN_URL, _asyncpg_dsn
 
 CLI = str(Path(sys.executable).parent / "mfa-service")
 
@@ -78,20 +71,8 @@ async def test_serve_with_no_configuration_then_graceful_stop(tmp_path: Path) ->
             proc.stderr.close()
 
 
-@pytest.fixture
-async def fresh_postgres(postgres_url: str) -> AsyncIterator[str]:
-    name = f"mfa_cli_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL))
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL))
-    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await conn.close()
-
-
-async def test_postgres_needs_migrate_before_serve(tmp_path: Path, fresh_postgres: str) -> None:
-    env = _env(MFA_DATABASE_URL=fresh_postgres, MFA_LISTEN_ADDR=f"127.0.0.1:{_free_port()}",
+async def test_postgres_needs_migrate_before_serve(tmp_path: Path, empty_postgres: str) -> None:
+    env = _env(MFA_DATABASE_URL=empty_postgres, MFA_LISTEN_ADDR=f"127.0.0.1:{_free_port()}",
                MFA_KEY_FILE=str(tmp_path / "k.keys"))
     refused = await asyncio.to_thread(subprocess.run, [CLI, "serve"], cwd=tmp_path, env=env,
                                       capture_output=True, text=True, timeout=60)

@@ -3,10 +3,6 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
-
-import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -19,7 +15,7 @@ from mfa_service.errors import ConfigurationError
 from mfa_service.store import migrate
 from mfa_service.store.engine import create_engine
 from mfa_service.store.models import Base
-from tests.conftest import PG_ADMIN_URL, TEST_KEYRING, _asyncpg_dsn, make_settings
+from tests.conftest import TEST_KEYRING, make_settings
 
 
 async def test_migrated_schema_matches_the_models(database_url: str) -> None:
@@ -34,19 +30,6 @@ async def test_migrated_schema_matches_the_models(database_url: str) -> None:
         assert await migrate.current_revision(engine) == migrate.head_revision()
     finally:
         await engine.dispose()
-
-
-@pytest.fixture
-async def empty_postgres(postgres_url: str) -> AsyncIterator[str]:
-    """A PostgreSQL database with no schema at all."""
-    name = f"mfa_empty_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL))
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL))
-    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await conn.close()
 
 
 async def test_serve_refuses_an_unmigrated_postgres(empty_postgres: str) -> None:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from email_validator import EmailNotValidError, validate_email
 
-from mfa_service.domain import Challenge, Channel, FactorRecord, Method
+from mfa_service.domain import Channel, Method
 from mfa_service.errors import InvalidArgument
-from mfa_service.factors.base import EnrollInput, EnrollmentMaterial, Match
-from mfa_service.factors.sent_code import SentCode
+from mfa_service.factors.base import EnrollInput, EnrollmentMaterial
+from mfa_service.factors.sent_code import SentCodeMethod
 
 
 def mask_email(address: str) -> str:
@@ -29,16 +27,8 @@ def normalise_email(raw: str) -> str:
     return str(result.normalized)
 
 
-class EmailCode:
+class EmailCode(SentCodeMethod):
     method = Method.EMAIL
-    sends_code = True
-
-    def __init__(self, codes: SentCode) -> None:
-        self._codes = codes
-
-    @property
-    def code_length(self) -> int:
-        return self._codes.length
 
     def channel_for(self, requested: Channel | None) -> Channel:
         if requested not in (None, Channel.EMAIL):
@@ -50,13 +40,3 @@ class EmailCode:
         address = normalise_email(request.email)
         return EnrollmentMaterial(label=address, masked_destination=mask_email(address),
                                   destination=address)
-
-    def parse_code(self, raw: str) -> str:
-        return self._codes.parse(raw)
-
-    def new_code(self) -> str | None:
-        return self._codes.new()
-
-    def match(self, record: FactorRecord, challenge: Challenge, code: str,
-              now: datetime) -> Match:
-        return self._codes.match(record, challenge, code, now)

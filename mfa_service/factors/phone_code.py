@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import phonenumbers
 
-from mfa_service.domain import Challenge, Channel, FactorRecord, Method
+from mfa_service.domain import Channel, Method
 from mfa_service.errors import InvalidArgument
-from mfa_service.factors.base import EnrollInput, EnrollmentMaterial, Match
-from mfa_service.factors.sent_code import SentCode
+from mfa_service.factors.base import EnrollInput, EnrollmentMaterial
+from mfa_service.factors.sent_code import SentCodeMethod
 
 
 def normalise_phone(raw: str) -> str:
@@ -45,16 +43,8 @@ def mask_phone(e164: str) -> str:
     return prefix + "".join(out)
 
 
-class PhoneCode:
+class PhoneCode(SentCodeMethod):
     method = Method.PHONE
-    sends_code = True
-
-    def __init__(self, codes: SentCode) -> None:
-        self._codes = codes
-
-    @property
-    def code_length(self) -> int:
-        return self._codes.length
 
     def channel_for(self, requested: Channel | None) -> Channel:
         if requested is None:
@@ -68,13 +58,3 @@ class PhoneCode:
         e164 = normalise_phone(request.phone_number)
         return EnrollmentMaterial(label=e164, masked_destination=mask_phone(e164),
                                   destination=e164)
-
-    def parse_code(self, raw: str) -> str:
-        return self._codes.parse(raw)
-
-    def new_code(self) -> str | None:
-        return self._codes.new()
-
-    def match(self, record: FactorRecord, challenge: Challenge, code: str,
-              now: datetime) -> Match:
-        return self._codes.match(record, challenge, code, now)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from mfa_service.crypto import Keyring
-from mfa_service.domain import Challenge, FactorRecord
+from mfa_service.domain import Challenge, FactorRecord, Method
 from mfa_service.factors.base import Match
 from mfa_service.factors.codes import code_matches, generate_numeric_code, normalise_digits
 
@@ -39,3 +39,31 @@ class SentCode:
             return Match(ok=False)
         return Match(ok=code_matches(self._keyring, challenge.challenge_id, code,
                                      challenge.code_key_id, challenge.code_hash))
+
+
+class SentCodeMethod:
+    """Base of the email and phone methods: the code handling they share.
+
+    Subclasses say what a destination is (``begin_enrollment``) and how a code travels
+    (``channel_for``).
+    """
+
+    method: Method
+    sends_code = True
+
+    def __init__(self, codes: SentCode) -> None:
+        self._codes = codes
+
+    @property
+    def code_length(self) -> int:
+        return self._codes.length
+
+    def parse_code(self, raw: str) -> str:
+        return self._codes.parse(raw)
+
+    def new_code(self) -> str | None:
+        return self._codes.new()
+
+    def match(self, record: FactorRecord, challenge: Challenge, code: str,
+              now: datetime) -> Match:
+        return self._codes.match(record, challenge, code, now)
