@@ -195,6 +195,10 @@ async def test_a_recovery_code_disables_a_lost_factor(
     ch = await stub.Challenge(pb.ChallengeRequest(
         user_id=user_id, factor_id=recovery_id, purpose=pb.PURPOSE_DISABLE,
         application=pb.APPLICATION_PORTAL))
+    # Verify cannot use it to switch off the recovery codes themselves.
+    with pytest.raises(aio.AioRpcError) as err:
+        await stub.Verify(pb.VerifyRequest(challenge_id=ch.challenge_id, code=codes[3]))
+    assert rich_error(err.value).reason == "ERROR_REASON_CHALLENGE_MISMATCH"
     done = await stub.Disable(pb.DisableRequest(user_id=user_id, factor_id=factor.factor_id,
                                                 challenge_id=ch.challenge_id, code=codes[3]))
     assert done.result == pb.VERIFY_RESULT_APPROVED

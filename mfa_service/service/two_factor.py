@@ -381,6 +381,13 @@ class TwoFactorService:
                 raise ChallengeNotFound()
             if expect is not None:
                 target = await self._disable_target(tx, challenge, record, expect)
+            elif (challenge.purpose is Purpose.DISABLE
+                  and record.factor.method is Method.RECOVERY_CODE):
+                # Verify would disable the recovery codes themselves; the caller means
+                # Disable(factor_id=<the lost factor>) with this challenge.
+                raise FailedPrecondition(
+                    "a PURPOSE_DISABLE challenge on recovery codes is used with Disable, "
+                    "naming the factor to remove", reason="ERROR_REASON_CHALLENGE_MISMATCH")
             who.authorize(challenge.application)
             method = self._registry.get(record.factor.method)
             code = method.parse_code(raw_code)  # malformed input is not a guess
