@@ -94,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     callers_sub.add_parser("new-token", help="print a new bearer token and the SHA-256 "
                                              "to put in the callers file")
     cli_admin.register(sub, keys_sub)
+    sub.add_parser("loadtest", add_help=False, prefix_chars="\0",  # its own parser, lazily
+                   help="drive load at a local server (see loadtest --help)").add_argument(
+        "argv", nargs="*")
     args = parser.parse_args(argv)
+    if args.command == "loadtest":
+        from mfa_service.loadtest import main as loadtest_main
+        return loadtest_main(args.argv)
 
     if (code := cli_admin.dispatch(args)) is not None:
         return code
