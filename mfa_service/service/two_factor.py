@@ -646,7 +646,7 @@ class TwoFactorService:
         if not who.audit_reader:
             raise PermissionDenied("this caller may not read the audit trail",
                                    reason="ERROR_REASON_CALLER_NOT_ALLOWED")
-        async with self._db.transaction() as tx:
+        async with self._db.transaction(readonly=True) as tx:
             return await tx.audit.page(user_id, start=start, end=end, before_id=before_id,
                                        limit=limit)
 
@@ -675,7 +675,7 @@ class TwoFactorService:
 
     # -- ListFactors -----------------------------------------------------------------------
     async def list_factors(self, user_id: str) -> tuple[list[Factor], int]:
-        async with self._db.transaction() as tx:
+        async with self._db.transaction(readonly=True) as tx:
             records = await tx.factors.list_for_user(user_id)
             remaining = await tx.recovery.remaining(user_id)
         return [r.factor for r in records], remaining

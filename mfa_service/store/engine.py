@@ -65,7 +65,9 @@ def _make_sqlite_transactions_immediate(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Read-only transactions (Database.transaction(readonly=True)) take no write lock.
+        readonly = conn.get_execution_options().get("mfa_readonly", False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
 
 def insert_ignore(conn: AsyncConnection, table: Table, values: dict[str, Any]) -> Insert:

@@ -272,6 +272,13 @@ class SessionRepository:
             authenticated_at=s.authenticated_at, expires_at=s.expires_at,
             idle_expires_at=s.idle_expires_at))
 
+    async def find_live(self, token_hashes: Sequence[bytes], now: datetime) -> Session | None:
+        """The live session (not revoked, neither deadline passed) with one of the hashes."""
+        row = (await self._conn.execute(select(sessions).where(
+            sessions.c.token_hash.in_(list(token_hashes)), sessions.c.revoked_at.is_(None),
+            sessions.c.expires_at > now, sessions.c.idle_expires_at > now))).first()
+        return _session(row) if row else None
+
     async def touch_live(self, token_hashes: Sequence[bytes], now: datetime,
                          idle_until: datetime) -> Session | None:
         """The live session with one of ``token_hashes``, its idle deadline slid forward.
