@@ -22,8 +22,10 @@ def normalise_email(raw: str) -> str:
         raise InvalidArgument.single("email", "is required for METHOD_EMAIL")
     try:
         result = validate_email(raw, check_deliverability=False)
-    except EmailNotValidError as exc:
-        raise InvalidArgument.single("email", f"is not a valid address: {exc}") from None
+    except EmailNotValidError:
+        # Not the library's message: it quotes parts of the input back, and a caller's
+        # mistake (a token pasted into the wrong field) must not be echoed into logs.
+        raise InvalidArgument.single("email", "is not a valid email address") from None
     return str(result.normalized)
 
 
