@@ -135,14 +135,25 @@ class App:
     dispatcher: Dispatcher
     senders: list[Sender]
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def stop(self, grace: float | None = None) -> None:
+        """Stop serving: in-flight calls get ``grace`` seconds, background work finishes
+        its current pass (a task cancelled inside a SQLite transaction could leave the
+        file's write lock held by a connection still closing in its thread)."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        self._stopping.set()
+        self.dispatcher.stop()
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+            try:
+                await asyncio.wait_for(task, timeout=max(grace, 2.0))
+            except TimeoutError:
+                log.warning("background task did not stop in time", extra={
+                    "task": task.get_name()})
+            except asyncio.CancelledError:  # pragma: no cover - cancelled elsewhere
+                pass
+        await self.server.stop(grace)
         for sender in self.senders:
             await sender.aclose()
         # Calls cut off by the grace period may leave a connection closing in its thread;
@@ -156,8 +167,11 @@ class App:
 async def _probe_database(app: App, interval: float) -> None:
     """Health follows the database: NOT_SERVING while it does not answer."""
     serving = True
-    while True:
-        await asyncio.sleep(interval)
+    while not app._stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(app._stopping.wait(), timeout=interval)
+        if app._stopping.is_set():
+            return
         try:
             await app.database.ping()
             ok = True

@@ -41,3 +41,5 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     # The SQL engine logs statements with parameters at INFO: keep it quiet.
     logging.getLogger("sqlalchemy.engine").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # aiosqlite logs every statement with its parameters at DEBUG, past hide_parameters.
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)

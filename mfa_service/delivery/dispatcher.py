@@ -46,22 +46,30 @@ class Dispatcher:
         self._backoff_max = backoff_max
         self._poll = poll_seconds
         self._wake = asyncio.Event()
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Finish the current pass, then return from ``run`` (claimed rows are settled)."""
+        self._stopping = True
+        self._wake.set()
 
     def wake(self) -> None:
         """Ask for an immediate pass (called after a transaction that enqueued committed)."""
         self._wake.set()
 
     async def run(self) -> None:
-        """Loop until cancelled."""
-        while True:
+        """Loop until ``stop`` (or cancellation)."""
+        while not self._stopping:
             self._wake.clear()
             try:
-                while await self.run_once() == self._batch:
+                while await self.run_once() == self._batch and not self._stopping:
                     pass  # a full batch: there may be more due right now
             except StoreError:
                 log.warning("outbox pass failed: database unavailable")
             except Exception:
                 log.exception("outbox pass failed")
+            if self._stopping:
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._poll)
 
