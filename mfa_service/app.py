@@ -300,8 +300,8 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         interceptors=[server_interceptor(), ServiceInterceptor(callers)],
         options=[
             # On by default on Linux: a second server on the same port would silently
-            # share it. Several workers on one port are opt-in, not an accident.
-            ("grpc.so_reuseport", 0),
+            # share it. Several workers on one port are opt-in (MFA_WORKERS), not an accident.
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
             ("grpc.max_receive_message_length", 64 * 1024),
             # Accept client keepalive pings every 20 s (default rejects < 5 min).
             ("grpc.http2.min_ping_interval_without_data_ms", 20_000),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -123,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if asyncio.run(_health(settings, args.service, args.timeout)) else 1
     configure_logging(settings.log_level, settings.log_format)
     try:
+        if args.command == "serve" and settings.workers > 1 and not os.environ.get(
+                "MFA_WORKER_INDEX"):
+            from mfa_service.workers import run_workers
+
+            return run_workers(settings)
         if args.command == "serve":
             try:
                 import uvloop  # optional speed-up (+6-12 %, shared/BASELINES.md)

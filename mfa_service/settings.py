@@ -33,6 +33,8 @@ class Settings(BaseSettings):
 
     env: Environment = Environment.DEVELOPMENT
     listen_addr: str = "127.0.0.1:50051"
+    # Server processes sharing the port (SO_REUSEPORT); 1 = this process serves.
+    workers: int = Field(default=1, ge=1, le=64)
 
     # Store. The password lives in its own secret field so it never shows in a repr or log.
     database_url: str = DEFAULT_DATABASE_URL
@@ -141,6 +143,8 @@ class Settings(BaseSettings):
             if self.phone_provider == "console":
                 problems.append("MFA_PHONE_PROVIDER=console only logs messages: "
                                 "not allowed when MFA_ENV=production")
+        if self.workers > 1 and self.listen_addr.endswith(":0"):
+            problems.append("MFA_WORKERS > 1 needs a fixed port in MFA_LISTEN_ADDR")
         if self.phone_provider == "webhook" and not self.phone_webhook_url:
             problems.append("MFA_PHONE_PROVIDER=webhook needs MFA_PHONE_WEBHOOK_URL")
         if self.phone_provider == "twilio" and not (

@@ -118,3 +118,35 @@ def test_callers_new_token_prints_a_token_and_its_hash() -> None:
     digest = out[1].rsplit(" ", 1)[1].strip('"')
     assert len(token) >= 43
     assert hashlib.sha256(token.encode()).hexdigest() == digest
+
+
+async def test_several_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
+    from mfa.v1 import two_factor_service_pb2 as pb
+    from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
+
+    port = _free_port()
+    proc = subprocess.Popen([CLI, "serve"], cwd=tmp_path, stderr=subprocess.PIPE,
+                            env=_env(MFA_LISTEN_ADDR=f"127.0.0.1:{port}", MFA_WORKERS="2"))
+    try:
+        await _wait_serving(port, proc)
+        children_file = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        workers = [pid for pid in children_file.read_text().split()
+                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 2
+        # Many connections, as the kernel balances connections: every call is served.
+        for i in range(8):
+            async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.TwoFactorServiceStub(channel)
+                listed = await stub.ListFactors(pb.ListFactorsRequest(user_id=f"nobody-{i}"))
+                assert list(listed.factors) == []
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+        for pid in workers:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(
+                f"/proc/{pid}/status").read_text().lower()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
