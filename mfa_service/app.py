@@ -47,6 +47,7 @@ from mfa_service.settings import Environment, Settings
 from mfa_service.store import migrate
 from mfa_service.store.database import Database
 from mfa_service.store.engine import create_engine, database_url
+from mfa_service.store.retention import Retention, purge
 from mfa_service.telemetry import configure_tracing, server_interceptor
 from mfa_service.transport.auth import CallerRegistry
 from mfa_service.transport.interceptors import ServiceInterceptor
@@ -184,6 +185,29 @@ async def _probe_database(app: App, interval: float) -> None:
             log.warning("database health changed", extra={"serving": ok})
             for name in ("", SERVICE_NAME):
                 await app.health.set(name, status)
+
+
+async def _purge_periodically(app: App, clock: Clock, interval: float) -> None:
+    """Retention: ended sessions, closed challenges, sent messages and idle lockout
+    counters are deleted after their keep period (store/retention.py)."""
+    while not app._stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(app._stopping.wait(), timeout=interval)
+        if app._stopping.is_set():
+            return
+        try:
+            total: dict[str, int] = {}
+            while True:
+                async with app.database.transaction() as tx:
+                    counts = await purge(tx.conn, clock.now(), Retention())
+                for key, value in counts.items():
+                    total[key] = total.get(key, 0) + value
+                if not any(counts.values()) or app._stopping.is_set():
+                    break
+            if any(total.values()):
+                log.info("purged ended rows", extra=total)
+        except StoreError:
+            log.warning("purge skipped: database unavailable")
 
 
 def _register_reflection_v1_descriptor() -> None:
@@ -328,6 +352,9 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         _probe_database(app, settings.health_probe_seconds), name="db-health-probe"))
     if settings.outbox_dispatcher:
         app._tasks.append(asyncio.create_task(dispatcher.run(), name="outbox-dispatcher"))
+    if settings.purge_interval_seconds > 0:
+        app._tasks.append(asyncio.create_task(
+            _purge_periodically(app, clock, settings.purge_interval_seconds), name="purge"))
     log.info("listening", extra={"listen_addr": settings.listen_addr, "port": port,
                                  "tls": credentials is not None,
                                  "database": engine.url.render_as_string(hide_password=True)})

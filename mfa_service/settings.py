@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     otel_exporter: Literal["none", "console"] = "none"
     shutdown_grace_seconds: float = Field(default=5.0, ge=0, le=60)
     health_probe_seconds: float = Field(default=5.0, gt=0, le=300)
+    # How often ended sessions/challenges/sent messages are deleted (0: never, e.g. when a
+    # separate job does it).
+    purge_interval_seconds: float = Field(default=3600.0, ge=0, le=7 * 86400)
 
     @field_validator("listen_addr")
     @classmethod

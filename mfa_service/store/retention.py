@@ -1,0 +1,55 @@
+"""Deleting what no longer serves anyone: ended sessions, closed challenges, settled
+outbox rows and idle lockout counters. The audit trail and factors are never deleted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, delete, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mfa_service.store.models import challenges, outbox, sessions, user_lockouts
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long ended rows are kept (for support questions) before they go."""
+
+    sessions: timedelta = timedelta(days=1)
+    challenges: timedelta = timedelta(days=1)
+    outbox: timedelta = timedelta(days=7)
+    lockouts: timedelta = timedelta(hours=12)  # the quiet period that resets a count anyway
+
+
+async def purge(conn: AsyncConnection, now: datetime, keep: Retention,
+                batch: int = 1000) -> dict[str, int]:
+    """Delete at most ``batch`` rows of each kind; returns how many went of each.
+
+    Batches keep each transaction (and SQLite's write lock) short; call again until it
+    returns zeros. Concurrent purges in several processes only race to delete the same
+    rows, which is harmless.
+    """
+    counts: dict[str, int] = {}
+    ended_sessions = select(sessions.c.id).where(or_(
+        sessions.c.revoked_at < now - keep.sessions,
+        sessions.c.expires_at < now - keep.sessions,
+        sessions.c.idle_expires_at < now - keep.sessions)).limit(batch)
+    counts["sessions"] = (await conn.execute(
+        delete(sessions).where(sessions.c.id.in_(ended_sessions)))).rowcount
+    old_challenges = select(challenges.c.id).where(
+        challenges.c.expires_at < now - keep.challenges).limit(batch)
+    counts["challenges"] = (await conn.execute(
+        delete(challenges).where(challenges.c.id.in_(old_challenges)))).rowcount
+    settled = select(outbox.c.id).where(
+        outbox.c.state != "pending", outbox.c.created_at < now - keep.outbox).limit(batch)
+    counts["outbox"] = (await conn.execute(
+        delete(outbox).where(outbox.c.id.in_(settled)))).rowcount
+    idle = select(user_lockouts.c.user_id).where(and_(
+        user_lockouts.c.admin_reset_required.is_(False),
+        or_(user_lockouts.c.locked_until.is_(None), user_lockouts.c.locked_until < now),
+        or_(user_lockouts.c.last_failure_at.is_(None),
+            user_lockouts.c.last_failure_at < now - keep.lockouts))).limit(batch)
+    counts["lockouts"] = (await conn.execute(
+        delete(user_lockouts).where(user_lockouts.c.user_id.in_(idle)))).rowcount
+    return counts
