@@ -190,6 +190,16 @@ async def enroll_app(stub: Stub, user_id: str,
     return AppFactor(resp.factor.factor_id, resp.totp_secret, user_id)
 
 
+async def challenge(stub: Stub, factor: AppFactor,
+                    purpose: pb.Purpose.ValueType = pb.PURPOSE_LOGIN,
+                    application: pb.Application.ValueType = pb.APPLICATION_PORTAL,
+                    ) -> pb.ChallengeResponse:
+    """Open a challenge on an enrolled app factor."""
+    return await stub.Challenge(pb.ChallengeRequest(
+        user_id=factor.user_id, factor_id=factor.factor_id, purpose=purpose,
+        application=application))
+
+
 async def login(stub: Stub, factor: AppFactor, clock: FixedClock,
                 application: pb.Application.ValueType = pb.APPLICATION_PORTAL) -> pb.Session:
     ch = await stub.Challenge(pb.ChallengeRequest(

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from mfa_service.app import App
 from mfa_service.clock import FixedClock
 from mfa_service.store.models import factors, sessions
-from tests.conftest import enroll_app, login, rich_error, totp_at
+from tests.conftest import challenge, enroll_app, login, rich_error, totp_at
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
@@ -136,15 +136,11 @@ async def test_a_code_is_accepted_once_replay_is_refused(
         stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
     factor = await enroll_app(stub, user_id, fresh_clock)
     code = totp_at(factor.secret, fresh_clock)
-    first = await stub.Challenge(pb.ChallengeRequest(
-        user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
-        application=pb.APPLICATION_PORTAL))
+    first = await challenge(stub, factor)
     assert (await stub.Verify(pb.VerifyRequest(challenge_id=first.challenge_id, code=code))
             ).result == pb.VERIFY_RESULT_APPROVED
 
-    second = await stub.Challenge(pb.ChallengeRequest(
-        user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
-        application=pb.APPLICATION_BACKOFFICE))
+    second = await challenge(stub, factor, pb.PURPOSE_LOGIN, pb.APPLICATION_BACKOFFICE)
     replay = await stub.Verify(pb.VerifyRequest(challenge_id=second.challenge_id, code=code))
     assert replay.result == pb.VERIFY_RESULT_INVALID_CODE
     # An older step (still inside the +-1 window) is a replay too (RFC 6238 5.2).
@@ -164,9 +160,7 @@ async def test_window_is_one_step_each_way(
     fresh_clock.advance(120)  # well past the confirmation step
 
     async def try_code(steps: int) -> int:
-        ch = await stub.Challenge(pb.ChallengeRequest(
-            user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
-            application=pb.APPLICATION_PORTAL))
+        ch = await challenge(stub, factor)
         resp = await stub.Verify(pb.VerifyRequest(
             challenge_id=ch.challenge_id, code=totp_at(factor.secret, fresh_clock, steps)))
         return resp.result
@@ -180,9 +174,7 @@ async def test_window_is_one_step_each_way(
 async def test_five_wrong_codes_end_the_challenge(
         stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
     factor = await enroll_app(stub, user_id, fresh_clock)
-    ch = await stub.Challenge(pb.ChallengeRequest(
-        user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
-        application=pb.APPLICATION_PORTAL))
+    ch = await challenge(stub, factor)
     right = totp_at(factor.secret, fresh_clock)
     wrong = f"{(int(right) + 1) % 1_000_000:06d}"
     seen = []
@@ -207,9 +199,7 @@ async def test_five_wrong_codes_end_the_challenge(
 
 async def test_expired_challenge(stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
     factor = await enroll_app(stub, user_id, fresh_clock)
-    ch = await stub.Challenge(pb.ChallengeRequest(
-        user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
-        application=pb.APPLICATION_PORTAL))
+    ch = await challenge(stub, factor)
     assert ch.expires_at.ToDatetime().timestamp() - fresh_clock.now().timestamp() == 300
     fresh_clock.advance(301)
     resp = await stub.Verify(pb.VerifyRequest(
@@ -220,12 +210,8 @@ async def test_expired_challenge(stub: Stub, user_id: str, fresh_clock: FixedClo
 async def test_approved_or_replaced_challenge_reports_already_used(
         stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
     factor = await enroll_app(stub, user_id, fresh_clock)
-    old = await stub.Challenge(pb.ChallengeRequest(
-        user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
-        application=pb.APPLICATION_PORTAL))
-    new = await stub.Challenge(pb.ChallengeRequest(
-        user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
-        application=pb.APPLICATION_PORTAL))
+    old = await challenge(stub, factor)
+    new = await challenge(stub, factor)
     code = totp_at(factor.secret, fresh_clock)
     replaced = await stub.Verify(pb.VerifyRequest(challenge_id=old.challenge_id, code=code))
     assert replaced.result == pb.VERIFY_RESULT_ALREADY_USED
@@ -311,9 +297,7 @@ async def test_revoke_one_session_then_all(
 async def test_disable_needs_a_current_code_from_the_app(
         stub: Stub, user_id: str, fresh_clock: FixedClock, app: App) -> None:
     factor = await enroll_app(stub, user_id, fresh_clock)
-    ch = await stub.Challenge(pb.ChallengeRequest(
-        user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_DISABLE,
-        application=pb.APPLICATION_PORTAL))
+    ch = await challenge(stub, factor, pb.PURPOSE_DISABLE)
     assert ch.channel == pb.CHANNEL_NONE and ch.code_length == 6
     right = totp_at(factor.secret, fresh_clock)
     wrong = f"{(int(right) + 7) % 1_000_000:06d}"
@@ -340,9 +324,7 @@ async def test_disable_needs_a_current_code_from_the_app(
             factors.c.id == factor.factor_id))).one()
     assert row.secret_ciphertext is None
     with pytest.raises(aio.AioRpcError) as err:
-        await stub.Challenge(pb.ChallengeRequest(
-            user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
-            application=pb.APPLICATION_PORTAL))
+        await challenge(stub, factor)
     e = rich_error(err.value)
     assert (e.code, e.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
                                   "ERROR_REASON_FACTOR_DISABLED")
@@ -351,9 +333,7 @@ async def test_disable_needs_a_current_code_from_the_app(
 async def test_disable_refuses_a_login_challenge_and_other_users(
         stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
     factor = await enroll_app(stub, user_id, fresh_clock)
-    login_ch = await stub.Challenge(pb.ChallengeRequest(
-        user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
-        application=pb.APPLICATION_PORTAL))
+    login_ch = await challenge(stub, factor)
     code = totp_at(factor.secret, fresh_clock)
     with pytest.raises(aio.AioRpcError) as err:
         await stub.Disable(pb.DisableRequest(user_id=user_id, factor_id=factor.factor_id,
@@ -431,9 +411,7 @@ async def test_concurrent_verifies_approve_a_code_once(
         stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
     """Ten parallel Verify calls with the right code: exactly one session."""
     factor = await enroll_app(stub, user_id, fresh_clock)
-    ch = await stub.Challenge(pb.ChallengeRequest(
-        user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
-        application=pb.APPLICATION_PORTAL))
+    ch = await challenge(stub, factor)
     code = totp_at(factor.secret, fresh_clock)
     results = await asyncio.gather(*[
         stub.Verify(pb.VerifyRequest(challenge_id=ch.challenge_id, code=code))
@@ -466,9 +444,7 @@ async def test_concurrent_replay_across_challenges_is_accepted_once(
 async def test_concurrent_wrong_guesses_never_exceed_the_limit(
         stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
     factor = await enroll_app(stub, user_id, fresh_clock)
-    ch = await stub.Challenge(pb.ChallengeRequest(
-        user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
-        application=pb.APPLICATION_PORTAL))
+    ch = await challenge(stub, factor)
     right = totp_at(factor.secret, fresh_clock)
     wrongs = [f"{(int(right) + i) % 1_000_000:06d}" for i in range(1, 21)]
     results = await asyncio.gather(*[
