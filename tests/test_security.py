@@ -478,8 +478,3 @@ async def test_development_without_callers_stays_on_loopback(database_url: str) 
     with pytest.raises(ConfigurationError, match="loopback only"):
         await create_server(make_settings(database_url, listen_addr="0.0.0.0:0"),
                             keyring=Keyring.parse(TEST_KEYRING))
-
-
-def test_tokens_are_hashed_in_the_callers_file(pki: Pki) -> None:
-    text = pki.callers.read_text()
-    assert pki.portal_token not in text and pki.backoffice_token not in text

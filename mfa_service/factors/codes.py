@@ -7,7 +7,6 @@ The challenge id is part of the hashed message, so a hash is useless on another 
 
 from __future__ import annotations
 
-import hmac
 import secrets
 from collections.abc import Callable
 
@@ -50,8 +49,3 @@ def code_matches(keyring: Keyring, challenge_id: str, code: str, key_id: str,
                  stored: bytes) -> bool:
     """Constant-time comparison of a typed code with the stored HMAC."""
     return keyring.verify_mac(code_message(challenge_id, code), key_id, stored)
-
-
-def constant_time_equal(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
-

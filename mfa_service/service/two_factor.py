@@ -143,6 +143,12 @@ def _require_status(factor: Factor, purpose: Purpose) -> None:
             metadata={"factorStatus": factor.status.value})
 
 
+def _already_enrolled() -> FailedPrecondition:
+    return FailedPrecondition(
+        "the user already has an active factor of this method; disable it first",
+        reason="ERROR_REASON_ALREADY_ENROLLED")
+
+
 def _nothing() -> None:
     return None
 
@@ -229,9 +235,7 @@ class TwoFactorService:
                                              "the user has no active phone to change")
             return None
         if cmd.method is not Method.PHONE:
-            raise FailedPrecondition(
-                "the user already has an active factor of this method; disable it first",
-                reason="ERROR_REASON_ALREADY_ENROLLED")
+            raise _already_enrolled()
         if cmd.change_proof_challenge_id is None:
             raise FailedPrecondition(
                 "a phone is already active: verify a PURPOSE_CHANGE_PHONE challenge on it and "
@@ -424,7 +428,8 @@ class TwoFactorService:
             elif not await tx.challenges.close(challenge_id, ChallengeState.APPROVED, now):
                 return VerifyOutcome(VerifyResult.ALREADY_USED, remaining)  # pragma: no cover
             else:
-                await tx.lockouts.save(counted.user_id, self._lockout.after_success())
+                if lockout != self._lockout.after_success():  # no write when already clear
+                    await tx.lockouts.save(counted.user_id, self._lockout.after_success())
                 await self._audit_verify(tx, now, who, counted, VerifyResult.APPROVED)
                 outcome = await self._fulfil(tx, counted, record, target or record, remaining,
                                              who, now)
@@ -531,9 +536,7 @@ class TwoFactorService:
         factor = record.factor
         replaced = await self._retire_replaced(tx, record, now)
         if await tx.factors.active_of_method(factor.user_id, factor.method) is not None:
-            raise FailedPrecondition(
-                "the user already has an active factor of this method; disable it first",
-                reason="ERROR_REASON_ALREADY_ENROLLED")
+            raise _already_enrolled()
         if not await tx.factors.activate(factor.factor_id, now):
             raise FailedPrecondition("the factor is no longer pending",
                                      reason="ERROR_REASON_FACTOR_STATUS_FORBIDS")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, insert, or_, select, update
@@ -97,22 +97,6 @@ class OutboxRepository:
             .values(next_attempt_at=when, claimed_until=None, claim_token=None,
                     last_error=error[:200]))
         return result.rowcount == 1
-
-    async def next_due(self) -> datetime | None:
-        """When the earliest pending message becomes due (for the dispatcher's sleep)."""
-        value: Any = await self._conn.scalar(
-            select(func.min(outbox.c.next_attempt_at)).where(outbox.c.state == PENDING))
-        if isinstance(value, str):
-            value = datetime.fromisoformat(value)
-        if value is None:
-            return None
-        assert isinstance(value, datetime)
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-    async def counts(self) -> dict[str, int]:
-        rows = await self._conn.execute(
-            select(outbox.c.state, func.count()).group_by(outbox.c.state))
-        return {state: int(n) for state, n in rows}
 
     async def pending_for(self, user_id: str) -> int:
         value = await self._conn.scalar(select(func.count()).select_from(outbox).where(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mfa_service.store.engine import insert_ignore
@@ -33,11 +33,12 @@ class LockoutRepository:
         counted one after another and cannot all slip under the limit (PostgreSQL:
         SELECT ... FOR UPDATE; SQLite: the write lock of BEGIN IMMEDIATE).
         """
-        await self._conn.execute(insert_ignore(self._conn, user_lockouts, {
-            "user_id": user_id, "consecutive_failures": 0, "admin_reset_required": False}))
-        row = (await self._conn.execute(
-            select(user_lockouts).where(user_lockouts.c.user_id == user_id)
-            .with_for_update())).one()
+        locked = select(user_lockouts).where(user_lockouts.c.user_id == user_id).with_for_update()
+        row = (await self._conn.execute(locked)).first()
+        if row is None:  # first verification of this user: create the row, then lock it
+            await self._conn.execute(insert_ignore(self._conn, user_lockouts, {
+                "user_id": user_id, "consecutive_failures": 0, "admin_reset_required": False}))
+            row = (await self._conn.execute(locked)).one()
         return LockoutState(row.consecutive_failures, row.last_failure_at, row.locked_until,
                             bool(row.admin_reset_required))
 
@@ -55,9 +56,6 @@ class LockoutRepository:
                 consecutive_failures=state.consecutive_failures,
                 last_failure_at=state.last_failure_at, locked_until=state.locked_until,
                 admin_reset_required=state.admin_reset_required))
-
-    async def clear(self, user_id: str) -> None:
-        await self._conn.execute(delete(user_lockouts).where(user_lockouts.c.user_id == user_id))
 
 
 class RecoveryCodeRepository:
