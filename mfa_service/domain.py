@@ -68,8 +68,8 @@ class Caller:
     """Who is calling this service (a backend, not the end user), and what it may do."""
 
     name: str
-    applications: frozenset[Application] = field(
-        default_factory=lambda: frozenset(Application))
+    # Least privilege: a caller may do nothing that it was not granted.
+    applications: frozenset[Application] = frozenset()
     audit_reader: bool = False
 
 
@@ -118,6 +118,7 @@ class Challenge:
     request_id: str | None = None
     approved_at: datetime | None = None
     consumed_at: datetime | None = None
+    destination_key: bytes | None = None  # set when a code was sent (per-destination limit)
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class Outgoing:
     destination: str
     user_id: str
     subject: str
-    text: str
+    text: str = field(repr=False)  # holds the code: never in a repr, a log or a traceback
     not_after: datetime
     factor_id: str | None = None
     challenge_id: str | None = None
@@ -182,7 +183,8 @@ class AuditContext:
     caller: str
     client_ip: str = ""
     user_agent: str = ""
-    applications: frozenset[Application] = frozenset(Application)
+    # Least privilege: a context that forgot to say what the caller may do grants nothing.
+    applications: frozenset[Application] = frozenset()
     audit_reader: bool = False
 
     def authorize(self, application: Application) -> None:
@@ -191,3 +193,14 @@ class AuditContext:
             raise PermissionDenied(
                 f"this caller may not act for the {application.value} application",
                 metadata={"application": application.value})
+
+    def authorize_any(self) -> None:
+        """PermissionDenied unless this caller may act for at least one application
+        (user-level calls that name no application: ListFactors, RevokeSession)."""
+        if not self.applications:
+            raise PermissionDenied("this caller may not act for any application")
+
+    @property
+    def sole_application(self) -> Application | None:
+        """The application this caller acts for when it has exactly one (for the audit)."""
+        return next(iter(self.applications)) if len(self.applications) == 1 else None

@@ -6,9 +6,11 @@ hands it to ``app.create_server``. Bounds come from SPEC.md (NIST SP 800-63B, RF
 
 from __future__ import annotations
 
+import ipaddress
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +23,24 @@ class Environment(StrEnum):
 
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./mfa-service.db"
+
+
+def _is_loopback_host(host: str) -> bool:
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_safe_url(url: str) -> bool:
+    """https://, or http:// to this host only."""
+    parsed = urlsplit(url)
+    if parsed.scheme == "https":
+        return True
+    return parsed.scheme == "http" and _is_loopback_host(parsed.hostname or "")
 
 
 class Settings(BaseSettings):
@@ -68,6 +88,9 @@ class Settings(BaseSettings):
     resend_cooldown_seconds: int = Field(default=30, ge=0, le=300)
     max_sends_per_window: int = Field(default=5, ge=1, le=50)
     send_window_seconds: int = Field(default=600, ge=60, le=86400)
+    # Codes to one address or number per send window, whichever users asked
+    # (SMS pumping / toll fraud); notices do not count.
+    max_sends_per_destination: int = Field(default=5, ge=1, le=100)
     change_proof_max_age_seconds: int = Field(default=600, ge=60, le=600)
 
     # Messages.
@@ -146,6 +169,21 @@ class Settings(BaseSettings):
             if self.phone_provider == "console":
                 problems.append("MFA_PHONE_PROVIDER=console only logs messages: "
                                 "not allowed when MFA_ENV=production")
+            # Codes, the SMTP password and the provider token must not cross a network
+            # in clear; a relay on this host (loopback) may stay plaintext.
+            if (self.email_provider == "smtp" and self.smtp_tls == "none"
+                    and not _is_loopback_host(self.smtp_host)):
+                problems.append("MFA_SMTP_TLS=none to a remote MFA_SMTP_HOST sends codes and "
+                                "the SMTP password in clear: not allowed when "
+                                "MFA_ENV=production (use starttls or tls)")
+            for name, url in (("MFA_PHONE_WEBHOOK_URL", self.phone_webhook_url
+                               if self.phone_provider == "webhook" else None),
+                              ("MFA_TWILIO_BASE_URL", self.twilio_base_url
+                               if self.phone_provider == "twilio" else None)):
+                if url is not None and not _is_safe_url(url):
+                    problems.append(f"{name} must be https:// (or http:// to loopback) when "
+                                    "MFA_ENV=production: codes and the provider token would "
+                                    "travel in clear")
         if self.workers > 1 and self.listen_addr.endswith(":0"):
             problems.append("MFA_WORKERS > 1 needs a fixed port in MFA_LISTEN_ADDR")
         if self.phone_provider == "webhook" and not self.phone_webhook_url:

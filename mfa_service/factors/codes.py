@@ -7,6 +7,7 @@ The challenge id is part of the hashed message, so a hash is useless on another 
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Callable
 
@@ -49,3 +50,15 @@ def code_matches(keyring: Keyring, challenge_id: str, code: str, key_id: str,
                  stored: bytes) -> bool:
     """Constant-time comparison of a typed code with the stored HMAC."""
     return keyring.verify_mac(code_message(challenge_id, code), key_id, stored)
+
+
+def destination_key(destination: str) -> bytes:
+    """The key under which codes sent to an address or number are counted.
+
+    SHA-256 of the case-folded destination: stable across key rotation (a window must
+    not reset because the HMAC key changed), and the destination is contact data that
+    the factors table already holds, not a secret. ``J@Example.com`` and
+    ``j@example.com`` reach one mailbox, so they share a count.
+    """
+    return hashlib.sha256(b"mfa-service/v1/destination/" +
+                          destination.strip().casefold().encode()).digest()

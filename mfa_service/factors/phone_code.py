@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import phonenumbers
+from phonenumbers import PhoneNumberType
 
 from mfa_service.domain import Channel, Method
 from mfa_service.errors import InvalidArgument
 from mfa_service.factors.base import EnrollInput, EnrollmentMaterial
 from mfa_service.factors.sent_code import SentCodeMethod
 
+# Numbers a code may be sent to. Everything else is refused: premium-rate, shared-cost,
+# UAN, personal and unknown types are how SMS pumping and toll fraud make money (a
+# caller who can trigger sends to them earns the attacker the termination fee), and
+# toll-free, pager and voicemail numbers cannot receive a code.
+SENDABLE_TYPES = frozenset({
+    PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE,
+    PhoneNumberType.FIXED_LINE_OR_MOBILE, PhoneNumberType.VOIP,
+})
+
 
 def normalise_phone(raw: str) -> str:
-    """Parse an international number and return it in E.164 ("+4512345678")."""
+    """Parse an international number and return it in E.164 ("+4512345678").
+
+    Only numbers of a type in SENDABLE_TYPES are accepted (phonenumbers.number_type).
+    """
     if not raw:
         raise InvalidArgument.single("phone_number", "is required for METHOD_PHONE")
     if not raw.startswith("+"):
@@ -23,6 +36,10 @@ def normalise_phone(raw: str) -> str:
         raise InvalidArgument.single("phone_number", "is not a phone number") from None
     if not phonenumbers.is_valid_number(number):
         raise InvalidArgument.single("phone_number", "is not a valid phone number")
+    if phonenumbers.number_type(number) not in SENDABLE_TYPES:
+        raise InvalidArgument.single(
+            "phone_number", "must be a mobile or landline number: premium-rate, "
+                            "shared-cost, toll-free and personal numbers are refused")
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 

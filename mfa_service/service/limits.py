@@ -2,13 +2,23 @@
 
 SPEC.md: after 5 consecutive failed verifications (all factors, all callers) the user
 waits 1 minute, doubling with every further 5 failures up to 15 minutes; a success or
-12 quiet hours reset the count; at 100 consecutive failures only an administrator can
-unlock (NIST SP 800-63B 5.2.2: at most 100 consecutive failed attempts).
+12 quiet hours reset the count.
+
+At 100 consecutive failures (NIST SP 800-63B 5.2.2: at most 100 consecutive failed
+attempts on one account) the user's codes, apps and passkeys are refused until the user
+passes with a **recovery code** or an administrator resets them. Why not a permanent,
+admin-only lock as before: anyone who can open challenges for a user (the portal right
+after the password step) could reach it in about four hours of wrong codes and lock the
+user out for good - lockout as a weapon. The trade-off against NIST: the limit of 100
+holds for every factor whose codes are guessable (6-8 digits); past it only a recovery
+code (a look-up secret of >= 50 bits, NIST 5.1.2) is still accepted, and its guesses stay
+throttled by the 15-minute waits (about 20 an hour), so 2^50 codes are out of reach. The
+temporary waits keep applying to everyone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from mfa_service.store.security import LockoutState
@@ -22,11 +32,13 @@ class LockoutPolicy:
     reset_after: timedelta = timedelta(hours=12)
     hard_limit: int = 100
 
-    def refusal(self, state: LockoutState | None, now: datetime) -> float | None:
-        """Seconds the user must still wait (0 when only an admin can help), or None."""
+    def refusal(self, state: LockoutState | None, now: datetime, *,
+                recovery: bool = False) -> float | None:
+        """Seconds the user must still wait (0: only a recovery code or an administrator
+        helps), or None. ``recovery``: the attempt uses a recovery code."""
         if state is None:
             return None
-        if state.admin_reset_required:
+        if state.admin_reset_required and not recovery:
             return 0.0
         if state.locked_until is not None and state.locked_until > now:
             return (state.locked_until - now).total_seconds()
@@ -38,16 +50,15 @@ class LockoutPolicy:
         if state.last_failure_at is not None and now - state.last_failure_at >= self.reset_after:
             failures = 0
         failures += 1
-        if failures >= self.hard_limit:
-            return LockoutState(failures, now, None, True), True
+        hard = state.admin_reset_required or failures >= self.hard_limit
         locked_until = state.locked_until
         locked = failures % self.threshold == 0
         if locked:
             rounds = failures // self.threshold
             wait = min(self.first_wait * 2 ** (rounds - 1), self.max_wait)
             locked_until = now + wait
-        return replace(state, consecutive_failures=failures, last_failure_at=now,
-                       locked_until=locked_until), locked
+        return LockoutState(failures, now, locked_until, hard), locked or (
+            hard and not state.admin_reset_required)
 
     @staticmethod
     def after_success() -> LockoutState:

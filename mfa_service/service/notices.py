@@ -24,11 +24,14 @@ class Notifier:
 
     async def notify(self, tx: Transaction, now: datetime, user_id: str, kind: str, *,
                      also: FactorRecord | None = None, masked_detail: str = "") -> int:
-        """Queue ``kind`` to the user's active email (if any) and to ``also``; returns count."""
-        targets: list[FactorRecord] = []
-        email = await tx.factors.active_of_method(user_id, Method.EMAIL)
-        if email is not None:
-            targets.append(email)
+        """Queue ``kind`` to every ACTIVE factor of the user that can receive a message
+        (email and phone) and to ``also``; returns how many were queued.
+
+        Every one, not only the email: a user whose only factor is a phone must learn
+        that an app was added or recovery codes were regenerated, or an attacker's
+        change goes unnoticed until it is too late.
+        """
+        targets = await tx.factors.active_reachable(user_id)
         if also is not None and also.destination and all(
                 t.factor.factor_id != also.factor.factor_id for t in targets):
             targets.append(also)

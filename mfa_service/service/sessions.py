@@ -12,7 +12,15 @@ from datetime import datetime, timedelta
 
 from mfa_service.clock import Clock
 from mfa_service.crypto import Keyring, new_token
-from mfa_service.domain import Application, AuditContext, FactorRecord, NewSession, Session
+from mfa_service.domain import (
+    Application,
+    AuditContext,
+    Factor,
+    FactorRecord,
+    NewSession,
+    Session,
+)
+from mfa_service.errors import FailedPrecondition
 from mfa_service.service import audit
 from mfa_service.store.database import Database, Transaction
 
@@ -70,7 +78,33 @@ class SessionService:
             # Conditional on the session still being live: a revoke in between wins.
             return await tx.sessions.touch_live(hashes, now, now + self._idle)
 
+    async def require_recent(self, tx: Transaction, token: str, user_id: str, now: datetime,
+                             max_age: timedelta, action: str) -> Session:
+        """The step-up rule: a live 2FA session of ``user_id`` that passed 2FA at most
+        ``max_age`` ago, else FAILED_PRECONDITION (missing, unknown, revoked, expired,
+        stale or another user's session all look the same to the caller)."""
+        session = None
+        if token:
+            session = await tx.sessions.find_live(
+                self._keyring.mac_all(_token_message(token)), now)
+        if session is None or session.user_id != user_id or (
+                now - session.authenticated_at > max_age):
+            minutes = max(1, int(max_age.total_seconds() // 60))
+            raise FailedPrecondition(
+                f"{action} needs session_token: a 2FA session of this user from the last "
+                f"{minutes} minutes; pass 2FA again", reason="ERROR_REASON_RECENT_SESSION_REQUIRED")
+        return session
+
+    async def end_for_factor(self, tx: Transaction, factor: Factor, who: AuditContext,
+                             now: datetime) -> int:
+        """End the sessions a factor created, in the transaction that disables or replaces
+        it (OWASP session management: a removed factor vouches for nothing)."""
+        ended = await tx.sessions.revoke_factor(factor.user_id, factor.factor_id, now)
+        await self._audit_revoked(tx, ended, who, now, "factor_removed")
+        return len(ended)
+
     async def revoke_token(self, token: str, who: AuditContext) -> int:
+        who.authorize_any()
         now = self._clock.now()
         async with self._db.transaction() as tx:
             ended = await tx.sessions.revoke_by_hash(
@@ -79,6 +113,7 @@ class SessionService:
         return len(ended)
 
     async def revoke_user(self, user_id: str, who: AuditContext) -> int:
+        who.authorize_any()  # logging a user out everywhere is not for an audit reader
         now = self._clock.now()
         async with self._db.transaction() as tx:
             ended = await tx.sessions.revoke_user(user_id, now)
@@ -88,8 +123,11 @@ class SessionService:
     @staticmethod
     async def _audit_revoked(tx: Transaction, ended: list[Session], who: AuditContext,
                              now: datetime, scope: str) -> None:
+        # The row says what the *caller* was (its name, and its application when it has
+        # exactly one); where the session had been created goes in the detail.
         for s in ended:
             await audit.record(tx, now, audit.Event.SESSION_REVOKED, "ok", who,
                                user_id=s.user_id, factor_id=s.factor_id,
-                               session_id=s.session_id, application=s.application,
-                               detail={"scope": scope})
+                               session_id=s.session_id, application=who.sole_application,
+                               detail={"scope": scope,
+                                       "session_application": s.application.value})

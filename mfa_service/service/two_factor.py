@@ -42,7 +42,7 @@ from mfa_service.errors import (
     StoreConflict,
 )
 from mfa_service.factors.base import EnrollInput, FactorMethod, Provisioning
-from mfa_service.factors.codes import hash_code
+from mfa_service.factors.codes import destination_key, hash_code
 from mfa_service.factors.recovery import generate_codes as generate_recovery_codes
 from mfa_service.factors.recovery import hash_codes as hash_recovery_codes
 from mfa_service.factors.registry import FactorRegistry
@@ -64,6 +64,7 @@ class Rules:
     resend_cooldown: timedelta = timedelta(seconds=30)
     max_sends: int = 5
     send_window: timedelta = timedelta(minutes=10)
+    max_sends_per_destination: int = 5
     change_proof_max_age: timedelta = timedelta(minutes=10)
     product: str = "Cloud Platform"
     default_locale: str = "en"
@@ -81,6 +82,7 @@ class EnrollCommand:
     account_name: str = ""
     change_proof_challenge_id: str | None = None
     locale: str = ""
+    session_token: str = ""  # step-up proof once the user has an ACTIVE factor
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,10 @@ class TwoFactorService:
                         status=FactorStatus.PENDING,
                         masked_destination=material.masked_destination, created_at=now)
         async with self._db.transaction() as tx:
+            # The per-user lock first (store/security.py: lock order), then the same
+            # refusals as Challenge: no codes while locked out.
+            self._refuse_if_locked(await tx.lockouts.lock(cmd.user_id), now)
+            await self._require_step_up(tx, cmd, now)
             live = await tx.factors.count_for_user(
                 cmd.user_id, [FactorStatus.PENDING, FactorStatus.ACTIVE])
             if live >= self._rules.max_factors_per_user:
@@ -197,7 +203,9 @@ class TwoFactorService:
                                          reason="ERROR_REASON_TOO_MANY_FACTORS")
             replaces = await self._replaced_factor(tx, cmd, now)
             if method.sends_code:
-                await self._check_send_rate(tx, cmd.user_id, cmd.method, None, now)
+                assert material.destination is not None
+                await self._check_send_rate(tx, cmd.user_id, cmd.method, None,
+                                            material.destination, now)
             # A newer enrolment replaces an unconfirmed one (a QR code scanned earlier and
             # never confirmed must not become usable later).
             await tx.factors.supersede_pending(cmd.user_id, cmd.method, now)
@@ -219,6 +227,21 @@ class TwoFactorService:
             self._on_enqueue()
         return EnrollResult(factor=factor, challenge=challenge, code_length=method.code_length,
                             provisioning=material.provisioning)
+
+    async def _require_step_up(self, tx: Transaction, cmd: EnrollCommand,
+                               now: datetime) -> None:
+        """Adding a factor needs the factor you have (SPEC, OWASP MFA "changing factors").
+
+        Once the user has any ACTIVE factor, Enroll (every method, a phone change too)
+        needs a 2FA session of this same user that passed 2FA in the last 10 minutes.
+        Otherwise whoever holds the password step could add an app, log in with it and
+        walk around "disabling needs the enabled method" and "changing the phone needs
+        the old number". Checked under the per-user lock, in the enrolling transaction.
+        """
+        if not await tx.factors.has_active(cmd.user_id):
+            return  # the first factor needs no session
+        await self._sessions.require_recent(tx, cmd.session_token, cmd.user_id, now,
+                                            self._rules.recent_session, "adding a factor")
 
     async def _replaced_factor(self, tx: Transaction, cmd: EnrollCommand,
                                now: datetime) -> str | None:
@@ -251,31 +274,49 @@ class TwoFactorService:
         return active.factor.factor_id
 
     async def _check_send_rate(self, tx: Transaction, user_id: str, method: Method,
-                               factor_id: str | None, now: datetime) -> None:
-        """30 s between codes to one factor; at most N codes per user and method per window.
+                               factor_id: str | None, destination: str,
+                               now: datetime) -> None:
+        """The send limits of SPEC.md, decided in the transaction that will send.
 
-        Counted from the challenges table inside the transaction that will add the next
-        one, with the factor row locked (PostgreSQL) or the write lock held (SQLite), so
-        parallel requests cannot all see "4 sent" and all send (OWASP, Twilio Verify).
-        The window counts per user and method, not per factor, so re-enrolling a new
-        address cannot be used to send without limit.
+        - cooldown: 30 s after a code that is still waiting to be used (an OPEN
+          challenge), on this factor, or for Enroll on the user's factors of the method
+          (a re-enrolment is a resend). After an approval the next code goes at once.
+        - per user and method: at most N codes per window, so re-enrolling a new
+          address cannot be used to send without limit.
+        - per destination: at most N codes per window to one address or number,
+          whichever users asked (SMS pumping, toll fraud, flooding one inbox).
+
+        The caller holds the per-user lock; the destination count is taken under a lock
+        of its own (two users, one number), so parallel requests cannot all see
+        "4 sent" and all send (OWASP, Twilio Verify).
         """
         rules = self._rules
-        if factor_id is not None and rules.resend_cooldown.total_seconds() > 0:
-            _, _, latest = await tx.challenges.sends_since(
-                now - rules.resend_cooldown, factor_id=factor_id)
+        window_start = now - rules.send_window
+        if rules.resend_cooldown.total_seconds() > 0:
+            latest = await tx.challenges.latest_open_send(
+                now - rules.resend_cooldown, now, factor_id=factor_id,
+                user_id=None if factor_id else user_id, method=None if factor_id else method)
             if latest is not None:
                 wait = (latest + rules.resend_cooldown - now).total_seconds()
                 raise ResourceExhausted(
                     "a code was sent moments ago; wait before asking for a new one",
                     retry_after_seconds=wait, reason="ERROR_REASON_RESEND_COOLDOWN")
-        count, earliest, _ = await tx.challenges.sends_since(
-            now - rules.send_window, user_id=user_id, method=method)
+        count, earliest = await tx.challenges.sends_since(window_start, user_id=user_id,
+                                                          method=method)
         if count >= rules.max_sends and earliest is not None:
             wait = (earliest + rules.send_window - now).total_seconds()
             raise ResourceExhausted(
                 "too many codes were sent; wait before asking for a new one",
                 retry_after_seconds=wait, reason="ERROR_REASON_SEND_RATE_LIMITED")
+        key = destination_key(destination)
+        await tx.challenges.lock_destination(key)
+        count, earliest = await tx.challenges.sends_to(key, window_start)
+        if count >= rules.max_sends_per_destination and earliest is not None:
+            wait = (earliest + rules.send_window - now).total_seconds()
+            raise ResourceExhausted(
+                "too many codes were sent to this destination; wait before asking for a "
+                "new one", retry_after_seconds=wait,
+                reason="ERROR_REASON_DESTINATION_RATE_LIMITED")
 
     # -- Challenge -------------------------------------------------------------------------
     async def challenge(self, cmd: ChallengeCommand, who: AuditContext) -> ChallengeResult:
@@ -292,7 +333,8 @@ class TwoFactorService:
     async def _challenge(self, cmd: ChallengeCommand, who: AuditContext) -> ChallengeResult:
         now = self._clock.now()
         async with self._db.transaction() as tx:
-            record = await self._owned_factor(tx, cmd.user_id, cmd.factor_id, for_update=True)
+            lockout = await tx.lockouts.lock(cmd.user_id)  # the per-user lock, first
+            record = await self._owned_factor(tx, cmd.user_id, cmd.factor_id)
             method = self._registry.get(record.factor.method)
             if cmd.purpose is Purpose.CHANGE_PHONE and record.factor.method is not Method.PHONE:
                 raise InvalidArgument.single("purpose", "PURPOSE_CHANGE_PHONE needs a phone factor")
@@ -309,10 +351,12 @@ class TwoFactorService:
                                            self._resend_at(method, existing.created_at))
             _require_status(record.factor, cmd.purpose)
             # A locked-out user gets no new codes either (no SMS bombing through lockout).
-            self._refuse_if_locked(await tx.lockouts.peek(cmd.user_id), now)
+            self._refuse_if_locked(lockout, now,
+                                   recovery=record.factor.method is Method.RECOVERY_CODE)
             if method.sends_code:
+                assert record.destination is not None
                 await self._check_send_rate(tx, cmd.user_id, record.factor.method,
-                                            record.factor.factor_id, now)
+                                            record.factor.factor_id, record.destination, now)
             challenge = await self._open_challenge(
                 tx, method, record, cmd.purpose, cmd.application, channel,
                 cmd.request_id, who, now)
@@ -341,7 +385,9 @@ class TwoFactorService:
             purpose=purpose, application=application, channel=channel,
             state=ChallengeState.OPEN, attempts=0, max_attempts=self._rules.max_attempts,
             created_at=now, expires_at=now + self._rules.code_ttl, code_hash=code_hash,
-            code_key_id=code_key_id, request_id=request_id)
+            code_key_id=code_key_id, request_id=request_id,
+            destination_key=(destination_key(record.destination)
+                             if code is not None and record.destination else None))
         await tx.challenges.supersede_open(factor.factor_id, purpose)
         await tx.challenges.add(challenge, who.caller)
         if code is not None:
@@ -362,8 +408,12 @@ class TwoFactorService:
         return challenge
 
     # -- Verify / Disable ------------------------------------------------------------------
-    async def verify(self, challenge_id: str, raw_code: str, who: AuditContext) -> VerifyOutcome:
-        return await self._verify(challenge_id, raw_code, who, expect=None)
+    async def verify(self, challenge_id: str, raw_code: str, who: AuditContext, *,
+                     user_id: str | None = None) -> VerifyOutcome:
+        """Check a code; ``user_id`` (optional) binds the challenge to the user the caller
+        expects: another user's challenge is then "not found"."""
+        return await self._verify(challenge_id, raw_code, who, expect=None,
+                                  expect_user=user_id)
 
     async def disable(self, user_id: str, factor_id: str, challenge_id: str, raw_code: str,
                       who: AuditContext) -> VerifyOutcome:
@@ -372,12 +422,14 @@ class TwoFactorService:
                                   expect=(user_id, factor_id, Purpose.DISABLE))
 
     async def _verify(self, challenge_id: str, raw_code: str, who: AuditContext,
-                      expect: tuple[str, str, Purpose] | None) -> VerifyOutcome:
+                      expect: tuple[str, str, Purpose] | None,
+                      expect_user: str | None = None) -> VerifyOutcome:
         now = self._clock.now()
         enqueued = False
         async with self._db.transaction() as tx:
             challenge = await tx.challenges.get(challenge_id)
-            if challenge is None:
+            if challenge is None or (expect_user is not None
+                                     and challenge.user_id != expect_user):
                 raise ChallengeNotFound()
             target: FactorRecord | None = None
             record = await tx.factors.get(challenge.factor_id)
@@ -398,9 +450,12 @@ class TwoFactorService:
             if challenge.state is ChallengeState.OPEN and challenge.expires_at > now:
                 _require_status(record.factor, challenge.purpose)
 
-            # Serialise this user's verifications on the lockout row, then refuse early.
+            # Serialise this user's verifications on the per-user lock (taken before any
+            # row lock of the factor or challenge: one order everywhere, no deadlock with
+            # Challenge), then refuse early. Plain reads above take no lock.
             lockout = await tx.lockouts.lock(challenge.user_id)
-            self._refuse_if_locked(lockout, now)
+            self._refuse_if_locked(lockout, now,
+                                   recovery=record.factor.method is Method.RECOVERY_CODE)
 
             counted = await tx.challenges.count_attempt(challenge_id, now)
             if counted is None:
@@ -461,13 +516,15 @@ class TwoFactorService:
                 reason="ERROR_REASON_FACTOR_STATUS_FORBIDS")
         return target
 
-    def _refuse_if_locked(self, state: LockoutState | None, now: datetime) -> None:
-        wait = self._lockout.refusal(state, now)
+    def _refuse_if_locked(self, state: LockoutState | None, now: datetime, *,
+                          recovery: bool = False) -> None:
+        wait = self._lockout.refusal(state, now, recovery=recovery)
         if wait is None:
             return
         if wait == 0:
             raise FailedPrecondition(
-                "too many failed verifications: an administrator must unlock this user",
+                "too many failed verifications: pass with a recovery code, or an "
+                "administrator must unlock this user",
                 reason="ERROR_REASON_ADMIN_RESET_REQUIRED")
         raise ResourceExhausted("too many failed verifications; wait before trying again",
                                 retry_after_seconds=wait, reason="ERROR_REASON_USER_LOCKED_OUT")
@@ -534,9 +591,18 @@ class TwoFactorService:
     async def _confirm(self, tx: Transaction, challenge: Challenge, record: FactorRecord,
                        remaining: int, who: AuditContext, now: datetime) -> VerifyOutcome:
         factor = record.factor
-        replaced = await self._retire_replaced(tx, record, now)
+        replaced = await self._retire_replaced(tx, record, who, now)
         if await tx.factors.active_of_method(factor.user_id, factor.method) is not None:
             raise _already_enrolled()
+        if not await tx.factors.has_active(factor.user_id):
+            # The user's first factor: any other PENDING factor was enrolled without a
+            # step-up (none was needed then) and must not become a second factor later
+            # without one. A racing Enroll before this confirmation cannot sneak in.
+            for other in await tx.factors.supersede_other_pending(
+                    factor.user_id, factor.factor_id, now):
+                await audit.record(tx, now, audit.Event.DISABLE, "ok", who,
+                                   user_id=factor.user_id, factor_id=other,
+                                   detail={"reason": "superseded by the first factor"})
         if not await tx.factors.activate(factor.factor_id, now):
             raise FailedPrecondition("the factor is no longer pending",
                                      reason="ERROR_REASON_FACTOR_STATUS_FORBIDS")
@@ -568,6 +634,7 @@ class TwoFactorService:
                            factor_id=factor.factor_id, application=challenge.application,
                            detail={"method": factor.method.value,
                                    "proof": challenge.factor_id})
+        await self._sessions.end_for_factor(tx, factor, who, now)
         # Tell the user, including at the address just removed.
         await self._notifier.notify(tx, now, factor.user_id, "factor_removed",
                                     also=target, masked_detail=factor.masked_destination)
@@ -612,6 +679,7 @@ class TwoFactorService:
                            factor_id=recovery.factor.factor_id,
                            detail={"method": Method.RECOVERY_CODE.value,
                                    "reason": "last factor disabled", "codes_retired": retired})
+        await self._sessions.end_for_factor(tx, recovery.factor, who, now)
 
     # -- RegenerateRecoveryCodes -------------------------------------------------------------
     async def regenerate_recovery_codes(self, user_id: str, session_token: str,
@@ -620,13 +688,11 @@ class TwoFactorService:
         """New codes for a user who passed 2FA in the last 10 minutes (old codes die)."""
         who.authorize(application)
         now = self._clock.now()
-        session = await self._sessions.check(session_token)
-        if session is None or session.user_id != user_id or (
-                now - session.authenticated_at > self._rules.recent_session):
-            raise FailedPrecondition(
-                "regenerating recovery codes needs a 2FA session of this user from the last "
-                "10 minutes: pass 2FA again", reason="ERROR_REASON_RECENT_SESSION_REQUIRED")
         async with self._db.transaction() as tx:
+            await tx.lockouts.lock(user_id)  # the per-user lock, first
+            await self._sessions.require_recent(tx, session_token, user_id, now,
+                                                self._rules.recent_session,
+                                                "regenerating recovery codes")
             recovery = await tx.factors.active_of_method(user_id, Method.RECOVERY_CODE)
             if recovery is None:
                 raise FailedPrecondition("the user has no active factor, so no recovery codes",
@@ -653,17 +719,18 @@ class TwoFactorService:
             return await tx.audit.page(user_id, start=start, end=end, before_id=before_id,
                                        limit=limit)
 
-    @staticmethod
-    async def _retire_replaced(tx: Transaction, record: FactorRecord,
+    async def _retire_replaced(self, tx: Transaction, record: FactorRecord, who: AuditContext,
                                now: datetime) -> FactorRecord | None:
         """Phone change: disable the old number in the transaction that activates the new
-        one, so the user has exactly one active phone at every instant."""
+        one, so the user has exactly one active phone at every instant; the sessions the
+        old number created end with it."""
         if record.replaces_factor_id is None:
             return None
         old = await tx.factors.get(record.replaces_factor_id)
         if old is None or old.factor.status is not FactorStatus.ACTIVE:
             return None  # disabled meanwhile: nothing to swap, the new one just activates
         await tx.factors.disable(old.factor.factor_id, now)
+        await self._sessions.end_for_factor(tx, old.factor, who, now)
         return old
 
     @staticmethod
@@ -677,7 +744,8 @@ class TwoFactorService:
             detail={"result": result.value, "purpose": challenge.purpose.value})
 
     # -- ListFactors -----------------------------------------------------------------------
-    async def list_factors(self, user_id: str) -> tuple[list[Factor], int]:
+    async def list_factors(self, user_id: str, who: AuditContext) -> tuple[list[Factor], int]:
+        who.authorize_any()  # a caller with no application (an audit reader) sees nothing
         async with self._db.transaction(readonly=True) as tx:
             records = await tx.factors.list_for_user(user_id)
             remaining = await tx.recovery.remaining(user_id)
@@ -685,9 +753,8 @@ class TwoFactorService:
 
     # -- helpers ---------------------------------------------------------------------------
     @staticmethod
-    async def _owned_factor(tx: Transaction, user_id: str, factor_id: str, *,
-                            for_update: bool = False) -> FactorRecord:
-        record = await tx.factors.get(factor_id, for_update=for_update)
+    async def _owned_factor(tx: Transaction, user_id: str, factor_id: str) -> FactorRecord:
+        record = await tx.factors.get(factor_id)
         # Another user's factor is "not found": no oracle for which ids exist.
         if record is None or record.factor.user_id != user_id:
             raise FactorNotFound()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Table, event
+from sqlalchemy import Table, event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.sql.dml import Insert
 
 from mfa_service.errors import StoreConflict, StoreError, StoreUnavailable
+from mfa_service.store.models import user_lockouts
 
 # SQLSTATEs that mean "another transaction won, try again" (PostgreSQL appendix A).
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
@@ -75,6 +76,32 @@ def insert_ignore(conn: AsyncConnection, table: Table, values: dict[str, Any]) -
     if conn.dialect.name == "postgresql":
         return pg_insert(table).values(**values).on_conflict_do_nothing()
     return sqlite_insert(table).values(**values).on_conflict_do_nothing()
+
+
+def lock_user_statement(conn: AsyncConnection, user_id: str) -> Insert:
+    """Create-or-lock the user's ``user_lockouts`` row, returning it (see LockoutRepository)."""
+    insert_fn = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    stmt = insert_fn(user_lockouts).values(
+        user_id=user_id, consecutive_failures=0, admin_reset_required=False)
+    # A no-op update so that the existing row is returned and (PostgreSQL) row-locked.
+    return stmt.on_conflict_do_update(
+        index_elements=[user_lockouts.c.user_id],
+        set_={"user_id": stmt.excluded.user_id}).returning(*user_lockouts.c)
+
+
+async def lock_key(conn: AsyncConnection, key: bytes) -> None:
+    """Serialise transactions on an arbitrary key until this transaction ends.
+
+    PostgreSQL: a transaction-scoped advisory lock on the key's first 8 bytes (a hash,
+    so collisions only make two unrelated keys wait for each other). SQLite: nothing to
+    do, BEGIN IMMEDIATE already serialises every writing transaction.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    await conn.execute(_ADVISORY_LOCK, {"k": int.from_bytes(key[:8], "big", signed=True)})
+
+
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
 
 
 def translate(exc: BaseException) -> StoreError | None:

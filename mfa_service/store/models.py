@@ -95,6 +95,11 @@ class FactorRow(Base):
         Index("uq_factors_one_active_per_method", "user_id", "method", unique=True,
               sqlite_where=text("status = 'active'"),
               postgresql_where=text("status = 'active'")),
+        # At most one PENDING factor per method per user: a newer enrolment supersedes
+        # the older one in its transaction, and the database refuses a second.
+        Index("uq_factors_one_pending_per_method", "user_id", "method", unique=True,
+              sqlite_where=text("status = 'pending'"),
+              postgresql_where=text("status = 'pending'")),
     )
 
 
@@ -120,10 +125,15 @@ class ChallengeRow(Base):
     approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # An approved PURPOSE_CHANGE_PHONE challenge is a one-time proof: set when an Enroll uses it.
     consumed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # SHA-256 of the address or number a code was sent to (NULL: nothing was sent), so
+    # codes per destination can be counted across users (SMS pumping, toll fraud).
+    destination_key: Mapped[bytes | None] = mapped_column(LargeBinary(32))
 
     __table_args__ = (
         # AIP-155 idempotency: one challenge per (factor, request_id); NULLs never collide.
         Index("uq_challenges_factor_request", "factor_id", "request_id", unique=True),
+        Index("ix_challenges_destination_time", "destination_key", "created_at"),
+        Index("ix_challenges_user_time", "user_id", "created_at"),
     )
 
 
@@ -191,7 +201,8 @@ class UserLockoutRow(Base):
     consecutive_failures: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # Set at the hard limit (100 consecutive failures): only an administrator unlocks.
+    # Set at the hard limit (100 consecutive failures): only a recovery code of the user
+    # (or an administrator) unlocks; codes of the other factors are refused meanwhile.
     admin_reset_required: Mapped[bool] = mapped_column(server_default=text("false"))
 
 

@@ -28,6 +28,7 @@ from mfa_service.domain import (
     Purpose,
     Session,
 )
+from mfa_service.store.engine import lock_key
 from mfa_service.store.models import audit_events, challenges, factors, sessions
 
 
@@ -57,14 +58,9 @@ class FactorRepository:
             created_at=f.created_at, locale=record.locale,
             replaces_factor_id=record.replaces_factor_id))
 
-    async def get(self, factor_id: str, *, for_update: bool = False) -> FactorRecord | None:
-        """The factor; ``for_update`` locks its row (PostgreSQL) until the transaction ends,
-        serialising send-rate decisions per factor. SQLite's BEGIN IMMEDIATE already
-        serialises every writing transaction."""
-        query = select(factors).where(factors.c.id == factor_id)
-        if for_update:
-            query = query.with_for_update()
-        row = (await self._conn.execute(query)).first()
+    async def get(self, factor_id: str) -> FactorRecord | None:
+        """The factor (a plain read: writers serialise on the per-user lock first)."""
+        row = (await self._conn.execute(select(factors).where(factors.c.id == factor_id))).first()
         return _factor(row) if row else None
 
     async def list_for_user(self, user_id: str) -> list[FactorRecord]:
@@ -81,6 +77,21 @@ class FactorRepository:
                 factors.c.user_id == user_id, factors.c.status.in_([s.value for s in statuses])))
         return int(value or 0)
 
+    async def has_active(self, user_id: str) -> bool:
+        """Whether the user has any ACTIVE factor (then adding one needs a step-up)."""
+        row = (await self._conn.execute(select(factors.c.id).where(
+            factors.c.user_id == user_id,
+            factors.c.status == FactorStatus.ACTIVE.value).limit(1))).first()
+        return row is not None
+
+    async def active_reachable(self, user_id: str) -> list[FactorRecord]:
+        """The user's ACTIVE factors that can receive a message (email and phone)."""
+        rows = await self._conn.execute(select(factors).where(
+            factors.c.user_id == user_id, factors.c.status == FactorStatus.ACTIVE.value,
+            factors.c.method.in_([Method.EMAIL.value, Method.PHONE.value]))
+            .order_by(factors.c.created_at, factors.c.id))
+        return [_factor(r) for r in rows]
+
     async def active_of_method(self, user_id: str, method: Method) -> FactorRecord | None:
         row = (await self._conn.execute(select(factors).where(
             factors.c.user_id == user_id, factors.c.method == method.value,
@@ -96,6 +107,18 @@ class FactorRepository:
             .values(status=FactorStatus.DISABLED.value, disabled_at=now,
                     secret_ciphertext=None, secret_key_id=None))
         return result.rowcount
+
+    async def supersede_other_pending(self, user_id: str, keep_factor_id: str,
+                                      now: datetime) -> list[str]:
+        """Disable the user's PENDING factors other than ``keep_factor_id``; their ids."""
+        result = await self._conn.execute(
+            update(factors).where(
+                factors.c.user_id == user_id, factors.c.id != keep_factor_id,
+                factors.c.status == FactorStatus.PENDING.value)
+            .values(status=FactorStatus.DISABLED.value, disabled_at=now,
+                    secret_ciphertext=None, secret_key_id=None)
+            .returning(factors.c.id))
+        return [r.id for r in result]
 
     async def activate(self, factor_id: str, now: datetime) -> bool:
         """PENDING -> ACTIVE; False when the factor was no longer PENDING."""
@@ -155,7 +178,8 @@ def _challenge(row: Row[Any]) -> Challenge:
         channel=Channel(row.channel), state=ChallengeState(row.state), attempts=row.attempts,
         max_attempts=row.max_attempts, created_at=row.created_at, expires_at=row.expires_at,
         code_hash=row.code_hash, code_key_id=row.code_key_id, request_id=row.request_id,
-        approved_at=row.approved_at, consumed_at=row.consumed_at)
+        approved_at=row.approved_at, consumed_at=row.consumed_at,
+        destination_key=row.destination_key)
 
 
 class ChallengeRepository:
@@ -168,7 +192,8 @@ class ChallengeRepository:
             application=c.application.value, channel=c.channel.value, state=c.state.value,
             attempts=c.attempts, max_attempts=c.max_attempts, code_hash=c.code_hash,
             code_key_id=c.code_key_id, request_id=c.request_id, caller=caller,
-            created_at=c.created_at, expires_at=c.expires_at))
+            created_at=c.created_at, expires_at=c.expires_at,
+            destination_key=c.destination_key))
 
     async def get(self, challenge_id: str) -> Challenge | None:
         row = (await self._conn.execute(
@@ -207,24 +232,50 @@ class ChallengeRepository:
         row = result.first()
         return _challenge(row) if row else None
 
-    async def sends_since(self, since: datetime, *, factor_id: str | None = None,
-                          user_id: str | None = None, method: Method | None = None,
-                          ) -> tuple[int, datetime | None, datetime | None]:
-        """(codes sent, earliest, latest) since ``since``, for one factor or for all of a
-        user's factors of a method. A challenge with a code hash is one send."""
-        query = select(func.count(), func.min(challenges.c.created_at),
-                       func.max(challenges.c.created_at)).where(
-            challenges.c.code_hash.is_not(None), challenges.c.created_at > since)
+    async def sends_since(self, since: datetime, *, user_id: str, method: Method,
+                          ) -> tuple[int, datetime | None]:
+        """(codes sent, earliest) since ``since`` to all of a user's factors of a
+        method. A challenge with a code hash is one send."""
+        row = (await self._conn.execute(
+            select(func.count(), func.min(challenges.c.created_at)).where(
+                challenges.c.code_hash.is_not(None), challenges.c.created_at > since,
+                challenges.c.user_id == user_id,
+                challenges.c.factor_id.in_(select(factors.c.id).where(
+                    factors.c.user_id == user_id, factors.c.method == method.value))))).one()
+        return int(row[0]), _aware(row[1])
+
+    async def lock_destination(self, destination_key: bytes) -> None:
+        """Hold the destination's lock until the transaction ends, so two users' requests
+        to one number count their sends one after the other."""
+        await lock_key(self._conn, destination_key)
+
+    async def sends_to(self, destination_key: bytes, since: datetime,
+                       ) -> tuple[int, datetime | None]:
+        """(codes sent, earliest) since ``since`` to one address or number, whichever
+        users asked."""
+        row = (await self._conn.execute(
+            select(func.count(), func.min(challenges.c.created_at)).where(
+                challenges.c.destination_key == destination_key,
+                challenges.c.created_at > since))).one()
+        return int(row[0]), _aware(row[1])
+
+    async def latest_open_send(self, since: datetime, now: datetime, *,
+                               factor_id: str | None = None, user_id: str | None = None,
+                               method: Method | None = None) -> datetime | None:
+        """When the newest code still waiting to be used was sent (after ``since``), for
+        one factor or for a user's factors of a method. Only OPEN, unexpired challenges
+        count: the resend cooldown is against resends, so after an approval the next
+        code goes out at once."""
+        query = select(func.max(challenges.c.created_at)).where(
+            challenges.c.code_hash.is_not(None), challenges.c.created_at > since,
+            challenges.c.state == ChallengeState.OPEN.value, challenges.c.expires_at > now)
         if factor_id is not None:
             query = query.where(challenges.c.factor_id == factor_id)
-        if user_id is not None:
-            query = query.where(challenges.c.user_id == user_id)
-        if method is not None:
-            query = query.where(challenges.c.factor_id.in_(
+        if user_id is not None and method is not None:
+            query = query.where(challenges.c.user_id == user_id, challenges.c.factor_id.in_(
                 select(factors.c.id).where(factors.c.user_id == user_id,
                                            factors.c.method == method.value)))
-        row = (await self._conn.execute(query)).one()
-        return int(row[0]), _aware(row[1]), _aware(row[2])
+        return _aware((await self._conn.execute(query)).scalar())
 
     async def consume_change_proof(self, challenge_id: str, old_factor_id: str,
                                    approved_after: datetime, now: datetime) -> bool:
@@ -303,6 +354,18 @@ class SessionRepository:
         result = await self._conn.execute(
             update(sessions).where(sessions.c.token_hash.in_(list(token_hashes)),
                                    sessions.c.revoked_at.is_(None), sessions.c.expires_at > now,
+                                   sessions.c.idle_expires_at > now)
+            .values(revoked_at=now).returning(*sessions.c))
+        return [_session(r) for r in result]
+
+    async def revoke_factor(self, user_id: str, factor_id: str,
+                            now: datetime) -> list[Session]:
+        """End the live sessions a factor created (it was disabled or replaced)."""
+        result = await self._conn.execute(
+            update(sessions).where(sessions.c.user_id == user_id,  # indexed
+                                   sessions.c.factor_id == factor_id,
+                                   sessions.c.revoked_at.is_(None),
+                                   sessions.c.expires_at > now,
                                    sessions.c.idle_expires_at > now)
             .values(revoked_at=now).returning(*sessions.c))
         return [_session(r) for r in result]

@@ -10,7 +10,7 @@ from datetime import datetime
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from mfa_service.store.engine import insert_ignore
+from mfa_service.store.engine import lock_user_statement
 from mfa_service.store.models import recovery_codes, user_lockouts
 
 
@@ -27,18 +27,20 @@ class LockoutRepository:
         self._conn = conn
 
     async def lock(self, user_id: str) -> LockoutState:
-        """The user's counter, its row locked until the transaction ends.
+        """The user's counter, its row locked until the transaction ends: the per-user lock.
 
-        Every verification of a user takes this lock first, so concurrent guesses are
-        counted one after another and cannot all slip under the limit (PostgreSQL:
-        SELECT ... FOR UPDATE; SQLite: the write lock of BEGIN IMMEDIATE).
+        Every call that changes a user's second factor (Enroll, Challenge, Verify,
+        Disable) takes this lock *first*, so a user's requests run one after another:
+        concurrent guesses are counted one by one, parallel enrolments cannot all see
+        "4 codes sent", and no two of them take row locks in opposite orders (the
+        Challenge/Verify deadlock). Lock order everywhere: user, then factor, then
+        challenge.
+
+        One statement: an upsert that creates the row on first use and locks it
+        (PostgreSQL's ON CONFLICT DO UPDATE takes the row lock; on SQLite BEGIN
+        IMMEDIATE already holds the write lock).
         """
-        locked = select(user_lockouts).where(user_lockouts.c.user_id == user_id).with_for_update()
-        row = (await self._conn.execute(locked)).first()
-        if row is None:  # first verification of this user: create the row, then lock it
-            await self._conn.execute(insert_ignore(self._conn, user_lockouts, {
-                "user_id": user_id, "consecutive_failures": 0, "admin_reset_required": False}))
-            row = (await self._conn.execute(locked)).one()
+        row = (await self._conn.execute(lock_user_statement(self._conn, user_id))).one()
         return LockoutState(row.consecutive_failures, row.last_failure_at, row.locked_until,
                             bool(row.admin_reset_required))
 

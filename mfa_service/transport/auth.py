@@ -36,6 +36,9 @@ from mfa_service.errors import ConfigurationError, Unauthenticated
 # The development caller: only ever used on loopback without a callers file.
 ANONYMOUS = Caller(name="anonymous-dev", applications=frozenset(Application),
                    audit_reader=True)
+# Who a call is before authentication said otherwise: allowed nothing, so a code path
+# that forgets to authenticate fails closed.
+NOBODY = Caller(name="unauthenticated")
 
 
 def token_hash(token: str) -> str:

@@ -39,6 +39,10 @@ MAX_USER_AGENT = 512
 MAX_TEXT = 320
 LOCALE_RE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8}){0,2}")
 MAX_PAGE = 500
+MAX_INT64 = 2**63 - 1
+# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
 DEFAULT_PAGE = 100
 
 METHODS = {
@@ -139,6 +143,14 @@ class _Checker:
             return None
         return CHANNELS[value]
 
+    def timestamp(self, field: str, value: Timestamp) -> datetime | None:
+        """A Timestamp in the range google.protobuf.Timestamp allows (years 1-9999)."""
+        if not (MIN_TIMESTAMP_SECONDS <= value.seconds <= MAX_TIMESTAMP_SECONDS
+                and 0 <= value.nanos < 1_000_000_000):
+            self.bad(field, "must be a time between the years 1 and 9999")
+            return None
+        return value.ToDatetime(UTC)
+
     def audit_fields(self, client_ip: str, user_agent: str) -> None:
         if client_ip:
             try:
@@ -165,6 +177,7 @@ def enroll_command(req: pb.EnrollRequest) -> EnrollCommand:
     c.text("account_name", req.account_name, max_len=MAX_TEXT, required=False)
     if req.change_proof_challenge_id:
         c.resource_id("change_proof_challenge_id", req.change_proof_challenge_id)
+    c.text("session_token", req.session_token, max_len=MAX_TOKEN, required=False)
     if req.locale and not LOCALE_RE.fullmatch(req.locale):
         c.bad("locale", "must be a BCP 47 language tag such as 'en' or 'da-DK'")
     if method is not domain.Method.EMAIL and req.email:
@@ -180,7 +193,7 @@ def enroll_command(req: pb.EnrollRequest) -> EnrollCommand:
         user_id=user_id, method=method, application=application, email=req.email,
         phone_number=req.phone_number, channel=channel, account_name=req.account_name,
         change_proof_challenge_id=req.change_proof_challenge_id or None,
-        locale=req.locale.lower())
+        locale=req.locale.lower(), session_token=req.session_token)
 
 
 def challenge_command(req: pb.ChallengeRequest) -> ChallengeCommand:
@@ -198,14 +211,16 @@ def challenge_command(req: pb.ChallengeRequest) -> ChallengeCommand:
                             request_id=request_id or None)
 
 
-def verify_args(req: pb.VerifyRequest) -> tuple[str, str]:
+def verify_args(req: pb.VerifyRequest) -> tuple[str, str, str | None]:
+    """(challenge_id, code, the expected user or None)."""
     c = _Checker()
     challenge_id = c.resource_id("challenge_id", req.challenge_id)
     # Spaces are what people type around and inside codes; the factor module drops them.
     code = c.text("code", req.code, max_len=MAX_CODE, required=True, trim_ok=True)
+    user_id = c.user_id(req.user_id) if req.user_id else None
     c.audit_fields(req.client_ip, req.user_agent)
     c.done()
-    return challenge_id, code
+    return challenge_id, code, user_id
 
 
 def disable_args(req: pb.DisableRequest) -> tuple[str, str, str, str]:
@@ -266,9 +281,14 @@ def audit_query(req: pb.ListAuditEventsRequest) -> AuditQuery:
         try:
             before_id = int(base64.urlsafe_b64decode(req.page_token.encode()).decode())
         except (ValueError, UnicodeDecodeError):
+            before_id = 0
+        # Event ids are positive BIGINTs: anything else cannot come from us (and 2**63
+        # would overflow the driver, an INTERNAL that quotes the value).
+        if not 0 < before_id <= MAX_INT64:
             c.bad("page_token", "must be a next_page_token from a previous answer")
-    start = req.start_time.ToDatetime(UTC) if req.HasField("start_time") else None
-    end = req.end_time.ToDatetime(UTC) if req.HasField("end_time") else None
+            before_id = None
+    start = c.timestamp("start_time", req.start_time) if req.HasField("start_time") else None
+    end = c.timestamp("end_time", req.end_time) if req.HasField("end_time") else None
     if start and end and end <= start:
         c.bad("end_time", "must be after start_time")
     c.done()

@@ -19,12 +19,12 @@ from grpc import aio
 
 from mfa_service.domain import Caller
 from mfa_service.errors import MfaError
-from mfa_service.transport.auth import ANONYMOUS, CallerRegistry
+from mfa_service.transport.auth import ANONYMOUS, NOBODY, CallerRegistry
 from mfa_service.transport.status import internal_status, status_code_for, to_grpc_status
 
 log = logging.getLogger("mfa_service.rpc")
 
-caller_var: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller", default=ANONYMOUS)
+caller_var: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller", default=NOBODY)
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 SERVICE_PREFIX = "/mfa.v1."
@@ -67,9 +67,10 @@ def _wrap(method: str, inner: Handler, callers: CallerRegistry | None) -> Handle
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            if callers is not None:
-                caller_var.set(callers.authenticate(
-                    context.invocation_metadata() or (), context.auth_context()))
+            # Every call says who it is; without a registry (development on loopback,
+            # enforced at start-up) that is the development caller, never a default.
+            caller_var.set(ANONYMOUS if callers is None else callers.authenticate(
+                context.invocation_metadata() or (), context.auth_context()))
             return await inner(request, context)
         except aio.AbortError:
             raise

@@ -42,9 +42,9 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         return convert.challenge_response(result)
 
     async def Verify(self, request: pb.VerifyRequest, context: Context) -> pb.VerifyResponse:
-        challenge_id, code = convert.verify_args(request)
+        challenge_id, code, user_id = convert.verify_args(request)
         outcome = await self._service.verify(
-            challenge_id, code, _who(request.client_ip, request.user_agent))
+            challenge_id, code, _who(request.client_ip, request.user_agent), user_id=user_id)
         return convert.verify_response(outcome)
 
     async def Disable(self, request: pb.DisableRequest, context: Context) -> pb.DisableResponse:
@@ -62,7 +62,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     async def ListFactors(self, request: pb.ListFactorsRequest,
                           context: Context) -> pb.ListFactorsResponse:
         factors, recovery_remaining = await self._service.list_factors(
-            convert.list_factors_args(request))
+            convert.list_factors_args(request), _who())
         return pb.ListFactorsResponse(factors=[convert.factor_pb(f) for f in factors],
                                       recovery_codes_remaining=recovery_remaining)
 

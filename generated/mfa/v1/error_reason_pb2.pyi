@@ -66,6 +66,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The user failed too often; only an administrator reset unlocks them."""
     ERROR_REASON_CALLER_NOT_ALLOWED: _ErrorReason.ValueType  # 21
     """The caller is not allowed to use this RPC (for example reading the audit trail)."""
+    ERROR_REASON_DESTINATION_RATE_LIMITED: _ErrorReason.ValueType  # 22
+    """Too many codes went to this email address or phone number (whichever users asked);
+    RetryInfo says when to retry.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reasons for errors returned by mfa.v1.TwoFactorService.
@@ -119,4 +123,8 @@ ERROR_REASON_ADMIN_RESET_REQUIRED: ErrorReason.ValueType  # 20
 """The user failed too often; only an administrator reset unlocks them."""
 ERROR_REASON_CALLER_NOT_ALLOWED: ErrorReason.ValueType  # 21
 """The caller is not allowed to use this RPC (for example reading the audit trail)."""
+ERROR_REASON_DESTINATION_RATE_LIMITED: ErrorReason.ValueType  # 22
+"""Too many codes went to this email address or phone number (whichever users asked);
+RetryInfo says when to retry.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -337,6 +337,7 @@ class EnrollRequest(_message.Message):
     APPLICATION_FIELD_NUMBER: _builtins.int
     CHANGE_PROOF_CHALLENGE_ID_FIELD_NUMBER: _builtins.int
     LOCALE_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user to bind the factor to (opaque id of the central login, 1-128 characters)."""
     method: Global___Method.ValueType
@@ -359,6 +360,12 @@ class EnrollRequest(_message.Message):
     """Language of the messages sent for this factor, a BCP 47 tag ("en", "da-DK");
     unknown languages fall back to English. Default: the server's MFA_DEFAULT_LOCALE.
     """
+    session_token: _builtins.str
+    """Step-up proof: a 2FA session token of this same user, authenticated at most 10
+    minutes ago (pass 2FA again for a fresh one). Required when the user already has
+    an ACTIVE factor; ignored for the first factor. A phone change needs this and
+    change_proof_challenge_id.
+    """
     def __init__(
         self,
         *,
@@ -371,10 +378,11 @@ class EnrollRequest(_message.Message):
         application: Global___Application.ValueType = ...,
         change_proof_challenge_id: _builtins.str = ...,
         locale: _builtins.str = ...,
+        session_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_name", b"account_name", "application", b"application", "change_proof_challenge_id", b"change_proof_challenge_id", "channel", b"channel", "email", b"email", "locale", b"locale", "method", b"method", "phone_number", b"phone_number", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_name", b"account_name", "application", b"application", "change_proof_challenge_id", b"change_proof_challenge_id", "channel", b"channel", "email", b"email", "locale", b"locale", "method", b"method", "phone_number", b"phone_number", "session_token", b"session_token", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -542,6 +550,7 @@ class VerifyRequest(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     CLIENT_IP_FIELD_NUMBER: _builtins.int
     USER_AGENT_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
     challenge_id: _builtins.str
     """The challenge to check the code against."""
     code: _builtins.str
@@ -550,6 +559,11 @@ class VerifyRequest(_message.Message):
     """The end user's IP address, for the audit trail."""
     user_agent: _builtins.str
     """The end user's user agent, for the audit trail."""
+    user_id: _builtins.str
+    """Optional: the user the caller expects the challenge to belong to. When set and
+    the challenge is another user's, the answer is NOT_FOUND (a portal that round-trips
+    challenge_id through a browser binds it to the logged-in user this way).
+    """
     def __init__(
         self,
         *,
@@ -557,10 +571,11 @@ class VerifyRequest(_message.Message):
         code: _builtins.str = ...,
         client_ip: _builtins.str = ...,
         user_agent: _builtins.str = ...,
+        user_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "client_ip", b"client_ip", "code", b"code", "user_agent", b"user_agent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "client_ip", b"client_ip", "code", b"code", "user_agent", b"user_agent", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -101,6 +101,10 @@ class TwoFactorServiceServicer:
     def Enroll(self, request, context):
         """Starts binding a factor to a user. The factor stays FACTOR_STATUS_PENDING until
         a code from it is verified on the returned PURPOSE_CONFIRM_ENROLLMENT challenge.
+        Adding a factor needs the factor you have: once the user has an ACTIVE factor,
+        `session_token` must be a 2FA session of this user that passed 2FA in the last
+        10 minutes (else FAILED_PRECONDITION, ERROR_REASON_RECENT_SESSION_REQUIRED). The
+        first factor needs none. Obeys the lockout, the resend cooldown and the send limits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

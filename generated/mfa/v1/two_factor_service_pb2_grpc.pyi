@@ -43,6 +43,10 @@ class TwoFactorServiceStub:
     Enroll: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.EnrollRequest, _two_factor_service_pb2.EnrollResponse]
     """Starts binding a factor to a user. The factor stays FACTOR_STATUS_PENDING until
     a code from it is verified on the returned PURPOSE_CONFIRM_ENROLLMENT challenge.
+    Adding a factor needs the factor you have: once the user has an ACTIVE factor,
+    `session_token` must be a 2FA session of this user that passed 2FA in the last
+    10 minutes (else FAILED_PRECONDITION, ERROR_REASON_RECENT_SESSION_REQUIRED). The
+    first factor needs none. Obeys the lockout, the resend cooldown and the send limits.
     """
     Challenge: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.ChallengeRequest, _two_factor_service_pb2.ChallengeResponse]
     """Opens a challenge on a factor for a purpose. Email and phone factors get a
@@ -90,6 +94,10 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     Enroll: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.EnrollRequest, _two_factor_service_pb2.EnrollResponse]  # type: ignore[assignment]
     """Starts binding a factor to a user. The factor stays FACTOR_STATUS_PENDING until
     a code from it is verified on the returned PURPOSE_CONFIRM_ENROLLMENT challenge.
+    Adding a factor needs the factor you have: once the user has an ACTIVE factor,
+    `session_token` must be a 2FA session of this user that passed 2FA in the last
+    10 minutes (else FAILED_PRECONDITION, ERROR_REASON_RECENT_SESSION_REQUIRED). The
+    first factor needs none. Obeys the lockout, the resend cooldown and the send limits.
     """
     Challenge: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.ChallengeRequest, _two_factor_service_pb2.ChallengeResponse]  # type: ignore[assignment]
     """Opens a challenge on a factor for a purpose. Email and phone factors get a
@@ -140,6 +148,10 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_two_factor_service_pb2.EnrollResponse, _abc.Awaitable[_two_factor_service_pb2.EnrollResponse]]:
         """Starts binding a factor to a user. The factor stays FACTOR_STATUS_PENDING until
         a code from it is verified on the returned PURPOSE_CONFIRM_ENROLLMENT challenge.
+        Adding a factor needs the factor you have: once the user has an ACTIVE factor,
+        `session_token` must be a 2FA session of this user that passed 2FA in the last
+        10 minutes (else FAILED_PRECONDITION, ERROR_REASON_RECENT_SESSION_REQUIRED). The
+        first factor needs none. Obeys the lockout, the resend cooldown and the send limits.
         """
 
     @_abc_1.abstractmethod
