@@ -366,10 +366,12 @@ async def test_login_on_a_pending_factor_is_refused(stub: Stub, user_id: str) ->
 
 async def test_second_app_while_one_is_active_is_refused(
         stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
-    await enroll_app(stub, user_id, fresh_clock)
+    factor = await enroll_app(stub, user_id, fresh_clock)
+    session = await login(stub, factor, fresh_clock)
     with pytest.raises(aio.AioRpcError) as err:
         await stub.Enroll(pb.EnrollRequest(user_id=user_id, method=pb.METHOD_AUTHENTICATOR_APP,
-                                           application=pb.APPLICATION_PORTAL))
+                                           application=pb.APPLICATION_PORTAL,
+                                           session_token=session.session_token))
     e = rich_error(err.value)
     assert (e.code, e.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
                                   "ERROR_REASON_ALREADY_ENROLLED")

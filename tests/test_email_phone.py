@@ -28,7 +28,7 @@ from mfa_service.crypto import Keyring
 from mfa_service.delivery.outbox import decode_payload
 from mfa_service.settings import Settings
 from mfa_service.store.models import outbox
-from tests.conftest import TEST_KEYRING, make_settings, rich_error, totp_at
+from tests.conftest import TEST_KEYRING, AppFactor, login, make_settings, rich_error, totp_at
 from tests.fakes import HttpServer, RecordedRequest, RecordingHandler, http_server_running
 from tests.fakes import smtp_server as run_smtp_server
 
@@ -67,6 +67,13 @@ class Rig:
     provider: HttpServer
     restart: Callable[..., Any]
     recovery_codes: dict[str, list[str]] = field(default_factory=dict)
+    # Per user: a factor that receives codes (factor_id, "email"|"phone", destination),
+    # used to pass 2FA again for a step-up session.
+    reachable: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    app_factors: dict[str, AppFactor] = field(default_factory=dict)  # or an app for that
+
+    def has_factor(self, user_id: str) -> bool:
+        return user_id in self.reachable or user_id in self.app_factors
 
     def mails_to(self, address: str, *, notices: bool = False) -> list[EmailMessage]:
         """Mails that carry a code (with ``notices``: every mail) to ``address``."""
@@ -186,19 +193,42 @@ async def rig(request: pytest.FixtureRequest, database_url: str,
             await a.stop(0)
 
 
+async def step_up(rig: Rig, user_id: str) -> str:
+    """Pass 2FA again (the user's app, else their first email/phone): a fresh session."""
+    if user_id in rig.app_factors:
+        return (await login(rig.stub, rig.app_factors[user_id], rig.clock)).session_token
+    factor_id, kind, destination = rig.reachable[user_id]
+    before = (len(rig.mails_to(destination)) if kind == "email"
+              else len(rig.calls_to(destination)))
+    ch = await rig.stub.Challenge(pb.ChallengeRequest(
+        user_id=user_id, factor_id=factor_id, purpose=pb.PURPOSE_LOGIN,
+        application=pb.APPLICATION_PORTAL))
+    if kind == "email":
+        text = (await eventually(lambda: rig.mails_to(destination)[before:]))[-1].get_content()
+    else:
+        text = phone_text((await eventually(lambda: rig.calls_to(destination)[before:]))[-1])
+    ok = await rig.stub.Verify(pb.VerifyRequest(challenge_id=ch.challenge_id,
+                                                code=code_in(text)))
+    assert ok.result == pb.VERIFY_RESULT_APPROVED
+    return ok.session.session_token
+
+
 async def enroll_email(rig: Rig, user_id: str) -> tuple[str, str]:
     """Enrol and confirm an email factor; returns (factor_id, address).
 
-    The user's recovery codes (first factor) are kept in ``rig.recovery_codes``."""
+    The user's recovery codes (first factor) are kept in ``rig.recovery_codes``; a user
+    with a factor already passes 2FA again first (the step-up rule)."""
     address = unique_email(user_id)
+    session = await step_up(rig, user_id) if rig.has_factor(user_id) else ""
     resp = await rig.stub.Enroll(pb.EnrollRequest(
         user_id=user_id, method=pb.METHOD_EMAIL, email=address,
-        application=pb.APPLICATION_PORTAL))
+        application=pb.APPLICATION_PORTAL, session_token=session))
     mail = (await eventually(lambda: rig.mails_to(address)))[-1]
     ok = await rig.stub.Verify(pb.VerifyRequest(challenge_id=resp.challenge_id,
                                                 code=code_in(mail.get_content())))
     assert ok.result == pb.VERIFY_RESULT_APPROVED
     rig.recovery_codes[user_id] = list(ok.recovery_codes)
+    rig.reachable.setdefault(user_id, (resp.factor.factor_id, "email", address))
     rig.clock.advance(31)  # past the resend cooldown
     return resp.factor.factor_id, address
 
@@ -206,15 +236,20 @@ async def enroll_email(rig: Rig, user_id: str) -> tuple[str, str]:
 async def enroll_phone(rig: Rig, user_id: str, number: str | None = None,
                        proof: str = "") -> tuple[str, str]:
     number = number or unique_phone()
+    session = await step_up(rig, user_id) if rig.has_factor(user_id) else ""
     before = len(rig.calls_to(number))
     resp = await rig.stub.Enroll(pb.EnrollRequest(
         user_id=user_id, method=pb.METHOD_PHONE, phone_number=number,
         channel=pb.CHANNEL_SMS, application=pb.APPLICATION_PORTAL,
-        change_proof_challenge_id=proof))
+        change_proof_challenge_id=proof, session_token=session))
     sms = (await eventually(lambda: rig.calls_to(number)[before:]))[-1]
     ok = await rig.stub.Verify(pb.VerifyRequest(challenge_id=resp.challenge_id,
                                                 code=code_in(phone_text(sms))))
     assert ok.result == pb.VERIFY_RESULT_APPROVED
+    if not proof:
+        rig.reachable.setdefault(user_id, (resp.factor.factor_id, "phone", number))
+    else:  # the old number is gone: step up with the new one from now on
+        rig.reachable[user_id] = (resp.factor.factor_id, "phone", number)
     rig.clock.advance(31)
     return resp.factor.factor_id, number
 
@@ -341,10 +376,19 @@ async def test_phone_change_needs_the_old_number(rig: Rig, user_id: str) -> None
     old_id, old_number = await enroll_phone(rig, user_id)
     new_number = unique_phone()
 
+    # Without a recent 2FA session nothing is added, not even with a proof.
     with pytest.raises(aio.AioRpcError) as err:
         await rig.stub.Enroll(pb.EnrollRequest(
             user_id=user_id, method=pb.METHOD_PHONE, phone_number=new_number,
             application=pb.APPLICATION_PORTAL))
+    e = rich_error(err.value)
+    assert (e.code, e.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
+                                  "ERROR_REASON_RECENT_SESSION_REQUIRED")
+    session = await step_up(rig, user_id)
+    with pytest.raises(aio.AioRpcError) as err:
+        await rig.stub.Enroll(pb.EnrollRequest(
+            user_id=user_id, method=pb.METHOD_PHONE, phone_number=new_number,
+            application=pb.APPLICATION_PORTAL, session_token=session))
     e = rich_error(err.value)
     assert (e.code, e.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
                                   "ERROR_REASON_PHONE_CHANGE_PROOF_REQUIRED")
@@ -357,7 +401,8 @@ async def test_phone_change_needs_the_old_number(rig: Rig, user_id: str) -> None
     with pytest.raises(aio.AioRpcError) as err:
         await rig.stub.Enroll(pb.EnrollRequest(
             user_id=user_id, method=pb.METHOD_PHONE, phone_number=new_number,
-            application=pb.APPLICATION_PORTAL, change_proof_challenge_id=proof.challenge_id))
+            application=pb.APPLICATION_PORTAL, change_proof_challenge_id=proof.challenge_id,
+            session_token=session))
     assert rich_error(err.value).reason == "ERROR_REASON_PHONE_CHANGE_PROOF_REQUIRED"
     approved = await rig.stub.Verify(pb.VerifyRequest(challenge_id=proof.challenge_id,
                                                       code=code_in(phone_text(proof_sms))))
@@ -373,7 +418,8 @@ async def test_phone_change_needs_the_old_number(rig: Rig, user_id: str) -> None
     with pytest.raises(aio.AioRpcError) as err:
         await rig.stub.Enroll(pb.EnrollRequest(
             user_id=user_id, method=pb.METHOD_PHONE, phone_number=unique_phone(),
-            application=pb.APPLICATION_PORTAL, change_proof_challenge_id=proof.challenge_id))
+            application=pb.APPLICATION_PORTAL, change_proof_challenge_id=proof.challenge_id,
+            session_token=await step_up(rig, user_id)))
     assert rich_error(err.value).reason == "ERROR_REASON_PHONE_CHANGE_PROOF_REQUIRED"
 
     # The old number and the email address are told.
@@ -400,7 +446,8 @@ async def test_a_stale_change_proof_is_refused(rig: Rig, user_id: str) -> None:
     with pytest.raises(aio.AioRpcError) as err:
         await rig.stub.Enroll(pb.EnrollRequest(
             user_id=user_id, method=pb.METHOD_PHONE, phone_number=unique_phone(),
-            application=pb.APPLICATION_PORTAL, change_proof_challenge_id=proof.challenge_id))
+            application=pb.APPLICATION_PORTAL, change_proof_challenge_id=proof.challenge_id,
+            session_token=await step_up(rig, user_id)))
     assert rich_error(err.value).reason == "ERROR_REASON_PHONE_CHANGE_PROOF_REQUIRED"
 
 
@@ -549,14 +596,17 @@ async def test_security_notices_reach_the_user_by_email(rig: Rig, user_id: str) 
         return [m["Subject"] for m in rig.mails_to(address, notices=True)
                 if not has_code(m.get_content())]
 
-    await eventually(lambda: len(notices()) == 1)  # the email factor itself was added
+    # The factor that just proved itself gets no notice; the others hear of changes.
+    await delivered_all(rig, user_id)
+    assert notices() == []
     app = await rig.stub.Enroll(pb.EnrollRequest(
-        user_id=user_id, method=pb.METHOD_AUTHENTICATOR_APP, application=pb.APPLICATION_PORTAL))
+        user_id=user_id, method=pb.METHOD_AUTHENTICATOR_APP, application=pb.APPLICATION_PORTAL,
+        session_token=await step_up(rig, user_id)))
     confirmed = await rig.stub.Verify(pb.VerifyRequest(
         challenge_id=app.challenge_id, code=totp_at(app.totp_secret, rig.clock)))
     assert confirmed.result == pb.VERIFY_RESULT_APPROVED
     rig.clock.advance(30)
-    await eventually(lambda: len(notices()) == 2)  # the app was added
+    await eventually(lambda: len(notices()) == 1)  # the app was added
 
     # Five wrong app codes lock the account: the user hears of it.
     listed = await rig.stub.ListFactors(pb.ListFactorsRequest(user_id=user_id))
@@ -569,7 +619,7 @@ async def test_security_notices_reach_the_user_by_email(rig: Rig, user_id: str) 
     for _ in range(5):
         await rig.stub.Verify(pb.VerifyRequest(challenge_id=ch.challenge_id,
                                                code=f"{(int(right) + 1) % 10**6:06d}"))
-    await eventually(lambda: len(notices()) == 3)
+    await eventually(lambda: len(notices()) == 2)
     rig.clock.advance(60)
 
     # A recovery code is used: told, with how many are left.
@@ -583,7 +633,7 @@ async def test_security_notices_reach_the_user_by_email(rig: Rig, user_id: str) 
         code=first_codes[0]))
     assert done.result == pb.VERIFY_RESULT_APPROVED
     # ...and the app factor was removed.
-    await eventually(lambda: len(notices()) == 5)
+    await eventually(lambda: len(notices()) == 4)
     texts = [m.get_content().lower() for m in rig.mails_to(address, notices=True)
              if not has_code(m.get_content())]
     assert any("added" in t for t in texts)

@@ -438,7 +438,9 @@ async def enroll_app(lr: LeakRig, user_id: str, s: Secrets) -> tuple[AppFactor, 
     for code in ok.recovery_codes:
         s.recovery_code(code, f"recovery code of {user_id}")
     lr.clock.advance(30)
-    return AppFactor(resp.factor.factor_id, resp.totp_secret, user_id), list(ok.recovery_codes)
+    factor = AppFactor(resp.factor.factor_id, resp.totp_secret, user_id)
+    lr.rig.app_factors[user_id] = factor  # the rig steps up with it before adding a factor
+    return factor, list(ok.recovery_codes)
 
 
 async def app_login(lr: LeakRig, factor: AppFactor, s: Secrets, what: str) -> pb.Session:
@@ -531,28 +533,30 @@ async def oracle_cases(lr: LeakRig, user_id: str, s: Secrets) -> OracleCases:
         sms = (await eventually(lambda: rig.calls_to(number)[before:]))[0]
         return ch.challenge_id, code_in(phone_text(sms))
 
-    def change(proof_id: str, new_number: str) -> Any:
+    async def change(proof_id: str, new_number: str) -> Any:
+        session = await app_login(lr, factor, s, "session token (step-up)")
         return stub.Enroll(pb.EnrollRequest(
             user_id=user_id, method=pb.METHOD_PHONE, phone_number=new_number,
-            application=pb.APPLICATION_PORTAL, change_proof_challenge_id=proof_id))
+            application=pb.APPLICATION_PORTAL, change_proof_challenge_id=proof_id,
+            session_token=session.session_token))
 
     proof_id, right = await proof()
     wrong = f"{(int(right) + 1) % 1_000_000:06d}"
     s.code(wrong, "a wrong SMS code the user typed")
     assert (await stub.Verify(pb.VerifyRequest(challenge_id=proof_id, code=wrong))
             ).result == pb.VERIFY_RESULT_INVALID_CODE
-    cases.change_proof["wrong"] = await answer(change(proof_id, unique_phone()))
+    cases.change_proof["wrong"] = await answer(await change(proof_id, unique_phone()))
     clock.advance(31)
     proof_id, right = await proof()
     assert (await stub.Verify(pb.VerifyRequest(challenge_id=proof_id, code=right))
             ).result == pb.VERIFY_RESULT_APPROVED
     clock.advance(10 * 60 + 1)
-    cases.change_proof["expired"] = await answer(change(proof_id, unique_phone()))
+    cases.change_proof["expired"] = await answer(await change(proof_id, unique_phone()))
     proof_id, right = await proof()
     assert (await stub.Verify(pb.VerifyRequest(challenge_id=proof_id, code=right))
             ).result == pb.VERIFY_RESULT_APPROVED
     await enroll_phone(rig, user_id, unique_phone(), proof=proof_id)
-    cases.change_proof["used"] = await answer(change(proof_id, unique_phone()))
+    cases.change_proof["used"] = await answer(await change(proof_id, unique_phone()))
 
     # Verify and Disable on the authenticator app.
     async def challenge(purpose: pb.Purpose.ValueType) -> str:

@@ -30,11 +30,13 @@ async def test_purge_keeps_what_is_live_and_deletes_what_ended(
     revoked = await login(stub, factor, fresh_clock)
     await stub.RevokeSession(pb.RevokeSessionRequest(session_token=revoked.session_token))
     await login(stub, factor, fresh_clock)  # this one just expires
+    step_up = await login(stub, factor, fresh_clock)
     await stub.Enroll(pb.EnrollRequest(user_id=user_id, method=pb.METHOD_EMAIL,
                                        email=f"{user_id}@example.com",
-                                       application=pb.APPLICATION_PORTAL))
+                                       application=pb.APPLICATION_PORTAL,
+                                       session_token=step_up.session_token))
     t0 = fresh_clock.now()
-    assert await _count(app, sessions, sessions.c.user_id, user_id) == 2
+    assert await _count(app, sessions, sessions.c.user_id, user_id) == 3
     assert await _count(app, outbox, outbox.c.user_id, user_id) >= 1  # pending (no dispatcher)
 
     async def purge_at(when: timedelta) -> None:
@@ -42,8 +44,8 @@ async def test_purge_keeps_what_is_live_and_deletes_what_ended(
             await purge(tx.conn, t0 + when, Retention())
 
     await purge_at(timedelta(days=1, minutes=10))
-    # The revoked session is gone; the other one ended (idle) less than a day ago: kept.
-    assert await _count(app, sessions, sessions.c.user_id, user_id) == 1
+    # The revoked session is gone; the other two ended (idle) less than a day ago: kept.
+    assert await _count(app, sessions, sessions.c.user_id, user_id) == 2
     assert await _count(app, challenges, challenges.c.user_id, user_id) == 0
     pending = await _count(app, outbox, outbox.c.user_id, user_id)
     assert pending >= 1  # never sent: never deleted

@@ -241,10 +241,11 @@ async def test_regenerating_codes_needs_a_fresh_session(
 
 async def test_codes_come_only_with_the_first_factor(
         stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
-    await enroll_with_codes(stub, user_id, fresh_clock)
+    factor, _, _ = await enroll_with_codes(stub, user_id, fresh_clock)
+    session = await login(stub, factor, fresh_clock)
     resp = await stub.Enroll(pb.EnrollRequest(
         user_id=user_id, method=pb.METHOD_EMAIL, email=f"{user_id}@example.com",
-        application=pb.APPLICATION_PORTAL))
+        application=pb.APPLICATION_PORTAL, session_token=session.session_token))
     assert resp.factor.status == pb.FACTOR_STATUS_PENDING
     with pytest.raises(aio.AioRpcError) as err:
         await stub.Enroll(pb.EnrollRequest(user_id=user_id, method=pb.METHOD_RECOVERY_CODE,

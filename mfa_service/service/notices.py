@@ -23,15 +23,18 @@ class Notifier:
         self._ttl = ttl
 
     async def notify(self, tx: Transaction, now: datetime, user_id: str, kind: str, *,
-                     also: FactorRecord | None = None, masked_detail: str = "") -> int:
+                     also: FactorRecord | None = None, masked_detail: str = "",
+                     skip: str | None = None) -> int:
         """Queue ``kind`` to every ACTIVE factor of the user that can receive a message
         (email and phone) and to ``also``; returns how many were queued.
 
         Every one, not only the email: a user whose only factor is a phone must learn
         that an app was added or recovery codes were regenerated, or an attacker's
         change goes unnoticed until it is too late.
+        ``skip``: a factor that needs no notice (the one just confirmed by its own code).
         """
-        targets = await tx.factors.active_reachable(user_id)
+        targets = [t for t in await tx.factors.active_reachable(user_id)
+                   if t.factor.factor_id != skip]
         if also is not None and also.destination and all(
                 t.factor.factor_id != also.factor.factor_id for t in targets):
             targets.append(also)

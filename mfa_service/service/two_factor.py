@@ -615,10 +615,12 @@ class TwoFactorService:
                                application=challenge.application,
                                detail={"replaced_factor_id": replaced.factor.factor_id})
             await self._notifier.notify(tx, now, factor.user_id, "phone_changed",
-                                        also=replaced, masked_detail=factor.masked_destination)
+                                        also=replaced, masked_detail=factor.masked_destination,
+                                        skip=factor.factor_id)
         else:
             await self._notifier.notify(tx, now, factor.user_id, "factor_added",
-                                        masked_detail=factor.masked_destination)
+                                        masked_detail=factor.masked_destination,
+                                        skip=factor.factor_id)
         codes = await self._issue_first_recovery_codes(tx, factor.user_id, who, now)
         active = replace(factor, status=FactorStatus.ACTIVE, confirmed_at=now, last_used_at=now)
         return VerifyOutcome(VerifyResult.APPROVED, remaining, factor=active,
