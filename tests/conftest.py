@@ -247,3 +247,7 @@ def rich_error(err: aio.AioRpcError) -> RichError:
 
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# The delivery rig's fixtures (real SMTP and HTTP receivers), for every module that needs them.
+from tests.rig import provider, rig, smtp  # noqa: E402, F401

@@ -57,7 +57,7 @@ from mfa_service.logs import JsonFormatter
 from mfa_service.store.models import audit_events
 from tests.conftest import TEST_KEYRING, AppFactor, login, rich_error, totp_at
 from tests.fakes import RecordingHandler, http_server_running, smtp_server
-from tests.test_email_phone import (
+from tests.rig import (
     CODE_RE,
     SPOKEN_CODE_RE,
     Rig,

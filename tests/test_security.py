@@ -4,6 +4,7 @@ production start-up refusals. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import contextvars
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -22,12 +23,14 @@ from sqlalchemy import select
 from mfa_service.app import App, create_server
 from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
-from mfa_service.errors import ConfigurationError
+from mfa_service.domain import Application, AuditContext
+from mfa_service.errors import ConfigurationError, PermissionDenied
 from mfa_service.service.limits import LockoutPolicy
 from mfa_service.settings import Settings
 from mfa_service.store.models import recovery_codes
 from mfa_service.store.security import LockoutState
 from mfa_service.transport.auth import new_token
+from mfa_service.transport.interceptors import caller_var
 from tests.certs import Authority, write
 from tests.conftest import (
     TEST_KEYRING,
@@ -298,6 +301,7 @@ class Pki:
                                                   self.ca.issue("localhost", server=True))
         self.portal_token, portal_hash = new_token()
         self.backoffice_token, backoffice_hash = new_token()
+        self.auditor_token, auditor_hash = new_token()
         self.callers = root / "callers.toml"
         self.callers.write_text(f"""
 [[callers]]
@@ -311,6 +315,12 @@ name = "backoffice-backend"
 applications = ["backoffice", "portal"]
 token_sha256 = ["{backoffice_hash}"]
 certificate_names = ["backoffice.internal"]
+audit_reader = true
+
+[[callers]]
+name = "auditor"
+applications = []
+token_sha256 = ["{auditor_hash}"]
 audit_reader = true
 """)
 
@@ -473,6 +483,73 @@ def test_production_settings_that_are_complete_are_accepted(tmp_path: Path) -> N
         "email_provider": "smtp", "phone_provider": "webhook",
         "phone_webhook_url": "https://sms.internal/send"})
     assert settings.env == "production"
+
+
+async def test_a_caller_without_an_application_reads_the_audit_and_nothing_else(
+        tls_server: App, pki: Pki, user_id: str, fresh_clock: FixedClock) -> None:
+    """An audit reader configured with ``applications = []`` may not list a user's
+    factors nor log anyone out; the audit row of a logout names the caller that did it."""
+    async with aio.secure_channel(f"localhost:{tls_server.port}",
+                                  pki.client_credentials()) as channel:
+        stub: Stub = pb_grpc.TwoFactorServiceStub(channel)
+        portal, backoffice, auditor = (bearer(pki.portal_token), bearer(pki.backoffice_token),
+                                       bearer(pki.auditor_token))
+        resp = await stub.Enroll(pb.EnrollRequest(
+            user_id=user_id, method=pb.METHOD_AUTHENTICATOR_APP,
+            application=pb.APPLICATION_BACKOFFICE), metadata=backoffice)
+        await stub.Verify(pb.VerifyRequest(challenge_id=resp.challenge_id,
+                                           code=totp_at(resp.totp_secret, fresh_clock)),
+                          metadata=backoffice)
+        fresh_clock.advance(30)
+        ch = await stub.Challenge(pb.ChallengeRequest(
+            user_id=user_id, factor_id=resp.factor.factor_id, purpose=pb.PURPOSE_LOGIN,
+            application=pb.APPLICATION_BACKOFFICE), metadata=backoffice)
+        session = (await stub.Verify(pb.VerifyRequest(
+            challenge_id=ch.challenge_id, code=totp_at(resp.totp_secret, fresh_clock)),
+            metadata=backoffice)).session
+
+        denied = (grpc.StatusCode.PERMISSION_DENIED, "ERROR_REASON_APPLICATION_NOT_ALLOWED")
+        for call in (
+                stub.ListFactors(pb.ListFactorsRequest(user_id=user_id), metadata=auditor),
+                stub.RevokeSession(pb.RevokeSessionRequest(user_id=user_id), metadata=auditor),
+                stub.RevokeSession(pb.RevokeSessionRequest(
+                    session_token=session.session_token), metadata=auditor),
+                stub.CheckSession(pb.CheckSessionRequest(
+                    session_token=session.session_token, application=pb.APPLICATION_PORTAL),
+                    metadata=auditor)):
+            with pytest.raises(aio.AioRpcError) as err:
+                await call
+            e = rich_error(err.value)
+            assert (e.code, e.reason) == denied
+        assert (await stub.CheckSession(pb.CheckSessionRequest(
+            session_token=session.session_token, application=pb.APPLICATION_PORTAL),
+            metadata=portal)).valid  # nothing was revoked
+        events = await stub.ListAuditEvents(pb.ListAuditEventsRequest(user_id=user_id),
+                                            metadata=auditor)
+        assert events.events
+
+        # The portal's caller logs the user out everywhere: the row names the portal.
+        revoked = await stub.RevokeSession(pb.RevokeSessionRequest(user_id=user_id),
+                                           metadata=portal)
+        assert revoked.revoked_count == 1
+        events = await stub.ListAuditEvents(pb.ListAuditEventsRequest(user_id=user_id),
+                                            metadata=auditor)
+        [row] = [e for e in events.events if e.event == "session_revoked"]
+        assert (row.caller, row.application) == ("portal-backend", pb.APPLICATION_PORTAL)
+        assert row.detail["session_application"] == "backoffice"
+
+
+def test_a_call_that_was_never_authenticated_may_do_nothing() -> None:
+    """The default caller context grants nothing: a path that forgets to authenticate
+    fails closed, not open."""
+    caller = contextvars.Context().run(caller_var.get)
+    assert (caller.applications, caller.audit_reader) == (frozenset(), False)
+    who = AuditContext(caller="forgot-to-say")
+    for application in Application:
+        with pytest.raises(PermissionDenied):
+            who.authorize(application)
+    with pytest.raises(PermissionDenied):
+        who.authorize_any()
 
 
 async def test_development_without_callers_stays_on_loopback(database_url: str) -> None:
