@@ -40,4 +40,5 @@ async def enqueue(tx: Transaction, keyring: Keyring, message: Outgoing, now: dat
         destination=message.destination, user_id=message.user_id,
         factor_id=message.factor_id, challenge_id=message.challenge_id,
         payload_ciphertext=blob, payload_key_id=key_id, not_after=message.not_after)
+    tx.after_commit(tx.wake_outbox)  # the dispatcher looks as soon as it is committed
     return message_id

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from sqlalchemy import text
@@ -24,18 +24,57 @@ from mfa_service.store.repositories import (
 from mfa_service.store.security import LockoutRepository, RecoveryCodeRepository
 
 
-@dataclass(frozen=True)
 class Transaction:
-    """The repositories of one transaction."""
+    """The repositories of one transaction, and what to do once it has committed.
 
-    conn: AsyncConnection
-    factors: FactorRepository
-    challenges: ChallengeRepository
-    sessions: SessionRepository
-    audit: AuditRepository
-    outbox: OutboxRepository
-    lockouts: LockoutRepository
-    recovery: RecoveryCodeRepository
+    Repositories are made on first use (most RPCs touch two or three of the seven).
+    """
+
+    def __init__(self, conn: AsyncConnection, database: Database) -> None:
+        self.conn = conn
+        self._database = database
+        self._after_commit: list[Callable[[], None]] = []
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once this transaction has committed (never on rollback);
+        the same callback registered twice runs once."""
+        if callback not in self._after_commit:
+            self._after_commit.append(callback)
+
+    def wake_outbox(self) -> None:
+        """Tell this process's outbox dispatcher that a message is waiting (registered by
+        delivery.outbox.enqueue with ``after_commit``: a message that did not commit is
+        never looked for)."""
+        for listener in self._database.outbox_listeners:
+            listener()
+
+    @cached_property
+    def factors(self) -> FactorRepository:
+        return FactorRepository(self.conn)
+
+    @cached_property
+    def challenges(self) -> ChallengeRepository:
+        return ChallengeRepository(self.conn)
+
+    @cached_property
+    def sessions(self) -> SessionRepository:
+        return SessionRepository(self.conn)
+
+    @cached_property
+    def audit(self) -> AuditRepository:
+        return AuditRepository(self.conn)
+
+    @cached_property
+    def outbox(self) -> OutboxRepository:
+        return OutboxRepository(self.conn)
+
+    @cached_property
+    def lockouts(self) -> LockoutRepository:
+        return LockoutRepository(self.conn)
+
+    @cached_property
+    def recovery(self) -> RecoveryCodeRepository:
+        return RecoveryCodeRepository(self.conn)
 
 
 class Database:
@@ -45,33 +84,44 @@ class Database:
         self.engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
         self._write_lock: asyncio.Lock | None = None
+        # Called after a transaction that queued a message commits (the dispatcher's wake).
+        self.outbox_listeners: list[Callable[[], None]] = []
 
     @asynccontextmanager
     async def transaction(self, *, readonly: bool = False) -> AsyncIterator[Transaction]:
-        """Commit on success, roll back on any exception.
+        """Commit on success, roll back on any exception; then the after-commit callbacks.
 
         Domain errors raised inside pass through untouched (and roll back); driver errors
         become StoreUnavailable / StoreConflict with the original as ``__cause__``.
 
+        ``readonly``: for a single read (CheckSession, ListFactors). On PostgreSQL the
+        connection runs in autocommit, so the statement is the only round trip (no BEGIN /
+        COMMIT); several reads would not share one snapshot, so keep those to one
+        statement. On SQLite a deferred BEGIN takes no write lock.
+
         SQLite has one writer at a time. Its busy handler sleeps and polls, so writers
         queued on it wait unfairly (p99 over a second at 16 in flight); inside this
         process they queue on an asyncio lock instead, in order. ``readonly``
-        transactions skip the lock and start a deferred BEGIN (WAL readers never block).
+        transactions skip the lock (WAL readers never block).
         """
         lock: contextlib.AbstractAsyncContextManager[Any] = contextlib.nullcontext()
         if self._sqlite and not readonly:
             if self._write_lock is None:
                 self._write_lock = asyncio.Lock()
             lock = self._write_lock
+        tx: Transaction | None = None
         try:
             async with lock, self.engine.connect() as conn:
-                if readonly:
-                    await conn.execution_options(mfa_readonly=True)
-                async with conn.begin():
-                    yield Transaction(conn, FactorRepository(conn), ChallengeRepository(conn),
-                                      SessionRepository(conn), AuditRepository(conn),
-                                      OutboxRepository(conn), LockoutRepository(conn),
-                                      RecoveryCodeRepository(conn))
+                if readonly and not self._sqlite:
+                    await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    tx = Transaction(conn, self)
+                    yield tx
+                else:
+                    if readonly:  # a deferred BEGIN (store/engine.py): no write lock
+                        await conn.execution_options(mfa_readonly=True)
+                    async with conn.begin():
+                        tx = Transaction(conn, self)
+                        yield tx
         except MfaError:
             raise
         except Exception as exc:
@@ -79,6 +129,8 @@ class Database:
             if mapped is None:
                 raise
             raise mapped from exc
+        for callback in tx._after_commit:
+            callback()
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers a trivial query."""
