@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
 from mfa.v1 import two_factor_service_pb2 as pb
 from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 
+from mfa_service import telemetry
 from mfa_service.clock import Clock, SystemClock
 from mfa_service.crypto import Keyring, load_or_create_key_file
 from mfa_service.delivery.dispatcher import Dispatcher
@@ -40,15 +41,14 @@ from mfa_service.factors.recovery import RecoveryCodes
 from mfa_service.factors.registry import FactorRegistry
 from mfa_service.factors.sent_code import SentCode
 from mfa_service.factors.totp import AuthenticatorApp
+from mfa_service.service import Services
+from mfa_service.service.context import Context, Rules
 from mfa_service.service.notices import Notifier
 from mfa_service.service.sessions import SessionService
-from mfa_service.service.two_factor import Rules, TwoFactorService
 from mfa_service.settings import Environment, Settings
-from mfa_service.store import migrate
+from mfa_service.store import migrate, open_database
 from mfa_service.store.database import Database
-from mfa_service.store.engine import create_engine, database_url
 from mfa_service.store.retention import Retention, purge
-from mfa_service.telemetry import configure_tracing, server_interceptor
 from mfa_service.transport.auth import CallerRegistry
 from mfa_service.transport.interceptors import ServiceInterceptor
 from mfa_service.transport.servicer import TwoFactorServicer
@@ -260,7 +260,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
                         keyring: Keyring | None = None) -> App:
     """Build and start the server; returns once it listens (and the database answered)."""
     clock = clock or SystemClock()
-    configure_tracing(settings.otel_exporter)
+    tracing = telemetry.configure_tracing(settings.otel_exporter)
     credentials = _server_credentials(settings)
     callers = (CallerRegistry.from_file(settings.callers_file)
                if settings.callers_file is not None else None)
@@ -275,12 +275,8 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         log.warning("no caller authentication: development mode on loopback only")
     keyring = keyring or load_keyring(settings)
 
-    password = settings.database_password.get_secret_value() if settings.database_password \
-        else None
-    engine = create_engine(database_url(settings.database_url, password),
-                           pool_size=settings.database_pool_size,
-                           timeout=settings.database_timeout_seconds)
-    database = Database(engine)
+    database = open_database(settings)
+    engine = database.engine
     try:
         await database.ping()
         if settings.is_sqlite:
@@ -304,25 +300,30 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         lease=timedelta(seconds=settings.outbox_lease_seconds),
         backoff_max=settings.outbox_backoff_max_seconds,
         poll_seconds=settings.outbox_poll_seconds)
+    database.outbox_listeners.append(dispatcher.wake)
     sessions = SessionService(database, keyring, clock,
                               ttl=timedelta(seconds=settings.session_ttl_seconds),
                               idle=timedelta(seconds=settings.session_idle_seconds))
-    service = TwoFactorService(
-        database, registry, keyring, clock, sessions,
-        Rules(code_ttl=timedelta(seconds=settings.code_ttl_seconds),
-              max_attempts=settings.max_attempts,
-              max_factors_per_user=settings.max_factors_per_user,
-              resend_cooldown=timedelta(seconds=settings.resend_cooldown_seconds),
-              max_sends=settings.max_sends_per_window,
-              send_window=timedelta(seconds=settings.send_window_seconds),
-              max_sends_per_destination=settings.max_sends_per_destination,
-              change_proof_max_age=timedelta(seconds=settings.change_proof_max_age_seconds),
-              product=settings.product_name, default_locale=settings.default_locale),
-        Notifier(keyring, settings.product_name, timedelta(seconds=settings.notice_ttl_seconds)),
-        on_enqueue=dispatcher.wake)
+    services = Services.build(Context(
+        db=database, registry=registry, keyring=keyring, clock=clock, sessions=sessions,
+        notifier=Notifier(keyring, settings.product_name,
+                          timedelta(seconds=settings.notice_ttl_seconds)),
+        rules=Rules(code_ttl=timedelta(seconds=settings.code_ttl_seconds),
+                    max_attempts=settings.max_attempts,
+                    max_factors_per_user=settings.max_factors_per_user,
+                    resend_cooldown=timedelta(seconds=settings.resend_cooldown_seconds),
+                    max_sends=settings.max_sends_per_window,
+                    send_window=timedelta(seconds=settings.send_window_seconds),
+                    max_sends_per_destination=settings.max_sends_per_destination,
+                    change_proof_max_age=timedelta(
+                        seconds=settings.change_proof_max_age_seconds),
+                    product=settings.product_name, default_locale=settings.default_locale)))
 
     server = aio.server(
-        interceptors=[server_interceptor(), ServiceInterceptor(callers)],
+        # OpenTelemetry's interceptor only when spans go somewhere: with nothing exported
+        # it would still build a span per call for nobody (issue #8's profile).
+        interceptors=[*([telemetry.server_interceptor()] if tracing else []),
+                      ServiceInterceptor(callers)],
         options=[
             # On by default on Linux: a second server on the same port would silently
             # share it. Several workers on one port are opt-in (MFA_WORKERS), not an accident.
@@ -332,7 +333,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
             ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
             ("grpc.keepalive_permit_without_calls", 1),
         ])
-    pb_grpc.add_TwoFactorServiceServicer_to_server(TwoFactorServicer(service, sessions), server)
+    pb_grpc.add_TwoFactorServiceServicer_to_server(TwoFactorServicer(services), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _add_reflection(server)

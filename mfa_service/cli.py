@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 from pydantic import ValidationError
@@ -21,26 +20,10 @@ from mfa_service.settings import Settings
 log = logging.getLogger("mfa_service")
 
 
-async def _serve(settings: Settings) -> None:
-    from mfa_service.app import create_server
-
-    app = await create_server(settings)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
-    await app.stop()
-
-
 async def _migrate(settings: Settings) -> None:
-    from mfa_service.store import migrate
-    from mfa_service.store.engine import create_engine, database_url
+    from mfa_service.store import migrate, open_database
 
-    password = settings.database_password.get_secret_value() if settings.database_password \
-        else None
-    engine = create_engine(database_url(settings.database_url, password))
+    engine = open_database(settings).engine
     try:
         before = await migrate.current_revision(engine)
         await migrate.upgrade(engine)
@@ -130,12 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_workers(settings)
         if args.command == "serve":
-            try:
-                import uvloop  # optional speed-up (+6-12 %, shared/BASELINES.md)
-            except ImportError:
-                asyncio.run(_serve(settings))
-            else:
-                uvloop.run(_serve(settings))
+            from mfa_service import serving
+
+            serving.run(settings)
         else:
             asyncio.run(_migrate(settings))
     except ConfigurationError as exc:

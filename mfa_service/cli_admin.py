@@ -126,15 +126,10 @@ async def open_admin(settings: Settings) -> AsyncIterator[AdminService]:
     SQLite (the embedded default) is migrated, PostgreSQL must already be current."""
     from mfa_service.clock import SystemClock
     from mfa_service.service.admin import AdminService
-    from mfa_service.store import migrate
-    from mfa_service.store.database import Database
-    from mfa_service.store.engine import create_engine, database_url
+    from mfa_service.store import migrate, open_database
 
-    password = settings.database_password.get_secret_value() if settings.database_password \
-        else None
-    engine = create_engine(database_url(settings.database_url, password), pool_size=2,
-                           timeout=settings.database_timeout_seconds)
-    database = Database(engine)
+    database = open_database(settings, pool_size=2)
+    engine = database.engine
     try:
         await database.ping()
         if settings.is_sqlite:

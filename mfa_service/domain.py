@@ -35,6 +35,24 @@ class Purpose(StrEnum):
     CHANGE_PHONE = "change_phone"
 
 
+class MessageKind(StrEnum):
+    """What an outbox message carries."""
+
+    CODE = "code"  # a one-time code for a challenge
+    NOTICE = "notice"  # a security notice: no code
+
+
+class NoticeKind(StrEnum):
+    """Why the user is told something changed (delivery/templates.py words each one)."""
+
+    FACTOR_ADDED = "factor_added"
+    FACTOR_REMOVED = "factor_removed"
+    PHONE_CHANGED = "phone_changed"
+    RECOVERY_CODES_USED = "recovery_codes_used"
+    RECOVERY_CODES_REGENERATED = "recovery_codes_regenerated"
+    ACCOUNT_LOCKED = "account_locked"
+
+
 class Application(StrEnum):
     PORTAL = "portal"
     BACKOFFICE = "backoffice"
@@ -145,7 +163,7 @@ class NewSession:
 class Outgoing:
     """A message the service decided to send; the outbox makes it durable."""
 
-    kind: str  # "code" | "notice"
+    kind: MessageKind
     channel: Channel
     destination: str
     user_id: str

@@ -7,8 +7,8 @@
      ├── NotFound
      │    ├── FactorNotFound     ERROR_REASON_FACTOR_NOT_FOUND        NOT_FOUND
      │    └── ChallengeNotFound  ERROR_REASON_CHALLENGE_NOT_FOUND     NOT_FOUND
-     ├── FailedPrecondition      (reason given per raise)             FAILED_PRECONDITION
-     ├── ResourceExhausted       (reason given per raise)             RESOURCE_EXHAUSTED+RetryInfo
+     ├── FailedPrecondition      (reason required at each raise)      FAILED_PRECONDITION
+     ├── ResourceExhausted       (reason required at each raise)      RESOURCE_EXHAUSTED+RetryInfo
      ├── Unauthenticated         ERROR_REASON_CALLER_UNAUTHENTICATED  UNAUTHENTICATED
      ├── PermissionDenied        ERROR_REASON_APPLICATION_NOT_ALLOWED PERMISSION_DENIED
      ├── NotSupported            ERROR_REASON_NOT_SUPPORTED           UNIMPLEMENTED
@@ -16,14 +16,17 @@
           ├── StoreUnavailable   ERROR_REASON_STORE_UNAVAILABLE       UNAVAILABLE
           └── StoreConflict      ERROR_REASON_INTERNAL                ABORTED
 
-Messages are written for the caller and never carry a code, secret or token. The
-reason strings are the names of ``mfa.v1.ErrorReason`` values; a test checks that every
-reason used here exists in the proto.
+Messages are written for the caller and never carry a code, secret or token. Reasons are
+values of the generated ``mfa.v1.ErrorReason`` enum (the contract callers branch on), so a
+reason that is not in the proto cannot be written. FailedPrecondition and
+ResourceExhausted name theirs at every raise: there is no default reason.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from mfa.v1.error_reason_pb2 import ErrorReason
 
 
 @dataclass(frozen=True)
@@ -37,21 +40,28 @@ class FieldViolation:
 class MfaError(Exception):
     """Base of every error this service raises on purpose."""
 
-    reason = "ERROR_REASON_UNSPECIFIED"
+    reason: ErrorReason.ValueType
 
-    def __init__(self, message: str, *, reason: str | None = None,
+    def __init__(self, message: str, *, reason: ErrorReason.ValueType | None = None,
                  metadata: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         if reason is not None:
             self.reason = reason
+        if not hasattr(self, "reason"):
+            raise TypeError(f"{type(self).__name__} needs a reason")
         self.metadata: dict[str, str] = dict(metadata or {})
+
+    @property
+    def reason_name(self) -> str:
+        """The reason as callers see it in ErrorInfo (``ERROR_REASON_...``)."""
+        return ErrorReason.Name(self.reason)
 
 
 class InvalidArgument(MfaError):
     """The request is malformed; ``violations`` names every bad field."""
 
-    reason = "ERROR_REASON_INVALID_REQUEST"
+    reason = ErrorReason.ERROR_REASON_INVALID_REQUEST
 
     def __init__(self, violations: list[FieldViolation]) -> None:
         fields = ", ".join(v.field for v in violations)
@@ -68,14 +78,14 @@ class NotFound(MfaError):
 
 
 class FactorNotFound(NotFound):
-    reason = "ERROR_REASON_FACTOR_NOT_FOUND"
+    reason = ErrorReason.ERROR_REASON_FACTOR_NOT_FOUND
 
     def __init__(self) -> None:
         super().__init__("factor not found")
 
 
 class ChallengeNotFound(NotFound):
-    reason = "ERROR_REASON_CHALLENGE_NOT_FOUND"
+    reason = ErrorReason.ERROR_REASON_CHALLENGE_NOT_FOUND
 
     def __init__(self) -> None:
         super().__init__("challenge not found")
@@ -84,44 +94,44 @@ class ChallengeNotFound(NotFound):
 class FailedPrecondition(MfaError):
     """The current state forbids the call; ``reason`` says which state."""
 
-    reason = "ERROR_REASON_FACTOR_STATUS_FORBIDS"
+    def __init__(self, message: str, *, reason: ErrorReason.ValueType,
+                 metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
 
 
 class ResourceExhausted(MfaError):
     """A rate limit or lockout; the caller may retry after ``retry_after_seconds``."""
 
-    reason = "ERROR_REASON_SEND_RATE_LIMITED"
-
-    def __init__(self, message: str, *, retry_after_seconds: float, reason: str | None = None,
+    def __init__(self, message: str, *, retry_after_seconds: float, reason: ErrorReason.ValueType,
                  metadata: dict[str, str] | None = None) -> None:
         super().__init__(message, reason=reason, metadata=metadata)
         self.retry_after_seconds = max(0.0, retry_after_seconds)
 
 
 class Unauthenticated(MfaError):
-    reason = "ERROR_REASON_CALLER_UNAUTHENTICATED"
+    reason = ErrorReason.ERROR_REASON_CALLER_UNAUTHENTICATED
 
 
 class PermissionDenied(MfaError):
-    reason = "ERROR_REASON_APPLICATION_NOT_ALLOWED"
+    reason = ErrorReason.ERROR_REASON_APPLICATION_NOT_ALLOWED
 
 
 class NotSupported(MfaError):
     """Part of the contract that this server does not offer (yet)."""
 
-    reason = "ERROR_REASON_NOT_SUPPORTED"
+    reason = ErrorReason.ERROR_REASON_NOT_SUPPORTED
 
 
 class StoreError(MfaError):
     """The store failed; raised by the store layer with the driver error as ``__cause__``."""
 
-    reason = "ERROR_REASON_INTERNAL"
+    reason = ErrorReason.ERROR_REASON_INTERNAL
 
 
 class StoreUnavailable(StoreError):
     """The database cannot be reached or refused the connection; retryable."""
 
-    reason = "ERROR_REASON_STORE_UNAVAILABLE"
+    reason = ErrorReason.ERROR_REASON_STORE_UNAVAILABLE
 
     def __init__(self, message: str = "the database is unavailable, retry later") -> None:
         super().__init__(message)

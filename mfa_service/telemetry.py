@@ -18,15 +18,19 @@ from mfa_service import __version__
 _configured = False
 
 
-def configure_tracing(exporter: str) -> None:
+def configure_tracing(exporter: str) -> bool:
+    """Install the tracer provider once; whether spans are exported at all."""
     global _configured
-    if exporter == "none" or _configured:
-        return
+    if exporter == "none":
+        return False
+    if _configured:
+        return True
     provider = TracerProvider(resource=Resource.create(
         {"service.name": "mfa-service", "service.version": __version__}))
     provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     trace.set_tracer_provider(provider)
     _configured = True
+    return True
 
 
 def server_interceptor() -> aio.ServerInterceptor:

@@ -15,7 +15,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -27,23 +26,23 @@ log = logging.getLogger("mfa_service")
 
 def _worker(index: int) -> None:
     """Entry of a spawned worker: same settings (from the same environment), own loop."""
-    from mfa_service import cli
+    from mfa_service import serving
+    from mfa_service.logs import configure_logging
 
     os.environ["MFA_WORKER_INDEX"] = str(index)
-    sys.exit(cli.main(["serve"]))
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    serving.run(settings)
 
 
 async def _prepare(settings: Settings) -> None:
     from mfa_service.app import load_keyring
-    from mfa_service.store import migrate
-    from mfa_service.store.engine import create_engine, database_url
+    from mfa_service.store import migrate, open_database
 
     if settings.keyring is None:
         load_keyring(settings)  # create the development key file once, not N times
     if settings.is_sqlite:
-        password = (settings.database_password.get_secret_value()
-                    if settings.database_password else None)
-        engine = create_engine(database_url(settings.database_url, password))
+        engine = open_database(settings).engine
         try:
             await migrate.upgrade(engine)
         finally:

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from mfa_service.app import App, create_server
 from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
-from mfa_service.domain import Channel, Outgoing
+from mfa_service.domain import Channel, MessageKind, Outgoing
 from mfa_service.settings import Settings
 from mfa_service.store.models import factors, outbox
 from tests.conftest import (
@@ -472,7 +472,7 @@ async def test_challenge_and_verify_racing_on_one_factor_never_abort(
 
 # -- 10. hardening -----------------------------------------------------------------------------
 def test_an_outgoing_message_never_shows_its_text() -> None:
-    message = Outgoing(kind="code", channel=Channel.SMS, destination="+4520123456",
+    message = Outgoing(kind=MessageKind.CODE, channel=Channel.SMS, destination="+4520123456",
                        user_id="u", subject="", text="Your code is 482913",
                        not_after=T0 + timedelta(minutes=5))
     assert "482913" not in repr(message)

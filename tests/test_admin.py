@@ -32,7 +32,15 @@ from mfa_service.app import App, create_server
 from mfa_service.clock import Clock, FixedClock, SystemClock
 from mfa_service.crypto import Keyring
 from mfa_service.delivery.outbox import decode_payload, enqueue
-from mfa_service.domain import Channel, Factor, FactorRecord, FactorStatus, Method, Outgoing
+from mfa_service.domain import (
+    Channel,
+    Factor,
+    FactorRecord,
+    FactorStatus,
+    MessageKind,
+    Method,
+    Outgoing,
+)
 from mfa_service.factors.totp import secret_aad
 from mfa_service.service import admin as admin_module
 from mfa_service.service.admin import AdminService
@@ -51,6 +59,7 @@ from mfa_service.store.models import (
 )
 from mfa_service.store.outbox import SENT, OutboxRepository
 from mfa_service.store.repositories import FactorRepository
+from mfa_service.store.unit import Unit
 from tests.conftest import (
     PG_ADMIN_URL,
     T0,
@@ -125,7 +134,7 @@ async def add_factor(db: Database, keyring: Keyring, user_id: str, now: datetime
     factor_id = str(uuid.uuid4())
     key_id, blob = keyring.encrypt(secret, secret_aad(factor_id, user_id))
     async with db.transaction() as tx:
-        await tx.factors.add(FactorRecord(
+        tx.factors.add(FactorRecord(
             factor=Factor(factor_id=factor_id, user_id=user_id,
                           method=Method.AUTHENTICATOR_APP, status=FactorStatus.ACTIVE,
                           masked_destination=user_id, created_at=now, confirmed_at=now),
@@ -136,8 +145,8 @@ async def add_factor(db: Database, keyring: Keyring, user_id: str, now: datetime
 
 async def add_message(db: Database, keyring: Keyring, user_id: str, now: datetime) -> str:
     async with db.transaction() as tx:
-        return await enqueue(tx, keyring, Outgoing(
-            kind="notice", channel=Channel.EMAIL, destination=f"{user_id}@example.com",
+        return enqueue(tx, keyring, Outgoing(
+            kind=MessageKind.NOTICE, channel=Channel.EMAIL, destination=f"{user_id}@example.com",
             user_id=user_id, subject="Subject", text="a notice",
             not_after=now + timedelta(hours=1)), now)
 
@@ -260,7 +269,7 @@ async def test_a_factor_disabled_during_rotation_is_skipped_not_resurrected(
                                     after: str | None, limit: int) -> list[StoredCiphertext]:
             rows = await listed(conn, primary_id, after=after, limit=limit)
             if rows:  # the factor is disabled (and wiped) right after the listing read it
-                assert await FactorRepository(conn).disable(factor_id, clock.now())
+                assert await FactorRepository(Unit(conn)).disable(factor_id, clock.now())
             return rows
 
         monkeypatch.setattr(maintenance, "factor_secrets_to_rekey", list_then_disable)
@@ -284,7 +293,7 @@ async def test_a_message_sent_during_rotation_keeps_its_wiped_body(
                                  after: str | None, limit: int) -> list[StoredCiphertext]:
             rows = await listed(conn, primary_id, after=after, limit=limit)
             if rows:  # a dispatcher sends it right after the listing: settle wipes the body
-                messages = OutboxRepository(conn)
+                messages = OutboxRepository(Unit(conn))
                 [claimed] = await messages.claim_due(clock.now(), timedelta(minutes=1), 5)
                 assert await messages.settle(claimed.message_id, claimed.claim_token, SENT,
                                              clock.now())

@@ -14,7 +14,8 @@ provider, which can be set only once per process. Instead of setting it, each te
 monkeypatches the name ``aio_server_interceptor`` inside ``mfa_service.telemetry`` with
 the same library function bound to ``tracer_provider=`` a fresh SDK ``TracerProvider``.
 ``server_interceptor()`` and ``create_server`` themselves run unchanged, and nothing
-global is left behind for other tests.
+global is left behind for other tests. ``configure_tracing`` is made to say "spans are
+exported" (the server adds the interceptor only then) without touching the global provider.
 
 Wrong, expired and used codes must look alike to a caller except for
 ``VerifyResult`` / ``attempts_remaining``.
@@ -296,6 +297,7 @@ def recorded_spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExpo
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     monkeypatch.setattr(telemetry, "aio_server_interceptor",
                         functools.partial(aio_server_interceptor, tracer_provider=provider))
+    monkeypatch.setattr(telemetry, "configure_tracing", lambda exporter: True)
     yield exporter
     provider.shutdown()
 

@@ -12,7 +12,7 @@ from mfa_service.delivery.templates import (
     notice_message,
     resolve_locale,
 )
-from mfa_service.domain import Channel, Purpose
+from mfa_service.domain import Channel, NoticeKind, Purpose
 
 CHANNELS = (Channel.EMAIL, Channel.SMS, Channel.VOICE)
 PRODUCT_32 = "Cloud Platform Identity Services"  # the longest product name SMS must fit
@@ -104,7 +104,7 @@ def test_sms_fits_one_gsm7_segment(locale: str, purpose: Purpose, minutes: int) 
 
 @pytest.mark.parametrize("locale", sorted(CATALOGUE))
 @pytest.mark.parametrize("kind", NOTICE_KINDS)
-def test_sms_notices_are_gsm7(locale: str, kind: str) -> None:
+def test_sms_notices_are_gsm7(locale: str, kind: NoticeKind) -> None:
     _, text = notice_message(Channel.SMS, kind=kind, product=PRODUCT_32, locale=locale,
                              masked_detail="+45 xx xx xx 12")
     gsm7_septets(text)
@@ -151,9 +151,9 @@ def test_unknown_locale_falls_back_to_english(locale: str) -> None:
         assert code_message(channel, code="123456", purpose=Purpose.DISABLE, product="P",
                             valid_minutes=5, locale=locale) == code_message(
             channel, code="123456", purpose=Purpose.DISABLE, product="P", valid_minutes=5)
-    assert notice_message(Channel.EMAIL, kind="factor_added", product="P",
-                          locale=locale) == notice_message(Channel.EMAIL,
-                                                           kind="factor_added", product="P")
+    added = NoticeKind.FACTOR_ADDED
+    assert notice_message(Channel.EMAIL, kind=added, product="P",
+                          locale=locale) == notice_message(Channel.EMAIL, kind=added, product="P")
 
 
 def test_every_locale_translates_every_key() -> None:
@@ -164,7 +164,7 @@ def test_every_locale_translates_every_key() -> None:
 @pytest.mark.parametrize("locale", sorted(CATALOGUE))
 @pytest.mark.parametrize("channel", CHANNELS)
 @pytest.mark.parametrize("kind", NOTICE_KINDS)
-def test_every_notice_kind_renders(locale: str, channel: Channel, kind: str) -> None:
+def test_every_notice_kind_renders(locale: str, channel: Channel, kind: NoticeKind) -> None:
     subject, text = notice_message(channel, kind=kind, product="Cloud Platform",
                                    locale=locale, masked_detail="+45 xx xx xx 12")
 
@@ -187,14 +187,14 @@ def test_notice_kinds_say_different_things() -> None:
 
 
 def test_notice_without_detail_has_no_empty_parentheses() -> None:
-    _, text = notice_message(Channel.EMAIL, kind="factor_removed", product="P")
+    _, text = notice_message(Channel.EMAIL, kind=NoticeKind.FACTOR_REMOVED, product="P")
     assert text.startswith("A two-factor method was removed from your P account.")
     assert "()" not in text
 
 
 def test_unknown_notice_kind_raises() -> None:
-    with pytest.raises(ValueError, match="unknown notice kind"):
-        notice_message(Channel.EMAIL, kind="password_changed", product="P")
+    with pytest.raises(ValueError, match="is not a valid NoticeKind"):
+        notice_message(Channel.EMAIL, kind="password_changed", product="P")  # type: ignore[arg-type]
 
 
 def test_code_message_rejects_bad_arguments() -> None:
@@ -211,7 +211,7 @@ def test_channel_none_has_no_template() -> None:
         code_message(Channel.NONE, code="1", purpose=Purpose.LOGIN, product="P",
                      valid_minutes=5)
     with pytest.raises(ValueError, match="channel"):
-        notice_message(Channel.NONE, kind="factor_added", product="P")
+        notice_message(Channel.NONE, kind=NoticeKind.FACTOR_ADDED, product="P")
 
 
 def test_product_with_braces_is_not_a_format_string() -> None:

@@ -26,7 +26,14 @@ from mfa_service.delivery.senders import Sender
 from mfa_service.domain import Channel
 from mfa_service.errors import StoreError
 from mfa_service.store.database import Database
-from mfa_service.store.outbox import EXPIRED, FAILED, SENT, SUPERSEDED, OutboxMessage
+from mfa_service.store.outbox import (
+    EXPIRED,
+    FAILED,
+    SENT,
+    SUPERSEDED,
+    OutboxMessage,
+    OutboxState,
+)
 
 log = logging.getLogger("mfa_service.delivery")
 
@@ -139,7 +146,7 @@ class Dispatcher:
         async with self._db.transaction() as tx:
             await tx.outbox.retry_later(m.message_id, m.claim_token, when, error)
 
-    async def _settle(self, m: OutboxMessage, state: str, error: str | None) -> None:
+    async def _settle(self, m: OutboxMessage, state: OutboxState, error: str | None) -> None:
         async with self._db.transaction() as tx:
             settled = await tx.outbox.settle(m.message_id, m.claim_token, state,
                                              self._clock.now(), error)

@@ -31,12 +31,13 @@ def decode_payload(keyring: Keyring, message_id: str, key_id: str,
     return str(data["subject"]), str(data["text"])
 
 
-async def enqueue(tx: Transaction, keyring: Keyring, message: Outgoing, now: datetime) -> str:
-    """Store ``message`` for delivery when ``tx`` commits; returns its id."""
+def enqueue(tx: Transaction, keyring: Keyring, message: Outgoing, now: datetime) -> str:
+    """Store ``message`` for delivery when ``tx`` commits (the row is written with the
+    transaction's other deferred writes); returns its id."""
     message_id = str(uuid.uuid4())
     key_id, blob = encode_payload(keyring, message_id, message.subject, message.text)
-    await tx.outbox.add(
-        message_id=message_id, now=now, kind=message.kind, channel=message.channel,
+    tx.outbox.add(
+        message_id=message_id, now=now, kind=message.kind.value, channel=message.channel,
         destination=message.destination, user_id=message.user_id,
         factor_id=message.factor_id, challenge_id=message.challenge_id,
         payload_ciphertext=blob, payload_key_id=key_id, not_after=message.not_after)

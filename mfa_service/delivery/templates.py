@@ -20,18 +20,11 @@ share it (the usual phishing script is "read me the code we just sent you").
 
 from __future__ import annotations
 
-from mfa_service.domain import Channel, Purpose
+from mfa_service.domain import Channel, NoticeKind, Purpose
 
 DEFAULT_LOCALE = "en"
 
-NOTICE_KINDS = (
-    "factor_added",
-    "factor_removed",
-    "phone_changed",
-    "recovery_codes_used",
-    "recovery_codes_regenerated",
-    "account_locked",
-)
+NOTICE_KINDS = tuple(NoticeKind)
 
 # Placeholders: {product}, {code}, {spoken_code}, {purpose}, {validity}, {sentence},
 # {detail} (" (<masked detail>)" or ""), {n}. SMS strings must stay GSM-7 (no em dash,
@@ -242,7 +235,7 @@ def code_message(channel: Channel, *, code: str, purpose: Purpose, product: str,
     return subject, text
 
 
-def notice_message(channel: Channel, *, kind: str, product: str, locale: str = "en",
+def notice_message(channel: Channel, *, kind: NoticeKind, product: str, locale: str = "en",
                    masked_detail: str = "") -> tuple[str, str]:
     """The (subject, text) of a security notice, which carries no code.
 
@@ -251,7 +244,7 @@ def notice_message(channel: Channel, *, kind: str, product: str, locale: str = "
 
     Args:
         channel: EMAIL, SMS or VOICE (the subject is "" except for EMAIL).
-        kind: One of ``NOTICE_KINDS``.
+        kind: What changed.
         product: The product name the user knows.
         locale: BCP 47 language tag; unknown languages fall back to English.
         masked_detail: An already-masked detail, e.g. the masked phone number, shown in
@@ -262,8 +255,7 @@ def notice_message(channel: Channel, *, kind: str, product: str, locale: str = "
         ValueError: an unknown kind, channel NONE or an empty product.
     """
     _check_channel(channel)
-    if kind not in NOTICE_KINDS:
-        raise ValueError(f"unknown notice kind {kind!r}")
+    kind = NoticeKind(kind)  # ValueError for anything else
     if not product:
         raise ValueError("product is required")
     lang = resolve_locale(locale)

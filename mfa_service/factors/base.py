@@ -1,17 +1,21 @@
 """The protocol every factor method implements, and the values it trades in.
 
-A method knows how to set itself up for a user, what its codes look like and whether
-a code matches. The rules around it (attempts, single use, sessions, lockout) live once,
-in the service layer, for all methods.
+A method knows how to set itself up for a user, what its codes look like, and whether a
+code proves possession, finishing its own atomic step in the store when it has one (the
+TOTP step accepted, the recovery code consumed). The rules around it (attempts, single
+use, sessions, lockout) live once, in the service layer, for all methods.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mfa_service.domain import Challenge, Channel, FactorRecord, Method
+
+if TYPE_CHECKING:
+    from mfa_service.store.database import Transaction
 
 
 @dataclass(frozen=True)
@@ -49,20 +53,6 @@ class EnrollmentMaterial:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Match:
-    """The outcome of comparing a code, before the database has its say.
-
-    ``totp_step``: the RFC 6238 step matched (the store refuses it if not newer than the
-    last one). ``recovery_candidates``: HMACs a recovery code may be stored under (the
-    store consumes one, once).
-    """
-
-    ok: bool
-    totp_step: int | None = None
-    recovery_candidates: tuple[bytes, ...] | None = None
-
-
 class FactorMethod(Protocol):
     """One way to pass a second factor."""
 
@@ -88,7 +78,9 @@ class FactorMethod(Protocol):
         """A fresh code to send, or None when the user already holds the code (TOTP)."""
         ...
 
-    def match(self, record: FactorRecord, challenge: Challenge, code: str,
-              now: datetime) -> Match:
-        """Whether ``code`` proves possession of the factor for ``challenge``."""
+    async def check(self, tx: Transaction, record: FactorRecord, challenge: Challenge,
+                    code: str, now: datetime) -> bool:
+        """Whether ``code`` proves possession of the factor for ``challenge``; when it
+        does, the method's own single-use step is done in ``tx`` (the caller holds the
+        user's lock and read ``record`` after taking it)."""
         ...

@@ -11,17 +11,21 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from mfa_service.crypto import Keyring
 from mfa_service.domain import Challenge, Channel, FactorRecord, Method
 from mfa_service.errors import InvalidArgument
-from mfa_service.factors.base import EnrollInput, EnrollmentMaterial, Match
+from mfa_service.factors.base import EnrollInput, EnrollmentMaterial
 
 ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford: no i, l, o, u
 # What people type instead (Crockford's decoding rules).
 _CONFUSABLE = str.maketrans({"i": "1", "l": "1", "o": "0"})
 CODE_CHARS = 10  # 10 x 5 bits = 50 bits
 COUNT = 10
+
+if TYPE_CHECKING:
+    from mfa_service.store.database import Transaction
 
 
 def generate_codes(count: int = COUNT,
@@ -80,9 +84,11 @@ class RecoveryCodes:
     def new_code(self) -> str | None:
         return None
 
-    def match(self, record: FactorRecord, challenge: Challenge, code: str,
-              now: datetime) -> Match:
+    async def check(self, tx: Transaction, record: FactorRecord, challenge: Challenge,
+                    code: str, now: datetime) -> bool:
         # Which stored code it is, and whether it is unused, only the database can say
-        # atomically: hand the service the candidate hashes (one per key in the ring).
-        return Match(ok=True, recovery_candidates=tuple(
-            self._keyring.mac_all(code_message(record.factor.user_id, code))))
+        # atomically: consume the one stored under any of the candidate hashes (one per
+        # key in the ring), once.
+        user_id = record.factor.user_id
+        return await tx.recovery.consume(
+            user_id, self._keyring.mac_all(code_message(user_id, code)), now)

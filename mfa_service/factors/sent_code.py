@@ -9,11 +9,14 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from mfa_service.crypto import Keyring
 from mfa_service.domain import Challenge, FactorRecord, Method
-from mfa_service.factors.base import Match
 from mfa_service.factors.codes import code_matches, generate_numeric_code, normalise_digits
+
+if TYPE_CHECKING:
+    from mfa_service.store.database import Transaction
 
 
 class SentCode:
@@ -33,12 +36,12 @@ class SentCode:
     def new(self) -> str:
         return generate_numeric_code(self.length, self._randbelow)
 
-    def match(self, record: FactorRecord, challenge: Challenge, code: str,
-              now: datetime) -> Match:
+    def matches(self, challenge: Challenge, code: str) -> bool:
+        """Constant-time comparison with the challenge's stored HMAC."""
         if challenge.code_hash is None or challenge.code_key_id is None:
-            return Match(ok=False)
-        return Match(ok=code_matches(self._keyring, challenge.challenge_id, code,
-                                     challenge.code_key_id, challenge.code_hash))
+            return False
+        return code_matches(self._keyring, challenge.challenge_id, code,
+                            challenge.code_key_id, challenge.code_hash)
 
 
 class SentCodeMethod:
@@ -64,6 +67,7 @@ class SentCodeMethod:
     def new_code(self) -> str | None:
         return self._codes.new()
 
-    def match(self, record: FactorRecord, challenge: Challenge, code: str,
-              now: datetime) -> Match:
-        return self._codes.match(record, challenge, code, now)
+    async def check(self, tx: Transaction, record: FactorRecord, challenge: Challenge,
+                    code: str, now: datetime) -> bool:
+        # Single use is the challenge's own (closed by the attempt that approves it).
+        return self._codes.matches(challenge, code)

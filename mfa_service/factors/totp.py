@@ -14,6 +14,7 @@ import hmac
 import io
 import secrets
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import pyotp
 import segno
@@ -21,13 +22,16 @@ import segno
 from mfa_service.crypto import Keyring
 from mfa_service.domain import Challenge, Channel, FactorRecord, Method
 from mfa_service.errors import InvalidArgument
-from mfa_service.factors.base import EnrollInput, EnrollmentMaterial, Match, Provisioning
+from mfa_service.factors.base import EnrollInput, EnrollmentMaterial, Provisioning
 from mfa_service.factors.codes import normalise_digits
 
 PERIOD_SECONDS = 30
 DIGITS = 6
 SECRET_BYTES = 20  # 160 bits, RFC 4226 section 4 R6
 MAX_ACCOUNT_NAME = 128
+
+if TYPE_CHECKING:
+    from mfa_service.store.database import Transaction
 
 
 def secret_aad(factor_id: str, user_id: str) -> bytes:
@@ -115,12 +119,16 @@ class AuthenticatorApp:
     def new_code(self) -> str | None:
         return None  # the app computes the code itself
 
-    def match(self, record: FactorRecord, challenge: Challenge, code: str,
-              now: datetime) -> Match:
+    async def check(self, tx: Transaction, record: FactorRecord, challenge: Challenge,
+                    code: str, now: datetime) -> bool:
         if record.secret_ciphertext is None or record.secret_key_id is None:
-            return Match(ok=False)  # a disabled factor's secret has been wiped
+            return False  # a disabled factor's secret has been wiped
         secret = self._keyring.decrypt(
             record.secret_key_id, record.secret_ciphertext,
             secret_aad(record.factor.factor_id, record.factor.user_id))
         step = match_totp(secret, code, now, window=self._window, last_step=record.last_totp_step)
-        return Match(ok=step is not None, totp_step=step)
+        if step is None:
+            return False
+        # RFC 6238 5.2: this step, and every older one, is used from now on.
+        tx.factors.accept_totp_step(record.factor.factor_id, step, now)
+        return True

@@ -193,8 +193,9 @@ class AdminService:
         if report.factor_secrets.examined or report.outbox_payloads.examined:
             now = self._clock.now()
             async with self._db.transaction() as tx:
-                await audit.record(
-                    tx, now, audit.Event.KEYS_ROTATED, "ok" if report.ok else "incomplete", WHO,
+                audit.record(
+                    tx, now, audit.Event.KEYS_ROTATED,
+                    audit.Outcome.OK if report.ok else audit.Outcome.INCOMPLETE, WHO,
                     detail={"primary_key_id": report.primary_id,
                             "factor_secrets_rekeyed": report.factor_secrets.rekeyed,
                             "outbox_payloads_rekeyed": report.outbox_payloads.rekeyed,
@@ -261,9 +262,10 @@ class AdminService:
             challenges_closed = await maintenance.close_open_challenges(tx.conn, user_id)
             report = ResetReport(user_id, lockout_cleared, factors_disabled, codes_retired,
                                  sessions_revoked, challenges_closed)
-            await audit.record(
+            audit.record(
                 tx, now, audit.Event.ADMIN_RESET,
-                "nothing_to_reset" if report.nothing_done else "ok", WHO, user_id=user_id,
+                audit.Outcome.NOTHING_TO_RESET if report.nothing_done else audit.Outcome.OK,
+                WHO, user_id=user_id,
                 detail={"reason": reason, "factors_disabled": report.factors_disabled,
                         "sessions_revoked": report.sessions_revoked,
                         "recovery_codes_retired": report.recovery_codes_retired,

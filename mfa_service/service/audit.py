@@ -26,14 +26,22 @@ class Event(StrEnum):
     KEYS_ROTATED = "keys_rotated"  # stored secrets re-encrypted under the primary key
 
 
-async def record(tx: Transaction, now: datetime, event: Event, outcome: str, who: AuditContext,
-                 *, user_id: str | None = None, factor_id: str | None = None,
-                 challenge_id: str | None = None, session_id: str | None = None,
-                 application: Application | None = None,
-                 detail: dict[str, str | int] | None = None) -> None:
-    """Append one event. ``detail`` holds non-secret facts only (a result, a purpose)."""
-    await tx.audit.record(
-        occurred_at=now, event=event.value, outcome=outcome, user_id=user_id,
+class Outcome(StrEnum):
+    OK = "ok"
+    FAILED = "failed"
+    INCOMPLETE = "incomplete"  # an operator's batch job stopped before the end
+    NOTHING_TO_RESET = "nothing_to_reset"  # an admin reset found nothing to take away
+
+
+def record(tx: Transaction, now: datetime, event: Event, outcome: Outcome, who: AuditContext,
+           *, user_id: str | None = None, factor_id: str | None = None,
+           challenge_id: str | None = None, session_id: str | None = None,
+           application: Application | None = None,
+           detail: dict[str, str | int] | None = None) -> None:
+    """Append one event (written with the transaction's other deferred writes, before
+    COMMIT). ``detail`` holds non-secret facts only (a result, a purpose)."""
+    tx.audit.record(
+        occurred_at=now, event=event.value, outcome=outcome.value, user_id=user_id,
         factor_id=factor_id, challenge_id=challenge_id, session_id=session_id,
         caller=who.caller, application=application.value if application else None,
         client_ip=who.client_ip or None, user_agent=who.user_agent or None,

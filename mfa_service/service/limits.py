@@ -1,4 +1,5 @@
-"""Per-user lockout: pure rules over the counter the store keeps (and locks).
+"""The limits: the per-user lockout (pure rules over the counter the store keeps and
+locks) and the send quota (codes per factor, user and destination).
 
 SPEC.md: after 5 consecutive failed verifications (all factors, all callers) the user
 waits 1 minute, doubling with every further 5 failures up to 15 minutes; a success or
@@ -21,6 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from mfa.v1.error_reason_pb2 import ErrorReason
+
+from mfa_service.domain import Method
+from mfa_service.errors import ResourceExhausted
+from mfa_service.factors.codes import destination_key
+from mfa_service.store.database import Transaction
 from mfa_service.store.security import LockoutState
 
 
@@ -63,3 +70,55 @@ class LockoutPolicy:
     @staticmethod
     def after_success() -> LockoutState:
         return LockoutState(0, None, None, False)
+
+
+@dataclass(frozen=True)
+class SendQuota:
+    """The send limits of SPEC.md, decided in the transaction that will send.
+
+    - cooldown: after a code that is still waiting to be used (an OPEN challenge), on the
+      factor, or for Enroll on the user's factors of the method (a re-enrolment is a
+      resend). The cooldown is against resends: after an approval the next code goes at
+      once.
+    - per user and method: at most N codes per window, so re-enrolling a new address
+      cannot be used to send without limit.
+    - per destination: at most N codes per window to one address or number, whichever
+      users asked (SMS pumping, toll fraud, flooding one inbox).
+
+    The caller holds the per-user lock; the destination count is taken under a lock of its
+    own (two users, one number), so parallel requests cannot all see "4 sent" and all send
+    (OWASP, Twilio Verify).
+    """
+
+    cooldown: timedelta = timedelta(seconds=30)
+    window: timedelta = timedelta(minutes=10)
+    per_user_method: int = 5
+    per_destination: int = 5
+
+    async def check(self, tx: Transaction, now: datetime, *, user_id: str, method: Method,
+                    factor_id: str | None, destination: str) -> bytes:
+        """Raise ResourceExhausted (with the wait) or return the destination's key."""
+        key = destination_key(destination)
+        await tx.challenges.lock_destination(key)
+        counts = await tx.challenges.send_counts(
+            now, cooldown_since=now - self.cooldown, window_since=now - self.window,
+            user_id=user_id, method=method, factor_id=factor_id, destination_key=key)
+        if self.cooldown.total_seconds() > 0 and counts.latest_open is not None:
+            raise ResourceExhausted(
+                "a code was sent moments ago; wait before asking for a new one",
+                retry_after_seconds=(counts.latest_open + self.cooldown - now).total_seconds(),
+                reason=ErrorReason.ERROR_REASON_RESEND_COOLDOWN)
+        if counts.user_method >= self.per_user_method and counts.user_method_earliest:
+            raise ResourceExhausted(
+                "too many codes were sent; wait before asking for a new one",
+                retry_after_seconds=(counts.user_method_earliest + self.window
+                                     - now).total_seconds(),
+                reason=ErrorReason.ERROR_REASON_SEND_RATE_LIMITED)
+        if counts.destination >= self.per_destination and counts.destination_earliest:
+            raise ResourceExhausted(
+                "too many codes were sent to this destination; wait before asking for a "
+                "new one",
+                retry_after_seconds=(counts.destination_earliest + self.window
+                                     - now).total_seconds(),
+                reason=ErrorReason.ERROR_REASON_DESTINATION_RATE_LIMITED)
+        return key

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from mfa_service.crypto import Keyring
 from mfa_service.delivery.outbox import enqueue
 from mfa_service.delivery.templates import notice_message
-from mfa_service.domain import Channel, FactorRecord, Method, Outgoing
+from mfa_service.domain import Channel, FactorRecord, MessageKind, Method, NoticeKind, Outgoing
 from mfa_service.store.database import Transaction
 
 
@@ -22,7 +22,7 @@ class Notifier:
         self._product = product
         self._ttl = ttl
 
-    async def notify(self, tx: Transaction, now: datetime, user_id: str, kind: str, *,
+    async def notify(self, tx: Transaction, now: datetime, user_id: str, kind: NoticeKind, *,
                      also: FactorRecord | None = None, masked_detail: str = "",
                      skip: str | None = None) -> int:
         """Queue ``kind`` to every ACTIVE factor of the user that can receive a message
@@ -43,8 +43,8 @@ class Notifier:
             subject, text = notice_message(channel, kind=kind, product=self._product,
                                            locale=target.locale, masked_detail=masked_detail)
             assert target.destination is not None
-            await enqueue(tx, self._keyring, Outgoing(
-                kind="notice", channel=channel, destination=target.destination,
+            enqueue(tx, self._keyring, Outgoing(
+                kind=MessageKind.NOTICE, channel=channel, destination=target.destination,
                 user_id=user_id, subject=subject, text=text, not_after=now + self._ttl,
                 factor_id=target.factor.factor_id), now)
         return len(targets)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
+from mfa.v1.error_reason_pb2 import ErrorReason
+
 from mfa_service.clock import Clock
 from mfa_service.crypto import Keyring, new_token
 from mfa_service.domain import (
@@ -40,9 +42,10 @@ class SessionService:
         self._ttl = ttl
         self._idle = idle
 
-    async def open(self, tx: Transaction, record: FactorRecord, application: Application,
-                   who: AuditContext, now: datetime) -> NewSession:
-        """Create a session inside the caller's transaction (the one approving the login)."""
+    def open(self, tx: Transaction, record: FactorRecord, application: Application,
+             who: AuditContext, now: datetime) -> NewSession:
+        """Create a session inside the caller's transaction (the one approving the login);
+        its row is written with the transaction's deferred writes, before COMMIT."""
         token = new_token()
         key_id, token_hash = self._keyring.mac(_token_message(token))
         expires = now + self._ttl
@@ -51,8 +54,8 @@ class SessionService:
             factor_id=record.factor.factor_id, method=record.factor.method,
             application=application, authenticated_at=now, expires_at=expires,
             idle_expires_at=min(now + self._idle, expires))
-        await tx.sessions.add(session, token_hash, key_id, who.caller)
-        await audit.record(tx, now, audit.Event.SESSION_CREATED, "ok", who,
+        tx.sessions.add(session, token_hash, key_id, who.caller)
+        audit.record(tx, now, audit.Event.SESSION_CREATED, audit.Outcome.OK, who,
                            user_id=session.user_id, factor_id=session.factor_id,
                            session_id=session.session_id, application=application)
         return NewSession(session=session, token=token)
@@ -92,7 +95,8 @@ class SessionService:
             minutes = max(1, int(max_age.total_seconds() // 60))
             raise FailedPrecondition(
                 f"{action} needs session_token: a 2FA session of this user from the last "
-                f"{minutes} minutes; pass 2FA again", reason="ERROR_REASON_RECENT_SESSION_REQUIRED")
+                f"{minutes} minutes; pass 2FA again",
+                reason=ErrorReason.ERROR_REASON_RECENT_SESSION_REQUIRED)
         return session
 
     async def end_for_factor(self, tx: Transaction, factor: Factor, who: AuditContext,
@@ -126,7 +130,7 @@ class SessionService:
         # The row says what the *caller* was (its name, and its application when it has
         # exactly one); where the session had been created goes in the detail.
         for s in ended:
-            await audit.record(tx, now, audit.Event.SESSION_REVOKED, "ok", who,
+            audit.record(tx, now, audit.Event.SESSION_REVOKED, audit.Outcome.OK, who,
                                user_id=s.user_id, factor_id=s.factor_id,
                                session_id=s.session_id, application=who.sole_application,
                                detail={"scope": scope,

@@ -22,16 +22,17 @@ from mfa_service.store.repositories import (
     SessionRepository,
 )
 from mfa_service.store.security import LockoutRepository, RecoveryCodeRepository
+from mfa_service.store.unit import Unit
 
 
-class Transaction:
+class Transaction(Unit):
     """The repositories of one transaction, and what to do once it has committed.
 
     Repositories are made on first use (most RPCs touch two or three of the seven).
     """
 
     def __init__(self, conn: AsyncConnection, database: Database) -> None:
-        self.conn = conn
+        super().__init__(conn)
         self._database = database
         self._after_commit: list[Callable[[], None]] = []
 
@@ -50,31 +51,31 @@ class Transaction:
 
     @cached_property
     def factors(self) -> FactorRepository:
-        return FactorRepository(self.conn)
+        return FactorRepository(self)
 
     @cached_property
     def challenges(self) -> ChallengeRepository:
-        return ChallengeRepository(self.conn)
+        return ChallengeRepository(self)
 
     @cached_property
     def sessions(self) -> SessionRepository:
-        return SessionRepository(self.conn)
+        return SessionRepository(self)
 
     @cached_property
     def audit(self) -> AuditRepository:
-        return AuditRepository(self.conn)
+        return AuditRepository(self)
 
     @cached_property
     def outbox(self) -> OutboxRepository:
-        return OutboxRepository(self.conn)
+        return OutboxRepository(self)
 
     @cached_property
     def lockouts(self) -> LockoutRepository:
-        return LockoutRepository(self.conn)
+        return LockoutRepository(self)
 
     @cached_property
     def recovery(self) -> RecoveryCodeRepository:
-        return RecoveryCodeRepository(self.conn)
+        return RecoveryCodeRepository(self)
 
 
 class Database:
@@ -116,12 +117,14 @@ class Database:
                     await conn.execution_options(isolation_level="AUTOCOMMIT")
                     tx = Transaction(conn, self)
                     yield tx
+                    await tx.flush()
                 else:
                     if readonly:  # a deferred BEGIN (store/engine.py): no write lock
                         await conn.execution_options(mfa_readonly=True)
                     async with conn.begin():
                         tx = Transaction(conn, self)
                         yield tx
+                        await tx.flush()  # the deferred writes, before COMMIT
         except MfaError:
             raise
         except Exception as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Table, event, text
+from sqlalchemy import Select, Table, event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
@@ -81,12 +81,18 @@ def insert_ignore(conn: AsyncConnection, table: Table, values: dict[str, Any]) -
     return sqlite_insert(table).values(**values).on_conflict_do_nothing()
 
 
-def lock_user_statement(conn: AsyncConnection, user_id: str) -> Insert:
-    """Create-or-lock the user's ``user_lockouts`` row, returning it (see LockoutRepository)."""
+def upsert_lock(conn: AsyncConnection, source: Select[Any]) -> Insert:
+    """INSERT the ``user_lockouts`` row(s) that ``source`` selects (user_id,
+    consecutive_failures, admin_reset_required), or lock the existing one, returning it.
+
+    ``ON CONFLICT DO UPDATE`` with a no-op update, so an existing row is returned too and
+    (PostgreSQL) row-locked until the transaction ends; SQLite's BEGIN IMMEDIATE already
+    holds the write lock. ``source`` must have a WHERE clause (SQLite's parser needs one
+    between INSERT ... SELECT and ON CONFLICT).
+    """
     insert_fn = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    stmt = insert_fn(user_lockouts).values(
-        user_id=user_id, consecutive_failures=0, admin_reset_required=False)
-    # A no-op update so that the existing row is returned and (PostgreSQL) row-locked.
+    stmt = insert_fn(user_lockouts).from_select(
+        ["user_id", "consecutive_failures", "admin_reset_required"], source)
     return stmt.on_conflict_do_update(
         index_elements=[user_lockouts.c.user_id],
         set_={"user_id": stmt.excluded.user_id}).returning(*user_lockouts.c)

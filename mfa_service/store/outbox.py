@@ -5,16 +5,30 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mfa_service.domain import Channel
 from mfa_service.store.models import challenges, outbox
+from mfa_service.store.unit import Unit
 
-PENDING, SENT, EXPIRED, SUPERSEDED, FAILED = "pending", "sent", "expired", "superseded", "failed"
+
+class OutboxState(StrEnum):
+    """Where a message is: only PENDING ones are (re)tried; the others are settled."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    EXPIRED = "expired"  # its code expired before it could be sent
+    SUPERSEDED = "superseded"  # its challenge closed before it could be sent
+    FAILED = "failed"  # the provider refused it for good
+
+
+PENDING, SENT, EXPIRED, SUPERSEDED, FAILED = (
+    OutboxState.PENDING, OutboxState.SENT, OutboxState.EXPIRED, OutboxState.SUPERSEDED,
+    OutboxState.FAILED)
 
 
 @dataclass(frozen=True)
@@ -35,19 +49,22 @@ class OutboxMessage:
 
 
 class OutboxRepository:
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
+    def __init__(self, unit: Unit) -> None:
+        self._unit = unit
+        self._conn = unit.conn  # the dispatcher's statements run at once, in order
 
-    async def add(self, *, message_id: str, now: datetime, kind: str, channel: Channel,
+    def add(self, *, message_id: str, now: datetime, kind: str, channel: Channel,
                   destination: str, user_id: str, factor_id: str | None,
                   challenge_id: str | None, payload_ciphertext: bytes, payload_key_id: str,
                   not_after: datetime) -> None:
-        await self._conn.execute(insert(outbox).values(
-            id=message_id, created_at=now, kind=kind, channel=channel.value,
-            destination=destination, user_id=user_id, factor_id=factor_id,
-            challenge_id=challenge_id, payload_ciphertext=payload_ciphertext,
-            payload_key_id=payload_key_id, state=PENDING, attempts=0, next_attempt_at=now,
-            not_after=not_after))
+        """Queue the message before COMMIT (with the change that decided to send it)."""
+        self._unit.insert_later(outbox, {
+            "id": message_id, "created_at": now, "kind": kind, "channel": channel.value,
+            "destination": destination, "user_id": user_id, "factor_id": factor_id,
+            "challenge_id": challenge_id, "payload_ciphertext": payload_ciphertext,
+            "payload_key_id": payload_key_id, "state": PENDING, "attempts": 0,
+            "next_attempt_at": now, "not_after": not_after, "claimed_until": None,
+            "claim_token": None, "sent_at": None, "last_error": None})
 
     async def claim_due(self, now: datetime, lease: timedelta, limit: int) -> list[OutboxMessage]:
         """Claim up to ``limit`` due messages for ``lease``.
@@ -76,10 +93,11 @@ class OutboxRepository:
             .where(outbox.c.id.in_(ids)))
         return [_message(r, token) for r in rows]
 
-    async def settle(self, message_id: str, claim_token: str, state: str, now: datetime,
+    async def settle(self, message_id: str, claim_token: str, state: OutboxState,
+                     now: datetime,
                      error: str | None = None) -> bool:
         """Finish a claimed message (sent or dropped) and wipe its body."""
-        values: dict[str, Any] = {"state": state, "claimed_until": None, "claim_token": None,
+        values: dict[str, Any] = {"state": state.value, "claimed_until": None, "claim_token": None,
                                   "payload_ciphertext": None, "last_error": error}
         if state == SENT:
             values["sent_at"] = now

@@ -1,19 +1,34 @@
-"""Narrow repositories, one per aggregate, all sharing the caller's transaction.
+"""Narrow repositories, one per aggregate, all sharing the caller's transaction (a Unit).
 
 Single use and limits are enforced by the statements themselves (conditional UPDATEs
-whose row count is the answer), never by a read followed by a write in Python.
+whose row count is the answer), or by the per-user lock every writing RPC takes first
+(store/security.py), never by an unlocked read followed by a write in Python.
+
+Hot-path statements are built once, here at import, with bound parameters: SQLAlchemy then
+finds their compiled form in its cache without rebuilding the expression and its cache key
+on every call. Writes nobody reads back in the transaction are deferred (store/unit.py).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, insert, or_, select, update
+from sqlalchemy import (
+    Boolean,
+    LargeBinary,
+    and_,
+    bindparam,
+    case,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mfa_service.domain import (
     Application,
@@ -29,136 +44,160 @@ from mfa_service.domain import (
     Session,
 )
 from mfa_service.store.engine import lock_key
-from mfa_service.store.models import audit_events, challenges, factors, sessions
+from mfa_service.store.models import UTCDateTime, audit_events, challenges, factors, sessions
+from mfa_service.store.unit import Unit
+
+# Typed once: a bare bindparam would not run the column type's conversion (aware UTC
+# datetimes are stored naive-UTC, store/models.py: UTCDateTime).
+_NOW = bindparam("now", type_=UTCDateTime())
+_OPEN = ChallengeState.OPEN.value
+_ACTIVE = FactorStatus.ACTIVE.value
+_PENDING = FactorStatus.PENDING.value
+_DISABLED = FactorStatus.DISABLED.value
 
 
-def _factor(row: Row[Any]) -> FactorRecord:
+def _factor(row: Row[Any], prefix: str = "") -> FactorRecord:
+    m = row._mapping
     return FactorRecord(
         factor=Factor(
-            factor_id=row.id, user_id=row.user_id, method=Method(row.method),
-            status=FactorStatus(row.status), masked_destination=row.masked_destination,
-            created_at=row.created_at, confirmed_at=row.confirmed_at,
-            last_used_at=row.last_used_at, disabled_at=row.disabled_at),
-        label=row.label, destination=row.destination, secret_ciphertext=row.secret_ciphertext,
-        secret_key_id=row.secret_key_id, last_totp_step=row.last_totp_step, locale=row.locale,
-        replaces_factor_id=row.replaces_factor_id)
+            factor_id=m[prefix + "id"], user_id=m[prefix + "user_id"],
+            method=Method(m[prefix + "method"]), status=FactorStatus(m[prefix + "status"]),
+            masked_destination=m[prefix + "masked_destination"],
+            created_at=m[prefix + "created_at"], confirmed_at=m[prefix + "confirmed_at"],
+            last_used_at=m[prefix + "last_used_at"], disabled_at=m[prefix + "disabled_at"]),
+        label=m[prefix + "label"], destination=m[prefix + "destination"],
+        secret_ciphertext=m[prefix + "secret_ciphertext"],
+        secret_key_id=m[prefix + "secret_key_id"], last_totp_step=m[prefix + "last_totp_step"],
+        locale=m[prefix + "locale"], replaces_factor_id=m[prefix + "replaces_factor_id"])
+
+
+def _factor_row(record: FactorRecord) -> dict[str, Any]:
+    f = record.factor
+    return {
+        "id": f.factor_id, "user_id": f.user_id, "method": f.method.value,
+        "status": f.status.value, "label": record.label,
+        "masked_destination": f.masked_destination, "destination": record.destination,
+        "secret_ciphertext": record.secret_ciphertext, "secret_key_id": record.secret_key_id,
+        "last_totp_step": record.last_totp_step, "created_at": f.created_at,
+        "confirmed_at": f.confirmed_at, "last_used_at": f.last_used_at,
+        "disabled_at": None, "locale": record.locale,
+        "replaces_factor_id": record.replaces_factor_id}
+
+
+_GET_FACTOR = select(factors).where(factors.c.id == bindparam("factor_id"))
+_FACTORS_OF_USER = select(factors).where(factors.c.user_id == bindparam("user_id")).order_by(
+    # Oldest first; the recovery-code factor last (it is not one the user "added").
+    factors.c.method == Method.RECOVERY_CODE.value, factors.c.created_at, factors.c.id)
+
+
+@dataclass(frozen=True)
+class UserFactors:
+    """What Enroll needs to know of a user's factors, read in one statement."""
+
+    live: int  # PENDING + ACTIVE
+    any_active: bool
+    active_of_method: FactorRecord | None
 
 
 class FactorRepository:
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
+    def __init__(self, unit: Unit) -> None:
+        self._unit = unit
 
-    async def add(self, record: FactorRecord) -> None:
-        f = record.factor
-        await self._conn.execute(insert(factors).values(
-            id=f.factor_id, user_id=f.user_id, method=f.method.value, status=f.status.value,
-            label=record.label, masked_destination=f.masked_destination,
-            destination=record.destination, secret_ciphertext=record.secret_ciphertext,
-            secret_key_id=record.secret_key_id, last_totp_step=record.last_totp_step,
-            created_at=f.created_at, locale=record.locale,
-            replaces_factor_id=record.replaces_factor_id))
+    def add(self, record: FactorRecord) -> None:
+        """Insert the factor before COMMIT (nothing reads it back in the transaction)."""
+        self._unit.insert_later(factors, _factor_row(record))
 
     async def get(self, factor_id: str) -> FactorRecord | None:
         """The factor (a plain read: writers serialise on the per-user lock first)."""
-        row = (await self._conn.execute(select(factors).where(factors.c.id == factor_id))).first()
+        row = (await self._unit.execute(_GET_FACTOR, {"factor_id": factor_id})).first()
         return _factor(row) if row else None
 
     async def list_for_user(self, user_id: str) -> list[FactorRecord]:
-        # Oldest first; the recovery-code factor last (it is not one the user "added").
-        rows = await self._conn.execute(
-            select(factors).where(factors.c.user_id == user_id)
-            .order_by(factors.c.method == Method.RECOVERY_CODE.value, factors.c.created_at,
-                      factors.c.id))
+        rows = await self._unit.execute(_FACTORS_OF_USER, {"user_id": user_id})
         return [_factor(r) for r in rows]
 
-    async def count_for_user(self, user_id: str, statuses: Sequence[FactorStatus]) -> int:
-        value = await self._conn.scalar(
-            select(func.count()).select_from(factors).where(
-                factors.c.user_id == user_id, factors.c.status.in_([s.value for s in statuses])))
-        return int(value or 0)
+    async def summary(self, user_id: str, method: Method) -> UserFactors:
+        """Live count, whether any is ACTIVE, and the ACTIVE one of ``method``."""
+        records = await self.list_for_user(user_id)
+        live = [r for r in records if r.factor.status is not FactorStatus.DISABLED]
+        active = [r for r in live if r.factor.status is FactorStatus.ACTIVE]
+        return UserFactors(
+            live=len(live), any_active=bool(active),
+            active_of_method=next((r for r in active if r.factor.method is method), None))
 
     async def has_active(self, user_id: str) -> bool:
         """Whether the user has any ACTIVE factor (then adding one needs a step-up)."""
-        row = (await self._conn.execute(select(factors.c.id).where(
-            factors.c.user_id == user_id,
-            factors.c.status == FactorStatus.ACTIVE.value).limit(1))).first()
+        row = (await self._unit.execute(select(factors.c.id).where(
+            factors.c.user_id == user_id, factors.c.status == _ACTIVE).limit(1))).first()
         return row is not None
 
     async def active_reachable(self, user_id: str) -> list[FactorRecord]:
         """The user's ACTIVE factors that can receive a message (email and phone)."""
-        rows = await self._conn.execute(select(factors).where(
-            factors.c.user_id == user_id, factors.c.status == FactorStatus.ACTIVE.value,
-            factors.c.method.in_([Method.EMAIL.value, Method.PHONE.value]))
-            .order_by(factors.c.created_at, factors.c.id))
-        return [_factor(r) for r in rows]
+        return [r for r in await self.list_for_user(user_id)
+                if r.factor.status is FactorStatus.ACTIVE
+                and r.factor.method in (Method.EMAIL, Method.PHONE)]
 
     async def active_of_method(self, user_id: str, method: Method) -> FactorRecord | None:
-        row = (await self._conn.execute(select(factors).where(
+        row = (await self._unit.execute(select(factors).where(
             factors.c.user_id == user_id, factors.c.method == method.value,
-            factors.c.status == FactorStatus.ACTIVE.value))).first()
+            factors.c.status == _ACTIVE))).first()
         return _factor(row) if row else None
 
     async def supersede_pending(self, user_id: str, method: Method, now: datetime) -> int:
-        """Disable the user's unconfirmed factors of ``method``: a newer enrolment replaces them."""
-        result = await self._conn.execute(
+        """Disable the user's unconfirmed factors of ``method``: a newer enrolment replaces
+        them. Immediate, not deferred: the new PENDING factor's unique index needs the old
+        one gone first."""
+        return await self._unit.write(
             update(factors).where(
                 factors.c.user_id == user_id, factors.c.method == method.value,
-                factors.c.status == FactorStatus.PENDING.value)
-            .values(status=FactorStatus.DISABLED.value, disabled_at=now,
-                    secret_ciphertext=None, secret_key_id=None))
-        return result.rowcount
+                factors.c.status == _PENDING)
+            .values(status=_DISABLED, disabled_at=now, secret_ciphertext=None,
+                    secret_key_id=None))
 
     async def supersede_other_pending(self, user_id: str, keep_factor_id: str,
                                       now: datetime) -> list[str]:
         """Disable the user's PENDING factors other than ``keep_factor_id``; their ids."""
-        result = await self._conn.execute(
+        result = await self._unit.execute(
             update(factors).where(
                 factors.c.user_id == user_id, factors.c.id != keep_factor_id,
-                factors.c.status == FactorStatus.PENDING.value)
-            .values(status=FactorStatus.DISABLED.value, disabled_at=now,
-                    secret_ciphertext=None, secret_key_id=None)
+                factors.c.status == _PENDING)
+            .values(status=_DISABLED, disabled_at=now, secret_ciphertext=None,
+                    secret_key_id=None)
             .returning(factors.c.id))
         return [r.id for r in result]
 
     async def activate(self, factor_id: str, now: datetime) -> bool:
         """PENDING -> ACTIVE; False when the factor was no longer PENDING."""
-        result = await self._conn.execute(
-            update(factors).where(factors.c.id == factor_id,
-                                  factors.c.status == FactorStatus.PENDING.value)
-            .values(status=FactorStatus.ACTIVE.value, confirmed_at=now, last_used_at=now))
-        return result.rowcount == 1
+        return await self._unit.write(
+            update(factors).where(factors.c.id == factor_id, factors.c.status == _PENDING)
+            .values(status=_ACTIVE, confirmed_at=now, last_used_at=now)) == 1
 
     async def disable(self, factor_id: str, now: datetime) -> bool:
         """-> DISABLED, wiping the secret (crypto-shredding); False if already disabled."""
-        result = await self._conn.execute(
-            update(factors).where(factors.c.id == factor_id,
-                                  factors.c.status != FactorStatus.DISABLED.value)
-            .values(status=FactorStatus.DISABLED.value, disabled_at=now,
-                    secret_ciphertext=None, secret_key_id=None))
-        return result.rowcount == 1
+        return await self._unit.write(
+            update(factors).where(factors.c.id == factor_id, factors.c.status != _DISABLED)
+            .values(status=_DISABLED, disabled_at=now, secret_ciphertext=None,
+                    secret_key_id=None)) == 1
 
-    async def accept_totp_step(self, factor_id: str, step: int, now: datetime) -> bool:
-        """Record ``step`` as used; False when it is not newer than the last one (a replay).
+    def accept_totp_step(self, factor_id: str, step: int, now: datetime) -> None:
+        """Record ``step`` as the factor's last accepted one (RFC 6238 section 5.2).
 
-        One conditional UPDATE: under concurrency the second writer waits for the row lock
-        (PostgreSQL) or the write lock (SQLite), then re-evaluates the WHERE and matches
-        nothing, so the same code cannot be accepted twice (RFC 6238 section 5.2).
+        The caller holds the user's lock and read the factor after taking it, so its
+        ``last_totp_step`` was current and the step is newer: the write cannot lose and
+        waits for COMMIT. The WHERE still refuses an older step, should anything write the
+        factor without the user's lock.
         """
-        result = await self._conn.execute(
-            update(factors).where(
-                factors.c.id == factor_id,
-                or_(factors.c.last_totp_step.is_(None), factors.c.last_totp_step < step))
-            .values(last_totp_step=step, last_used_at=now))
-        return result.rowcount == 1
+        # Deferred writes carry their values inline (they may be sent inside one WITH on
+        # PostgreSQL), so they are built per call; the reads stay prebuilt.
+        self._unit.defer(update(factors).where(
+            factors.c.id == factor_id,
+            or_(factors.c.last_totp_step.is_(None), factors.c.last_totp_step < step),
+        ).values(last_totp_step=step, last_used_at=now))
 
-    async def touch_active(self, factor_id: str, now: datetime) -> bool:
-        """Mark an ACTIVE factor used; False if it stopped being ACTIVE meanwhile (a
-        concurrent Disable won the row lock first)."""
-        result = await self._conn.execute(
-            update(factors).where(factors.c.id == factor_id,
-                                  factors.c.status == FactorStatus.ACTIVE.value)
-            .values(last_used_at=now))
-        return result.rowcount == 1
+    def touch(self, factor_id: str, now: datetime) -> None:
+        """Mark an ACTIVE factor used (before COMMIT)."""
+        self._unit.defer(update(factors).where(
+            factors.c.id == factor_id, factors.c.status == _ACTIVE).values(last_used_at=now))
 
 
 def _aware(value: Any) -> datetime | None:
@@ -172,115 +211,141 @@ def _aware(value: Any) -> datetime | None:
 
 
 def _challenge(row: Row[Any]) -> Challenge:
+    m = row._mapping
     return Challenge(
-        challenge_id=row.id, user_id=row.user_id, factor_id=row.factor_id,
-        purpose=Purpose(row.purpose), application=Application(row.application),
-        channel=Channel(row.channel), state=ChallengeState(row.state), attempts=row.attempts,
-        max_attempts=row.max_attempts, created_at=row.created_at, expires_at=row.expires_at,
-        code_hash=row.code_hash, code_key_id=row.code_key_id, request_id=row.request_id,
-        approved_at=row.approved_at, consumed_at=row.consumed_at,
-        destination_key=row.destination_key)
+        challenge_id=m["id"], user_id=m["user_id"], factor_id=m["factor_id"],
+        purpose=Purpose(m["purpose"]), application=Application(m["application"]),
+        channel=Channel(m["channel"]), state=ChallengeState(m["state"]),
+        attempts=m["attempts"], max_attempts=m["max_attempts"], created_at=m["created_at"],
+        expires_at=m["expires_at"], code_hash=m["code_hash"], code_key_id=m["code_key_id"],
+        request_id=m["request_id"], approved_at=m["approved_at"],
+        consumed_at=m["consumed_at"], destination_key=m["destination_key"])
+
+
+# A challenge and its factor in one read (factor columns prefixed "f_").
+_CHALLENGE_WITH_FACTOR = select(
+    challenges, *(c.label(f"f_{c.name}") for c in factors.c)
+).select_from(challenges.join(factors, factors.c.id == challenges.c.factor_id)).where(
+    challenges.c.id == bindparam("challenge_id"))
+_GET_CHALLENGE = select(challenges).where(challenges.c.id == bindparam("challenge_id"))
+_BY_REQUEST_ID = select(challenges).where(challenges.c.factor_id == bindparam("factor_id"),
+                                          challenges.c.request_id == bindparam("request_id"))
+_OK = bindparam("ok", type_=Boolean())
+_SETTLE_ATTEMPT = update(challenges).where(
+    challenges.c.id == bindparam("challenge_id"), challenges.c.state == _OPEN,
+    challenges.c.expires_at > _NOW,
+    challenges.c.attempts < challenges.c.max_attempts,
+).values(
+    attempts=challenges.c.attempts + 1,
+    state=case((_OK, ChallengeState.APPROVED.value),
+               (challenges.c.attempts + 1 >= challenges.c.max_attempts,
+                ChallengeState.EXHAUSTED.value),
+               else_=challenges.c.state),
+    approved_at=case((_OK, _NOW), else_=challenges.c.approved_at),
+).returning(*challenges.c)
+
+
+@dataclass(frozen=True)
+class SendCounts:
+    """What the send limits need, counted in one statement."""
+
+    latest_open: datetime | None  # newest code still waiting to be used (cooldown)
+    user_method: int  # codes to the user's factors of the method in the window
+    user_method_earliest: datetime | None
+    destination: int  # codes to the destination in the window, any user
+    destination_earliest: datetime | None
 
 
 class ChallengeRepository:
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
+    def __init__(self, unit: Unit) -> None:
+        self._unit = unit
 
-    async def add(self, c: Challenge, caller: str) -> None:
-        await self._conn.execute(insert(challenges).values(
-            id=c.challenge_id, user_id=c.user_id, factor_id=c.factor_id, purpose=c.purpose.value,
-            application=c.application.value, channel=c.channel.value, state=c.state.value,
-            attempts=c.attempts, max_attempts=c.max_attempts, code_hash=c.code_hash,
-            code_key_id=c.code_key_id, request_id=c.request_id, caller=caller,
-            created_at=c.created_at, expires_at=c.expires_at,
-            destination_key=c.destination_key))
+    def add(self, c: Challenge, caller: str) -> None:
+        """Insert the challenge before COMMIT."""
+        self._unit.insert_later(challenges, {
+            "id": c.challenge_id, "user_id": c.user_id, "factor_id": c.factor_id,
+            "purpose": c.purpose.value, "application": c.application.value,
+            "channel": c.channel.value, "state": c.state.value, "attempts": c.attempts,
+            "max_attempts": c.max_attempts, "code_hash": c.code_hash,
+            "code_key_id": c.code_key_id, "request_id": c.request_id, "caller": caller,
+            "created_at": c.created_at, "expires_at": c.expires_at, "approved_at": None,
+            "consumed_at": None, "destination_key": c.destination_key})
 
     async def get(self, challenge_id: str) -> Challenge | None:
-        row = (await self._conn.execute(
-            select(challenges).where(challenges.c.id == challenge_id))).first()
+        row = (await self._unit.execute(_GET_CHALLENGE, {"challenge_id": challenge_id})).first()
         return _challenge(row) if row else None
+
+    async def get_with_factor(self, challenge_id: str,
+                              ) -> tuple[Challenge, FactorRecord] | None:
+        """The challenge and the factor it was opened on, in one read."""
+        row = (await self._unit.execute(_CHALLENGE_WITH_FACTOR,
+                                        {"challenge_id": challenge_id})).first()
+        return (_challenge(row), _factor(row, "f_")) if row else None
 
     async def by_request_id(self, factor_id: str, request_id: str) -> Challenge | None:
-        row = (await self._conn.execute(select(challenges).where(
-            challenges.c.factor_id == factor_id, challenges.c.request_id == request_id))).first()
+        row = (await self._unit.execute(
+            _BY_REQUEST_ID, {"factor_id": factor_id, "request_id": request_id})).first()
         return _challenge(row) if row else None
 
-    async def supersede_open(self, factor_id: str, purpose: Purpose) -> int:
-        """Close the factor's open challenges for ``purpose``: a new one replaces them, so
-        an old code dies and attempts cannot be pooled across challenges."""
-        result = await self._conn.execute(
-            update(challenges).where(
-                challenges.c.factor_id == factor_id, challenges.c.purpose == purpose.value,
-                challenges.c.state == ChallengeState.OPEN.value)
-            .values(state=ChallengeState.SUPERSEDED.value))
-        return result.rowcount
+    def supersede_open(self, factor_id: str, purpose: Purpose) -> None:
+        """Close the factor's open challenges for ``purpose`` (before COMMIT, before the
+        new one is inserted): a new one replaces them, so an old code dies and attempts
+        cannot be pooled across challenges."""
+        self._unit.defer(update(challenges).where(
+            challenges.c.factor_id == factor_id, challenges.c.purpose == purpose.value,
+            challenges.c.state == _OPEN).values(state=ChallengeState.SUPERSEDED.value))
 
-    async def count_attempt(self, challenge_id: str, now: datetime) -> Challenge | None:
-        """Count one attempt *before* the code is checked; None if the challenge takes no more.
+    async def settle_attempt(self, challenge_id: str, ok: bool,
+                             now: datetime) -> Challenge | None:
+        """Count one attempt and, in the same statement, close the challenge: APPROVED when
+        ``ok``, EXHAUSTED when that was the last attempt. None if it takes no more
+        attempts (closed, expired, exhausted).
 
-        The attempt is counted in its own conditional UPDATE so that parallel guesses
-        cannot all see "4 attempts so far" and all proceed (ory/kratos does the same).
+        One conditional UPDATE: the attempt is counted and the challenge used exactly once
+        whatever runs concurrently (a second writer waits for the row lock, re-evaluates
+        the WHERE and matches nothing). ``ok`` was decided before, on the state read under
+        the user's lock, so counting and closing need not be two statements.
         """
-        result = await self._conn.execute(
-            update(challenges).where(
-                challenges.c.id == challenge_id,
-                challenges.c.state == ChallengeState.OPEN.value,
-                challenges.c.expires_at > now,
-                challenges.c.attempts < challenges.c.max_attempts)
-            .values(attempts=challenges.c.attempts + 1)
-            .returning(*challenges.c))
-        row = result.first()
+        row = (await self._unit.execute(
+            _SETTLE_ATTEMPT, {"challenge_id": challenge_id, "ok": ok, "now": now})).first()
         return _challenge(row) if row else None
-
-    async def sends_since(self, since: datetime, *, user_id: str, method: Method,
-                          ) -> tuple[int, datetime | None]:
-        """(codes sent, earliest) since ``since`` to all of a user's factors of a
-        method. A challenge with a code hash is one send."""
-        row = (await self._conn.execute(
-            select(func.count(), func.min(challenges.c.created_at)).where(
-                challenges.c.code_hash.is_not(None), challenges.c.created_at > since,
-                challenges.c.user_id == user_id,
-                challenges.c.factor_id.in_(select(factors.c.id).where(
-                    factors.c.user_id == user_id, factors.c.method == method.value))))).one()
-        return int(row[0]), _aware(row[1])
 
     async def lock_destination(self, destination_key: bytes) -> None:
         """Hold the destination's lock until the transaction ends, so two users' requests
         to one number count their sends one after the other."""
-        await lock_key(self._conn, destination_key)
+        await self._unit.flush()
+        await lock_key(self._unit.conn, destination_key)
 
-    async def sends_to(self, destination_key: bytes, since: datetime,
-                       ) -> tuple[int, datetime | None]:
-        """(codes sent, earliest) since ``since`` to one address or number, whichever
-        users asked."""
-        row = (await self._conn.execute(
-            select(func.count(), func.min(challenges.c.created_at)).where(
-                challenges.c.destination_key == destination_key,
-                challenges.c.created_at > since))).one()
-        return int(row[0]), _aware(row[1])
-
-    async def latest_open_send(self, since: datetime, now: datetime, *,
-                               factor_id: str | None = None, user_id: str | None = None,
-                               method: Method | None = None) -> datetime | None:
-        """When the newest code still waiting to be used was sent (after ``since``), for
-        one factor or for a user's factors of a method. Only OPEN, unexpired challenges
-        count: the resend cooldown is against resends, so after an approval the next
-        code goes out at once."""
-        query = select(func.max(challenges.c.created_at)).where(
-            challenges.c.code_hash.is_not(None), challenges.c.created_at > since,
-            challenges.c.state == ChallengeState.OPEN.value, challenges.c.expires_at > now)
-        if factor_id is not None:
-            query = query.where(challenges.c.factor_id == factor_id)
-        if user_id is not None and method is not None:
-            query = query.where(challenges.c.user_id == user_id, challenges.c.factor_id.in_(
-                select(factors.c.id).where(factors.c.user_id == user_id,
-                                           factors.c.method == method.value)))
-        return _aware((await self._conn.execute(query)).scalar())
+    async def send_counts(self, now: datetime, *, cooldown_since: datetime,
+                          window_since: datetime, user_id: str, method: Method,
+                          factor_id: str | None, destination_key: bytes) -> SendCounts:
+        """Everything the send limits count, in one statement (see SendCounts)."""
+        of_method = challenges.c.factor_id.in_(select(factors.c.id).where(
+            factors.c.user_id == user_id, factors.c.method == method.value))
+        sent = challenges.c.code_hash.is_not(None)
+        cooldown_scope = (challenges.c.factor_id == factor_id if factor_id is not None
+                          else and_(challenges.c.user_id == user_id, of_method))
+        latest_open = select(func.max(challenges.c.created_at)).where(
+            sent, cooldown_scope, challenges.c.created_at > cooldown_since,
+            challenges.c.state == _OPEN, challenges.c.expires_at > now).scalar_subquery()
+        per_user = (sent, challenges.c.user_id == user_id, of_method,
+                    challenges.c.created_at > window_since)
+        per_destination = (challenges.c.destination_key == destination_key,
+                           challenges.c.created_at > window_since)
+        row = tuple((await self._unit.execute(select(
+            latest_open,
+            select(func.count()).where(*per_user).scalar_subquery(),
+            select(func.min(challenges.c.created_at)).where(*per_user).scalar_subquery(),
+            select(func.count()).where(*per_destination).scalar_subquery(),
+            select(func.min(challenges.c.created_at)).where(*per_destination)
+            .scalar_subquery()))).one())
+        return SendCounts(_aware(row[0]), int(row[1]), _aware(row[2]), int(row[3]),
+                          _aware(row[4]))
 
     async def consume_change_proof(self, challenge_id: str, old_factor_id: str,
                                    approved_after: datetime, now: datetime) -> bool:
         """Use an approved PURPOSE_CHANGE_PHONE challenge as proof, once."""
-        result = await self._conn.execute(
+        return await self._unit.write(
             update(challenges).where(
                 challenges.c.id == challenge_id,
                 challenges.c.factor_id == old_factor_id,
@@ -288,19 +353,7 @@ class ChallengeRepository:
                 challenges.c.state == ChallengeState.APPROVED.value,
                 challenges.c.approved_at >= approved_after,
                 challenges.c.consumed_at.is_(None))
-            .values(consumed_at=now))
-        return result.rowcount == 1
-
-    async def close(self, challenge_id: str, state: ChallengeState, now: datetime) -> bool:
-        """OPEN -> ``state``; False when another request closed it first (single use)."""
-        values: dict[str, Any] = {"state": state.value}
-        if state is ChallengeState.APPROVED:
-            values["approved_at"] = now
-        result = await self._conn.execute(
-            update(challenges).where(challenges.c.id == challenge_id,
-                                     challenges.c.state == ChallengeState.OPEN.value)
-            .values(**values))
-        return result.rowcount == 1
+            .values(consumed_at=now)) == 1
 
 
 def _session(row: Row[Any]) -> Session:
@@ -311,23 +364,33 @@ def _session(row: Row[Any]) -> Session:
         idle_expires_at=row.idle_expires_at)
 
 
-class SessionRepository:
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
+_HASHES = bindparam("hashes", expanding=True, type_=LargeBinary())
+_LIVE = and_(sessions.c.revoked_at.is_(None), sessions.c.expires_at > _NOW,
+             sessions.c.idle_expires_at > _NOW)
+_FIND_LIVE = select(sessions).where(sessions.c.token_hash.in_(_HASHES), _LIVE)
+_IDLE_UNTIL = bindparam("idle_until", type_=UTCDateTime())
+_TOUCH_LIVE = update(sessions).where(sessions.c.token_hash.in_(_HASHES), _LIVE).values(
+    idle_expires_at=case((sessions.c.expires_at < _IDLE_UNTIL, sessions.c.expires_at),
+                         else_=_IDLE_UNTIL)).returning(*sessions.c)
 
-    async def add(self, s: Session, token_hash: bytes, token_key_id: str, caller: str) -> None:
-        await self._conn.execute(insert(sessions).values(
-            id=s.session_id, token_hash=token_hash, token_key_id=token_key_id,
-            user_id=s.user_id, factor_id=s.factor_id, method=s.method.value,
-            application=s.application.value, caller=caller,
-            authenticated_at=s.authenticated_at, expires_at=s.expires_at,
-            idle_expires_at=s.idle_expires_at))
+
+class SessionRepository:
+    def __init__(self, unit: Unit) -> None:
+        self._unit = unit
+
+    def add(self, s: Session, token_hash: bytes, token_key_id: str, caller: str) -> None:
+        """Insert the session before COMMIT (its token is returned once committed)."""
+        self._unit.insert_later(sessions, {
+            "id": s.session_id, "token_hash": token_hash, "token_key_id": token_key_id,
+            "user_id": s.user_id, "factor_id": s.factor_id, "method": s.method.value,
+            "application": s.application.value, "caller": caller,
+            "authenticated_at": s.authenticated_at, "expires_at": s.expires_at,
+            "idle_expires_at": s.idle_expires_at, "revoked_at": None})
 
     async def find_live(self, token_hashes: Sequence[bytes], now: datetime) -> Session | None:
         """The live session (not revoked, neither deadline passed) with one of the hashes."""
-        row = (await self._conn.execute(select(sessions).where(
-            sessions.c.token_hash.in_(list(token_hashes)), sessions.c.revoked_at.is_(None),
-            sessions.c.expires_at > now, sessions.c.idle_expires_at > now))).first()
+        row = (await self._unit.execute(
+            _FIND_LIVE, {"hashes": list(token_hashes), "now": now})).first()
         return _session(row) if row else None
 
     async def touch_live(self, token_hashes: Sequence[bytes], now: datetime,
@@ -337,55 +400,38 @@ class SessionRepository:
         One statement: validity (not revoked, neither deadline passed) and the sliding
         idle timeout are decided by the database, never capped past the absolute expiry.
         """
-        result = await self._conn.execute(
-            update(sessions).where(
-                sessions.c.token_hash.in_(list(token_hashes)),
-                sessions.c.revoked_at.is_(None),
-                sessions.c.expires_at > now,
-                sessions.c.idle_expires_at > now)
-            .values(idle_expires_at=case(
-                (sessions.c.expires_at < idle_until, sessions.c.expires_at),
-                else_=idle_until))
-            .returning(*sessions.c))
-        row = result.first()
+        row = (await self._unit.execute(_TOUCH_LIVE, {
+            "hashes": list(token_hashes), "now": now, "idle_until": idle_until})).first()
         return _session(row) if row else None
 
-    async def revoke_by_hash(self, token_hashes: Sequence[bytes], now: datetime) -> list[Session]:
-        result = await self._conn.execute(
-            update(sessions).where(sessions.c.token_hash.in_(list(token_hashes)),
-                                   sessions.c.revoked_at.is_(None), sessions.c.expires_at > now,
-                                   sessions.c.idle_expires_at > now)
-            .values(revoked_at=now).returning(*sessions.c))
-        return [_session(r) for r in result]
-
-    async def revoke_factor(self, user_id: str, factor_id: str,
-                            now: datetime) -> list[Session]:
-        """End the live sessions a factor created (it was disabled or replaced)."""
-        result = await self._conn.execute(
-            update(sessions).where(sessions.c.user_id == user_id,  # indexed
-                                   sessions.c.factor_id == factor_id,
-                                   sessions.c.revoked_at.is_(None),
+    async def _revoke(self, condition: Any, now: datetime) -> list[Session]:
+        result = await self._unit.execute(
+            update(sessions).where(condition, sessions.c.revoked_at.is_(None),
                                    sessions.c.expires_at > now,
                                    sessions.c.idle_expires_at > now)
             .values(revoked_at=now).returning(*sessions.c))
         return [_session(r) for r in result]
 
+    async def revoke_by_hash(self, token_hashes: Sequence[bytes], now: datetime) -> list[Session]:
+        return await self._revoke(sessions.c.token_hash.in_(list(token_hashes)), now)
+
+    async def revoke_factor(self, user_id: str, factor_id: str,
+                            now: datetime) -> list[Session]:
+        """End the live sessions a factor created (it was disabled or replaced)."""
+        return await self._revoke(and_(sessions.c.user_id == user_id,  # indexed
+                                       sessions.c.factor_id == factor_id), now)
+
     async def revoke_user(self, user_id: str, now: datetime) -> list[Session]:
-        result = await self._conn.execute(
-            update(sessions).where(sessions.c.user_id == user_id,
-                                   sessions.c.revoked_at.is_(None),
-                                   and_(sessions.c.expires_at > now,
-                                        sessions.c.idle_expires_at > now))
-            .values(revoked_at=now).returning(*sessions.c))
-        return [_session(r) for r in result]
+        return await self._revoke(sessions.c.user_id == user_id, now)
 
 
 class AuditRepository:
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
+    def __init__(self, unit: Unit) -> None:
+        self._unit = unit
 
-    async def record(self, **values: Any) -> None:
-        await self._conn.execute(insert(audit_events).values(**values))
+    def record(self, **values: Any) -> None:
+        """Append an event before COMMIT (a request's events go as one multi-row INSERT)."""
+        self._unit.insert_later(audit_events, values)
 
     async def page(self, user_id: str, *, start: datetime | None = None,
                    end: datetime | None = None, before_id: int | None = None,
@@ -398,7 +444,7 @@ class AuditRepository:
             query = query.where(audit_events.c.occurred_at < end)
         if before_id is not None:
             query = query.where(audit_events.c.id < before_id)
-        rows = await self._conn.execute(query.order_by(audit_events.c.id.desc()).limit(limit))
+        rows = await self._unit.execute(query.order_by(audit_events.c.id.desc()).limit(limit))
         return [AuditEvent(
             event_id=r.id, occurred_at=r.occurred_at, event=r.event, outcome=r.outcome,
             user_id=r.user_id, factor_id=r.factor_id, challenge_id=r.challenge_id,

@@ -6,12 +6,24 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import func, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import (
+    Boolean,
+    Integer,
+    String,
+    bindparam,
+    func,
+    literal,
+    literal_column,
+    select,
+    update,
+)
+from sqlalchemy.engine import Row
 
-from mfa_service.store.engine import lock_user_statement
-from mfa_service.store.models import recovery_codes, user_lockouts
+from mfa_service.store.engine import upsert_lock
+from mfa_service.store.models import challenges, recovery_codes, user_lockouts
+from mfa_service.store.unit import Unit
 
 
 @dataclass(frozen=True)
@@ -22,38 +34,62 @@ class LockoutState:
     admin_reset_required: bool
 
 
+# The rows the lock upserts (a WHERE on each: SQLite needs one before ON CONFLICT).
+_NEW_COUNTER = (literal(0, Integer()).label("consecutive_failures"),
+                literal(False, Boolean()).label("admin_reset_required"))
+_LOCK_USER_SOURCE = select(bindparam("user_id", type_=String()).label("user_id"),
+                           *_NEW_COUNTER).where(literal_column("1") == 1)
+_LOCK_CHALLENGE_USER_SOURCE = select(challenges.c.user_id, *_NEW_COUNTER).where(
+    challenges.c.id == bindparam("challenge_id"))
+_BUILT: dict[tuple[str, str], Any] = {}
+
+
+def _statement(unit: Unit, name: str, source: Any) -> Any:
+    """The lock statement for this dialect, built once."""
+    key = (unit.conn.dialect.name, name)
+    if key not in _BUILT:
+        _BUILT[key] = upsert_lock(unit.conn, source)
+    return _BUILT[key]
+
+
+def _state(row: Row[Any]) -> LockoutState:
+    return LockoutState(row.consecutive_failures, row.last_failure_at, row.locked_until,
+                        bool(row.admin_reset_required))
+
+
 class LockoutRepository:
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
+    def __init__(self, unit: Unit) -> None:
+        self._unit = unit
 
     async def lock(self, user_id: str) -> LockoutState:
         """The user's counter, its row locked until the transaction ends: the per-user lock.
 
         Every call that changes a user's second factor (Enroll, Challenge, Verify,
-        Disable) takes this lock *first*, so a user's requests run one after another:
-        concurrent guesses are counted one by one, parallel enrolments cannot all see
-        "4 codes sent", and no two of them take row locks in opposite orders (the
-        Challenge/Verify deadlock). Lock order everywhere: user, then factor, then
-        challenge.
+        Disable, RegenerateRecoveryCodes) takes this lock *first*, so a user's requests
+        run one after another: concurrent guesses are counted one by one, parallel
+        enrolments cannot all see "4 codes sent", and no two of them take row locks in
+        opposite orders (the Challenge/Verify deadlock). Lock order everywhere: user,
+        then destination, then factor and challenge rows.
 
         One statement: an upsert that creates the row on first use and locks it
         (PostgreSQL's ON CONFLICT DO UPDATE takes the row lock; on SQLite BEGIN
         IMMEDIATE already holds the write lock).
         """
-        row = (await self._conn.execute(lock_user_statement(self._conn, user_id))).one()
-        return LockoutState(row.consecutive_failures, row.last_failure_at, row.locked_until,
-                            bool(row.admin_reset_required))
+        statement = _statement(self._unit, "lock_user", _LOCK_USER_SOURCE)
+        row = (await self._unit.execute(statement, {"user_id": user_id})).one()
+        return _state(row)
 
-    async def peek(self, user_id: str) -> LockoutState | None:
-        row = (await self._conn.execute(
-            select(user_lockouts).where(user_lockouts.c.user_id == user_id))).first()
-        if row is None:
-            return None
-        return LockoutState(row.consecutive_failures, row.last_failure_at, row.locked_until,
-                            bool(row.admin_reset_required))
+    async def lock_for_challenge(self, challenge_id: str) -> tuple[str, LockoutState] | None:
+        """Lock the user who owns ``challenge_id`` (see ``lock``) without knowing them
+        yet: one statement instead of a read followed by the lock. None: no such
+        challenge. Everything read after this is current for that user."""
+        statement = _statement(self._unit, "lock_challenge_user", _LOCK_CHALLENGE_USER_SOURCE)
+        row = (await self._unit.execute(statement, {"challenge_id": challenge_id})).first()
+        return (row.user_id, _state(row)) if row else None
 
-    async def save(self, user_id: str, state: LockoutState) -> None:
-        await self._conn.execute(
+    def save(self, user_id: str, state: LockoutState) -> None:
+        """Write the counter before COMMIT (the row is locked by this transaction)."""
+        self._unit.defer(
             update(user_lockouts).where(user_lockouts.c.user_id == user_id).values(
                 consecutive_failures=state.consecutive_failures,
                 last_failure_at=state.last_failure_at, locked_until=state.locked_until,
@@ -61,23 +97,23 @@ class LockoutRepository:
 
 
 class RecoveryCodeRepository:
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
+    def __init__(self, unit: Unit) -> None:
+        self._unit = unit
 
     async def replace(self, user_id: str, hashes: Sequence[tuple[str, bytes]],
                       now: datetime) -> None:
         """Retire the user's unused codes and store new ones (key id, HMAC)."""
         await self.retire(user_id, now)
-        await self._conn.execute(insert(recovery_codes), [
-            {"id": str(uuid.uuid4()), "user_id": user_id, "code_hash": digest,
-             "key_id": key_id, "created_at": now} for key_id, digest in hashes])
+        for key_id, digest in hashes:
+            self._unit.insert_later(recovery_codes, {
+                "id": str(uuid.uuid4()), "user_id": user_id, "code_hash": digest,
+                "key_id": key_id, "created_at": now, "used_at": None})
 
     async def retire(self, user_id: str, now: datetime) -> int:
-        result = await self._conn.execute(
+        return await self._unit.write(
             update(recovery_codes).where(recovery_codes.c.user_id == user_id,
                                          recovery_codes.c.used_at.is_(None))
             .values(used_at=now))
-        return result.rowcount
 
     async def consume(self, user_id: str, candidates: Sequence[bytes], now: datetime) -> bool:
         """Use one of the user's unused codes whose hash is in ``candidates``, once.
@@ -85,14 +121,15 @@ class RecoveryCodeRepository:
         A conditional UPDATE: two requests racing with the same code both match the row,
         but only the first still sees ``used_at IS NULL`` after the row lock.
         """
-        result = await self._conn.execute(
+        return await self._unit.write(
             update(recovery_codes).where(recovery_codes.c.user_id == user_id,
                                          recovery_codes.c.code_hash.in_(list(candidates)),
                                          recovery_codes.c.used_at.is_(None))
-            .values(used_at=now))
-        return result.rowcount == 1
+            .values(used_at=now)) == 1
 
     async def remaining(self, user_id: str) -> int:
-        value = await self._conn.scalar(select(func.count()).select_from(recovery_codes).where(
-            recovery_codes.c.user_id == user_id, recovery_codes.c.used_at.is_(None)))
+        value = (await self._unit.execute(
+            select(func.count()).select_from(recovery_codes).where(
+                recovery_codes.c.user_id == user_id,
+                recovery_codes.c.used_at.is_(None)))).scalar()
         return int(value or 0)

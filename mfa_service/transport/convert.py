@@ -20,13 +20,9 @@ from mfa.v1 import two_factor_service_pb2 as pb
 
 from mfa_service import domain
 from mfa_service.errors import FieldViolation, InvalidArgument
-from mfa_service.service.two_factor import (
-    ChallengeCommand,
-    ChallengeResult,
-    EnrollCommand,
-    EnrollResult,
-    VerifyOutcome,
-)
+from mfa_service.service.challenges import ChallengeCommand, ChallengeResult
+from mfa_service.service.enrolment import EnrollCommand, EnrollResult
+from mfa_service.service.verification import VerifyOutcome
 
 K = TypeVar("K", bound=int)
 V = TypeVar("V")

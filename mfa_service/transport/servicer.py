@@ -13,8 +13,7 @@ from mfa.v1 import two_factor_service_pb2 as pb
 from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 
 from mfa_service.domain import AuditContext
-from mfa_service.service.sessions import SessionService
-from mfa_service.service.two_factor import TwoFactorService
+from mfa_service.service import Services
 from mfa_service.transport import convert
 from mfa_service.transport.interceptors import caller_var
 
@@ -28,28 +27,27 @@ def _who(client_ip: str = "", user_agent: str = "") -> AuditContext:
 
 
 class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
-    def __init__(self, service: TwoFactorService, sessions: SessionService) -> None:
-        self._service = service
-        self._sessions = sessions
+    def __init__(self, services: Services) -> None:
+        self._s = services
 
     async def Enroll(self, request: pb.EnrollRequest, context: Context) -> pb.EnrollResponse:
-        result = await self._service.enroll(convert.enroll_command(request), _who())
+        result = await self._s.enrolment.enroll(convert.enroll_command(request), _who())
         return convert.enroll_response(result)
 
     async def Challenge(self, request: pb.ChallengeRequest,
                         context: Context) -> pb.ChallengeResponse:
-        result = await self._service.challenge(convert.challenge_command(request), _who())
+        result = await self._s.challenges.challenge(convert.challenge_command(request), _who())
         return convert.challenge_response(result)
 
     async def Verify(self, request: pb.VerifyRequest, context: Context) -> pb.VerifyResponse:
         challenge_id, code, user_id = convert.verify_args(request)
-        outcome = await self._service.verify(
+        outcome = await self._s.verification.verify(
             challenge_id, code, _who(request.client_ip, request.user_agent), user_id=user_id)
         return convert.verify_response(outcome)
 
     async def Disable(self, request: pb.DisableRequest, context: Context) -> pb.DisableResponse:
         user_id, factor_id, challenge_id, code = convert.disable_args(request)
-        outcome = await self._service.disable(
+        outcome = await self._s.verification.disable(
             user_id, factor_id, challenge_id, code, _who(request.client_ip, request.user_agent))
         return convert.disable_response(outcome)
 
@@ -57,11 +55,11 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
                            context: Context) -> pb.CheckSessionResponse:
         token, application = convert.check_session_args(request)
         _who().authorize(application)  # either application may check any session
-        return convert.check_session_response(await self._sessions.check(token))
+        return convert.check_session_response(await self._s.sessions.check(token))
 
     async def ListFactors(self, request: pb.ListFactorsRequest,
                           context: Context) -> pb.ListFactorsResponse:
-        factors, recovery_remaining = await self._service.list_factors(
+        factors, recovery_remaining = await self._s.profile.list_factors(
             convert.list_factors_args(request), _who())
         return pb.ListFactorsResponse(factors=[convert.factor_pb(f) for f in factors],
                                       recovery_codes_remaining=recovery_remaining)
@@ -70,23 +68,23 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
                             context: Context) -> pb.RevokeSessionResponse:
         which, value = convert.revoke_target(request)
         if which == "session_token":
-            count = await self._sessions.revoke_token(value, _who())
+            count = await self._s.sessions.revoke_token(value, _who())
         else:
-            count = await self._sessions.revoke_user(value, _who())
+            count = await self._s.sessions.revoke_user(value, _who())
         return pb.RevokeSessionResponse(revoked_count=count)
 
     async def RegenerateRecoveryCodes(
             self, request: pb.RegenerateRecoveryCodesRequest,
             context: Context) -> pb.RegenerateRecoveryCodesResponse:
         user_id, token, application = convert.regenerate_args(request)
-        codes = await self._service.regenerate_recovery_codes(
+        codes = await self._s.recovery.regenerate(
             user_id, token, application, _who(request.client_ip, request.user_agent))
         return pb.RegenerateRecoveryCodesResponse(recovery_codes=codes)
 
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest,
                               context: Context) -> pb.ListAuditEventsResponse:
         q = convert.audit_query(request)
-        events = await self._service.list_audit_events(
+        events = await self._s.profile.list_audit_events(
             q.user_id, _who(), start=q.start, end=q.end, before_id=q.before_id,
             limit=q.limit + 1)
         return convert.audit_response(events, q.limit)

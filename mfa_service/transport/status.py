@@ -8,6 +8,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from mfa.v1.error_reason_pb2 import ErrorReason
 
 from mfa_service.errors import (
     FailedPrecondition,
@@ -57,7 +58,7 @@ def to_grpc_status(exc: MfaError) -> grpc.Status:
     """A grpc.Status carrying google.rpc.Status with ErrorInfo (+ BadRequest / RetryInfo)."""
     code = status_code_for(exc)
     details = [_pack(error_details_pb2.ErrorInfo(
-        reason=exc.reason, domain=DOMAIN, metadata=exc.metadata))]
+        reason=exc.reason_name, domain=DOMAIN, metadata=exc.metadata))]
     if isinstance(exc, InvalidArgument):
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
@@ -78,7 +79,7 @@ def internal_status() -> grpc.Status:
     """What a caller sees for a fault of ours: no detail of the cause leaks."""
     status = status_pb2.Status(
         code=code_pb2.INTERNAL, message="internal error; it has been logged",
-        details=[_pack(error_details_pb2.ErrorInfo(reason="ERROR_REASON_INTERNAL",
-                                                   domain=DOMAIN))])
+        details=[_pack(error_details_pb2.ErrorInfo(
+            reason=ErrorReason.Name(ErrorReason.ERROR_REASON_INTERNAL), domain=DOMAIN))])
     result: grpc.Status = rpc_status.to_status(status)
     return result

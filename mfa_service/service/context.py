@@ -1,0 +1,121 @@
+"""What every use case of the service layer shares: the rules, the collaborators, and the
+checks more than one RPC makes.
+
+The use cases (one module each): enrolment.py (Enroll), challenges.py (Challenge),
+verification.py (Verify, Disable: a table of purpose handlers), recovery.py (recovery
+codes), profile.py (ListFactors, ListAuditEvents), sessions.py (CheckSession,
+RevokeSession). Each call is one transaction that first takes the user's lock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from mfa.v1.error_reason_pb2 import ErrorReason
+
+from mfa_service.clock import Clock
+from mfa_service.crypto import Keyring
+from mfa_service.domain import Factor, FactorRecord, FactorStatus, Purpose
+from mfa_service.errors import FactorNotFound, FailedPrecondition, ResourceExhausted
+from mfa_service.factors.registry import FactorRegistry
+from mfa_service.service.limits import LockoutPolicy, SendQuota
+from mfa_service.service.notices import Notifier
+from mfa_service.service.sessions import SessionService
+from mfa_service.store.database import Database, Transaction
+from mfa_service.store.security import LockoutState
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The limits of SPEC.md, already bounded by Settings."""
+
+    code_ttl: timedelta = timedelta(minutes=5)
+    max_attempts: int = 5
+    max_factors_per_user: int = 20
+    resend_cooldown: timedelta = timedelta(seconds=30)
+    max_sends: int = 5
+    send_window: timedelta = timedelta(minutes=10)
+    max_sends_per_destination: int = 5
+    change_proof_max_age: timedelta = timedelta(minutes=10)
+    product: str = "Cloud Platform"
+    default_locale: str = "en"
+    recent_session: timedelta = timedelta(minutes=10)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class Context:
+    """The collaborators of every use case (built once, in app.create_server)."""
+
+    db: Database
+    registry: FactorRegistry
+    keyring: Keyring
+    clock: Clock
+    sessions: SessionService
+    notifier: Notifier
+    rules: Rules = field(default_factory=Rules)
+    lockout: LockoutPolicy = field(default_factory=LockoutPolicy)
+    new_id: Callable[[], str] = new_id
+
+    @property
+    def quota(self) -> SendQuota:
+        r = self.rules
+        return SendQuota(cooldown=r.resend_cooldown, window=r.send_window,
+                         per_user_method=r.max_sends, per_destination=r.max_sends_per_destination)
+
+    def refuse_if_locked(self, state: LockoutState | None, now: datetime, *,
+                         recovery: bool = False) -> None:
+        """Refuse a locked-out user (``recovery``: the attempt uses a recovery code, which
+        still passes the hard limit; see service/limits.py)."""
+        wait = self.lockout.refusal(state, now, recovery=recovery)
+        if wait is None:
+            return
+        if wait == 0:
+            raise FailedPrecondition(
+                "too many failed verifications: pass with a recovery code, or an "
+                "administrator must unlock this user",
+                reason=ErrorReason.ERROR_REASON_ADMIN_RESET_REQUIRED)
+        raise ResourceExhausted("too many failed verifications; wait before trying again",
+                                retry_after_seconds=wait,
+                                reason=ErrorReason.ERROR_REASON_USER_LOCKED_OUT)
+
+
+# Which factor status each purpose needs before a challenge may be opened or approved.
+_NEEDS_STATUS = {
+    Purpose.LOGIN: FactorStatus.ACTIVE,
+    Purpose.DISABLE: FactorStatus.ACTIVE,
+    Purpose.CHANGE_PHONE: FactorStatus.ACTIVE,
+    Purpose.CONFIRM_ENROLLMENT: FactorStatus.PENDING,
+}
+
+
+def require_status(factor: Factor, purpose: Purpose) -> None:
+    if factor.status is FactorStatus.DISABLED:
+        raise FailedPrecondition("the factor is disabled",
+                                 reason=ErrorReason.ERROR_REASON_FACTOR_DISABLED)
+    needed = _NEEDS_STATUS[purpose]
+    if factor.status is not needed:
+        raise FailedPrecondition(
+            f"this purpose needs a {needed.value} factor; the factor is {factor.status.value}",
+            reason=ErrorReason.ERROR_REASON_FACTOR_STATUS_FORBIDS,
+            metadata={"factorStatus": factor.status.value})
+
+
+def already_enrolled() -> FailedPrecondition:
+    return FailedPrecondition(
+        "the user already has an active factor of this method; disable it first",
+        reason=ErrorReason.ERROR_REASON_ALREADY_ENROLLED)
+
+
+async def owned_factor(tx: Transaction, user_id: str, factor_id: str) -> FactorRecord:
+    record = await tx.factors.get(factor_id)
+    # Another user's factor is "not found": no oracle for which ids exist.
+    if record is None or record.factor.user_id != user_id:
+        raise FactorNotFound()
+    return record

@@ -1,0 +1,36 @@
+"""Reads for the profile page and the audit trail: ListFactors, ListAuditEvents."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from mfa.v1.error_reason_pb2 import ErrorReason
+
+from mfa_service.domain import AuditContext, AuditEvent, Factor, FactorStatus, Method
+from mfa_service.errors import PermissionDenied
+from mfa_service.service.context import Context
+
+
+class Profile:
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    async def list_factors(self, user_id: str, who: AuditContext) -> tuple[list[Factor], int]:
+        """Every factor of the user, and how many recovery codes remain."""
+        who.authorize_any()  # a caller with no application (an audit reader) sees nothing
+        async with self._ctx.db.transaction(readonly=True) as tx:
+            records = await tx.factors.list_for_user(user_id)
+            has_codes = any(r.factor.method is Method.RECOVERY_CODE
+                            and r.factor.status is FactorStatus.ACTIVE for r in records)
+            remaining = await tx.recovery.remaining(user_id) if has_codes else 0
+        return [r.factor for r in records], remaining
+
+    async def list_audit_events(self, user_id: str, who: AuditContext, *,
+                                start: datetime | None, end: datetime | None,
+                                before_id: int | None, limit: int) -> list[AuditEvent]:
+        if not who.audit_reader:
+            raise PermissionDenied("this caller may not read the audit trail",
+                                   reason=ErrorReason.ERROR_REASON_CALLER_NOT_ALLOWED)
+        async with self._ctx.db.transaction(readonly=True) as tx:
+            return await tx.audit.page(user_id, start=start, end=end, before_id=before_id,
+                                       limit=limit)

@@ -1,0 +1,89 @@
+"""Recovery codes: issued with the user's first active factor, regenerated with a recent
+2FA session, retired with the last real factor. Using one is a verification like any other
+(factors/recovery.py consumes the code; verification.py does the purpose)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from mfa.v1.error_reason_pb2 import ErrorReason
+
+from mfa_service.domain import (
+    Application,
+    AuditContext,
+    Factor,
+    FactorRecord,
+    FactorStatus,
+    Method,
+    NoticeKind,
+)
+from mfa_service.errors import FailedPrecondition
+from mfa_service.factors.recovery import generate_codes, hash_codes
+from mfa_service.service import audit
+from mfa_service.service.context import Context
+from mfa_service.store.database import Transaction
+
+
+class Recovery:
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    async def issue_first(self, tx: Transaction, user_id: str, who: AuditContext,
+                          now: datetime) -> list[str]:
+        """Recovery codes come with the user's first active factor, once."""
+        ctx = self._ctx
+        if await tx.factors.active_of_method(user_id, Method.RECOVERY_CODE) is not None:
+            return []
+        factor_id = ctx.new_id()
+        tx.factors.add(FactorRecord(
+            factor=Factor(factor_id=factor_id, user_id=user_id, method=Method.RECOVERY_CODE,
+                          status=FactorStatus.ACTIVE, masked_destination="recovery codes",
+                          created_at=now, confirmed_at=now, last_used_at=now),
+            label="recovery codes", destination=None, secret_ciphertext=None,
+            secret_key_id=None, last_totp_step=None))
+        codes = generate_codes()
+        await tx.recovery.replace(user_id, hash_codes(ctx.keyring, user_id, codes), now)
+        audit.record(tx, now, audit.Event.RECOVERY_CODES_ISSUED, audit.Outcome.OK, who,
+                     user_id=user_id, factor_id=factor_id, detail={"count": len(codes)})
+        return codes
+
+    async def retire_if_last(self, tx: Transaction, user_id: str, who: AuditContext,
+                             now: datetime) -> None:
+        """With no real factor left, 2FA is off: recovery codes must not log anyone in."""
+        records = await tx.factors.list_for_user(user_id)
+        active = [r for r in records if r.factor.status is FactorStatus.ACTIVE]
+        recovery = next((r for r in active if r.factor.method is Method.RECOVERY_CODE), None)
+        if recovery is None or any(r.factor.method is not Method.RECOVERY_CODE
+                                   for r in active):
+            return
+        await tx.factors.disable(recovery.factor.factor_id, now)
+        retired = await tx.recovery.retire(user_id, now)
+        audit.record(tx, now, audit.Event.DISABLE, audit.Outcome.OK, who, user_id=user_id,
+                     factor_id=recovery.factor.factor_id,
+                     detail={"method": Method.RECOVERY_CODE.value,
+                             "reason": "last factor disabled", "codes_retired": retired})
+        await self._ctx.sessions.end_for_factor(tx, recovery.factor, who, now)
+
+    async def regenerate(self, user_id: str, session_token: str, application: Application,
+                         who: AuditContext) -> list[str]:
+        """New codes for a user who passed 2FA in the last 10 minutes (old codes die)."""
+        ctx = self._ctx
+        who.authorize(application)
+        now = ctx.clock.now()
+        async with ctx.db.transaction() as tx:
+            await tx.lockouts.lock(user_id)  # the per-user lock, first
+            await ctx.sessions.require_recent(tx, session_token, user_id, now,
+                                              ctx.rules.recent_session,
+                                              "regenerating recovery codes")
+            recovery = await tx.factors.active_of_method(user_id, Method.RECOVERY_CODE)
+            if recovery is None:
+                raise FailedPrecondition("the user has no active factor, so no recovery codes",
+                                         reason=ErrorReason.ERROR_REASON_FACTOR_STATUS_FORBIDS)
+            codes = generate_codes()
+            await tx.recovery.replace(user_id, hash_codes(ctx.keyring, user_id, codes), now)
+            audit.record(tx, now, audit.Event.RECOVERY_CODES_ISSUED, audit.Outcome.OK, who,
+                         user_id=user_id, factor_id=recovery.factor.factor_id,
+                         application=application,
+                         detail={"count": len(codes), "regenerated": 1})
+            await ctx.notifier.notify(tx, now, user_id, NoticeKind.RECOVERY_CODES_REGENERATED)
+        return codes

@@ -1,0 +1,322 @@
+"""Verify and Disable: check a code against a challenge, then carry out its purpose.
+
+The path, one transaction:
+
+1. lock the user who owns the challenge (one statement that also finds them);
+2. read the challenge and its factor (current: the user's writes are serialised);
+3. refusals: caller rights, the factor's status for the purpose, the lockout;
+4. the factor method checks the code and finishes its own atomic step (the TOTP step
+   accepted, the recovery code consumed);
+5. one conditional UPDATE counts the attempt and closes the challenge (APPROVED, or
+   EXHAUSTED at the last attempt);
+6. a failure counts against the user's lockout; an approval runs the purpose's handler
+   (the table ``_PURPOSES``): LOGIN opens a session, CONFIRM_ENROLLMENT activates the
+   factor, DISABLE disables the target, CHANGE_PHONE only approves (the proof Enroll
+   consumes).
+
+On PostgreSQL a TOTP login is four statements: the lock, the read, the attempt, and the
+deferred writes (TOTP step, session, audit rows) sent as one before COMMIT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from mfa.v1.error_reason_pb2 import ErrorReason
+
+from mfa_service.domain import (
+    AuditContext,
+    Challenge,
+    ChallengeState,
+    Factor,
+    FactorRecord,
+    FactorStatus,
+    Method,
+    NewSession,
+    NoticeKind,
+    Purpose,
+    VerifyResult,
+)
+from mfa_service.errors import ChallengeNotFound, FailedPrecondition
+from mfa_service.service import audit
+from mfa_service.service.context import Context, already_enrolled, owned_factor, require_status
+from mfa_service.service.recovery import Recovery
+from mfa_service.store.database import Transaction
+from mfa_service.store.security import LockoutState
+
+
+@dataclass(frozen=True)
+class VerifyOutcome:
+    result: VerifyResult
+    attempts_remaining: int
+    session: NewSession | None = None
+    factor: Factor | None = None
+    recovery_codes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Approved:
+    """What a purpose handler gets: the approved challenge, the factor that passed, the
+    factor the call acts on (Disable may name another one), and the call's context."""
+
+    tx: Transaction
+    challenge: Challenge
+    record: FactorRecord
+    target: FactorRecord
+    remaining: int
+    who: AuditContext
+    now: datetime
+
+
+Handler = Callable[["Verification", _Approved], Awaitable[VerifyOutcome]]
+
+
+class Verification:
+    def __init__(self, ctx: Context, recovery: Recovery) -> None:
+        self._ctx = ctx
+        self._recovery = recovery
+
+    async def verify(self, challenge_id: str, raw_code: str, who: AuditContext, *,
+                     user_id: str | None = None) -> VerifyOutcome:
+        """Check a code; ``user_id`` (optional) binds the challenge to the user the caller
+        expects: another user's challenge is then "not found"."""
+        return await self._verify(challenge_id, raw_code, who, disable=None,
+                                  expect_user=user_id)
+
+    async def disable(self, user_id: str, factor_id: str, challenge_id: str, raw_code: str,
+                      who: AuditContext) -> VerifyOutcome:
+        """Disable ``factor_id``, proven by a code on a PURPOSE_DISABLE challenge for it."""
+        return await self._verify(challenge_id, raw_code, who, disable=(user_id, factor_id),
+                                  expect_user=user_id)
+
+    async def _verify(self, challenge_id: str, raw_code: str, who: AuditContext,
+                      disable: tuple[str, str] | None,
+                      expect_user: str | None) -> VerifyOutcome:
+        ctx = self._ctx
+        now = ctx.clock.now()
+        async with ctx.db.transaction() as tx:
+            # The per-user lock before anything else (one order everywhere: no deadlock
+            # with Challenge); what is read after it is current for this user.
+            locked = await tx.lockouts.lock_for_challenge(challenge_id)
+            found = await tx.challenges.get_with_factor(challenge_id) if locked else None
+            if locked is None or found is None or (
+                    expect_user is not None and found[0].user_id != expect_user):
+                raise ChallengeNotFound()
+            lockout = locked[1]
+            challenge, record = found
+            target = record
+            if disable is not None:
+                target = await self._disable_target(tx, challenge, record, *disable)
+            elif (challenge.purpose is Purpose.DISABLE
+                  and record.factor.method is Method.RECOVERY_CODE):
+                # Verify would disable the recovery codes themselves; the caller means
+                # Disable(factor_id=<the lost factor>) with this challenge.
+                raise FailedPrecondition(
+                    "a PURPOSE_DISABLE challenge on recovery codes is used with Disable, "
+                    "naming the factor to remove",
+                    reason=ErrorReason.ERROR_REASON_CHALLENGE_MISMATCH)
+            who.authorize(challenge.application)
+            method = ctx.registry.get(record.factor.method)
+            code = method.parse_code(raw_code)  # malformed input is not a guess
+            usable = challenge.state is ChallengeState.OPEN and challenge.expires_at > now and (
+                challenge.attempts < challenge.max_attempts)
+            if usable:
+                require_status(record.factor, challenge.purpose)
+            ctx.refuse_if_locked(lockout, now,
+                                 recovery=record.factor.method is Method.RECOVERY_CODE)
+            if not usable:
+                outcome = self._closed_outcome(challenge, now)
+                self._audit_verify(tx, now, who, challenge, outcome.result)
+                return outcome
+            # The user's lock makes the read above current, so the factor's own check
+            # (and its atomic step) and the attempt below cannot interleave with another
+            # verification of this user.
+            ok = await method.check(tx, record, challenge, code, now)
+            settled = await tx.challenges.settle_attempt(challenge_id, ok, now)
+            if settled is None:  # pragma: no cover - excluded by the lock and the read
+                return self._closed_outcome(challenge, now)
+            remaining = settled.max_attempts - settled.attempts
+            if not ok:
+                result = (VerifyResult.MAX_ATTEMPTS_REACHED if remaining == 0
+                          else VerifyResult.INVALID_CODE)
+                self._audit_verify(tx, now, who, settled, result)
+                await self._count_failure(tx, lockout, settled, who, now)
+                return VerifyOutcome(result, remaining)
+            if lockout != ctx.lockout.after_success():  # no write when already clear
+                tx.lockouts.save(settled.user_id, ctx.lockout.after_success())
+            if record.factor.method is Method.RECOVERY_CODE:
+                await self._recovery_code_used(tx, settled, record, who, now)
+            handler = _PURPOSES[settled.purpose]
+            return await handler(self, _Approved(tx, settled, record, target, remaining,
+                                                 who, now))
+
+    # -- the purposes ------------------------------------------------------------------------
+    async def _login(self, a: _Approved) -> VerifyOutcome:
+        a.tx.factors.touch(a.record.factor.factor_id, a.now)
+        session = self._ctx.sessions.open(a.tx, a.record, a.challenge.application, a.who,
+                                          a.now)
+        self._audit_verify(a.tx, a.now, a.who, a.challenge, VerifyResult.APPROVED,
+                           session_id=session.session.session_id)
+        return VerifyOutcome(VerifyResult.APPROVED, a.remaining, session=session)
+
+    async def _confirm(self, a: _Approved) -> VerifyOutcome:
+        ctx, tx, now, factor = self._ctx, a.tx, a.now, a.record.factor
+        self._audit_verify(tx, now, a.who, a.challenge, VerifyResult.APPROVED)
+        replaced = await self._retire_replaced(tx, a.record, a.who, now)
+        summary = await tx.factors.summary(factor.user_id, factor.method)
+        if summary.active_of_method is not None:
+            raise already_enrolled()
+        if not summary.any_active:
+            # The user's first factor: any other PENDING factor was enrolled without a
+            # step-up (none was needed then) and must not become a second factor later
+            # without one.
+            for other in await tx.factors.supersede_other_pending(
+                    factor.user_id, factor.factor_id, now):
+                audit.record(tx, now, audit.Event.DISABLE, audit.Outcome.OK, a.who,
+                             user_id=factor.user_id, factor_id=other,
+                             detail={"reason": "superseded by the first factor"})
+        if not await tx.factors.activate(factor.factor_id, now):
+            raise FailedPrecondition("the factor is no longer pending",
+                                     reason=ErrorReason.ERROR_REASON_FACTOR_STATUS_FORBIDS)
+        audit.record(tx, now, audit.Event.CONFIRM, audit.Outcome.OK, a.who,
+                     user_id=factor.user_id, factor_id=factor.factor_id,
+                     application=a.challenge.application, detail={"method": factor.method.value})
+        if replaced is not None:
+            audit.record(tx, now, audit.Event.PHONE_CHANGED, audit.Outcome.OK, a.who,
+                         user_id=factor.user_id, factor_id=factor.factor_id,
+                         application=a.challenge.application,
+                         detail={"replaced_factor_id": replaced.factor.factor_id})
+            await ctx.notifier.notify(tx, now, factor.user_id, NoticeKind.PHONE_CHANGED,
+                                      also=replaced, masked_detail=factor.masked_destination,
+                                      skip=factor.factor_id)
+        else:
+            await ctx.notifier.notify(tx, now, factor.user_id, NoticeKind.FACTOR_ADDED,
+                                      masked_detail=factor.masked_destination,
+                                      skip=factor.factor_id)
+        codes = await self._recovery.issue_first(tx, factor.user_id, a.who, now)
+        active = replace(factor, status=FactorStatus.ACTIVE, confirmed_at=now, last_used_at=now)
+        return VerifyOutcome(VerifyResult.APPROVED, a.remaining, factor=active,
+                             recovery_codes=tuple(codes))
+
+    async def _disable(self, a: _Approved) -> VerifyOutcome:
+        ctx, tx, now, factor = self._ctx, a.tx, a.now, a.target.factor
+        self._audit_verify(tx, now, a.who, a.challenge, VerifyResult.APPROVED)
+        if not await tx.factors.disable(factor.factor_id, now):
+            raise FailedPrecondition("the factor is disabled",
+                                     reason=ErrorReason.ERROR_REASON_FACTOR_DISABLED)
+        audit.record(tx, now, audit.Event.DISABLE, audit.Outcome.OK, a.who,
+                     user_id=factor.user_id, factor_id=factor.factor_id,
+                     application=a.challenge.application,
+                     detail={"method": factor.method.value, "proof": a.challenge.factor_id})
+        await ctx.sessions.end_for_factor(tx, factor, a.who, now)
+        # Tell the user, including at the address just removed.
+        await ctx.notifier.notify(tx, now, factor.user_id, NoticeKind.FACTOR_REMOVED,
+                                  also=a.target, masked_detail=factor.masked_destination)
+        await self._recovery.retire_if_last(tx, factor.user_id, a.who, now)
+        disabled = replace(factor, status=FactorStatus.DISABLED, disabled_at=now)
+        return VerifyOutcome(VerifyResult.APPROVED, a.remaining, factor=disabled)
+
+    async def _change_phone(self, a: _Approved) -> VerifyOutcome:
+        # The approval itself is the proof Enroll(METHOD_PHONE) asks for.
+        a.tx.factors.touch(a.record.factor.factor_id, a.now)
+        self._audit_verify(a.tx, a.now, a.who, a.challenge, VerifyResult.APPROVED)
+        return VerifyOutcome(VerifyResult.APPROVED, a.remaining,
+                             factor=replace(a.record.factor, last_used_at=a.now))
+
+    # -- helpers -----------------------------------------------------------------------------
+    async def _disable_target(self, tx: Transaction, challenge: Challenge,
+                              record: FactorRecord, user_id: str,
+                              factor_id: str) -> FactorRecord:
+        """The factor a Disable call may switch off with this challenge.
+
+        The challenge must be a PURPOSE_DISABLE challenge of the same user, on the factor
+        itself or on the user's recovery codes (a lost phone is disabled with a recovery
+        code). Another user's challenge is "not found", never a hint.
+        """
+        target = await owned_factor(tx, user_id, factor_id)
+        by_recovery = record.factor.method is Method.RECOVERY_CODE
+        if challenge.purpose is not Purpose.DISABLE or (challenge.factor_id != factor_id
+                                                         and not by_recovery):
+            raise FailedPrecondition("the challenge was not opened to disable this factor",
+                                     reason=ErrorReason.ERROR_REASON_CHALLENGE_MISMATCH)
+        if target.factor.method is Method.RECOVERY_CODE:
+            raise FailedPrecondition(
+                "recovery codes are removed with the user's last factor, not on their own",
+                reason=ErrorReason.ERROR_REASON_FACTOR_STATUS_FORBIDS)
+        return target
+
+    async def _count_failure(self, tx: Transaction, state: LockoutState, challenge: Challenge,
+                             who: AuditContext, now: datetime) -> None:
+        """Count a wrong code against the user; at a lock, audit it and tell the user."""
+        ctx = self._ctx
+        new_state, locked = ctx.lockout.after_failure(state, now)
+        tx.lockouts.save(challenge.user_id, new_state)
+        if not locked:
+            return
+        detail: dict[str, str | int] = {"failures": new_state.consecutive_failures}
+        if new_state.locked_until is not None:
+            detail["locked_until"] = new_state.locked_until.isoformat()
+        if new_state.admin_reset_required:
+            detail["admin_reset_required"] = 1
+        audit.record(tx, now, audit.Event.LOCKOUT, audit.Outcome.OK, who,
+                     user_id=challenge.user_id, factor_id=challenge.factor_id,
+                     application=challenge.application, detail=detail)
+        await ctx.notifier.notify(tx, now, challenge.user_id, NoticeKind.ACCOUNT_LOCKED)
+
+    async def _recovery_code_used(self, tx: Transaction, challenge: Challenge,
+                                  record: FactorRecord, who: AuditContext,
+                                  now: datetime) -> None:
+        user_id = record.factor.user_id
+        tx.factors.touch(record.factor.factor_id, now)
+        left = await tx.recovery.remaining(user_id)
+        audit.record(tx, now, audit.Event.RECOVERY_CODE_USED, audit.Outcome.OK, who,
+                     user_id=user_id, factor_id=record.factor.factor_id,
+                     application=challenge.application,
+                     detail={"purpose": challenge.purpose.value, "remaining": left})
+        await self._ctx.notifier.notify(tx, now, user_id, NoticeKind.RECOVERY_CODES_USED,
+                                        masked_detail=f"{left} left")
+
+    async def _retire_replaced(self, tx: Transaction, record: FactorRecord, who: AuditContext,
+                               now: datetime) -> FactorRecord | None:
+        """Phone change: disable the old number in the transaction that activates the new
+        one, so the user has exactly one active phone at every instant; the sessions the
+        old number created end with it."""
+        if record.replaces_factor_id is None:
+            return None
+        old = await tx.factors.get(record.replaces_factor_id)
+        if old is None or old.factor.status is not FactorStatus.ACTIVE:
+            return None  # disabled meanwhile: nothing to swap, the new one just activates
+        await tx.factors.disable(old.factor.factor_id, now)
+        await self._ctx.sessions.end_for_factor(tx, old.factor, who, now)
+        return old
+
+    @staticmethod
+    def _closed_outcome(challenge: Challenge, now: datetime) -> VerifyOutcome:
+        """Why a challenge takes no attempt: used, exhausted or expired (in that order)."""
+        if challenge.state in (ChallengeState.APPROVED, ChallengeState.SUPERSEDED):
+            return VerifyOutcome(VerifyResult.ALREADY_USED, 0)
+        if (challenge.state is ChallengeState.EXHAUSTED
+                or challenge.attempts >= challenge.max_attempts):
+            return VerifyOutcome(VerifyResult.MAX_ATTEMPTS_REACHED, 0)
+        return VerifyOutcome(VerifyResult.EXPIRED, challenge.max_attempts - challenge.attempts)
+
+    @staticmethod
+    def _audit_verify(tx: Transaction, now: datetime, who: AuditContext, challenge: Challenge,
+                      result: VerifyResult, session_id: str | None = None) -> None:
+        audit.record(
+            tx, now, audit.Event.VERIFY,
+            audit.Outcome.OK if result is VerifyResult.APPROVED else audit.Outcome.FAILED, who,
+            user_id=challenge.user_id, factor_id=challenge.factor_id,
+            challenge_id=challenge.challenge_id, session_id=session_id,
+            application=challenge.application,
+            detail={"result": result.value, "purpose": challenge.purpose.value})
+
+
+_PURPOSES: dict[Purpose, Handler] = {
+    Purpose.LOGIN: Verification._login,
+    Purpose.CONFIRM_ENROLLMENT: Verification._confirm,
+    Purpose.DISABLE: Verification._disable,
+    Purpose.CHANGE_PHONE: Verification._change_phone,
+}
