@@ -85,6 +85,7 @@ class SeedResult:
 class Batch:
     """The rows of one transaction, and the users-file lines written once it commits."""
 
+    start: int  # the index of its first user
     factors: list[tuple[Any, ...]] = field(default_factory=list)
     sessions: list[tuple[Any, ...]] = field(default_factory=list)
     codes: list[tuple[Any, ...]] = field(default_factory=list)
@@ -122,7 +123,7 @@ class Population:
         return f"{self._prefix}-{index + 1:07d}"
 
     def batch(self, start: int, count: int) -> Batch:
-        out = Batch()
+        out = Batch(start)
         ids = random_uuids(count * 3)
         # 20 bytes = 160 bits = 32 base32 characters exactly: one encoding of all secrets
         # is the concatenation of each secret's encoding.
@@ -154,7 +155,7 @@ class Population:
             if self._codes:
                 for (code_key, code_hash), code_id in zip(
                         hash_codes(self._keyring, user_id, generate_codes()),
-                        random_uuids(10), strict=False):
+                        random_uuids(10), strict=True):
                     out.codes.append((code_id, user_id, code_hash, code_key, now))
             # users.user_line's format, without json.dumps (a fifth of the cost): every
             # value here is JSON-safe as it is (checked prefix, UUID, base32, base64url).
@@ -201,7 +202,13 @@ class PostgresWriter:
                                                                columns=list(columns))
                     committed(batch)
 
-        await asyncio.gather(*(consume() for _ in range(self._connections)))
+        tasks = [asyncio.create_task(consume()) for _ in range(self._connections)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # one failed: stop the others before the engine goes away
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         async with self._engine.connect() as conn:
             # Fresh statistics, so the first queries plan with the real table sizes.
             await conn.execute(text("ANALYZE factors, sessions, recovery_codes"))
@@ -284,10 +291,17 @@ async def seed(settings: Settings, keyring: Keyring, config: SeedConfig, *,
         fd = os.open(config.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
 
+            waiting: dict[int, Batch] = {}
+
             def committed(batch: Batch) -> None:
+                # Two connections may commit out of order; the file stays in user order
+                # (so --users N takes the first N users, sessions first).
                 nonlocal written
-                out.writelines(batch.lines)
-                written += len(batch.lines)
+                waiting[batch.start] = batch
+                while written in waiting:
+                    ready = waiting.pop(written)
+                    out.writelines(ready.lines)
+                    written += len(ready.lines)
                 if progress is not None:
                     rate = written / (time.perf_counter() - started)
                     progress.write(f"seeded {written}/{config.users} users ({rate:,.0f}/s)\n")
