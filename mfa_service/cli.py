@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "to put in the callers file")
     cli_admin.register(sub, keys_sub)
     sub.add_parser("loadtest", add_help=False, prefix_chars="\0",  # its own parser, lazily
-                   help="drive load at a local server (see loadtest --help)").add_argument(
+                   help="drive load at a local server, or `loadtest seed` users into the "
+                        "database (see loadtest --help)").add_argument(
         "argv", nargs="*")
     args = parser.parse_args(argv)
     if args.command == "loadtest":
