@@ -18,8 +18,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     LargeBinary,
+    String,
     and_,
     bindparam,
     case,
@@ -84,6 +86,14 @@ def _factor_row(record: FactorRecord) -> dict[str, Any]:
         "replaces_factor_id": record.replaces_factor_id}
 
 
+_STEP = bindparam("step", type_=BigInteger())
+_ACCEPT_TOTP_STEP = update(factors).where(
+    factors.c.id == bindparam("factor_id"),
+    or_(factors.c.last_totp_step.is_(None), factors.c.last_totp_step < _STEP),
+).values(last_totp_step=_STEP, last_used_at=_NOW)
+_TOUCH = update(factors).where(
+    factors.c.id == bindparam("factor_id"), factors.c.status == _ACTIVE,
+).values(last_used_at=_NOW)
 _GET_FACTOR = select(factors).where(factors.c.id == bindparam("factor_id"))
 _FACTORS_OF_USER = select(factors).where(factors.c.user_id == bindparam("user_id")).order_by(
     # Oldest first; the recovery-code factor last (it is not one the user "added").
@@ -187,17 +197,11 @@ class FactorRepository:
         waits for COMMIT. The WHERE still refuses an older step, should anything write the
         factor without the user's lock.
         """
-        # Deferred writes carry their values inline (they may be sent inside one WITH on
-        # PostgreSQL), so they are built per call; the reads stay prebuilt.
-        self._unit.defer(update(factors).where(
-            factors.c.id == factor_id,
-            or_(factors.c.last_totp_step.is_(None), factors.c.last_totp_step < step),
-        ).values(last_totp_step=step, last_used_at=now))
+        self._unit.defer(_ACCEPT_TOTP_STEP, {"factor_id": factor_id, "step": step, "now": now})
 
     def touch(self, factor_id: str, now: datetime) -> None:
         """Mark an ACTIVE factor used (before COMMIT)."""
-        self._unit.defer(update(factors).where(
-            factors.c.id == factor_id, factors.c.status == _ACTIVE).values(last_used_at=now))
+        self._unit.defer(_TOUCH, {"factor_id": factor_id, "now": now})
 
 
 def _aware(value: Any) -> datetime | None:
@@ -230,6 +234,12 @@ _CHALLENGE_WITH_FACTOR = select(
 _GET_CHALLENGE = select(challenges).where(challenges.c.id == bindparam("challenge_id"))
 _BY_REQUEST_ID = select(challenges).where(challenges.c.factor_id == bindparam("factor_id"),
                                           challenges.c.request_id == bindparam("request_id"))
+# (A bound parameter of an UPDATE may not share a name with a column of its table.)
+_SUPERSEDE_OPEN = update(challenges).where(
+    challenges.c.factor_id == bindparam("b_factor_id"),
+    challenges.c.purpose == bindparam("b_purpose", type_=String()),
+    challenges.c.state == _OPEN,
+).values(state=ChallengeState.SUPERSEDED.value)
 _OK = bindparam("ok", type_=Boolean())
 _SETTLE_ATTEMPT = update(challenges).where(
     challenges.c.id == bindparam("challenge_id"), challenges.c.state == _OPEN,
@@ -291,9 +301,8 @@ class ChallengeRepository:
         """Close the factor's open challenges for ``purpose`` (before COMMIT, before the
         new one is inserted): a new one replaces them, so an old code dies and attempts
         cannot be pooled across challenges."""
-        self._unit.defer(update(challenges).where(
-            challenges.c.factor_id == factor_id, challenges.c.purpose == purpose.value,
-            challenges.c.state == _OPEN).values(state=ChallengeState.SUPERSEDED.value))
+        self._unit.defer(_SUPERSEDE_OPEN, {"b_factor_id": factor_id,
+                                           "b_purpose": purpose.value})
 
     async def settle_attempt(self, challenge_id: str, ok: bool,
                              now: datetime) -> Challenge | None:

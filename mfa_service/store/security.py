@@ -22,7 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Row
 
 from mfa_service.store.engine import upsert_lock
-from mfa_service.store.models import challenges, recovery_codes, user_lockouts
+from mfa_service.store.models import UTCDateTime, challenges, recovery_codes, user_lockouts
 from mfa_service.store.unit import Unit
 
 
@@ -42,6 +42,11 @@ _LOCK_USER_SOURCE = select(bindparam("user_id", type_=String()).label("user_id")
 _LOCK_CHALLENGE_USER_SOURCE = select(challenges.c.user_id, *_NEW_COUNTER).where(
     challenges.c.id == bindparam("challenge_id"))
 _BUILT: dict[tuple[str, str], Any] = {}
+_SAVE = update(user_lockouts).where(user_lockouts.c.user_id == bindparam("uid")).values(
+    consecutive_failures=bindparam("failures", type_=Integer()),
+    last_failure_at=bindparam("last_failure_at", type_=UTCDateTime()),
+    locked_until=bindparam("locked_until", type_=UTCDateTime()),
+    admin_reset_required=bindparam("admin", type_=Boolean()))
 
 
 def _statement(unit: Unit, name: str, source: Any) -> Any:
@@ -89,11 +94,10 @@ class LockoutRepository:
 
     def save(self, user_id: str, state: LockoutState) -> None:
         """Write the counter before COMMIT (the row is locked by this transaction)."""
-        self._unit.defer(
-            update(user_lockouts).where(user_lockouts.c.user_id == user_id).values(
-                consecutive_failures=state.consecutive_failures,
-                last_failure_at=state.last_failure_at, locked_until=state.locked_until,
-                admin_reset_required=state.admin_reset_required))
+        self._unit.defer(_SAVE, {
+            "uid": user_id, "failures": state.consecutive_failures,
+            "last_failure_at": state.last_failure_at, "locked_until": state.locked_until,
+            "admin": state.admin_reset_required})
 
 
 class RecoveryCodeRepository:

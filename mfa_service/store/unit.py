@@ -9,16 +9,44 @@ kept here and sent together just before COMMIT. On PostgreSQL they go as one sta
 ``WITH`` of data-modifying CTEs, all on one snapshot; constraints are checked at its end);
 SQLite, embedded, runs them one by one. Any immediate statement first sends what is
 deferred, so a read inside the transaction always sees the transaction's own writes.
+
+Deferred UPDATEs are statements built once (module constants with bound parameters) plus
+their parameters. The combined PostgreSQL statement is built once per *shape* (which
+updates, how many rows of which tables) as a text statement with typed parameters, so it
+is compiled once and then found in SQLAlchemy's cache: building it from expression objects
+on every call cost more CPU than the round trips it saves (a DML CTE is not cacheable).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Executable, Select, Table, insert, literal_column, select
-from sqlalchemy.engine import CursorResult, Result
+from sqlalchemy import Executable, Table, TextClause, bindparam, insert, text
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Compiled, CursorResult, Result
+from sqlalchemy.engine.interfaces import BindTyping
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import UpdateBase
+
+# Compiles deferred UPDATEs to SQL with :named parameters, to be embedded in one WITH.
+# No casts in that text: the asyncpg dialect adds its own to the typed parameters.
+_NAMED_PG = postgresql.dialect(paramstyle="named")  # type: ignore[no-untyped-call]
+_NAMED_PG.bind_typing = BindTyping.NONE
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """The combined statement of one shape, and how to fill in its parameters."""
+
+    statement: TextClause
+    updates: tuple[Compiled, ...]  # each deferred UPDATE compiled, in order
+
+
+_BATCHES: dict[tuple[Any, ...], _Batch] = {}
+_INSERTS: dict[Table, Any] = {}
 
 
 class Unit:
@@ -27,7 +55,7 @@ class Unit:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
         self._postgres = conn.dialect.name == "postgresql"
-        self._statements: list[UpdateBase] = []
+        self._updates: list[tuple[UpdateBase, dict[str, Any]]] = []
         self._inserts: dict[Table, list[dict[str, Any]]] = {}
 
     async def execute(self, statement: Executable,
@@ -43,27 +71,77 @@ class Unit:
         assert isinstance(result, CursorResult)
         return result.rowcount
 
-    def defer(self, statement: UpdateBase) -> None:
-        """Send ``statement`` (an UPDATE whose row count nobody needs) before COMMIT."""
-        self._statements.append(statement)
+    def defer(self, statement: UpdateBase, params: dict[str, Any]) -> None:
+        """Send ``statement`` (a prebuilt UPDATE whose row count nobody needs) with
+        ``params`` before COMMIT."""
+        self._updates.append((statement, params))
 
     def insert_later(self, table: Table, row: dict[str, Any]) -> None:
         """Insert ``row`` before COMMIT (rows of one table go as one multi-row INSERT, in
-        the order tables were first used: parents before the children that refer to them)."""
+        the order tables were first used: parents before the children that refer to
+        them). Every row of a table must name the same columns."""
         self._inserts.setdefault(table, []).append(row)
 
     async def flush(self) -> None:
-        """Send every deferred write: one statement on PostgreSQL, one per write on SQLite."""
-        if not self._statements and not self._inserts:
+        """Send every deferred write: one statement on PostgreSQL, one per table or
+        update on SQLite."""
+        updates, inserts = self._updates, self._inserts
+        if not updates and not inserts:
             return
-        writes: list[UpdateBase] = [*self._statements, *(
-            insert(table).values(rows) for table, rows in self._inserts.items())]
-        self._statements, self._inserts = [], {}
-        if self._postgres and len(writes) > 1:
-            combined: Select[Any] = select(literal_column("1"))
-            for i, write in enumerate(writes):
-                combined = combined.add_cte(write.cte(f"w{i}"))
-            await self.conn.execute(combined)
+        self._updates, self._inserts = [], {}
+        if self._postgres and len(updates) + len(inserts) > 1:
+            await self._send_as_one(updates, inserts)
             return
-        for write in writes:
-            await self.conn.execute(write)
+        for statement, params in updates:
+            await self.conn.execute(statement, params)
+        for table, rows in inserts.items():
+            if table not in _INSERTS:
+                _INSERTS[table] = insert(table)
+            await self.conn.execute(_INSERTS[table], rows)
+
+    async def _send_as_one(self, updates: Sequence[tuple[UpdateBase, dict[str, Any]]],
+                           inserts: dict[Table, list[dict[str, Any]]]) -> None:
+        shape = (tuple(id(statement) for statement, _ in updates),
+                 tuple((table.name, len(rows), tuple(rows[0])) for table, rows in
+                       inserts.items()))
+        batch = _BATCHES.get(shape)
+        if batch is None:
+            batch = _BATCHES[shape] = _build_batch(updates, inserts)
+        params: dict[str, Any] = {}
+        for i, ((_, given), compiled) in enumerate(zip(updates, batch.updates, strict=True)):
+            for name, value in (compiled.construct_params(given) or {}).items():
+                params[f"w{i}_{name}"] = value
+        offset = len(updates)
+        for k, rows in enumerate(inserts.values()):
+            for r, row in enumerate(rows):
+                for column, value in row.items():
+                    params[f"w{offset + k}_{r}_{column}"] = value
+        await self.conn.execute(batch.statement, params)
+
+
+def _build_batch(updates: Sequence[tuple[UpdateBase, dict[str, Any]]],
+                 inserts: dict[Table, list[dict[str, Any]]]) -> _Batch:
+    parts: list[str] = []
+    binds = []
+    compiled_updates = []
+    for i, (statement, _) in enumerate(updates):
+        compiled = statement.compile(dialect=_NAMED_PG)
+        compiled_updates.append(compiled)
+        sql = str(compiled)
+        for bind, name in compiled.bind_names.items():  # name: as rendered in ``sql``
+            sql = re.sub(rf":{re.escape(name)}\b", f":w{i}_{name}", sql)
+            binds.append(bindparam(f"w{i}_{name}", type_=bind.type))
+        parts.append(f"w{i} AS ({sql})")
+    offset = len(updates)
+    for k, (table, rows) in enumerate(inserts.items()):
+        n = offset + k
+        columns = list(rows[0])
+        values = ", ".join("(" + ", ".join(f":w{n}_{r}_{c}" for c in columns) + ")"
+                           for r in range(len(rows)))
+        # Names from our own table metadata, values as bound parameters: no input here.
+        parts.append(f"w{n} AS (INSERT INTO {table.name} ({', '.join(columns)}) "  # noqa: S608
+                     f"VALUES {values})")
+        binds.extend(bindparam(f"w{n}_{r}_{c}", type_=table.c[c].type)
+                     for r in range(len(rows)) for c in columns)
+    combined = text("WITH " + ", ".join(parts) + " SELECT 1").bindparams(*binds)
+    return _Batch(combined, tuple(compiled_updates))
