@@ -8,8 +8,9 @@ rolling update or a dropped connection costs the caller a short wait instead of 
   call waits for one instead of failing at once with ``UNAVAILABLE``;
 - ``timeout`` 5 s: the longest such a call waits (a call's own shorter ``timeout=`` wins);
 - ``retryPolicy``: an attempt that fails with ``UNAVAILABLE`` (connection lost mid-call,
-  database briefly unreachable) is sent again, up to 5 attempts, after a random wait below
-  0.2 s, 0.4 s, 0.8 s, 1.6 s (gRPC's exponential backoff with full jitter);
+  database briefly unreachable) or ``CANCELLED`` by the server (a stopping grpc.aio server
+  cancels calls it received but had not started yet) is sent again, up to 5 attempts, after
+  a random wait below 0.2 s, 0.4 s, 0.8 s, 1.6 s (exponential backoff with full jitter);
 - ``retryThrottling``: retries stop while most attempts fail, so a down service is not
   hammered by every client at once.
 
