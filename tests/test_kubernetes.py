@@ -34,8 +34,8 @@ Manifest = dict[str, Any]
 
 def _load() -> list[tuple[str, Manifest]]:
     docs: list[tuple[str, Manifest]] = []
-    for path in sorted(DEPLOY.glob("*.yaml")):
-        docs += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text("utf-8"))
+    for path in sorted(DEPLOY.rglob("*.yaml")):
+        docs += [(str(path.relative_to(DEPLOY)), doc) for doc in yaml.safe_load_all(path.read_text("utf-8"))
                  if doc is not None]
     return docs
 
@@ -164,8 +164,10 @@ def test_the_config_is_a_valid_production_config(monkeypatch: pytest.MonkeyPatch
 
 
 def test_secrets_are_placeholders_and_referenced_by_name() -> None:
-    for _, doc in DOCS:
+    for source, doc in DOCS:
         if doc["kind"] == "Secret":
+            # `kubectl apply -f deploy/kubernetes/` must never overwrite the real ones.
+            assert source.startswith("examples/"), source
             assert set(doc["stringData"].values()) == {"REPLACE_ME"}
             assert "data" not in doc
     for container in (CONTAINER, *JOB["spec"]["template"]["spec"]["containers"]):
