@@ -35,7 +35,8 @@ Manifest = dict[str, Any]
 def _load() -> list[tuple[str, Manifest]]:
     docs: list[tuple[str, Manifest]] = []
     for path in sorted(DEPLOY.rglob("*.yaml")):
-        docs += [(str(path.relative_to(DEPLOY)), doc) for doc in yaml.safe_load_all(path.read_text("utf-8"))
+        source = str(path.relative_to(DEPLOY))
+        docs += [(source, doc) for doc in yaml.safe_load_all(path.read_text("utf-8"))
                  if doc is not None]
     return docs
 
