@@ -128,8 +128,8 @@ def client_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def sqlite_app(sqlite_url: str, fresh_clock: FixedClock) -> AsyncIterator[App]:
-    app = await create_server(make_settings(sqlite_url), clock=fresh_clock,
-                              keyring=Keyring.parse(TEST_KEYRING))
+    app = await create_server(make_settings(sqlite_url, shutdown_drain_seconds=0),
+                              clock=fresh_clock, keyring=Keyring.parse(TEST_KEYRING))
     yield app
     await app.stop(0)
 
