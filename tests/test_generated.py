@@ -7,6 +7,7 @@ import importlib.util
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -50,19 +51,37 @@ def test_generated_stubs_are_importable_as_documented() -> None:
     assert hasattr(two_factor_service_pb2_grpc, "TwoFactorServiceStub")
 
 
-def test_the_wheel_ships_every_module(tmp_path: Path) -> None:
-    """What `pip install .` installs: every package, the stubs, migrations and templates."""
+def _build_wheel(source: Path, out: Path) -> Path:
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(REPO)], capture_output=True, text=True, timeout=300,
+         "-w", str(out), str(source)], capture_output=True, text=True, timeout=300,
         check=False)
     assert result.returncode == 0, result.stderr[-2000:]
-    (wheel,) = tmp_path.glob("mfa_service-*.whl")
-    import zipfile
+    (wheel,) = out.glob("*.whl")
+    return wheel
 
-    shipped = set(zipfile.ZipFile(wheel).namelist())
+
+def test_the_wheel_ships_every_module(tmp_path: Path) -> None:
+    """What `pip install ./generated .` installs: every package, the stubs, migrations and
+    templates, each in its own distribution (the server wheel no longer carries `mfa`)."""
+    server = _build_wheel(REPO, tmp_path / "server")
+    client = _build_wheel(REPO / "generated", tmp_path / "client")
+    assert server.name.startswith("mfa_service-") and client.name.startswith(
+        "mfa_service_client-")
+
+    in_server = set(zipfile.ZipFile(server).namelist())
     expected = {str(p.relative_to(REPO)) for p in (REPO / "mfa_service").rglob("*")
                 if p.suffix in (".py", ".mako") and "__pycache__" not in p.parts}
-    expected |= {str(p.relative_to(REPO / "generated")) for p in (REPO / "generated").rglob("*")
-                 if p.suffix in (".py", ".pyi") or p.name == "py.typed"}
-    assert expected - shipped == set()
+    assert expected - in_server == set()
+    assert not [n for n in in_server if n.startswith(("mfa/", "mfa_client/"))]
+
+    in_client = set(zipfile.ZipFile(client).namelist())
+    generated = REPO / "generated"
+    expected = {str(p.relative_to(generated)) for p in generated.rglob("*")
+                if p.parts[len(generated.parts)] in ("mfa", "mfa_client")
+                and "__pycache__" not in p.parts
+                and (p.suffix in (".py", ".pyi", ".json") or p.name == "py.typed")}
+    assert {"mfa/py.typed", "mfa_client/py.typed", "mfa_client/service_config.json",
+            "mfa/v1/two_factor_service_pb2_grpc.pyi"} <= expected
+    assert expected - in_client == set()
+    assert not [n for n in in_client if n.startswith("mfa_service/")]
