@@ -50,12 +50,19 @@ from mfa_service.store import migrate, open_database
 from mfa_service.store.database import Database
 from mfa_service.store.retention import Retention, purge
 from mfa_service.transport.auth import CallerRegistry
+from mfa_service.transport.gate import CallGate, GateInterceptor
 from mfa_service.transport.interceptors import ServiceInterceptor
 from mfa_service.transport.servicer import TwoFactorServicer
 
 log = logging.getLogger("mfa_service")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TwoFactorService"].full_name
+# Health: how long the ping that confirms a call's StoreUnavailable may take, and how often
+# the database is probed while it is away.
+CONFIRM_SECONDS = 0.5
+UNHEALTHY_PROBE_SECONDS = 0.5
+# Shutdown: how long after the stop began the held calls are answered (transport/gate.py).
+RELEASE_AFTER_STOP_SECONDS = 0.05
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
@@ -135,26 +142,56 @@ class App:
     settings: Settings
     dispatcher: Dispatcher
     senders: list[Sender]
+    gate: CallGate = field(default_factory=CallGate)
+    # The plaintext health-only listener (MFA_HEALTH_LISTEN_ADDR), if any.
+    health_server: aio.Server | None = None
+    health_port: int | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when a call found the database unavailable: the probe looks at once.
+    _recheck: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Stop serving: in-flight calls get ``grace`` seconds, background work finishes
+    async def stop(self, grace: float | None = None, *, drain: float | None = None) -> None:
+        """Stop serving, losing no call that was received (transport/gate.py).
+
+        Health turns NOT_SERVING at once and every call is still served for ``drain``
+        seconds (load balancers and clients move away). Then new calls are held, the
+        calls already running get up to ``grace`` seconds, the server stops taking calls
+        and only then are the held ones answered UNAVAILABLE. Background work finishes
         its current pass (a task cancelled inside a SQLite transaction could leave the
-        file's write lock held by a connection still closing in its thread)."""
+        file's write lock held by a connection still closing in its thread); the outbox
+        dispatcher finishes the messages it claimed.
+        """
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
-        await self.health.enter_graceful_shutdown()
+        drain = self.settings.shutdown_drain_seconds if drain is None else drain
+        loop = asyncio.get_running_loop()
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING; later sets are ignored
+        if drain > 0:
+            await asyncio.sleep(drain)
+        end = loop.time() + grace
+        self.gate.close()
         self._stopping.set()
         self.dispatcher.stop()
+        settled = await self.gate.settle(end)
+        stopping = asyncio.create_task(self.server.stop(max(0.0, end - loop.time())))
+        # The held calls are answered once the stop has begun (GOAWAY on its way): a
+        # client's next attempt then cannot land in this server's queue.
+        await asyncio.sleep(RELEASE_AFTER_STOP_SECONDS)
+        self.gate.release()
+        await stopping
+        log.info("stopped serving", extra={
+            "drain_seconds": drain, "grace_seconds": grace, "settled": settled,
+            "calls_answered_unavailable": self.gate.held})
         for task in self._tasks:
             try:
-                await asyncio.wait_for(task, timeout=max(grace, 2.0))
+                await asyncio.wait_for(task, timeout=max(end - loop.time(), 2.0))
             except TimeoutError:
                 log.warning("background task did not stop in time", extra={
                     "task": task.get_name()})
             except asyncio.CancelledError:  # pragma: no cover - cancelled elsewhere
                 pass
-        await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         for sender in self.senders:
             await sender.aclose()
         # Calls cut off by the grace period may leave a connection closing in its thread;
@@ -164,27 +201,62 @@ class App:
         except TimeoutError:
             log.warning("database pool did not close within 5 s")
 
+    def store_unavailable(self) -> None:
+        """A call found the database unavailable: the probe confirms and flips health."""
+        self._recheck.set()
+
+
+async def _set_health(app: App, serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    log.warning("database health changed", extra={"serving": serving})
+    for name in ("", SERVICE_NAME):
+        await app.health.set(name, status)
+
+
+async def _database_answers(app: App, within: float) -> bool:
+    try:
+        await asyncio.wait_for(app.database.ping(), timeout=within)
+    except (StoreError, TimeoutError):
+        return False
+    return True
+
 
 async def _probe_database(app: App, interval: float) -> None:
-    """Health follows the database: NOT_SERVING while it does not answer."""
+    """Health follows the database: NOT_SERVING while it does not answer.
+
+    Every ``interval`` seconds, and at once when a call found the database unavailable:
+    then one ping bounded by CONFIRM_SECONDS decides (a single dead pooled connection
+    after a database restart does not take the server out; a database that is gone, or
+    does not answer within that time, does). While NOT_SERVING it looks every
+    UNHEALTHY_PROBE_SECONDS at most, so SERVING returns soon after the database.
+    """
     serving = True
+    timeout = app.settings.database_timeout_seconds
     while not app._stopping.is_set():
+        wait = interval if serving else min(interval, UNHEALTHY_PROBE_SECONDS)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(app._stopping.wait(), timeout=interval)
+            await asyncio.wait_for(_first(app._stopping, app._recheck), timeout=wait)
         if app._stopping.is_set():
             return
-        try:
-            await app.database.ping()
-            ok = True
-        except StoreError:
-            ok = False
+        if app._recheck.is_set():
+            app._recheck.clear()
+            timeout = CONFIRM_SECONDS
+        ok = await _database_answers(app, timeout)
+        timeout = app.settings.database_timeout_seconds
         if ok != serving:
             serving = ok
-            status = (health_pb2.HealthCheckResponse.SERVING if ok
-                      else health_pb2.HealthCheckResponse.NOT_SERVING)
-            log.warning("database health changed", extra={"serving": ok})
-            for name in ("", SERVICE_NAME):
-                await app.health.set(name, status)
+            await _set_health(app, ok)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Return once any of ``events`` is set."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 async def _purge_periodically(app: App, clock: Clock, interval: float) -> None:
@@ -319,10 +391,14 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
                         seconds=settings.change_proof_max_age_seconds),
                     product=settings.product_name, default_locale=settings.default_locale)))
 
+    gate = CallGate()
     server = aio.server(
+        # The gate first: it counts calls, passes on the deadline and holds calls at the
+        # end of a shutdown (transport/gate.py).
         # OpenTelemetry's interceptor only when spans go somewhere: with nothing exported
         # it would still build a span per call for nobody (issue #8's profile).
-        interceptors=[*([telemetry.server_interceptor()] if tracing else []),
+        interceptors=[GateInterceptor(gate),
+                      *([telemetry.server_interceptor()] if tracing else []),
                       ServiceInterceptor(callers)],
         options=[
             # On by default on Linux: a second server on the same port would silently
@@ -344,9 +420,26 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
     except RuntimeError as exc:
         await engine.dispose()
         raise ConfigurationError(f"cannot listen on {settings.listen_addr}: {exc}") from exc
+    health_server, health_port = None, None
+    if settings.health_listen_addr is not None:
+        # Plaintext, grpc.health.v1 only: for the kubelet's gRPC probe and
+        # `mfa-service health`, which cannot present a client certificate.
+        health_server = aio.server(options=[
+            ("grpc.so_reuseport", 1 if settings.workers > 1 else 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        try:
+            health_port = health_server.add_insecure_port(settings.health_listen_addr)
+        except RuntimeError as exc:
+            await engine.dispose()
+            raise ConfigurationError(
+                f"cannot listen on {settings.health_listen_addr}: {exc}") from exc
     await server.start()
+    if health_server is not None:
+        await health_server.start()
     app = App(server=server, port=port, database=database, health=health_servicer,
-              settings=settings, dispatcher=dispatcher, senders=list(set(senders.values())))
+              settings=settings, dispatcher=dispatcher, senders=list(set(senders.values())),
+              gate=gate, health_server=health_server, health_port=health_port)
+    database.unavailable_listeners.append(app.store_unavailable)
     # SERVING only now: the database answered and the schema is current.
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -358,6 +451,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         app._tasks.append(asyncio.create_task(
             _purge_periodically(app, clock, settings.purge_interval_seconds), name="purge"))
     log.info("listening", extra={"listen_addr": settings.listen_addr, "port": port,
+                                 "health_listen_addr": settings.health_listen_addr,
                                  "tls": credentials is not None,
                                  "database": engine.url.render_as_string(hide_password=True)})
     return app

@@ -12,6 +12,7 @@
      ├── Unauthenticated         ERROR_REASON_CALLER_UNAUTHENTICATED  UNAUTHENTICATED
      ├── PermissionDenied        ERROR_REASON_APPLICATION_NOT_ALLOWED PERMISSION_DENIED
      ├── NotSupported            ERROR_REASON_NOT_SUPPORTED           UNIMPLEMENTED
+     ├── DeadlineExceeded        ERROR_REASON_UNSPECIFIED             DEADLINE_EXCEEDED
      └── StoreError              ERROR_REASON_INTERNAL                INTERNAL
           ├── StoreUnavailable   ERROR_REASON_STORE_UNAVAILABLE       UNAVAILABLE
           └── StoreConflict      ERROR_REASON_INTERNAL                ABORTED
@@ -120,6 +121,20 @@ class NotSupported(MfaError):
     """Part of the contract that this server does not offer (yet)."""
 
     reason = ErrorReason.ERROR_REASON_NOT_SUPPORTED
+
+
+class DeadlineExceeded(MfaError):
+    """The caller's deadline passed before the work was done; the transaction rolled back.
+
+    No ErrorReason names this (a new one is a contract change): UNSPECIFIED, as on the
+    DEADLINE_EXCEEDED a client's own timer produces, which carries no ErrorInfo at all.
+    """
+
+    reason = ErrorReason.ERROR_REASON_UNSPECIFIED
+
+    def __init__(self) -> None:
+        super().__init__("the deadline passed before the request was done; nothing was "
+                         "changed")
 
 
 class StoreError(MfaError):

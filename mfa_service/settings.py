@@ -128,15 +128,23 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     otel_exporter: Literal["none", "console"] = "none"
+    # SIGTERM: health NOT_SERVING at once, every call still served for the drain period
+    # (load balancers move away), then calls already received get the grace period.
+    shutdown_drain_seconds: float = Field(default=5.0, ge=0, le=60)
     shutdown_grace_seconds: float = Field(default=5.0, ge=0, le=60)
+    # An extra plaintext listener that serves grpc.health.v1 only (the kubelet's gRPC
+    # probe and `mfa-service health` cannot present a client certificate).
+    health_listen_addr: str | None = None
     health_probe_seconds: float = Field(default=5.0, gt=0, le=300)
     # How often ended sessions/challenges/sent messages are deleted (0: never, e.g. when a
     # separate job does it).
     purge_interval_seconds: float = Field(default=3600.0, ge=0, le=7 * 86400)
 
-    @field_validator("listen_addr")
+    @field_validator("listen_addr", "health_listen_addr")
     @classmethod
-    def _check_listen_addr(cls, value: str) -> str:
+    def _check_listen_addr(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:50051")
@@ -184,6 +192,11 @@ class Settings(BaseSettings):
                     problems.append(f"{name} must be https:// (or http:// to loopback) when "
                                     "MFA_ENV=production: codes and the provider token would "
                                     "travel in clear")
+        if self.health_listen_addr is not None:
+            health_port = self.health_listen_addr.rpartition(":")[2]
+            if health_port != "0" and health_port == self.listen_addr.rpartition(":")[2]:
+                problems.append("MFA_HEALTH_LISTEN_ADDR needs a port of its own, not the "
+                                "one of MFA_LISTEN_ADDR")
         if self.workers > 1 and self.listen_addr.endswith(":0"):
             problems.append("MFA_WORKERS > 1 needs a fixed port in MFA_LISTEN_ADDR")
         if self.phone_provider == "webhook" and not self.phone_webhook_url:

@@ -133,6 +133,7 @@ def make_settings(database_url: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "database_url": database_url, "listen_addr": "127.0.0.1:0", "keyring": TEST_KEYRING,
         "health_probe_seconds": 0.2, "shutdown_grace_seconds": 0.5, "log_format": "text",
+        "shutdown_drain_seconds": 0,
         # The shared server only queues messages; delivery tests run their own dispatchers
         # against real SMTP/HTTP servers.
         "outbox_dispatcher": False,

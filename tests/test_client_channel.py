@@ -100,7 +100,7 @@ async def _check_sessions_across_a_restart(
         options: list[tuple[str, str | int]]) -> tuple[int, list[str]]:
     """CheckSession in a loop while the server on a fixed port stops and a new one starts
     on the same database; returns (calls that answered valid, codes of failed calls)."""
-    # No drain period (MFA_SHUTDOWN_DRAIN_SECONDS, ignored until the server has it): the
+    # No drain period (MFA_SHUTDOWN_DRAIN_SECONDS): the
     # restart should be quick, and clients must cope with the stop itself.
     settings = make_settings(database_url, listen_addr=f"127.0.0.1:{_free_port()}",
                              shutdown_drain_seconds=0)

@@ -12,7 +12,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from mfa_service.errors import MfaError
+from mfa_service import deadline
+from mfa_service.errors import DeadlineExceeded, MfaError, StoreUnavailable
 from mfa_service.store.engine import translate
 from mfa_service.store.outbox import OutboxRepository
 from mfa_service.store.repositories import (
@@ -87,6 +88,8 @@ class Database:
         self._write_lock: asyncio.Lock | None = None
         # Called after a transaction that queued a message commits (the dispatcher's wake).
         self.outbox_listeners: list[Callable[[], None]] = []
+        # Called when a transaction found the database unavailable (health, at once).
+        self.unavailable_listeners: list[Callable[[], None]] = []
 
     @asynccontextmanager
     async def transaction(self, *, readonly: bool = False) -> AsyncIterator[Transaction]:
@@ -94,6 +97,14 @@ class Database:
 
         Domain errors raised inside pass through untouched (and roll back); driver errors
         become StoreUnavailable / StoreConflict with the original as ``__cause__``.
+
+        The caller's deadline (mfa_service.deadline) bounds everything up to COMMIT:
+        waiting for the write lock or a connection, every statement (on PostgreSQL a
+        statement cut short is cancelled on the server: asyncpg sends a cancel request
+        and the connection is replaced) and the deferred writes. Past it the transaction
+        rolls back and DeadlineExceeded is raised, so a caller told DEADLINE_EXCEEDED
+        finds nothing half done. The COMMIT itself is never cut short: its outcome would
+        be unknown. This costs no round trip (no ``SET statement_timeout``): one timer.
 
         ``readonly``: for a single read (CheckSession, ListFactors). On PostgreSQL the
         connection runs in autocommit, so the statement is the only round trip (no BEGIN /
@@ -105,14 +116,19 @@ class Database:
         process they queue on an asyncio lock instead, in order. ``readonly``
         transactions skip the lock (WAL readers never block).
         """
+        due = deadline.current()
+        loop = asyncio.get_running_loop()
+        if due is not None and loop.time() >= due:
+            raise DeadlineExceeded()
         lock: contextlib.AbstractAsyncContextManager[Any] = contextlib.nullcontext()
         if self._sqlite and not readonly:
             if self._write_lock is None:
                 self._write_lock = asyncio.Lock()
             lock = self._write_lock
         tx: Transaction | None = None
+        bound = asyncio.timeout_at(due)
         try:
-            async with lock, self.engine.connect() as conn:
+            async with bound, lock, self.engine.connect() as conn:
                 if readonly and not self._sqlite:
                     await conn.execution_options(isolation_level="AUTOCOMMIT")
                     tx = Transaction(conn, self)
@@ -125,12 +141,21 @@ class Database:
                         tx = Transaction(conn, self)
                         yield tx
                         await tx.flush()  # the deferred writes, before COMMIT
+                        if due is not None:
+                            if loop.time() >= due:  # the caller gave up: roll back
+                                raise DeadlineExceeded()
+                            bound.reschedule(None)  # never cut a COMMIT short
         except MfaError:
             raise
         except Exception as exc:
+            if bound.expired():
+                raise DeadlineExceeded() from exc
             mapped = translate(exc)
             if mapped is None:
                 raise
+            if isinstance(mapped, StoreUnavailable):
+                for listener in self.unavailable_listeners:
+                    listener()
             raise mapped from exc
         for callback in tx._after_commit:
             callback()

@@ -11,6 +11,7 @@ from grpc_status import rpc_status
 from mfa.v1.error_reason_pb2 import ErrorReason
 
 from mfa_service.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     MfaError,
@@ -35,6 +36,7 @@ _STATUS_BY_CLASS: dict[type[MfaError], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     NotSupported: grpc.StatusCode.UNIMPLEMENTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     StoreConflict: grpc.StatusCode.ABORTED,
     StoreError: grpc.StatusCode.INTERNAL,

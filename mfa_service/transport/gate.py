@@ -1,0 +1,107 @@
+"""The gate every unary call passes first: calls in progress, the caller's deadline, and
+the last phase of a graceful shutdown.
+
+The deadline: ``context.time_remaining()`` goes to ``mfa_service.deadline`` so the store
+bounds its work by it (store/database.py).
+
+Why calls are *held* at the end of a shutdown: grpc.aio's ``server.stop()`` ends every
+call that the gRPC core has received but not yet handed to the application with
+CANCELLED, and so does any call that reaches the core once the stop has begun
+(shared/NOTES.md: 48 such calls under load). A call cannot be refused before it reaches
+the application, so the gate makes sure none is waiting when the stop begins:
+
+1. drain (``MFA_SHUTDOWN_DRAIN_SECONDS``): health says NOT_SERVING, every call is served;
+   load balancers and clients move away;
+2. ``close()``: each call that arrives from now on is held, unanswered; a client waiting
+   for an answer sends nothing more on its connection. Calls already running go on;
+3. ``settle()``: once no admitted call runs and no new one arrived for a moment (the
+   core's queue is empty), the server stops: GOAWAY, the listener closes;
+4. ``release()``: only then are the held calls answered UNAVAILABLE, which clients
+   retry (the next attempt cannot reach this server any more).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+from grpc import aio
+
+from mfa_service import deadline
+
+Handler = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+# No new call for this long after the last one arrived: the core holds none for us.
+QUIET_SECONDS = 0.05
+SHUTTING_DOWN = "the server is shutting down; retry (another replica will answer)"
+
+
+class CallGate:
+    """Counts the calls the application runs; holds new ones once closed."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.held = 0
+        self.closed = False
+        self._release = asyncio.Event()
+        self._last_arrival = 0.0
+
+    def close(self) -> None:
+        """From now on, hold every new call until ``release``."""
+        self.closed = True
+
+    def release(self) -> None:
+        """Answer every held call (and any later one) UNAVAILABLE."""
+        self._release.set()
+
+    async def settle(self, until: float, *, quiet: float = QUIET_SECONDS) -> bool:
+        """Wait (at most until loop time ``until``) for no running call and ``quiet``
+        seconds without a new one; False if time ran out first."""
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            if self.running == 0 and now - self._last_arrival >= quiet:
+                return True
+            if now >= until:
+                return False
+            await asyncio.sleep(min(quiet / 2, max(until - now, 0.001)))
+
+    def wrap(self, inner: Handler) -> Handler:
+        async def gated(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            self._last_arrival = asyncio.get_running_loop().time()
+            if self.closed:
+                self.held += 1
+                await self._release.wait()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            deadline.set_remaining(context.time_remaining())
+            self.running += 1
+            try:
+                return await inner(request, context)
+            finally:
+                self.running -= 1
+
+        return gated
+
+
+class GateInterceptor(aio.ServerInterceptor):
+    """Puts every unary-unary call (the service's and health Check) behind the gate;
+    streams (health Watch, reflection) pass untouched."""
+
+    def __init__(self, gate: CallGate) -> None:
+        self._gate = gate
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails],
+                               Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self._gate.wrap(cast(Handler, handler.unary_unary)),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
