@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sqlalchemy import Select, Table, event, text
@@ -12,6 +13,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
+from mfa_service import deadline
 from mfa_service.errors import StoreConflict, StoreError, StoreUnavailable
 from mfa_service.store.models import user_lockouts
 
@@ -32,7 +34,7 @@ def create_engine(url: URL, *, pool_size: int = 5, timeout: float = 5.0,
     if url.get_backend_name() == "sqlite":
         engine = create_async_engine(
             url, echo=echo, hide_parameters=True, connect_args={"timeout": timeout * 6})
-        _make_sqlite_transactions_immediate(engine)
+        _make_sqlite_transactions_immediate(engine, busy_ms=int(timeout * 6 * 1000))
         return engine
     # hide_parameters: SQLAlchemy puts bound parameters into exception messages, and ours
     # include hashes and ciphertexts; nothing of that may reach a log line.
@@ -49,13 +51,18 @@ def create_engine(url: URL, *, pool_size: int = 5, timeout: float = 5.0,
     )
 
 
-def _make_sqlite_transactions_immediate(engine: AsyncEngine) -> None:
+def _make_sqlite_transactions_immediate(engine: AsyncEngine, *, busy_ms: int) -> None:
     """Start every SQLite transaction with BEGIN IMMEDIATE.
 
     The driver's default is a deferred BEGIN: a transaction that reads and then writes
     must upgrade its lock, and when another connection writes meanwhile SQLite fails
     with SQLITE_BUSY at once, without waiting on busy_timeout. Taking the write lock up
     front makes concurrent transactions queue instead (the SQLAlchemy pysqlite recipe).
+
+    That wait (for another process's write lock: workers, `keys rotate`) happens inside
+    SQLite, in aiosqlite's thread, where no task cancellation reaches: the caller's
+    deadline bounds it through ``busy_timeout`` (``busy_ms`` without a deadline). SQLite
+    then gives up by itself; Database.transaction reports DeadlineExceeded.
     """
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -71,6 +78,15 @@ def _make_sqlite_transactions_immediate(engine: AsyncEngine) -> None:
     def _on_begin(conn: Any) -> None:
         # Read-only transactions (Database.transaction(readonly=True)) take no write lock.
         readonly = conn.get_execution_options().get("mfa_readonly", False)
+        if not readonly:
+            due = deadline.current()
+            # A little before the deadline, so SQLite gives up before the task would be
+            # cancelled (a cancelled task waits for the thread all the same).
+            wait_ms = busy_ms if due is None else max(1, min(busy_ms, int(
+                (due - asyncio.get_running_loop().time()) * 1000) - 10))
+            if conn.info.get("mfa_busy_ms") != wait_ms:
+                conn.exec_driver_sql(f"PRAGMA busy_timeout = {wait_ms}")
+                conn.info["mfa_busy_ms"] = wait_ms
         conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
 

@@ -27,15 +27,45 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from mfa_service import deadline
+from mfa_service.errors import InvalidArgument
+from mfa_service.transport.status import to_grpc_status
 
 Handler = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 # No new call for this long after the last one arrived: the core holds none for us.
 QUIET_SECONDS = 0.05
+# The store's deadline is this much earlier than the caller's, so the server ends the work
+# and answers DEADLINE_EXCEEDED itself (access log, ErrorInfo) instead of racing the gRPC
+# core, which cancels the call's task at the deadline.
+DEADLINE_MARGIN_SECONDS = 0.02
 SHUTTING_DOWN = "the server is shutting down; retry (another replica will answer)"
+
+
+class _Undecodable:
+    """Stands for request bytes that are not a message of the method's type."""
+
+
+UNDECODABLE = _Undecodable()
+
+
+def _tolerant(decode: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that hands on UNDECODABLE instead of raising: grpc.aio answers a
+    deserializer's exception with UNKNOWN and the parser's text ("String field had bad
+    UTF-8"); a caller's bad bytes are INVALID_ARGUMENT like any other bad request."""
+    if decode is None:
+        return None
+
+    def tolerant(raw: bytes) -> Any:
+        try:
+            return decode(raw)
+        except DecodeError:
+            return UNDECODABLE
+
+    return tolerant
 
 
 class CallGate:
@@ -75,7 +105,14 @@ class CallGate:
                 self.held += 1
                 await self._release.wait()
                 await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-            deadline.set_remaining(context.time_remaining())
+            if request is UNDECODABLE:
+                status = to_grpc_status(InvalidArgument.single(
+                    "request", "is not a valid message of this method's request type "
+                               "(malformed protobuf, or a string that is not UTF-8)"))
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            remaining = context.time_remaining()
+            deadline.set_remaining(None if remaining is None
+                                   else remaining - min(DEADLINE_MARGIN_SECONDS, remaining / 10))
             self.running += 1
             try:
                 return await inner(request, context)
@@ -103,5 +140,5 @@ class GateInterceptor(aio.ServerInterceptor):
             return handler
         return grpc.unary_unary_rpc_method_handler(
             self._gate.wrap(cast(Handler, handler.unary_unary)),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer)

@@ -7,6 +7,7 @@ one access-log line per call, and the single place where exceptions become statu
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import time
@@ -73,6 +74,9 @@ def _wrap(method: str, inner: Handler, callers: CallerRegistry | None) -> Handle
                 context.invocation_metadata() or (), context.auth_context()))
             return await inner(request, context)
         except aio.AbortError:
+            raise
+        except asyncio.CancelledError:  # the caller went away, or its deadline passed
+            code = grpc.StatusCode.CANCELLED
             raise
         except MfaError as exc:
             status = to_grpc_status(exc)
