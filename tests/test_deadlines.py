@@ -98,10 +98,13 @@ async def test_a_deadline_shorter_than_the_wait_answers_deadline_exceeded_and_ro
                 assert await waiting_on_locks(database_url) == 0
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert took < DEADLINE + 0.5
-        # The server ended the call itself, and said why.
+        # The server ended the call itself (DEADLINE_EXCEEDED; CANCELLED when the gRPC
+        # core's own cancellation at the deadline came first, e.g. while the connection
+        # whose statement was cut short closed), never with an error.
         answered = [r for r in caplog.records if r.name == "mfa_service.rpc"
                     and getattr(r, "rpc", "") == "Challenge"]
-        assert [getattr(r, "code", "") for r in answered][-1:] == ["DEADLINE_EXCEEDED"]
+        assert [getattr(r, "code", "") for r in answered][-1:] in (
+            ["DEADLINE_EXCEEDED"], ["CANCELLED"])
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
     # Rolled back: no challenge appeared, and the user's writes go on normally.

@@ -41,7 +41,7 @@ QUIET_SECONDS = 0.05
 # The store's deadline is this much earlier than the caller's, so the server ends the work
 # and answers DEADLINE_EXCEEDED itself (access log, ErrorInfo) instead of racing the gRPC
 # core, which cancels the call's task at the deadline.
-DEADLINE_MARGIN_SECONDS = 0.02
+DEADLINE_MARGIN_SECONDS = 0.05
 SHUTTING_DOWN = "the server is shutting down; retry (another replica will answer)"
 
 
