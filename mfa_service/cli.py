@@ -40,11 +40,14 @@ async def _health(settings: Settings, service: str, deadline: float) -> bool:
     from grpc import aio
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    host, _, port = settings.listen_addr.rpartition(":")
+    # The plaintext health-only listener when there is one: no client certificate needed,
+    # and the server certificate need not name 127.0.0.1.
+    plaintext = settings.health_listen_addr is not None
+    host, _, port = (settings.health_listen_addr or settings.listen_addr).rpartition(":")
     if host in ("0.0.0.0", "[::]", "::"):  # noqa: S104 - we connect, not bind
         host = "127.0.0.1"
     target = f"{host}:{port}"
-    if settings.tls_cert_file is not None:
+    if settings.tls_cert_file is not None and not plaintext:
         creds = grpc.ssl_channel_credentials(root_certificates=settings.tls_cert_file.read_bytes())
         channel = aio.secure_channel(target, creds)
     else:

@@ -238,6 +238,15 @@ async def test_health_only_listener_answers_plaintext(
                 await pb_grpc.TwoFactorServiceStub(channel).ListFactors(
                     pb.ListFactorsRequest(user_id="alice"), timeout=5)
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # `mfa-service health` asks the health listener (plaintext, no client
+            # certificate), not MFA_LISTEN_ADDR (here a port where nothing listens).
+            env = {k: v for k, v in os.environ.items() if not k.startswith("MFA_")}
+            env.update(MFA_LISTEN_ADDR=f"127.0.0.1:{_free_port()}",
+                       MFA_HEALTH_LISTEN_ADDR=f"127.0.0.1:{app.health_port}")
+            probe = await asyncio.to_thread(
+                subprocess.run, [CLI, "health", "--timeout", "5"], capture_output=True,
+                text=True, timeout=30, env=env)
+            assert (probe.returncode, probe.stdout.strip()) == (0, "SERVING"), probe.stderr
             stopping = asyncio.create_task(app.stop(0, drain=0.5))
             await asyncio.sleep(0.1)  # draining: NOT_SERVING here too
             resp = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
