@@ -145,6 +145,8 @@ async def soak(duration: float, report_path: Path | None) -> int:
         async def at(fraction: float) -> None:
             await asyncio.sleep(max(0.0, started + 10 + duration * fraction - loop.time()))
 
+        await at(0.20)
+        rss_warm = _rss_kib(proc.pid)  # after the load generator's setup and warm-up
         await at(0.25)
         provider.down = True
         events.append(f"{loop.time() - started:.0f}s SMS provider down")
@@ -195,7 +197,7 @@ async def soak(duration: float, report_path: Path | None) -> int:
         load_errors.update(rpc.get("errors", {}))
     result = {
         "duration_seconds": duration, "events": events,
-        "server_rss_kib": {"start": rss_start, "end": rss_end},
+        "server_rss_kib": {"start": rss_start, "warm": rss_warm, "end": rss_end},
         "sms": {"enrolments": dict(sms_outcomes), "outbox_states": dict(states),
                 "delivered": len(received), "delivered_twice": len(twice),
                 "sent_but_not_received": len(sent - received),

@@ -112,8 +112,14 @@ def test_ports_agree_from_the_listen_address_to_the_service() -> None:
     assert _container_port(service_port["targetPort"]) == listen_port
     for probe in ("startupProbe", "livenessProbe"):
         assert _container_port(CONTAINER[probe]["tcpSocket"]["port"]) == listen_port
-    # Readiness asks grpc.health.v1 on MFA_LISTEN_ADDR's port, the container port above.
-    assert CONTAINER["readinessProbe"]["exec"]["command"][:2] == ["mfa-service", "health"]
+    # Readiness: the kubelet's gRPC probe on the plaintext health-only listener, which
+    # binds the pod IP (the kubelet connects there), on a container port of its own.
+    health_addr = CONFIG["MFA_HEALTH_LISTEN_ADDR"]
+    assert health_addr.startswith("0.0.0.0:")
+    health_port = int(health_addr.rpartition(":")[2])
+    assert health_port != listen_port
+    assert _container_port(CONTAINER["readinessProbe"]["grpc"]["port"]) == health_port
+    # Only the gRPC port is reachable from other pods; the health port is for the kubelet.
     (ingress,) = one("NetworkPolicy")["spec"]["ingress"]
     assert [_container_port(p["port"]) for p in ingress["ports"]] == [listen_port]
 
