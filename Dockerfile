@@ -49,8 +49,9 @@ USER 10001:10001
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 50051
-# Asks the server's own grpc.health.v1 service on MFA_LISTEN_ADDR (SERVING only once the
-# database answers). With TLS the certificate must also name 127.0.0.1 (IP SAN).
+# Asks the server's own grpc.health.v1 service (SERVING only once the database answers) on
+# MFA_HEALTH_LISTEN_ADDR (plaintext, health only) when set, else on MFA_LISTEN_ADDR, where
+# with TLS the certificate must also name 127.0.0.1 (IP SAN) and mTLS cannot pass.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
   CMD ["mfa-service", "health", "--timeout", "3"]
 STOPSIGNAL SIGTERM
