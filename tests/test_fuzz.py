@@ -15,8 +15,9 @@ PostgreSQL.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -30,7 +31,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mfa.v1 import two_factor_service_pb2 as pb
 
-from tests.conftest import IN_CI
+from mfa_service.clock import FixedClock
+from tests.conftest import IN_CI, challenge, enroll_app, login
+
+if TYPE_CHECKING:
+    from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
 
 settings.register_profile(
     "default", max_examples=30, deadline=None, database=None if IN_CI else settings().database,
@@ -110,7 +115,9 @@ def _value(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
 
 
 # Values that pass validation, by field name, so that most calls reach the service with one
-# or two wild fields (all-random requests would nearly all stop at the first check).
+# or two wild fields (all-random requests would nearly all stop at the first check). The
+# ids, token and user of a real user (``known``) are among them, so calls also get past
+# the lookups: verification, step-up, lockout.
 TOKEN = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
                 min_size=43, max_size=43)
 PLAUSIBLE_BY_NAME: dict[str, st.SearchStrategy[Any]] = {
@@ -123,23 +130,36 @@ PLAUSIBLE_BY_NAME: dict[str, st.SearchStrategy[Any]] = {
     "account_name": st.just("alice@example.com"), "page_token": st.just(""),
     "page_size": st.integers(0, 500), "webauthn_response": st.just("{}"),
 }
+# Fields that belong to some requests only (by method or purpose): often left out.
+SITUATIONAL = {"email", "phone_number", "channel", "change_proof_challenge_id",
+               "session_token", "webauthn_response", "locale", "account_name", "request_id",
+               "page_token", "start_time", "end_time", "client_ip", "user_agent"}
+Known = dict[str, list[str]]
 
 
-def _plausible(field: FieldDescriptor) -> st.SearchStrategy[Any]:
+def _plausible(field: FieldDescriptor, known: Known) -> st.SearchStrategy[Any]:
     if field.name in PLAUSIBLE_BY_NAME:
-        return PLAUSIBLE_BY_NAME[field.name]
-    if field.name.endswith("_id"):
-        return st.uuids().map(str)
-    if field.type == F.TYPE_ENUM:
-        return st.sampled_from([n for n in _enum_numbers(field) if n])
-    if _is_timestamp(field):
-        return st.integers(0, 2_000_000_000).map(lambda s: Timestamp(seconds=s))
-    return _value(field, 3)
+        strategy = PLAUSIBLE_BY_NAME[field.name]
+    elif field.name.endswith("_id") and field.type == F.TYPE_STRING:
+        strategy = st.uuids().map(str)
+    elif field.type == F.TYPE_ENUM:
+        strategy = st.sampled_from([n for n in _enum_numbers(field) if n])
+    elif _is_timestamp(field):
+        strategy = st.integers(0, 2_000_000_000).map(lambda s: Timestamp(seconds=s))
+    else:
+        strategy = _value(field, 3)
+    if known.get(field.name):
+        strategy = st.one_of(st.sampled_from(known[field.name]), strategy)
+    if field.name in SITUATIONAL:
+        strategy = st.one_of(st.none(), strategy)
+    return strategy
 
 
-def messages(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[Message]:
-    """Messages of ``descriptor``'s type: every field plausible, missing or wild, with
-    at most a few wild ones (at depth > 0: all wild)."""
+def messages(descriptor: Descriptor, depth: int = 0,
+             known: Known | None = None) -> st.SearchStrategy[Message]:
+    """Messages of ``descriptor``'s type: every field plausible, but up to two wild and
+    one missing (at depth > 0: all wild)."""
+    known = known or {}
     cls: Callable[..., Message] = message_factory.GetMessageClass(descriptor)
     wild: dict[str, st.SearchStrategy[Any]] = {}
     plausible: dict[str, st.SearchStrategy[Any]] = {}
@@ -154,21 +174,27 @@ def messages(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy[Messag
             plausible[field.name] = st.just({})
         elif field.is_repeated:
             wild[field.name] = st.lists(_value(field, depth), max_size=3)
-            plausible[field.name] = st.lists(_plausible(field), max_size=2)
+            plausible[field.name] = st.lists(_plausible(field, known), max_size=2).map(
+                lambda items: [i for i in items if i is not None])
         else:
             wild[field.name] = _value(field, depth)
-            plausible[field.name] = _plausible(field)
+            plausible[field.name] = _plausible(field, known)
     names = sorted(wild)
 
     @st.composite
     def build(draw: st.DrawFn) -> Message:
-        chosen = draw(st.sets(st.sampled_from(names), max_size=3)) if depth == 0 and names \
-            else set(names)
+        if depth == 0 and names:
+            chosen = draw(st.sets(st.sampled_from(names), max_size=2))
+            missing = draw(st.sets(st.sampled_from(names), max_size=1))
+        else:
+            chosen, missing = set(names), set()
         values: dict[str, Any] = {}
         for name in names:
-            if draw(st.integers(0, 19)) == 0:
-                continue  # missing
-            values[name] = draw(wild[name] if name in chosen else plausible[name])
+            if name in missing:
+                continue
+            value = draw(wild[name] if name in chosen else plausible[name])
+            if value is not None:
+                values[name] = value
         return cls(**values)
 
     return build()
@@ -187,11 +213,13 @@ BAD_UTF8 = st.sampled_from([b"\xff", b"\xc3\x28", b"\xc0\xaf", b"\xed\xa0\x80", 
                             b"\xf4\x90\x80\x80"])
 
 
-def wire_requests(method: MethodDescriptor) -> st.SearchStrategy[bytes]:
+def wire_requests(method: MethodDescriptor,
+                  known: Known | None = None) -> st.SearchStrategy[bytes]:
     """A request's bytes: a generated message, sometimes with a string field carrying
     invalid UTF-8 appended (what a Python client cannot produce), or plain garbage."""
     strings = [f.number for f in method.input_type.fields if f.type == F.TYPE_STRING]
-    serialized = messages(method.input_type).map(lambda m: m.SerializeToString())
+    serialized = messages(method.input_type, known=known).map(
+        lambda m: m.SerializeToString())
     # Mostly messages; now and then bytes that are not one.
     choices = [serialized, serialized, serialized, serialized, st.binary(max_size=64)]
     if strings:
@@ -218,11 +246,25 @@ async def _assert_healthy(channel: aio.Channel) -> None:
 SEEN: dict[str, dict[str, int]] = {}  # per RPC: status name -> examples (printed at the end)
 
 
+@pytest.fixture(scope="module")
+async def known(stub: Stub, clock: FixedClock) -> Known:
+    """A real user: an active app, a session, an open login challenge."""
+    user = f"user-fuzz-{uuid.uuid4().hex[:8]}"
+    factor = await enroll_app(stub, user, clock)
+    session = await login(stub, factor, clock)
+    opened = await challenge(stub, factor)
+    return {"user_id": [user], "factor_id": [factor.factor_id],
+            "challenge_id": [opened.challenge_id],
+            "change_proof_challenge_id": [opened.challenge_id],
+            "session_token": [session.session_token]}
+
+
 @pytest.mark.parametrize("method", METHODS, ids=[m.name for m in METHODS])
 @given(data=st.data())
 async def test_any_request_gets_a_status_of_the_contract(
-        channel: aio.Channel, method: MethodDescriptor, data: st.DataObject) -> None:
-    raw = data.draw(wire_requests(method), label="request bytes")
+        channel: aio.Channel, known: Known, method: MethodDescriptor,
+        data: st.DataObject) -> None:
+    raw = data.draw(wire_requests(method, known), label="request bytes")
     details = ""
     try:
         await _raw_call(channel, method)(raw, timeout=10)
