@@ -20,7 +20,8 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    log.info("shutting down", extra={"drain_seconds": settings.shutdown_drain_seconds,
+                                      "grace_seconds": settings.shutdown_grace_seconds})
     await app.stop()
 
 
