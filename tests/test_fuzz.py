@@ -48,6 +48,7 @@ METHODS = list(SERVICE.methods)
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
            grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+KNOWN_USERS = 8
 MAX_RECEIVE = 64 * 1024  # the server's grpc.max_receive_message_length
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
@@ -65,6 +66,11 @@ STRINGS = st.one_of(
     st.sampled_from(["", " ", "alice", "alice@example.com", "+4520123456", "203.0.113.7",
                      "::1", "en", "da-DK", "\x00", "a\nb", "\u202e", "\ufeff", "😀" * 10,
                      "dGVzdA==", "MTIz", "OTIyMzM3MjAzNjg1NDc3NTgwOA=="]),
+    # Valid in form, yet longer than what the database keeps (VARCHAR limits hold on
+    # PostgreSQL only) or with what PostgreSQL text cannot hold (NUL).
+    st.sampled_from(["fe80::1%" + "e" * 60, "fe80::1%\x00", "abc-abcdefgh-abcdefgh",
+                     "a" * 64 + "@" + "d" * 60 + ".com", "a@" + "d" * 122 + ".com",
+                     "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"]),
 )
 
 
@@ -114,6 +120,27 @@ def _value(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
     return SCALARS[field.type]
 
 
+# Wild values that look right to a format check, by field name: every valid length of an
+# email address (local part up to 64, labels up to 63), BCP 47 tags of every length, IP
+# addresses with and without IPv6 scope ids.
+def _email_of_length(n: int) -> str:
+    """A syntactically valid address of exactly ``n`` characters (7-254)."""
+    local = "l" * min(64, n - 6)
+    rest = n - len(local) - 1 - len(".com")  # the domain before its TLD
+    labels = [("d" * 63 + ".") * (rest // 64) + "d" * (rest % 64)] if rest % 64 else \
+        [("d" * 63 + ".") * (rest // 64 - 1) + "d" * 62 + "e"]
+    return f"{local}@{labels[0].strip('.')}.com"[:n].rstrip(".")
+
+
+WILD_BY_NAME: dict[str, st.SearchStrategy[Any]] = {
+    "email": st.integers(7, 254).map(_email_of_length),
+    "locale": st.from_regex(r"\A[a-z]{2,3}(-[a-z0-9]{2,8}){0,2}\Z"),
+    "client_ip": st.one_of(st.ip_addresses().map(str),
+                           st.builds(lambda a, scope: f"{a}%{scope}",
+                                     st.ip_addresses(v=6).map(str), st.text(max_size=80))),
+}
+
+
 # Values that pass validation, by field name, so that most calls reach the service with one
 # or two wild fields (all-random requests would nearly all stop at the first check). The
 # ids, token and user of a real user (``known``) are among them, so calls also get past
@@ -121,7 +148,9 @@ def _value(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
 TOKEN = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
                 min_size=43, max_size=43)
 PLAUSIBLE_BY_NAME: dict[str, st.SearchStrategy[Any]] = {
-    "user_id": st.sampled_from(["alice", "bob", "user-fuzz-1"]),
+    # Fresh users mostly: a few fixed ones would soon be locked out or rate limited.
+    "user_id": st.one_of(st.uuids().map(lambda u: f"user-{u.hex[:12]}"),
+                         st.sampled_from(["alice", "bob"])),
     "code": st.one_of(st.from_regex(r"\A[0-9]{6}\Z"), st.just("abcde-fghij")),
     "email": st.sampled_from(["alice@example.com", "bob@example.org"]),
     "phone_number": st.sampled_from(["+4520123456", "+14155550123"]),
@@ -130,16 +159,30 @@ PLAUSIBLE_BY_NAME: dict[str, st.SearchStrategy[Any]] = {
     "account_name": st.just("alice@example.com"), "page_token": st.just(""),
     "page_size": st.integers(0, 500), "webauthn_response": st.just("{}"),
 }
-# Fields that belong to some requests only (by method or purpose): often left out.
-SITUATIONAL = {"email", "phone_number", "channel", "change_proof_challenge_id",
-               "session_token", "webauthn_response", "locale", "account_name", "request_id",
-               "page_token", "start_time", "end_time", "client_ip", "user_agent"}
+# Fields that belong to some requests only (or to some methods): often left out.
+SITUATIONAL = {"session_token", "locale", "account_name", "request_id", "page_token",
+               "start_time", "end_time", "client_ip", "user_agent"}
+BY_METHOD = {"email", "phone_number", "channel", "change_proof_challenge_id",
+             "webauthn_response"}
 Known = dict[str, list[str]]
+# Where fields depend on each other (which ones a method takes), the shapes a right request
+# has; the other fields of BY_METHOD stay out unless drawn wild.
+COHERENT: dict[str, list[dict[str, st.SearchStrategy[Any]]]] = {
+    "EnrollRequest": [
+        {"method": st.just(pb.METHOD_EMAIL),
+         "email": st.one_of(PLAUSIBLE_BY_NAME["email"], WILD_BY_NAME["email"])},
+        {"method": st.just(pb.METHOD_PHONE), "phone_number": PLAUSIBLE_BY_NAME["phone_number"],
+         "channel": st.sampled_from([pb.CHANNEL_SMS, pb.CHANNEL_VOICE])},
+        {"method": st.just(pb.METHOD_AUTHENTICATOR_APP)},
+    ],
+}
 
 
 def _plausible(field: FieldDescriptor, known: Known) -> st.SearchStrategy[Any]:
     if field.name in PLAUSIBLE_BY_NAME:
         strategy = PLAUSIBLE_BY_NAME[field.name]
+        if field.name in WILD_BY_NAME:  # valid in form, so plausible too
+            strategy = st.one_of(strategy, WILD_BY_NAME[field.name])
     elif field.name.endswith("_id") and field.type == F.TYPE_STRING:
         strategy = st.uuids().map(str)
     elif field.type == F.TYPE_ENUM:
@@ -150,7 +193,7 @@ def _plausible(field: FieldDescriptor, known: Known) -> st.SearchStrategy[Any]:
         strategy = _value(field, 3)
     if known.get(field.name):
         strategy = st.one_of(st.sampled_from(known[field.name]), strategy)
-    if field.name in SITUATIONAL:
+    if field.name in SITUATIONAL or field.name in BY_METHOD:
         strategy = st.one_of(st.none(), strategy)
     return strategy
 
@@ -178,6 +221,8 @@ def messages(descriptor: Descriptor, depth: int = 0,
                 lambda items: [i for i in items if i is not None])
         else:
             wild[field.name] = _value(field, depth)
+            if field.name in WILD_BY_NAME:
+                wild[field.name] = st.one_of(wild[field.name], WILD_BY_NAME[field.name])
             plausible[field.name] = _plausible(field, known)
     names = sorted(wild)
 
@@ -188,11 +233,21 @@ def messages(descriptor: Descriptor, depth: int = 0,
             missing = draw(st.sets(st.sampled_from(names), max_size=1))
         else:
             chosen, missing = set(names), set()
+        shape: dict[str, st.SearchStrategy[Any]] | None = None
+        if depth == 0 and descriptor.name in COHERENT:
+            shape = draw(st.sampled_from(COHERENT[descriptor.name]))
         values: dict[str, Any] = {}
         for name in names:
             if name in missing:
                 continue
-            value = draw(wild[name] if name in chosen else plausible[name])
+            if name in chosen:
+                value = draw(wild[name])
+            elif shape is not None and name in shape:
+                value = draw(shape[name])
+            elif shape is not None and name in BY_METHOD:
+                continue
+            else:
+                value = draw(plausible[name])
             if value is not None:
                 values[name] = value
         return cls(**values)
@@ -220,13 +275,14 @@ def wire_requests(method: MethodDescriptor,
     strings = [f.number for f in method.input_type.fields if f.type == F.TYPE_STRING]
     serialized = messages(method.input_type, known=known).map(
         lambda m: m.SerializeToString())
-    # Mostly messages; now and then bytes that are not one.
-    choices = [serialized, serialized, serialized, serialized, st.binary(max_size=64)]
+    # Mostly messages (8 in 10); now and then bytes that are not one.
+    kinds: dict[str, st.SearchStrategy[bytes]] = {"message": serialized,
+                                                  "garbage": st.binary(max_size=64)}
     if strings:
-        bad = st.tuples(serialized, st.sampled_from(strings), BAD_UTF8).map(
+        kinds["bad utf-8"] = st.tuples(serialized, st.sampled_from(strings), BAD_UTF8).map(
             lambda t: t[0] + _varint(t[1] << 3 | 2) + _varint(len(t[2])) + t[2])
-        choices.append(bad)
-    return st.one_of(*choices)
+    return st.sampled_from(["message"] * 8 + sorted(set(kinds) - {"message"})).flatmap(
+        lambda kind: kinds[kind])
 
 
 def _raw_call(channel: aio.Channel, method: MethodDescriptor) -> Any:
@@ -248,15 +304,20 @@ SEEN: dict[str, dict[str, int]] = {}  # per RPC: status name -> examples (printe
 
 @pytest.fixture(scope="module")
 async def known(stub: Stub, clock: FixedClock) -> Known:
-    """A real user: an active app, a session, an open login challenge."""
-    user = f"user-fuzz-{uuid.uuid4().hex[:8]}"
-    factor = await enroll_app(stub, user, clock)
-    session = await login(stub, factor, clock)
-    opened = await challenge(stub, factor)
-    return {"user_id": [user], "factor_id": [factor.factor_id],
-            "challenge_id": [opened.challenge_id],
-            "change_proof_challenge_id": [opened.challenge_id],
-            "session_token": [session.session_token]}
+    """Real users (each: an active app, a session, an open login challenge), so that
+    calls get past the lookups; several, as wrong codes soon lock one out."""
+    values: Known = {}
+    for _ in range(KNOWN_USERS):
+        user = f"user-fuzz-{uuid.uuid4().hex[:8]}"
+        factor = await enroll_app(stub, user, clock)
+        session = await login(stub, factor, clock)
+        opened = await challenge(stub, factor)
+        for name, value in (("user_id", user), ("factor_id", factor.factor_id),
+                            ("challenge_id", opened.challenge_id),
+                            ("change_proof_challenge_id", opened.challenge_id),
+                            ("session_token", session.session_token)):
+            values.setdefault(name, []).append(value)
+    return values
 
 
 @pytest.mark.parametrize("method", METHODS, ids=[m.name for m in METHODS])

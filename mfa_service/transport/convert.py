@@ -33,6 +33,14 @@ MAX_CODE = 64
 MAX_TOKEN = 256
 MAX_USER_AGENT = 512
 MAX_TEXT = 320
+# What the store keeps (store/models.py; PostgreSQL enforces VARCHAR lengths, SQLite does
+# not, so a longer value used to pass on SQLite and end INTERNAL on PostgreSQL):
+# an email address is the factor's label (128) and is shown masked, which is up to three
+# characters longer ("j•••@example.com"); a locale goes in a VARCHAR(16); a client IP
+# (IPv6 with a scope id can be long) in the audit trail's VARCHAR(64).
+MAX_EMAIL = 125
+MAX_LOCALE = 16
+MAX_CLIENT_IP = 64
 LOCALE_RE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8}){0,2}")
 MAX_PAGE = 500
 MAX_INT64 = 2**63 - 1
@@ -151,8 +159,12 @@ class _Checker:
         if client_ip:
             try:
                 ipaddress.ip_address(client_ip)
+                valid = len(client_ip) <= MAX_CLIENT_IP and client_ip.isprintable()
             except ValueError:
-                self.bad("client_ip", "must be an IPv4 or IPv6 address")
+                valid = False
+            if not valid:  # a scope id may hold anything but '%', NUL included
+                self.bad("client_ip", "must be an IPv4 or IPv6 address "
+                                      f"(at most {MAX_CLIENT_IP} characters)")
         self.text("user_agent", user_agent, max_len=MAX_USER_AGENT, required=False)
 
 
@@ -168,14 +180,15 @@ def enroll_command(req: pb.EnrollRequest) -> EnrollCommand:
     method = c.enum("method", req.method, METHODS, _METHOD_NAMES)
     application = c.enum("application", req.application, APPLICATIONS, _APP_NAMES)
     channel = c.optional_channel(req.channel)
-    c.text("email", req.email, max_len=MAX_TEXT, required=False)
+    c.text("email", req.email, max_len=MAX_EMAIL, required=False)
     c.text("phone_number", req.phone_number, max_len=32, required=False)
     c.text("account_name", req.account_name, max_len=MAX_TEXT, required=False)
     if req.change_proof_challenge_id:
         c.resource_id("change_proof_challenge_id", req.change_proof_challenge_id)
     c.text("session_token", req.session_token, max_len=MAX_TOKEN, required=False)
-    if req.locale and not LOCALE_RE.fullmatch(req.locale):
-        c.bad("locale", "must be a BCP 47 language tag such as 'en' or 'da-DK'")
+    if req.locale and (len(req.locale) > MAX_LOCALE or not LOCALE_RE.fullmatch(req.locale)):
+        c.bad("locale", "must be a BCP 47 language tag such as 'en' or 'da-DK' "
+                        f"(at most {MAX_LOCALE} characters)")
     if method is not domain.Method.EMAIL and req.email:
         c.bad("email", "is only for METHOD_EMAIL")
     if method is not domain.Method.PHONE:
