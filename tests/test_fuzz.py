@@ -3,13 +3,17 @@ contract names, never UNKNOWN or INTERNAL, and the server stays healthy.
 
 The strategies are built from the request descriptors of every mfa.v1.TwoFactorService
 RPC (walking ``DESCRIPTOR.fields``), so a field added to the proto is fuzzed without a
-change here: random and huge strings (plus ids and codes that look right, so some calls
-get past validation), invalid UTF-8 on the wire, unknown enum numbers, int32/int64
-extremes, timestamps at and beyond their range, missing fields, and messages beyond the
-server's 64 KiB receive limit. Runs against the shared in-process server on SQLite and
-PostgreSQL.
+change here: random and huge strings, invalid UTF-8 on the wire, unknown enum numbers,
+int32/int64 extremes, timestamps at and beyond their range, missing fields, and messages
+beyond the server's 64 KiB receive limit. So that calls also get past validation, every
+field starts from a plausible value (a real user's ids, token and open challenge among
+them; format-valid emails, locales and IPs of every length; coherent Enroll shapes) and up
+to two fields are wild, one missing. Runs against the shared in-process server on SQLite
+and PostgreSQL (which, unlike SQLite, enforces VARCHAR lengths: what it found is in
+tests/test_field_limits.py).
 
-``max_examples`` is 30 per RPC; ``HYPOTHESIS_PROFILE=long`` runs 1,000.
+``max_examples`` is 30 per RPC; ``HYPOTHESIS_PROFILE=long`` runs 1,000. Outside CI,
+Hypothesis keeps failing examples in .hypothesis/ and replays them first.
 """
 
 from __future__ import annotations
