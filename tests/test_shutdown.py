@@ -167,7 +167,7 @@ async def test_sigterm_under_load_fails_no_call_sent_before_it(
     assert tally.before["OK"] > CALLERS  # the load was real
     assert set(tally.after) <= {"OK", "UNAVAILABLE"}, tally.after
     assert tally.after["OK"] > 0  # served through the drain period
-    assert exit_seconds < DRAIN + GRACE + 3
+    assert exit_seconds < DRAIN + GRACE + 1.5  # + the interpreter's own exit
 
 
 async def test_stop_lets_the_dispatcher_finish_the_message_it_is_sending(
