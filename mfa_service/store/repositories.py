@@ -112,6 +112,25 @@ class UserFactors:
 class FactorRepository:
     def __init__(self, unit: Unit) -> None:
         self._unit = unit
+        # factor id -> (TOTP step to record or None, when it was used): one deferred
+        # UPDATE per factor however many times the request marks it (see Unit.defer).
+        self._used: dict[str, tuple[int | None, datetime]] = {}
+
+    def _mark_used(self, factor_id: str, step: int | None, now: datetime) -> None:
+        previous = self._used.get(factor_id)
+        if previous is not None and previous[0] is not None:
+            step = previous[0] if step is None else max(step, previous[0])
+        self._used[factor_id] = (step, now)
+        self._unit.before_flush(self._write_used)
+
+    def _write_used(self) -> None:
+        used, self._used = self._used, {}
+        for factor_id, (step, now) in used.items():
+            if step is None:
+                self._unit.defer(_TOUCH, {"factor_id": factor_id, "now": now})
+            else:
+                self._unit.defer(_ACCEPT_TOTP_STEP,
+                                 {"factor_id": factor_id, "step": step, "now": now})
 
     def add(self, record: FactorRecord) -> None:
         """Insert the factor before COMMIT (nothing reads it back in the transaction)."""
@@ -197,11 +216,11 @@ class FactorRepository:
         waits for COMMIT. The WHERE still refuses an older step, should anything write the
         factor without the user's lock.
         """
-        self._unit.defer(_ACCEPT_TOTP_STEP, {"factor_id": factor_id, "step": step, "now": now})
+        self._mark_used(factor_id, step, now)
 
     def touch(self, factor_id: str, now: datetime) -> None:
         """Mark an ACTIVE factor used (before COMMIT)."""
-        self._unit.defer(_TOUCH, {"factor_id": factor_id, "now": now})
+        self._mark_used(factor_id, None, now)
 
 
 def _aware(value: Any) -> datetime | None:
@@ -315,8 +334,11 @@ class ChallengeRepository:
         the WHERE and matches nothing). ``ok`` was decided before, on the state read under
         the user's lock, so counting and closing need not be two statements.
         """
+        # It touches one challenge row, which no deferred write changes (those are the
+        # factor's TOTP step, new rows and the lockout): the deferred writes can wait.
         row = (await self._unit.execute(
-            _SETTLE_ATTEMPT, {"challenge_id": challenge_id, "ok": ok, "now": now})).first()
+            _SETTLE_ATTEMPT, {"challenge_id": challenge_id, "ok": ok, "now": now},
+            sees_deferred=False)).first()
         return _challenge(row) if row else None
 
     async def lock_destination(self, destination_key: bytes) -> None:
