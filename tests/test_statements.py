@@ -38,10 +38,17 @@ T = TypeVar("T")
 
 class Statements:
     def __init__(self) -> None:
-        self.sql: list[str] = []
+        self.seen: list[tuple[int, str]] = []  # (connection, statement)
+
+    @property
+    def sql(self) -> list[str]:
+        # The health probe's connection (it runs SELECT 1 on its own schedule) is not
+        # part of any RPC: drop everything it sent (its BEGIN on SQLite too).
+        probes = {c for c, statement in self.seen if statement.strip() == "SELECT 1"}
+        return [statement for c, statement in self.seen if c not in probes]
 
     async def count(self, call: Awaitable[T]) -> tuple[T, int]:
-        self.sql.clear()
+        self.seen.clear()
         result = await call
         return result, len(self.sql)
 
@@ -50,9 +57,8 @@ class Statements:
 def counting(app: App) -> Iterator[Statements]:
     seen = Statements()
 
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.strip() != "SELECT 1":  # the health probe, on its own schedule
-            seen.sql.append(statement)
+    def record(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.seen.append((id(conn), statement))
 
     engine = app.database.engine.sync_engine
     event.listen(engine, "before_cursor_execute", record)

@@ -139,6 +139,8 @@ class Database:
         """Raise StoreUnavailable unless the database answers a trivial query."""
         try:
             async with self.engine.connect() as conn:
+                if self._sqlite:  # a deferred BEGIN: the probe takes no write lock
+                    await conn.execution_options(mfa_readonly=True)
                 await conn.execute(text("SELECT 1"))
         except Exception as exc:
             mapped = translate(exc)

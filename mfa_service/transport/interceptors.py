@@ -41,6 +41,9 @@ class ServiceInterceptor(aio.ServerInterceptor):
 
     def __init__(self, callers: CallerRegistry | None = None) -> None:
         self._callers = callers
+        # The wrapped handler of each method, made once: the servicer's handlers do not
+        # change, and building a handler object on every call showed in the profile.
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -48,15 +51,19 @@ class ServiceInterceptor(aio.ServerInterceptor):
                                Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or not method.startswith(
                 SERVICE_PREFIX):
             return handler
-        return grpc.unary_unary_rpc_method_handler(
+        wrapped = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
             _wrap(method, cast(Handler, handler.unary_unary), self._callers),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
+        return wrapped
 
 
 def _wrap(method: str, inner: Handler, callers: CallerRegistry | None) -> Handler:
@@ -85,8 +92,9 @@ def _wrap(method: str, inner: Handler, callers: CallerRegistry | None) -> Handle
             status = internal_status()
             await context.abort(status.code, status.details, status.trailing_metadata)
         finally:
-            log.info("rpc", extra={
-                "rpc": rpc, "code": code.name, "caller": caller_var.get().name,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+            if log.isEnabledFor(logging.INFO):
+                log.info("rpc", extra={
+                    "rpc": rpc, "code": code.name, "caller": caller_var.get().name,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
 
     return handle
