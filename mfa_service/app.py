@@ -44,6 +44,7 @@ from mfa_service.factors.totp import AuthenticatorApp
 from mfa_service.service import Services
 from mfa_service.service.context import Context, Rules
 from mfa_service.service.notices import Notifier
+from mfa_service.service.session_cache import RevocationListener, SessionCache
 from mfa_service.service.sessions import SessionService
 from mfa_service.settings import Environment, Settings
 from mfa_service.store import migrate, open_database
@@ -135,6 +136,7 @@ class App:
     settings: Settings
     dispatcher: Dispatcher
     senders: list[Sender]
+    revocations: RevocationListener | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -146,6 +148,8 @@ class App:
         await self.health.enter_graceful_shutdown()
         self._stopping.set()
         self.dispatcher.stop()
+        if self.revocations is not None:
+            self.revocations.stop()
         for task in self._tasks:
             try:
                 await asyncio.wait_for(task, timeout=max(grace, 2.0))
@@ -301,9 +305,16 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         backoff_max=settings.outbox_backoff_max_seconds,
         poll_seconds=settings.outbox_poll_seconds)
     database.outbox_listeners.append(dispatcher.wake)
+    cache, revocations = None, None
+    if not settings.is_sqlite and settings.session_cache_size > 0:
+        cache = SessionCache(settings.session_cache_size)
+        revocations = RevocationListener(
+            cache, engine.url.set(drivername="postgresql").render_as_string(
+                hide_password=False), connect_timeout=settings.database_timeout_seconds)
     sessions = SessionService(database, keyring, clock,
                               ttl=timedelta(seconds=settings.session_ttl_seconds),
-                              idle=timedelta(seconds=settings.session_idle_seconds))
+                              idle=timedelta(seconds=settings.session_idle_seconds),
+                              cache=cache)
     services = Services.build(Context(
         db=database, registry=registry, keyring=keyring, clock=clock, sessions=sessions,
         notifier=Notifier(keyring, settings.product_name,
@@ -346,12 +357,15 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         raise ConfigurationError(f"cannot listen on {settings.listen_addr}: {exc}") from exc
     await server.start()
     app = App(server=server, port=port, database=database, health=health_servicer,
-              settings=settings, dispatcher=dispatcher, senders=list(set(senders.values())))
+              settings=settings, dispatcher=dispatcher, senders=list(set(senders.values())),
+              revocations=revocations)
     # SERVING only now: the database answered and the schema is current.
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     app._tasks.append(asyncio.create_task(
         _probe_database(app, settings.health_probe_seconds), name="db-health-probe"))
+    if revocations is not None:
+        app._tasks.append(asyncio.create_task(revocations.run(), name="session-revocations"))
     if settings.outbox_dispatcher:
         app._tasks.append(asyncio.create_task(dispatcher.run(), name="outbox-dispatcher"))
     if settings.purge_interval_seconds > 0:

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     # Codes to one address or number per send window, whichever users asked
     # (SMS pumping / toll fraud); notices do not count.
     max_sends_per_destination: int = Field(default=5, ge=1, le=100)
+    # CheckSession answers from memory while a session's last answer holds (PostgreSQL
+    # only; revocations evict at once here and within a second elsewhere, via NOTIFY).
+    # Entries, about 1 KB each; 0 turns the cache off.
+    session_cache_size: int = Field(default=100_000, ge=0, le=10_000_000)
     change_proof_max_age_seconds: int = Field(default=600, ge=60, le=600)
 
     # Messages.

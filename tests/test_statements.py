@@ -137,7 +137,7 @@ async def test_other_rpcs_statement_counts(
         revoked, n = await statements.count(stub.RevokeSession(pb.RevokeSessionRequest(
             session_token=session.session_token)))
         assert revoked.revoked_count == 1
-        assert within(app, n, 2, 3), statements.sql
+        assert within(app, n, 3, 3), statements.sql  # PostgreSQL: + NOTIFY for the caches
     # Confirming the first factor issues the recovery codes too: bounded, not hot.
     assert first_confirm <= (13 if app.database.engine.dialect.name == 'postgresql' else 16)
 

@@ -111,6 +111,17 @@ async def lock_key(conn: AsyncConnection, key: bytes) -> None:
 
 
 _ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+_NOTIFY = text("SELECT pg_notify('mfa_session_revoked', :user_id)")
+
+
+async def notify_revoked(unit: Any, user_ids: set[str]) -> None:
+    """Tell every server process that these users' sessions were revoked (PostgreSQL
+    NOTIFY: delivered when, and only if, the transaction commits). Their session caches
+    evict the users (service/session_cache.py). SQLite has no NOTIFY and no cache."""
+    if unit.conn.dialect.name != "postgresql":
+        return
+    for user_id in sorted(user_ids):
+        await unit.execute(_NOTIFY, {"user_id": user_id})
 
 
 def translate(exc: BaseException) -> StoreError | None:

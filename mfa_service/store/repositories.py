@@ -45,7 +45,7 @@ from mfa_service.domain import (
     Purpose,
     Session,
 )
-from mfa_service.store.engine import lock_key
+from mfa_service.store.engine import lock_key, notify_revoked
 from mfa_service.store.models import UTCDateTime, audit_events, challenges, factors, sessions
 from mfa_service.store.unit import Unit
 
@@ -451,7 +451,9 @@ class SessionRepository:
                                    sessions.c.expires_at > now,
                                    sessions.c.idle_expires_at > now)
             .values(revoked_at=now).returning(*sessions.c))
-        return [_session(r) for r in result]
+        ended = [_session(r) for r in result]
+        await notify_revoked(self._unit, {s.user_id for s in ended})
+        return ended
 
     async def revoke_by_hash(self, token_hashes: Sequence[bytes], now: datetime) -> list[Session]:
         return await self._revoke(sessions.c.token_hash.in_(list(token_hashes)), now)
