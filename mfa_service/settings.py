@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     # Store. The password lives in its own secret field so it never shows in a repr or log.
     database_url: str = DEFAULT_DATABASE_URL
     database_password: SecretStr | None = None
-    database_pool_size: int = Field(default=5, ge=1, le=50)
+    database_pool_size: int = Field(default=10, ge=1, le=50)  # fixed: no overflow
     database_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
 
     # Keys: "kid:base64url(32 bytes)[,kid:...]", the first is primary. Without it (development

@@ -4,7 +4,8 @@
 #
 #   scripts/bench.sh USERS [SCENARIO...]        (default scenarios: check-session login)
 #
-# Environment: WORKERS (server processes, default 1), PROFILE=1 (record the server with
+# Environment: WORKERS (server processes, default 1), LOADTEST_ARGS (more loadtest options,
+# e.g. "--users 1000": draw from the first 1,000 seeded users only), PROFILE=1 (record the server with
 # py-spy during the first scenario: profile-<scenario>.raw), OUT (results folder, default
 # a new temporary one; printed at the end). Needs PostgreSQL on 127.0.0.1:5432 (trust,
 # user postgres), as the test suite does. Leaves nothing behind but the results folder.
@@ -29,7 +30,7 @@ until "$VENV/mfa-service" health >/dev/null 2>&1; do sleep 0.2; done
 CONNECTIONS=8; [ "$MFA_WORKERS" -gt 1 ] && CONNECTIONS=16
 for S in "${SCENARIOS[@]}"; do
   "$VENV/mfa-service" loadtest --target "127.0.0.1:$PORT" --plaintext --users-file users.jsonl \
-      --scenario "$S" --concurrency 64 --connections "$CONNECTIONS" --baseline \
+      --scenario "$S" --concurrency 64 --connections "$CONNECTIONS" --baseline ${LOADTEST_ARGS:-} \
       --report "$S.json" > "$S.out" 2>&1 &
   LOAD=$!
   if [ -n "${PROFILE:-}" ]; then

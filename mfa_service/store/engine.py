@@ -39,7 +39,10 @@ def create_engine(url: URL, *, pool_size: int = 5, timeout: float = 5.0,
     return create_async_engine(
         url, echo=echo, hide_parameters=True,
         # Small pools: on 2 cores 64 connections were slower than 16 (shared/BASELINES.md).
-        pool_size=pool_size, max_overflow=pool_size, pool_timeout=timeout,
+        # A fixed pool, no overflow: an overflow connection is closed when it is returned,
+        # so under load every request above pool_size paid a new connection (TCP, auth,
+        # and the driver's prepared statements lost with it); the profile showed it.
+        pool_size=pool_size, max_overflow=0, pool_timeout=timeout,
         # No pool_pre_ping: it costs three round trips (BEGIN; ";"; ROLLBACK) at every
         # checkout. A connection that died is found by the statement that uses it: the
         # driver error becomes StoreUnavailable (UNAVAILABLE, retryable), the pool drops
