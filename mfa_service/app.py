@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -46,7 +45,7 @@ from mfa_service.service.context import Context, Rules
 from mfa_service.service.notices import Notifier
 from mfa_service.service.session_cache import RevocationListener, SessionCache
 from mfa_service.service.sessions import SessionService
-from mfa_service.settings import Environment, Settings
+from mfa_service.settings import Environment, Settings, is_loopback_host
 from mfa_service.store import migrate, open_database
 from mfa_service.store.database import Database
 from mfa_service.store.retention import Retention, purge
@@ -73,13 +72,7 @@ def load_keyring(settings: Settings) -> Keyring:
 
 
 def _is_loopback(listen_addr: str) -> bool:
-    host = listen_addr.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(listen_addr.rpartition(":")[0])
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:

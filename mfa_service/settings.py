@@ -25,7 +25,8 @@ class Environment(StrEnum):
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./mfa-service.db"
 
 
-def _is_loopback_host(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (``[::1]`` brackets allowed)."""
     host = host.strip("[]").lower()
     if host == "localhost":
         return True
@@ -40,7 +41,7 @@ def _is_safe_url(url: str) -> bool:
     parsed = urlsplit(url)
     if parsed.scheme == "https":
         return True
-    return parsed.scheme == "http" and _is_loopback_host(parsed.hostname or "")
+    return parsed.scheme == "http" and is_loopback_host(parsed.hostname or "")
 
 
 class Settings(BaseSettings):
@@ -176,7 +177,7 @@ class Settings(BaseSettings):
             # Codes, the SMTP password and the provider token must not cross a network
             # in clear; a relay on this host (loopback) may stay plaintext.
             if (self.email_provider == "smtp" and self.smtp_tls == "none"
-                    and not _is_loopback_host(self.smtp_host)):
+                    and not is_loopback_host(self.smtp_host)):
                 problems.append("MFA_SMTP_TLS=none to a remote MFA_SMTP_HOST sends codes and "
                                 "the SMTP password in clear: not allowed when "
                                 "MFA_ENV=production (use starttls or tls)")
