@@ -19,6 +19,7 @@ from grpc import aio
 
 from mfa_service.domain import Caller
 from mfa_service.errors import MfaError
+from mfa_service.telemetry import Metrics
 from mfa_service.transport.auth import ANONYMOUS, NOBODY, CallerRegistry
 from mfa_service.transport.status import internal_status, status_code_for, to_grpc_status
 
@@ -39,8 +40,10 @@ class ServiceInterceptor(aio.ServerInterceptor):
     the anonymous development caller.
     """
 
-    def __init__(self, callers: CallerRegistry | None = None) -> None:
+    def __init__(self, callers: CallerRegistry | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._callers = callers
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -54,12 +57,13 @@ class ServiceInterceptor(aio.ServerInterceptor):
                 SERVICE_PREFIX):
             return handler
         return grpc.unary_unary_rpc_method_handler(
-            _wrap(method, cast(Handler, handler.unary_unary), self._callers),
+            _wrap(method, cast(Handler, handler.unary_unary), self._callers, self._metrics),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
 
-def _wrap(method: str, inner: Handler, callers: CallerRegistry | None) -> Handler:
+def _wrap(method: str, inner: Handler, callers: CallerRegistry | None,
+          metrics: Metrics | None = None) -> Handler:
     rpc = method.rsplit("/", 1)[-1]
 
     async def handle(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
@@ -85,8 +89,11 @@ def _wrap(method: str, inner: Handler, callers: CallerRegistry | None) -> Handle
             status = internal_status()
             await context.abort(status.code, status.details, status.trailing_metadata)
         finally:
+            elapsed = time.perf_counter() - started
+            if metrics is not None:
+                metrics.rpc(rpc, code, elapsed)
             log.info("rpc", extra={
                 "rpc": rpc, "code": code.name, "caller": caller_var.get().name,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+                "duration_ms": round(elapsed * 1000, 2)})
 
     return handle
