@@ -99,8 +99,12 @@ class Metrics:
         self._sessions_created = meter.create_counter(
             "mfa.sessions.created", unit="{session}",
             description="2FA sessions opened, by application")
-        self._sessions_checked = meter.create_counter(
-            "mfa.sessions.checked", unit="{check}",
+        # CheckSession runs on every page: counted in plain ints (a list index and an
+        # add, ~0.1 us) and reported at collection, instead of an SDK counter's ~13 us per
+        # call (measured) on the hottest path.
+        self._checks = [0, 0]  # [invalid, valid]
+        meter.create_observable_counter(
+            "mfa.sessions.checked", [self._observe_checks], unit="{check}",
             description="CheckSession answers, valid or not")
         self._sessions_revoked = meter.create_counter(
             "mfa.sessions.revoked", unit="{session}",
@@ -132,7 +136,7 @@ class Metrics:
         self._rpc_duration.record(seconds, attrs)
 
     def session_checked(self, valid: bool) -> None:
-        self._sessions_checked.add(1, self._valid if valid else self._invalid)
+        self._checks[valid] += 1
 
     # -- the rest -------------------------------------------------------------------------
     def _labels(self, *pairs: str) -> dict[str, str]:
@@ -167,6 +171,10 @@ class Metrics:
 
     def watch_pool(self, engine: AsyncEngine) -> None:
         self._pools.append(engine.pool)
+
+    def _observe_checks(self, _options: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(self._checks[1], self._valid)
+        yield Observation(self._checks[0], self._invalid)
 
     def _observe_depth(self, _options: CallbackOptions) -> Iterable[Observation]:
         yield Observation(self._backlog[0])
