@@ -176,8 +176,9 @@ def points(data: MetricsData | None) -> Iterator[tuple[str, dict[str, Any], Any]
 
 def count(data: MetricsData | None, name: str, attrs: dict[str, str] | None = None) -> float:
     """A counter's sum (a histogram's count) over the points that carry ``attrs``."""
-    return sum(p.count if hasattr(p, "bucket_counts") else p.value for n, a, p in points(data)
-               if n == name and all(a.get(k) == v for k, v in (attrs or {}).items()))
+    return float(sum(p.count if hasattr(p, "bucket_counts") else p.value
+                     for n, a, p in points(data)
+                     if n == name and all(a.get(k) == v for k, v in (attrs or {}).items())))
 
 
 def by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
