@@ -163,13 +163,13 @@ class App:
         await self.server.stop(grace)
         for sender in self.senders:
             await sender.aclose()
+        await self.telemetry.shutdown()  # flush the last spans and metrics
         # Calls cut off by the grace period may leave a connection closing in its thread;
         # never let that hold the process up.
         try:
             await asyncio.wait_for(self.database.dispose(), timeout=5)
         except TimeoutError:
             log.warning("database pool did not close within 5 s")
-        await self.telemetry.shutdown()  # flush the last spans and metrics
 
 
 async def _probe_database(app: App, interval: float) -> None:

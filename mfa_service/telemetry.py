@@ -237,6 +237,7 @@ class Telemetry:
     metrics_poll_seconds: float = 15.0
     _prometheus: Any = None  # (server, thread) of the scrape endpoint
     _poller: asyncio.Task[None] | None = None
+    _stop: asyncio.Event | None = None
 
     @classmethod
     def create(cls, *, span_processors: Sequence[SpanProcessor] = (),
@@ -329,25 +330,30 @@ class Telemetry:
         ``(depth, oldest_created_at | None, now)``)."""
         if self.metrics is None:
             return
-        self._poller = asyncio.create_task(self._poll_backlog(backlog), name="metrics-poll")
+        self._stop = asyncio.Event()
+        self._poller = asyncio.create_task(self._poll_backlog(backlog, self._stop),
+                                           name="metrics-poll")
 
-    async def _poll_backlog(self, backlog: Callable[[], Any]) -> None:
+    async def _poll_backlog(self, backlog: Callable[[], Any], stop: asyncio.Event) -> None:
         assert self.metrics is not None
-        while True:
+        while not stop.is_set():
             try:
                 depth, oldest, now = await backlog()
                 age = (now - oldest).total_seconds() if oldest is not None else 0.0
                 self.metrics.set_backlog(int(depth), max(0.0, age))
             except Exception:  # a metric must never take the process down
                 log.warning("outbox gauges not read", exc_info=True)
-            await asyncio.sleep(self.metrics_poll_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.metrics_poll_seconds)
 
     async def shutdown(self) -> None:
-        """Export what is buffered and stop (blocking exporters run in a thread)."""
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        """Stop reading the gauges (before the database closes: a read is let finish, not
+        cancelled inside its transaction), export what is buffered, stop the scrape
+        endpoint (blocking exporters run in a thread)."""
+        if self._poller is not None and self._stop is not None:
+            self._stop.set()
+            await self._poller
+            self._poller = None
         if self._prometheus is not None:
             server, thread = self._prometheus
             server.shutdown()
