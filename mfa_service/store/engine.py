@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from sqlalchemy import Select, Table, event, text
@@ -26,14 +27,33 @@ def database_url(url: str, password: str | None) -> URL:
     return parsed
 
 
+def _unique_statement_name() -> str:
+    return f"__asyncpg_{uuid.uuid4().hex}__"
+
+
 def create_engine(url: URL, *, pool_size: int = 5, timeout: float = 5.0,
-                  echo: bool = False) -> AsyncEngine:
-    """An async engine tuned per dialect."""
+                  echo: bool = False, pooler: str = "none") -> AsyncEngine:
+    """An async engine tuned per dialect.
+
+    ``pooler="pgbouncer"``: PgBouncer in transaction pooling mode hands each transaction
+    to whichever server connection is free, and 1.18 keeps no prepared statements for
+    us. asyncpg's statement cache and SQLAlchemy's prepared-statement cache are off (a
+    cached statement would be looked up on a server that never prepared it), and every
+    statement gets a unique name (two clients' ``__asyncpg_stmt_1__`` would collide on
+    one server connection). Reads then run in a transaction too (store/database.py).
+    Directly connected, both caches stay on: they save a parse per statement.
+    """
     if url.get_backend_name() == "sqlite":
         engine = create_async_engine(
             url, echo=echo, hide_parameters=True, connect_args={"timeout": timeout * 6})
         _make_sqlite_transactions_immediate(engine)
         return engine
+    connect_args: dict[str, Any] = {
+        "timeout": timeout, "command_timeout": timeout * 6,
+        "server_settings": {"application_name": "mfa-service"}}
+    if pooler == "pgbouncer":
+        connect_args.update(statement_cache_size=0, prepared_statement_cache_size=0,
+                            prepared_statement_name_func=_unique_statement_name)
     # hide_parameters: SQLAlchemy puts bound parameters into exception messages, and ours
     # include hashes and ciphertexts; nothing of that may reach a log line.
     return create_async_engine(
@@ -47,8 +67,7 @@ def create_engine(url: URL, *, pool_size: int = 5, timeout: float = 5.0,
         # checkout. A connection that died is found by the statement that uses it: the
         # driver error becomes StoreUnavailable (UNAVAILABLE, retryable), the pool drops
         # the connection, and the health probe flips NOT_SERVING until the database answers.
-        connect_args={"timeout": timeout, "command_timeout": timeout * 6,
-                      "server_settings": {"application_name": "mfa-service"}},
+        connect_args=connect_args,
     )
 
 

@@ -19,6 +19,7 @@ from grpc import aio
 
 from mfa_service.domain import Caller
 from mfa_service.errors import MfaError
+from mfa_service.telemetry import Metrics
 from mfa_service.transport.auth import ANONYMOUS, NOBODY, CallerRegistry
 from mfa_service.transport.status import internal_status, status_code_for, to_grpc_status
 
@@ -39,8 +40,10 @@ class ServiceInterceptor(aio.ServerInterceptor):
     the anonymous development caller.
     """
 
-    def __init__(self, callers: CallerRegistry | None = None) -> None:
+    def __init__(self, callers: CallerRegistry | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._callers = callers
+        self._metrics = metrics
         # The wrapped handler of each method, made once: the servicer's handlers do not
         # change, and building a handler object on every call showed in the profile.
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -60,13 +63,14 @@ class ServiceInterceptor(aio.ServerInterceptor):
                 SERVICE_PREFIX):
             return handler
         wrapped = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
-            _wrap(method, cast(Handler, handler.unary_unary), self._callers),
+            _wrap(method, cast(Handler, handler.unary_unary), self._callers, self._metrics),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
         return wrapped
 
 
-def _wrap(method: str, inner: Handler, callers: CallerRegistry | None) -> Handler:
+def _wrap(method: str, inner: Handler, callers: CallerRegistry | None,
+          metrics: Metrics | None = None) -> Handler:
     rpc = method.rsplit("/", 1)[-1]
 
     async def handle(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
@@ -92,9 +96,12 @@ def _wrap(method: str, inner: Handler, callers: CallerRegistry | None) -> Handle
             status = internal_status()
             await context.abort(status.code, status.details, status.trailing_metadata)
         finally:
+            elapsed = time.perf_counter() - started
+            if metrics is not None:
+                metrics.rpc(rpc, code, elapsed)
             if log.isEnabledFor(logging.INFO):
                 log.info("rpc", extra={
                     "rpc": rpc, "code": code.name, "caller": caller_var.get().name,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+                    "duration_ms": round(elapsed * 1000, 2)})
 
     return handle
