@@ -151,3 +151,13 @@ async def test_a_lost_listener_turns_the_cache_off_until_it_is_back(
         assert await a.valid(session.session_token)
         assert len(statements.sql) == 1  # from the database while the listener is away
     await a.cache_on()  # reconnected
+
+
+async def test_no_cache_behind_pgbouncer(postgres_url: str, fresh_clock: FixedClock) -> None:
+    """Transaction pooling keeps no session for LISTEN: invalidations would be lost."""
+    app = await create_server(make_settings(postgres_url, database_pooler="pgbouncer"),
+                              clock=fresh_clock, keyring=Keyring.parse(TEST_KEYRING))
+    try:
+        assert app.revocations is None
+    finally:
+        await app.stop(0)
