@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -44,8 +44,9 @@ from mfa_service.factors.totp import AuthenticatorApp
 from mfa_service.service import Services
 from mfa_service.service.context import Context, Rules
 from mfa_service.service.notices import Notifier
+from mfa_service.service.session_cache import RevocationListener, SessionCache
 from mfa_service.service.sessions import SessionService
-from mfa_service.settings import Environment, Settings
+from mfa_service.settings import Environment, Settings, is_loopback_host
 from mfa_service.store import migrate, open_database
 from mfa_service.store.database import Database
 from mfa_service.store.retention import Retention, purge
@@ -79,13 +80,7 @@ def load_keyring(settings: Settings) -> Keyring:
 
 
 def _is_loopback(listen_addr: str) -> bool:
-    host = listen_addr.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(listen_addr.rpartition(":")[0])
 
 
 def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -104,8 +99,10 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
-def build_senders(settings: Settings) -> dict[Channel, Sender]:
-    """One sender per channel, from settings (console only outside production)."""
+def build_senders(settings: Settings, http_transport: Any = None) -> dict[Channel, Sender]:
+    """One sender per channel, from settings (console only outside production).
+
+    ``http_transport``: the HTTP providers' httpx transport (OpenTelemetry's when tracing)."""
     email: Sender
     if settings.email_provider == "smtp":
         email = SmtpSender(
@@ -120,12 +117,14 @@ def build_senders(settings: Settings) -> dict[Channel, Sender]:
         headers = ({"Authorization": f"Bearer {settings.phone_webhook_token.get_secret_value()}"}
                    if settings.phone_webhook_token else None)
         phone = WebhookSender(settings.phone_webhook_url, headers=headers,
-                              timeout=settings.provider_timeout_seconds)
+                              timeout=settings.provider_timeout_seconds,
+                              transport=http_transport)
     elif settings.phone_provider == "twilio":
         assert settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from
         phone = TwilioSender(settings.twilio_base_url, settings.twilio_account_sid,
                              settings.twilio_auth_token.get_secret_value(), settings.twilio_from,
-                             timeout=settings.provider_timeout_seconds)
+                             timeout=settings.provider_timeout_seconds,
+                             transport=http_transport)
     else:
         phone = email if isinstance(email, ConsoleSender) else ConsoleSender()
     return {Channel.EMAIL: email, Channel.SMS: phone, Channel.VOICE: phone}
@@ -146,6 +145,8 @@ class App:
     # The plaintext health-only listener (MFA_HEALTH_LISTEN_ADDR), if any.
     health_server: aio.Server | None = None
     health_port: int | None = None
+    revocations: RevocationListener | None = None
+    telemetry: telemetry.Telemetry = field(default_factory=telemetry.Telemetry)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # Set when a call found the database unavailable: the probe looks at once.
@@ -172,6 +173,8 @@ class App:
         self.gate.close()
         self._stopping.set()
         self.dispatcher.stop()
+        if self.revocations is not None:
+            self.revocations.stop()
         settled = await self.gate.settle(end)
         stopping = asyncio.create_task(self.server.stop(max(0.0, end - loop.time())))
         # The held calls are answered once the stop has begun (GOAWAY on its way): a
@@ -194,6 +197,7 @@ class App:
             await self.health_server.stop(0)
         for sender in self.senders:
             await sender.aclose()
+        await self.telemetry.shutdown()  # flush the last spans and metrics
         # Calls cut off by the grace period may leave a connection closing in its thread;
         # never let that hold the process up.
         try:
@@ -311,6 +315,33 @@ def _register_reflection_v1_descriptor() -> None:
     pool.Add(proto)
 
 
+def connection_options(settings: Settings) -> list[tuple[str, int]]:
+    """Keepalive and connection age (docs: README "Processes and connections").
+
+    The kernel (SO_REUSEPORT) and a Kubernetes Service balance connections, not calls: a
+    client that keeps one HTTP/2 connection sends every call to one process for good.
+    ``max_connection_age`` makes the server send GOAWAY after that long (gRPC core adds
+    +-10 % jitter so clients do not reconnect together); calls in flight get the grace
+    period, later calls go over a new connection, which may land elsewhere.
+    """
+    options = [
+        # Accept client keepalive pings this often (the default refuses < 5 min).
+        ("grpc.http2.min_ping_interval_without_data_ms",
+         int(settings.keepalive_min_client_ping_seconds * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Ping idle clients: a peer that vanished (NAT, node lost) is noticed and dropped.
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_seconds * 1000)),
+    ]
+    if settings.max_connection_age_seconds > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms",
+             int(settings.max_connection_age_grace_seconds * 1000)),
+        ]
+    return options
+
+
 def _add_reflection(server: aio.Server) -> None:
     """Server reflection under v1alpha (grpcio-reflection) *and* v1 (what grpcurl asks first).
 
@@ -329,10 +360,13 @@ def _add_reflection(server: aio.Server) -> None:
 
 
 async def create_server(settings: Settings, *, clock: Clock | None = None,
-                        keyring: Keyring | None = None) -> App:
-    """Build and start the server; returns once it listens (and the database answered)."""
+                        keyring: Keyring | None = None,
+                        observability: telemetry.Telemetry | None = None) -> App:
+    """Build and start the server; returns once it listens (and the database answered).
+
+    ``observability``: telemetry built by the caller (tests: in-memory exporters); by
+    default from settings (``telemetry.configure``), stopped with the App."""
     clock = clock or SystemClock()
-    tracing = telemetry.configure_tracing(settings.otel_exporter)
     credentials = _server_credentials(settings)
     callers = (CallerRegistry.from_file(settings.callers_file)
                if settings.callers_file is not None else None)
@@ -349,6 +383,11 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
 
     database = open_database(settings)
     engine = database.engine
+    tel = observability if observability is not None else telemetry.configure(settings)
+    metrics = tel.metrics
+    tel.instrument_engine(engine)
+    if metrics is not None:
+        database.event_listeners.append(metrics.audit_events)
     try:
         await database.ping()
         if settings.is_sqlite:
@@ -357,6 +396,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
             await migrate.require_current_schema(engine)
     except BaseException:
         await engine.dispose()
+        await tel.shutdown()
         raise
 
     codes = SentCode(keyring, settings.code_length)
@@ -366,16 +406,27 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         PhoneCode(codes),
         RecoveryCodes(keyring),
     ])
-    senders = build_senders(settings)
+    senders = build_senders(settings, tel.http_transport())
     dispatcher = Dispatcher(
         database, keyring, clock, senders,
         lease=timedelta(seconds=settings.outbox_lease_seconds),
         backoff_max=settings.outbox_backoff_max_seconds,
-        poll_seconds=settings.outbox_poll_seconds)
+        poll_seconds=settings.outbox_poll_seconds,
+        tracer=tel.tracer("mfa_service.delivery"), metrics=metrics)
     database.outbox_listeners.append(dispatcher.wake)
+    cache, revocations = None, None
+    # Not through PgBouncer: LISTEN needs a session of its own, which transaction pooling
+    # does not keep, so invalidations would be lost without a sound.
+    if (not settings.is_sqlite and settings.session_cache_size > 0
+            and settings.database_pooler != "pgbouncer"):
+        cache = SessionCache(settings.session_cache_size)
+        revocations = RevocationListener(
+            cache, engine.url.set(drivername="postgresql").render_as_string(
+                hide_password=False), connect_timeout=settings.database_timeout_seconds)
     sessions = SessionService(database, keyring, clock,
                               ttl=timedelta(seconds=settings.session_ttl_seconds),
-                              idle=timedelta(seconds=settings.session_idle_seconds))
+                              idle=timedelta(seconds=settings.session_idle_seconds),
+                              cache=cache)
     services = Services.build(Context(
         db=database, registry=registry, keyring=keyring, clock=clock, sessions=sessions,
         notifier=Notifier(keyring, settings.product_name,
@@ -392,24 +443,24 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
                     product=settings.product_name, default_locale=settings.default_locale)))
 
     gate = CallGate()
+    tracing = tel.server_interceptor()
     server = aio.server(
         # The gate first: it counts calls, passes on the deadline and holds calls at the
         # end of a shutdown (transport/gate.py).
         # OpenTelemetry's interceptor only when spans go somewhere: with nothing exported
         # it would still build a span per call for nobody (issue #8's profile).
         interceptors=[GateInterceptor(gate),
-                      *([telemetry.server_interceptor()] if tracing else []),
-                      ServiceInterceptor(callers)],
+                      *([tracing] if tracing is not None else []),
+                      ServiceInterceptor(callers, metrics)],
         options=[
             # On by default on Linux: a second server on the same port would silently
             # share it. Several workers on one port are opt-in (MFA_WORKERS), not an accident.
             ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
             ("grpc.max_receive_message_length", 64 * 1024),
-            # Accept client keepalive pings every 20 s (default rejects < 5 min).
-            ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
-            ("grpc.keepalive_permit_without_calls", 1),
+            *connection_options(settings),
         ])
-    pb_grpc.add_TwoFactorServiceServicer_to_server(TwoFactorServicer(services), server)
+    pb_grpc.add_TwoFactorServiceServicer_to_server(TwoFactorServicer(services, metrics),
+                                                   server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     _add_reflection(server)
@@ -419,6 +470,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
                 else server.add_insecure_port(settings.listen_addr))
     except RuntimeError as exc:
         await engine.dispose()
+        await tel.shutdown()
         raise ConfigurationError(f"cannot listen on {settings.listen_addr}: {exc}") from exc
     health_server, health_port = None, None
     if settings.health_listen_addr is not None:
@@ -431,6 +483,7 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
             health_port = health_server.add_insecure_port(settings.health_listen_addr)
         except RuntimeError as exc:
             await engine.dispose()
+            await tel.shutdown()
             raise ConfigurationError(
                 f"cannot listen on {settings.health_listen_addr}: {exc}") from exc
     await server.start()
@@ -438,13 +491,17 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         await health_server.start()
     app = App(server=server, port=port, database=database, health=health_servicer,
               settings=settings, dispatcher=dispatcher, senders=list(set(senders.values())),
-              gate=gate, health_server=health_server, health_port=health_port)
+              revocations=revocations, telemetry=tel, gate=gate,
+              health_server=health_server, health_port=health_port)
     database.unavailable_listeners.append(app.store_unavailable)
+    tel.start(telemetry.backlog_reader(database, clock))
     # SERVING only now: the database answered and the schema is current.
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     app._tasks.append(asyncio.create_task(
         _probe_database(app, settings.health_probe_seconds), name="db-health-probe"))
+    if revocations is not None:
+        app._tasks.append(asyncio.create_task(revocations.run(), name="session-revocations"))
     if settings.outbox_dispatcher:
         app._tasks.append(asyncio.create_task(dispatcher.run(), name="outbox-dispatcher"))
     if settings.purge_interval_seconds > 0:

@@ -67,7 +67,9 @@ async def _health(settings: Settings, service: str, deadline: float) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mfa-service", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the gRPC server (settings from MFA_* variables)")
+    serve = sub.add_parser("serve", help="run the gRPC server (settings from MFA_* variables)")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="server processes sharing the port (overrides MFA_WORKERS)")
     sub.add_parser("migrate", help="bring the database schema to this build's revision")
     probe = sub.add_parser("health", help="exit 0 if the local server reports SERVING")
     probe.add_argument("--service", default="", help="service name (default: overall)")
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         print(Keyring.generate_entry(args.id))
         return 0
+    if args.command == "serve" and args.workers is not None:
+        # Through the environment: spawned workers read their settings from it too.
+        os.environ["MFA_WORKERS"] = str(args.workers)
     try:
         settings = Settings()
     except ValidationError as exc:

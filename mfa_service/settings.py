@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -25,7 +25,8 @@ class Environment(StrEnum):
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./mfa-service.db"
 
 
-def _is_loopback_host(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address (``[::1]`` brackets allowed)."""
     host = host.strip("[]").lower()
     if host == "localhost":
         return True
@@ -40,7 +41,7 @@ def _is_safe_url(url: str) -> bool:
     parsed = urlsplit(url)
     if parsed.scheme == "https":
         return True
-    return parsed.scheme == "http" and _is_loopback_host(parsed.hostname or "")
+    return parsed.scheme == "http" and is_loopback_host(parsed.hostname or "")
 
 
 class Settings(BaseSettings):
@@ -55,12 +56,31 @@ class Settings(BaseSettings):
     listen_addr: str = "127.0.0.1:50051"
     # Server processes sharing the port (SO_REUSEPORT); 1 = this process serves.
     workers: int = Field(default=1, ge=1, le=64)
+    # Set by the supervisor in each worker it starts (0 for a lone process).
+    worker_index: int = Field(default=0, ge=0, le=63)
+    # Connections, not calls, are balanced (by the kernel over workers, by a Service over
+    # replicas): a client keeps its connection for good unless the server ends it. Every
+    # MFA_MAX_CONNECTION_AGE_SECONDS (+-10 % jitter, gRPC core) the server sends GOAWAY;
+    # calls in flight get the grace period, new calls go to a new connection, which may
+    # land on another worker or replica. 0 turns it off.
+    max_connection_age_seconds: float = Field(default=300.0, ge=0, le=86400)
+    max_connection_age_grace_seconds: float = Field(default=30.0, ge=0, le=3600)
+    # Server keepalive: ping an idle client this often, drop it when no answer in time.
+    keepalive_time_seconds: float = Field(default=60.0, ge=10, le=7200)
+    keepalive_timeout_seconds: float = Field(default=20.0, ge=1, le=600)
+    # Clients may ping this often (mfa_client's channel pings every 30 s); more often is
+    # refused (GOAWAY too_many_pings).
+    keepalive_min_client_ping_seconds: float = Field(default=20.0, ge=1, le=3600)
 
     # Store. The password lives in its own secret field so it never shows in a repr or log.
     database_url: str = DEFAULT_DATABASE_URL
     database_password: SecretStr | None = None
-    database_pool_size: int = Field(default=5, ge=1, le=50)
+    database_pool_size: int = Field(default=10, ge=1, le=50)  # fixed: no overflow
     database_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    # "pgbouncer": the database is reached through PgBouncer in transaction pooling mode
+    # (1.18 keeps no prepared statements across transactions): no statement caches, unique
+    # statement names, and reads inside a transaction (store/engine.py).
+    database_pooler: Literal["none", "pgbouncer"] = "none"
 
     # Keys: "kid:base64url(32 bytes)[,kid:...]", the first is primary. Without it (development
     # only) a key file is generated beside the SQLite database (or in the working directory).
@@ -91,6 +111,10 @@ class Settings(BaseSettings):
     # Codes to one address or number per send window, whichever users asked
     # (SMS pumping / toll fraud); notices do not count.
     max_sends_per_destination: int = Field(default=5, ge=1, le=100)
+    # CheckSession answers from memory while a session's last answer holds (PostgreSQL
+    # only; revocations evict at once here and within a second elsewhere, via NOTIFY).
+    # Entries, about 1 KB each; 0 turns the cache off.
+    session_cache_size: int = Field(default=100_000, ge=0, le=10_000_000)
     change_proof_max_age_seconds: int = Field(default=600, ge=60, le=600)
 
     # Messages.
@@ -126,8 +150,39 @@ class Settings(BaseSettings):
 
     # Operations.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["json", "text"] = "json"
+    # None: text when stderr is a terminal, JSON lines otherwise (decided by the cli).
+    log_format: Literal["json", "text"] | None = None
+    # Telemetry (mfa_service/telemetry.py). "console" prints spans and metrics (development);
+    # OTLP export is on when OTEL_EXPORTER_OTLP_ENDPOINT is set.
     otel_exporter: Literal["none", "console"] = "none"
+    # The standard OpenTelemetry variables, by their own names (no MFA_ prefix). The OTLP
+    # exporters read their other OTEL_EXPORTER_OTLP_* settings (headers, timeout,
+    # certificate, compression) themselves.
+    otlp_endpoint: str | None = Field(default=None, validation_alias=AliasChoices(
+        "OTEL_EXPORTER_OTLP_ENDPOINT", "otlp_endpoint"))
+    otlp_protocol: Literal["grpc", "http/protobuf"] = Field(
+        default="http/protobuf", validation_alias=AliasChoices(
+            "OTEL_EXPORTER_OTLP_PROTOCOL", "otlp_protocol"))
+    otel_service_name: str = Field(default="mfa-service", min_length=1, validation_alias=(
+        AliasChoices("OTEL_SERVICE_NAME", "otel_service_name")))
+    otel_resource_attributes: str = Field(default="", validation_alias=AliasChoices(
+        "OTEL_RESOURCE_ATTRIBUTES", "otel_resource_attributes"))
+    otel_traces_sampler: Literal[
+        "always_on", "always_off", "traceidratio", "parentbased_always_on",
+        "parentbased_always_off", "parentbased_traceidratio"] = Field(
+        default="parentbased_always_on", validation_alias=AliasChoices(
+            "OTEL_TRACES_SAMPLER", "otel_traces_sampler"))
+    otel_traces_sampler_arg: float | None = Field(
+        default=None, ge=0, le=1, validation_alias=AliasChoices(
+            "OTEL_TRACES_SAMPLER_ARG", "otel_traces_sampler_arg"))
+    otel_metric_export_interval_ms: int = Field(
+        default=60_000, ge=100, le=3_600_000, validation_alias=AliasChoices(
+            "OTEL_METRIC_EXPORT_INTERVAL", "otel_metric_export_interval_ms"))
+    # Prometheus scrape endpoint, HOST:PORT (worker i of MFA_WORKERS listens on PORT+i);
+    # unset: none.
+    metrics_addr: str | None = None
+    # How often the gauges that need the database (outbox depth and age) are read.
+    metrics_poll_seconds: float = Field(default=15.0, gt=0, le=3600)
     # SIGTERM: health NOT_SERVING at once, every call still served for the drain period
     # (load balancers move away), then calls already received get the grace period.
     shutdown_drain_seconds: float = Field(default=5.0, ge=0, le=60)
@@ -148,6 +203,16 @@ class Settings(BaseSettings):
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:50051")
+        return value
+
+    @field_validator("metrics_addr")
+    @classmethod
+    def _check_metrics_addr(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:9464")
         return value
 
     @field_validator("database_url")
@@ -180,7 +245,7 @@ class Settings(BaseSettings):
             # Codes, the SMTP password and the provider token must not cross a network
             # in clear; a relay on this host (loopback) may stay plaintext.
             if (self.email_provider == "smtp" and self.smtp_tls == "none"
-                    and not _is_loopback_host(self.smtp_host)):
+                    and not is_loopback_host(self.smtp_host)):
                 problems.append("MFA_SMTP_TLS=none to a remote MFA_SMTP_HOST sends codes and "
                                 "the SMTP password in clear: not allowed when "
                                 "MFA_ENV=production (use starttls or tls)")
@@ -208,6 +273,16 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def telemetry_enabled(self) -> bool:
+        return bool(self.otel_exporter != "none" or self.otlp_endpoint or self.metrics_addr)
+
+    def worker_metrics_addr(self) -> str:
+        """MFA_METRICS_ADDR for this process: worker i listens on the port + i."""
+        assert self.metrics_addr is not None
+        host, _, port = self.metrics_addr.rpartition(":")
+        return f"{host}:{int(port) + self.worker_index}"
 
     @property
     def is_sqlite(self) -> bool:

@@ -120,13 +120,28 @@ def test_callers_new_token_prints_a_token_and_its_hash() -> None:
     assert hashlib.sha256(token.encode()).hexdigest() == digest
 
 
+def _two_free_ports() -> int:
+    """A port p with p + 1 free as well (worker i serves metrics on p + i)."""
+    while True:
+        port = _free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
 async def test_several_workers_share_one_port_and_stop_together(tmp_path: Path) -> None:
+    import httpx
     from mfa.v1 import two_factor_service_pb2 as pb
     from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 
-    port = _free_port()
-    proc = subprocess.Popen([CLI, "serve"], cwd=tmp_path, stderr=subprocess.PIPE,
-                            env=_env(MFA_LISTEN_ADDR=f"127.0.0.1:{port}", MFA_WORKERS="2"))
+    port, metrics = _free_port(), _two_free_ports()
+    proc = subprocess.Popen([CLI, "serve", "--workers", "2"], cwd=tmp_path,
+                            stderr=subprocess.PIPE,
+                            env=_env(MFA_LISTEN_ADDR=f"127.0.0.1:{port}",
+                                     MFA_METRICS_ADDR=f"127.0.0.1:{metrics}"))
     try:
         await _wait_serving(port, proc)
         children_file = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
@@ -139,6 +154,16 @@ async def test_several_workers_share_one_port_and_stop_together(tmp_path: Path) 
                 stub = pb_grpc.TwoFactorServiceStub(channel)
                 listed = await stub.ListFactors(pb.ListFactorsRequest(user_id=f"nobody-{i}"))
                 assert list(listed.factors) == []
+        # Each worker has its own scrape endpoint (MFA_METRICS_ADDR's port + its index);
+        # together they counted every call.
+        served = 0.0
+        async with httpx.AsyncClient() as client:
+            for p in (metrics, metrics + 1):
+                text = (await client.get(f"http://127.0.0.1:{p}/metrics")).text
+                served += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                              if line.startswith("rpc_server_call_duration_seconds_count{")
+                              and 'rpc_method="ListFactors"' in line)
+        assert served == 8
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 20) == 0
         for pid in workers:

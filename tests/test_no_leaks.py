@@ -8,14 +8,10 @@ Afterwards no one-time code, TOTP secret, session token or recovery code may app
 a log line or record attribute, a span, anything the caller got back with an error,
 the audit trail or any column of any table.
 
-Spans: ``mfa_service.telemetry.server_interceptor()`` calls the instrumentation's
-``aio_server_interceptor()`` without arguments, so the tracer comes from the *global*
-provider, which can be set only once per process. Instead of setting it, each test
-monkeypatches the name ``aio_server_interceptor`` inside ``mfa_service.telemetry`` with
-the same library function bound to ``tracer_provider=`` a fresh SDK ``TracerProvider``.
-``server_interceptor()`` and ``create_server`` themselves run unchanged, and nothing
-global is left behind for other tests. ``configure_tracing`` is made to say "spans are
-exported" (the server adds the interceptor only then) without touching the global provider.
+Spans and metrics: the server is built with ``Telemetry.create`` over an in-memory span
+exporter and an in-memory metric reader (its own providers, never the global ones), so
+every RPC span, SQL statement span, outbox send span and provider HTTP span, and every
+metric data point's attributes, are scanned too.
 
 Wrong, expired and used codes must look alike to a caller except for
 ``VerifyResult`` / ``attempts_remaining``.
@@ -26,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import logging
 import re
 from collections import defaultdict
@@ -43,8 +38,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from mfa.v1 import two_factor_service_pb2 as pb
 from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import inspect, literal_column, select, table
@@ -290,16 +284,9 @@ def captured_logs() -> Iterator[CapturingHandler]:
 
 
 @pytest.fixture
-def recorded_spans(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
-    """An SDK TracerProvider for the servers built in this test (see the module doc)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(telemetry, "aio_server_interceptor",
-                        functools.partial(aio_server_interceptor, tracer_provider=provider))
-    monkeypatch.setattr(telemetry, "configure_tracing", lambda exporter: True)
-    yield exporter
-    provider.shutdown()
+def recorded_spans() -> InMemorySpanExporter:
+    """Every span of the server built in this test (see the module doc)."""
+    return InMemorySpanExporter()
 
 
 class CallRecorder(aio.UnaryUnaryClientInterceptor):
@@ -350,6 +337,7 @@ class LeakRig:
     recorder: CallRecorder
     logs: CapturingHandler
     spans: InMemorySpanExporter
+    metrics: InMemoryMetricReader
 
     @property
     def stub(self) -> Stub:
@@ -380,8 +368,12 @@ async def leak_rig(database_url: str, fresh_clock: FixedClock,
         async with http_server_running() as provider:
             settings = delivery_settings(database_url, smtp_port, provider,
                                          outbox_dispatcher=False, health_probe_seconds=300)
-            app = await create_server(settings, clock=fresh_clock,
-                                      keyring=Keyring.parse(TEST_KEYRING))
+            metric_reader = InMemoryMetricReader()
+            app = await create_server(
+                settings, clock=fresh_clock, keyring=Keyring.parse(TEST_KEYRING),
+                observability=telemetry.Telemetry.create(
+                    span_processors=[SimpleSpanProcessor(recorded_spans)],
+                    metric_readers=[metric_reader]))
             assert (settings.email_provider, settings.phone_provider) == ("smtp", "webhook")
             stop = asyncio.Event()
 
@@ -402,7 +394,7 @@ async def leak_rig(database_url: str, fresh_clock: FixedClock,
             stub: Stub = pb_grpc.TwoFactorServiceStub(channel)
             try:
                 yield LeakRig(Rig(app, stub, fresh_clock, handler, provider, no_restart),
-                              recorder, captured_logs, recorded_spans)
+                              recorder, captured_logs, recorded_spans, metric_reader)
             finally:
                 stop.set()
                 await dispatcher
@@ -799,6 +791,16 @@ async def test_no_code_secret_token_or_recovery_code_leaks(
             sp.to_json(), sp.name, *leaves(dict(sp.attributes or {})),
             sp.status.description or "",
             *(v for ev in sp.events for v in [ev.name, *leaves(dict(ev.attributes or {}))])]
+
+    # SQL statements, outbox sends and provider requests are spans of their own.
+    kinds = {sp.name for sp in spans}
+    assert "outbox send" in kinds and "POST" in kinds, kinds
+    assert any(sp.parent is not None and (sp.attributes or {}).get("db.system")
+               for sp in spans)
+    # Metric data points: their attributes, names and values.
+    data = lr.metrics.get_metrics_data()
+    assert data is not None
+    piles["metrics"] += [data.to_json()]
 
     # 3. What callers got back besides response bodies: status, message, trailers.
     answers = await lr.recorder.answers()

@@ -7,6 +7,11 @@ transaction, sent outside any transaction (a slow provider holds no connection),
 settled only if the claim still holds. Providers get the message id as idempotency key,
 so a crash between "provider accepted" and "row settled" does not become a second SMS
 at providers that honour it.
+
+Telemetry (when on): each claimed message is processed in a span of its own
+(``outbox send``, with its channel and kind, never the destination) whose children are
+the provider's HTTP request and the settling statements; every outcome is counted by
+channel, kind and outcome.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import logging
 import random
 from collections.abc import Mapping
 from datetime import timedelta
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from mfa_service.clock import Clock
 from mfa_service.crypto import DecryptionError, Keyring
@@ -34,6 +42,7 @@ from mfa_service.store.outbox import (
     OutboxMessage,
     OutboxState,
 )
+from mfa_service.telemetry import Metrics
 
 log = logging.getLogger("mfa_service.delivery")
 
@@ -42,7 +51,8 @@ class Dispatcher:
     def __init__(self, db: Database, keyring: Keyring, clock: Clock,
                  senders: Mapping[Channel, Sender], *, lease: timedelta = timedelta(minutes=1),
                  batch: int = 20, backoff_base: float = 1.0, backoff_max: float = 300.0,
-                 poll_seconds: float = 1.0) -> None:
+                 poll_seconds: float = 1.0, tracer: Tracer | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._db = db
         self._keyring = keyring
         self._clock = clock
@@ -52,6 +62,8 @@ class Dispatcher:
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._poll = poll_seconds
+        self._tracer = tracer
+        self._metrics = metrics
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -86,15 +98,37 @@ class Dispatcher:
         async with self._db.transaction() as tx:
             claimed = await tx.outbox.claim_due(now, self._lease, self._batch)
         if claimed:
-            await asyncio.gather(*(self._process(m) for m in claimed))
+            await asyncio.gather(*(self._traced(m) for m in claimed))
         return len(claimed)
+
+    async def _traced(self, m: OutboxMessage) -> None:
+        if self._tracer is None:
+            await self._process(m)
+            return
+        with self._tracer.start_as_current_span("outbox send", kind=SpanKind.PRODUCER,
+                                                attributes={
+                                                    "mfa.channel": m.channel.value,
+                                                    "mfa.message.kind": m.kind,
+                                                    "mfa.attempt": m.attempts}):
+            await self._process(m)
+
+    def _outcome(self, m: OutboxMessage, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.delivery(m.channel.value, m.kind, outcome)
+        if self._tracer is not None:
+            span = trace.get_current_span()
+            span.set_attribute("mfa.outcome", outcome)
+            if outcome not in ("sent", "superseded", "expired"):
+                span.set_status(Status(StatusCode.ERROR, outcome))
 
     async def _process(self, m: OutboxMessage) -> None:
         now = self._clock.now()
         if now >= m.not_after:
+            self._outcome(m, "expired")
             await self._settle(m, EXPIRED, "expired before it could be sent")
             return
         if m.kind == "code" and not m.challenge_open:
+            self._outcome(m, "superseded")
             await self._settle(m, SUPERSEDED, "challenge closed before sending")
             return
         try:
@@ -104,6 +138,7 @@ class Dispatcher:
                                            m.payload_ciphertext)
         except (DecryptionError, ValueError, KeyError):
             log.error("outbox message cannot be decrypted", extra={"message_id": m.message_id})
+            self._outcome(m, "failed")
             await self._settle(m, FAILED, "payload cannot be decrypted")
             return
         sender = self._senders[m.channel]
@@ -114,6 +149,7 @@ class Dispatcher:
             if exc.retryable:
                 await self._retry(m, str(exc), exc.retry_after_seconds)
             else:
+                self._outcome(m, "failed")
                 log.warning("message refused by provider", extra={
                     "message_id": m.message_id, "channel": m.channel.value, "error": str(exc)})
                 await self._settle(m, FAILED, str(exc))
@@ -122,6 +158,7 @@ class Dispatcher:
             log.exception("sender failed unexpectedly", extra={"message_id": m.message_id})
             await self._retry(m, f"internal: {type(exc).__name__}", None)
             return
+        self._outcome(m, "sent")
         await self._settle(m, SENT, None)
         log.info("message sent", extra={"message_id": m.message_id, "channel": m.channel.value,
                                         "attempt": m.attempts})
@@ -137,9 +174,11 @@ class Dispatcher:
     async def _retry(self, m: OutboxMessage, error: str, hint: float | None) -> None:
         when = self._clock.now() + timedelta(seconds=self.backoff(m.attempts, hint))
         if when >= m.not_after:
+            self._outcome(m, "expired" if m.kind == "code" else "failed")
             await self._settle(m, EXPIRED if m.kind == "code" else FAILED,
                                f"gave up: {error}")
             return
+        self._outcome(m, "retry")
         log.warning("delivery failed, will retry", extra={
             "message_id": m.message_id, "channel": m.channel.value, "attempt": m.attempts,
             "retry_at": when.isoformat(), "error": error})

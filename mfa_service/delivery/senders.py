@@ -260,10 +260,13 @@ def _check_http_url(url: str) -> None:
 class _HttpSender:
     """An httpx client that is closed on ``aclose`` only if this sender created it."""
 
-    def __init__(self, timeout: float, client: httpx.AsyncClient | None) -> None:
+    def __init__(self, timeout: float, client: httpx.AsyncClient | None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._timeout = timeout
         self._owns_client = client is None
-        self._client = client if client is not None else httpx.AsyncClient(timeout=timeout)
+        # ``transport``: e.g. OpenTelemetry's, a client span per provider request.
+        self._client = client if client is not None else httpx.AsyncClient(
+            timeout=timeout, transport=transport)
 
     async def aclose(self) -> None:
         if self._owns_client:
@@ -290,9 +293,10 @@ class WebhookSender(_HttpSender):
 
     def __init__(self, url: str, *, timeout: float = 10.0,
                  headers: dict[str, str] | None = None,
-                 client: httpx.AsyncClient | None = None) -> None:
+                 client: httpx.AsyncClient | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         _check_http_url(url)
-        super().__init__(timeout, client)
+        super().__init__(timeout, client, transport)
         self._url = url
         # The host names the gateway in errors; the path or query may hold a secret.
         self._label = f"webhook {httpx.URL(url).host}"
@@ -339,11 +343,12 @@ class TwilioSender(_HttpSender):
     """
 
     def __init__(self, base_url: str, account_sid: str, auth_token: str, from_number: str,
-                 *, timeout: float = 10.0, client: httpx.AsyncClient | None = None) -> None:
+                 *, timeout: float = 10.0, client: httpx.AsyncClient | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         _check_http_url(base_url)
         if not account_sid or not auth_token:
             raise ValueError("account_sid and auth_token are required")
-        super().__init__(timeout, client)
+        super().__init__(timeout, client, transport)
         account = f"{base_url.rstrip('/')}/2010-04-01/Accounts/{quote(account_sid, safe='')}"
         self._messages_url = f"{account}/Messages.json"
         self._calls_url = f"{account}/Calls.json"

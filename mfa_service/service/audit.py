@@ -46,3 +46,7 @@ def record(tx: Transaction, now: datetime, event: Event, outcome: Outcome, who: 
         caller=who.caller, application=application.value if application else None,
         client_ip=who.client_ip or None, user_agent=who.user_agent or None,
         detail=json.dumps(detail, sort_keys=True) if detail else None)
+    # Metrics count committed events by their enum facts (event, result, method,
+    # application, scope), never by the ids above.
+    tx.note_event(event.value, outcome.value, detail,
+                  application.value if application else None)

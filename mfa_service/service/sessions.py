@@ -7,6 +7,7 @@ NIST AAL2 (12 h / 30 min); CheckSession slides the idle deadline, never past the
 
 from __future__ import annotations
 
+import functools
 import uuid
 from datetime import datetime, timedelta
 
@@ -24,6 +25,7 @@ from mfa_service.domain import (
 )
 from mfa_service.errors import FailedPrecondition
 from mfa_service.service import audit
+from mfa_service.service.session_cache import SessionCache
 from mfa_service.store.database import Database, Transaction
 
 IDLE_STEP = timedelta(minutes=1)
@@ -35,12 +37,14 @@ def _token_message(token: str) -> bytes:
 
 class SessionService:
     def __init__(self, db: Database, keyring: Keyring, clock: Clock, *,
-                 ttl: timedelta, idle: timedelta) -> None:
+                 ttl: timedelta, idle: timedelta, cache: SessionCache | None = None) -> None:
         self._db = db
         self._keyring = keyring
         self._clock = clock
         self._ttl = ttl
         self._idle = idle
+        # (Not `cache or ...`: an empty cache has len() 0 and is falsy.)
+        self._cache = cache if cache is not None else SessionCache(0)
 
     def open(self, tx: Transaction, record: FactorRecord, application: Application,
              who: AuditContext, now: datetime) -> NewSession:
@@ -70,16 +74,29 @@ class SessionService:
         """
         now = self._clock.now()
         hashes = self._keyring.mac_all(_token_message(token))
+        key, cache = hashes[0], self._cache
+        cached = cache.get(key)
+        if cached is not None and self._holds(cached, now):
+            return cached  # service/session_cache.py: revocations evict at once
+        stamp = cache.stamp()
         async with self._db.transaction(readonly=True) as tx:
             session = await tx.sessions.find_live(hashes, now)
+        if session is not None and not self._holds(session, now):
+            async with self._db.transaction() as tx:
+                # Conditional on the session still being live: a revoke in between wins.
+                session = await tx.sessions.touch_live(hashes, now, now + self._idle)
         if session is None:
-            return None
+            cache.discard(key)
+        else:
+            cache.put(key, session, stamp)
+        return session
+
+    def _holds(self, session: Session, now: datetime) -> bool:
+        """Still live, and its idle deadline needs no slide (it would move <= a minute)."""
+        if not (now < session.expires_at and now < session.idle_expires_at):
+            return False
         wanted = min(now + self._idle, session.expires_at)
-        if wanted - session.idle_expires_at <= IDLE_STEP:
-            return session
-        async with self._db.transaction() as tx:
-            # Conditional on the session still being live: a revoke in between wins.
-            return await tx.sessions.touch_live(hashes, now, now + self._idle)
+        return wanted - session.idle_expires_at <= IDLE_STEP
 
     async def require_recent(self, tx: Transaction, token: str, user_id: str, now: datetime,
                              max_age: timedelta, action: str) -> Session:
@@ -105,6 +122,7 @@ class SessionService:
         it (OWASP session management: a removed factor vouches for nothing)."""
         ended = await tx.sessions.revoke_factor(factor.user_id, factor.factor_id, now)
         await self._audit_revoked(tx, ended, who, now, "factor_removed")
+        self._evict(tx, ended)
         return len(ended)
 
     async def revoke_token(self, token: str, who: AuditContext) -> int:
@@ -114,6 +132,7 @@ class SessionService:
             ended = await tx.sessions.revoke_by_hash(
                 self._keyring.mac_all(_token_message(token)), now)
             await self._audit_revoked(tx, ended, who, now, "logout")
+            self._evict(tx, ended)
         return len(ended)
 
     async def revoke_user(self, user_id: str, who: AuditContext) -> int:
@@ -122,7 +141,16 @@ class SessionService:
         async with self._db.transaction() as tx:
             ended = await tx.sessions.revoke_user(user_id, now)
             await self._audit_revoked(tx, ended, who, now, "all_sessions")
+            self._evict(tx, ended)
         return len(ended)
+
+    def _evict(self, tx: Transaction, ended: list[Session]) -> None:
+        """Drop the ended sessions' users from this process's cache now and again when the
+        revocation commits (a check in between reads the database and may cache the
+        session once more); other processes hear of it by NOTIFY (SessionRepository)."""
+        for user_id in {s.user_id for s in ended}:
+            self._cache.evict_user(user_id)
+            tx.after_commit(functools.partial(self._cache.evict_user, user_id))
 
     @staticmethod
     async def _audit_revoked(tx: Transaction, ended: list[Session], who: AuditContext,

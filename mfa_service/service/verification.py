@@ -128,7 +128,8 @@ class Verification:
                                  recovery=record.factor.method is Method.RECOVERY_CODE)
             if not usable:
                 outcome = self._closed_outcome(challenge, now)
-                self._audit_verify(tx, now, who, challenge, outcome.result)
+                self._audit_verify(tx, now, who, challenge, outcome.result,
+                                   record.factor.method)
                 return outcome
             # The user's lock makes the read above current, so the factor's own check
             # (and its atomic step) and the attempt below cannot interleave with another
@@ -141,7 +142,7 @@ class Verification:
             if not ok:
                 result = (VerifyResult.MAX_ATTEMPTS_REACHED if remaining == 0
                           else VerifyResult.INVALID_CODE)
-                self._audit_verify(tx, now, who, settled, result)
+                self._audit_verify(tx, now, who, settled, result, record.factor.method)
                 await self._count_failure(tx, lockout, settled, who, now)
                 return VerifyOutcome(result, remaining)
             if lockout != ctx.lockout.after_success():  # no write when already clear
@@ -158,12 +159,13 @@ class Verification:
         session = self._ctx.sessions.open(a.tx, a.record, a.challenge.application, a.who,
                                           a.now)
         self._audit_verify(a.tx, a.now, a.who, a.challenge, VerifyResult.APPROVED,
-                           session_id=session.session.session_id)
+                           a.record.factor.method, session_id=session.session.session_id)
         return VerifyOutcome(VerifyResult.APPROVED, a.remaining, session=session)
 
     async def _confirm(self, a: _Approved) -> VerifyOutcome:
         ctx, tx, now, factor = self._ctx, a.tx, a.now, a.record.factor
-        self._audit_verify(tx, now, a.who, a.challenge, VerifyResult.APPROVED)
+        self._audit_verify(tx, now, a.who, a.challenge, VerifyResult.APPROVED,
+                           a.record.factor.method)
         replaced = await self._retire_replaced(tx, a.record, a.who, now)
         summary = await tx.factors.summary(factor.user_id, factor.method)
         if summary.active_of_method is not None:
@@ -202,7 +204,8 @@ class Verification:
 
     async def _disable(self, a: _Approved) -> VerifyOutcome:
         ctx, tx, now, factor = self._ctx, a.tx, a.now, a.target.factor
-        self._audit_verify(tx, now, a.who, a.challenge, VerifyResult.APPROVED)
+        self._audit_verify(tx, now, a.who, a.challenge, VerifyResult.APPROVED,
+                           a.record.factor.method)
         if not await tx.factors.disable(factor.factor_id, now):
             raise FailedPrecondition("the factor is disabled",
                                      reason=ErrorReason.ERROR_REASON_FACTOR_DISABLED)
@@ -221,7 +224,8 @@ class Verification:
     async def _change_phone(self, a: _Approved) -> VerifyOutcome:
         # The approval itself is the proof Enroll(METHOD_PHONE) asks for.
         a.tx.factors.touch(a.record.factor.factor_id, a.now)
-        self._audit_verify(a.tx, a.now, a.who, a.challenge, VerifyResult.APPROVED)
+        self._audit_verify(a.tx, a.now, a.who, a.challenge, VerifyResult.APPROVED,
+                           a.record.factor.method)
         return VerifyOutcome(VerifyResult.APPROVED, a.remaining,
                              factor=replace(a.record.factor, last_used_at=a.now))
 
@@ -304,14 +308,16 @@ class Verification:
 
     @staticmethod
     def _audit_verify(tx: Transaction, now: datetime, who: AuditContext, challenge: Challenge,
-                      result: VerifyResult, session_id: str | None = None) -> None:
+                      result: VerifyResult, method: Method,
+                      session_id: str | None = None) -> None:
         audit.record(
             tx, now, audit.Event.VERIFY,
             audit.Outcome.OK if result is VerifyResult.APPROVED else audit.Outcome.FAILED, who,
             user_id=challenge.user_id, factor_id=challenge.factor_id,
             challenge_id=challenge.challenge_id, session_id=session_id,
             application=challenge.application,
-            detail={"result": result.value, "purpose": challenge.purpose.value})
+            detail={"result": result.value, "purpose": challenge.purpose.value,
+                    "method": method.value})
 
 
 _PURPOSES: dict[Purpose, Handler] = {

@@ -28,4 +28,5 @@ def open_database(settings: Settings, *, pool_size: int | None = None) -> Databa
     return Database(create_engine(
         database_url(settings.database_url, password),
         pool_size=pool_size or settings.database_pool_size,
-        timeout=settings.database_timeout_seconds))
+        timeout=settings.database_timeout_seconds, pooler=settings.database_pooler),
+        pooled=settings.database_pooler != "none")

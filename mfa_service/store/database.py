@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import cached_property
 from typing import Any
@@ -40,12 +40,30 @@ class Transaction(Unit):
         super().__init__(conn)
         self._database = database
         self._after_commit: list[Callable[[], None]] = []
+        self._events: list[tuple[str, str, Mapping[str, Any] | None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once this transaction has committed (never on rollback);
         the same callback registered twice runs once."""
         if callback not in self._after_commit:
             self._after_commit.append(callback)
+
+    def note_event(self, event: str, outcome: str, detail: Mapping[str, Any] | None,
+                   application: str | None) -> None:
+        """A security event this transaction records; the database's event listeners
+        (metrics) get the list once the transaction committed. Nothing is kept when no
+        one listens."""
+        if self._database.event_listeners:
+            if not self._events:
+                self.after_commit(self._publish_events)
+            facts = dict(detail or {})
+            if application is not None:
+                facts["application"] = application
+            self._events.append((event, outcome, facts))
+
+    def _publish_events(self) -> None:
+        for listener in self._database.event_listeners:
+            listener(self._events)
 
     def wake_outbox(self) -> None:
         """Tell this process's outbox dispatcher that a message is waiting (registered by
@@ -86,14 +104,21 @@ class Transaction(Unit):
 class Database:
     """Owns the engine; hands out transactions with driver errors mapped to store errors."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, pooled: bool = False) -> None:
         self.engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
+        # Behind PgBouncer (transaction pooling) a statement outside a transaction may
+        # be prepared on one server connection and executed on another: reads run in a
+        # transaction there, which pins one server connection until COMMIT.
+        self._autocommit_reads = not self._sqlite and not pooled
         self._write_lock: asyncio.Lock | None = None
         # Called after a transaction that queued a message commits (the dispatcher's wake).
         self.outbox_listeners: list[Callable[[], None]] = []
         # Called when a transaction found the database unavailable (health, at once).
         self.unavailable_listeners: list[Callable[[], None]] = []
+        # Called with the security events of a transaction that committed (metrics).
+        self.event_listeners: list[
+            Callable[[Sequence[tuple[str, str, Mapping[str, Any] | None]]], None]] = []
 
     @asynccontextmanager
     async def transaction(self, *, readonly: bool = False) -> AsyncIterator[Transaction]:
@@ -133,7 +158,7 @@ class Database:
         bound = asyncio.timeout_at(due)
         try:
             async with bound, lock, self.engine.connect() as conn:
-                if readonly and not self._sqlite:
+                if readonly and self._autocommit_reads:
                     await conn.execution_options(isolation_level="AUTOCOMMIT")
                     tx = Transaction(conn, self)
                     yield tx
@@ -172,6 +197,8 @@ class Database:
         """Raise StoreUnavailable unless the database answers a trivial query."""
         try:
             async with self.engine.connect() as conn:
+                if self._sqlite:  # a deferred BEGIN: the probe takes no write lock
+                    await conn.execution_options(mfa_readonly=True)
                 await conn.execute(text("SELECT 1"))
         except Exception as exc:
             mapped = translate(exc)

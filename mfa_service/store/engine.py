@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 from sqlalchemy import Select, Table, event, text
@@ -28,26 +29,47 @@ def database_url(url: str, password: str | None) -> URL:
     return parsed
 
 
+def _unique_statement_name() -> str:
+    return f"__asyncpg_{uuid.uuid4().hex}__"
+
+
 def create_engine(url: URL, *, pool_size: int = 5, timeout: float = 5.0,
-                  echo: bool = False) -> AsyncEngine:
-    """An async engine tuned per dialect."""
+                  echo: bool = False, pooler: str = "none") -> AsyncEngine:
+    """An async engine tuned per dialect.
+
+    ``pooler="pgbouncer"``: PgBouncer in transaction pooling mode hands each transaction
+    to whichever server connection is free, and 1.18 keeps no prepared statements for
+    us. asyncpg's statement cache and SQLAlchemy's prepared-statement cache are off (a
+    cached statement would be looked up on a server that never prepared it), and every
+    statement gets a unique name (two clients' ``__asyncpg_stmt_1__`` would collide on
+    one server connection). Reads then run in a transaction too (store/database.py).
+    Directly connected, both caches stay on: they save a parse per statement.
+    """
     if url.get_backend_name() == "sqlite":
         engine = create_async_engine(
             url, echo=echo, hide_parameters=True, connect_args={"timeout": timeout * 6})
         _make_sqlite_transactions_immediate(engine, busy_ms=int(timeout * 6 * 1000))
         return engine
+    connect_args: dict[str, Any] = {
+        "timeout": timeout, "command_timeout": timeout * 6,
+        "server_settings": {"application_name": "mfa-service"}}
+    if pooler == "pgbouncer":
+        connect_args.update(statement_cache_size=0, prepared_statement_cache_size=0,
+                            prepared_statement_name_func=_unique_statement_name)
     # hide_parameters: SQLAlchemy puts bound parameters into exception messages, and ours
     # include hashes and ciphertexts; nothing of that may reach a log line.
     return create_async_engine(
         url, echo=echo, hide_parameters=True,
         # Small pools: on 2 cores 64 connections were slower than 16 (shared/BASELINES.md).
-        pool_size=pool_size, max_overflow=pool_size, pool_timeout=timeout,
+        # A fixed pool, no overflow: an overflow connection is closed when it is returned,
+        # so under load every request above pool_size paid a new connection (TCP, auth,
+        # and the driver's prepared statements lost with it); the profile showed it.
+        pool_size=pool_size, max_overflow=0, pool_timeout=timeout,
         # No pool_pre_ping: it costs three round trips (BEGIN; ";"; ROLLBACK) at every
         # checkout. A connection that died is found by the statement that uses it: the
         # driver error becomes StoreUnavailable (UNAVAILABLE, retryable), the pool drops
         # the connection, and the health probe flips NOT_SERVING until the database answers.
-        connect_args={"timeout": timeout, "command_timeout": timeout * 6,
-                      "server_settings": {"application_name": "mfa-service"}},
+        connect_args=connect_args,
     )
 
 
@@ -127,6 +149,17 @@ async def lock_key(conn: AsyncConnection, key: bytes) -> None:
 
 
 _ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+_NOTIFY = text("SELECT pg_notify('mfa_session_revoked', :user_id)")
+
+
+async def notify_revoked(unit: Any, user_ids: set[str]) -> None:
+    """Tell every server process that these users' sessions were revoked (PostgreSQL
+    NOTIFY: delivered when, and only if, the transaction commits). Their session caches
+    evict the users (service/session_cache.py). SQLite has no NOTIFY and no cache."""
+    if unit.conn.dialect.name != "postgresql":
+        return
+    for user_id in sorted(user_ids):
+        await unit.execute(_NOTIFY, {"user_id": user_id})
 
 
 def translate(exc: BaseException) -> StoreError | None:

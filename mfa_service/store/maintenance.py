@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from mfa_service.domain import ChallengeState, FactorStatus
-from mfa_service.store.engine import insert_ignore
+from mfa_service.store.engine import insert_ignore, notify_revoked
 from mfa_service.store.models import (
     challenges,
     factors,
@@ -27,6 +27,7 @@ from mfa_service.store.models import (
     user_lockouts,
 )
 from mfa_service.store.outbox import PENDING
+from mfa_service.store.unit import Unit
 
 # What a key can be needed for, in the order `keys status` prints them. The first two are
 # AES-GCM ciphertexts (re-encryptable); the others are HMACs of values we never store.
@@ -183,11 +184,14 @@ async def retire_recovery_codes(conn: AsyncConnection, user_id: str, now: dateti
 
 
 async def revoke_user_sessions(conn: AsyncConnection, user_id: str, now: datetime) -> int:
-    """Revoke the user's live sessions (the request path's definition of live)."""
+    """Revoke the user's live sessions (the request path's definition of live), and tell
+    the running servers' session caches (NOTIFY, on commit)."""
     result = await conn.execute(
         update(sessions).where(sessions.c.user_id == user_id, sessions.c.revoked_at.is_(None),
                                sessions.c.expires_at > now, sessions.c.idle_expires_at > now)
         .values(revoked_at=now))
+    if result.rowcount:
+        await notify_revoked(Unit(conn), {user_id})
     return result.rowcount
 
 

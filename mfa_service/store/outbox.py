@@ -116,6 +116,14 @@ class OutboxRepository:
                     last_error=error[:200]))
         return result.rowcount == 1
 
+    async def backlog(self) -> tuple[int, datetime | None]:
+        """How many messages are pending and when the oldest was queued (metrics; one
+        aggregate over the ``ix_outbox_due`` index)."""
+        row = (await self._conn.execute(
+            select(func.count(), func.min(outbox.c.created_at)).where(
+                outbox.c.state == PENDING))).one()
+        return int(row[0] or 0), row[1]
+
     async def pending_for(self, user_id: str) -> int:
         value = await self._conn.scalar(select(func.count()).select_from(outbox).where(
             and_(outbox.c.user_id == user_id, outbox.c.state == PENDING)))

@@ -45,7 +45,7 @@ from mfa_service.domain import (
     Purpose,
     Session,
 )
-from mfa_service.store.engine import lock_key
+from mfa_service.store.engine import lock_key, notify_revoked
 from mfa_service.store.models import UTCDateTime, audit_events, challenges, factors, sessions
 from mfa_service.store.unit import Unit
 
@@ -112,6 +112,25 @@ class UserFactors:
 class FactorRepository:
     def __init__(self, unit: Unit) -> None:
         self._unit = unit
+        # factor id -> (TOTP step to record or None, when it was used): one deferred
+        # UPDATE per factor however many times the request marks it (see Unit.defer).
+        self._used: dict[str, tuple[int | None, datetime]] = {}
+
+    def _mark_used(self, factor_id: str, step: int | None, now: datetime) -> None:
+        previous = self._used.get(factor_id)
+        if previous is not None and previous[0] is not None:
+            step = previous[0] if step is None else max(step, previous[0])
+        self._used[factor_id] = (step, now)
+        self._unit.before_flush(self._write_used)
+
+    def _write_used(self) -> None:
+        used, self._used = self._used, {}
+        for factor_id, (step, now) in used.items():
+            if step is None:
+                self._unit.defer(_TOUCH, {"factor_id": factor_id, "now": now})
+            else:
+                self._unit.defer(_ACCEPT_TOTP_STEP,
+                                 {"factor_id": factor_id, "step": step, "now": now})
 
     def add(self, record: FactorRecord) -> None:
         """Insert the factor before COMMIT (nothing reads it back in the transaction)."""
@@ -197,11 +216,11 @@ class FactorRepository:
         waits for COMMIT. The WHERE still refuses an older step, should anything write the
         factor without the user's lock.
         """
-        self._unit.defer(_ACCEPT_TOTP_STEP, {"factor_id": factor_id, "step": step, "now": now})
+        self._mark_used(factor_id, step, now)
 
     def touch(self, factor_id: str, now: datetime) -> None:
         """Mark an ACTIVE factor used (before COMMIT)."""
-        self._unit.defer(_TOUCH, {"factor_id": factor_id, "now": now})
+        self._mark_used(factor_id, None, now)
 
 
 def _aware(value: Any) -> datetime | None:
@@ -315,8 +334,11 @@ class ChallengeRepository:
         the WHERE and matches nothing). ``ok`` was decided before, on the state read under
         the user's lock, so counting and closing need not be two statements.
         """
+        # It touches one challenge row, which no deferred write changes (those are the
+        # factor's TOTP step, new rows and the lockout): the deferred writes can wait.
         row = (await self._unit.execute(
-            _SETTLE_ATTEMPT, {"challenge_id": challenge_id, "ok": ok, "now": now})).first()
+            _SETTLE_ATTEMPT, {"challenge_id": challenge_id, "ok": ok, "now": now},
+            sees_deferred=False)).first()
         return _challenge(row) if row else None
 
     async def lock_destination(self, destination_key: bytes) -> None:
@@ -376,7 +398,16 @@ def _session(row: Row[Any]) -> Session:
 _HASHES = bindparam("hashes", expanding=True, type_=LargeBinary())
 _LIVE = and_(sessions.c.revoked_at.is_(None), sessions.c.expires_at > _NOW,
              sessions.c.idle_expires_at > _NOW)
-_FIND_LIVE = select(sessions).where(sessions.c.token_hash.in_(_HASHES), _LIVE)
+# CheckSession's read, per number of keys in the ring (one hash per key). A plain IN of
+# fixed size: an expanding IN is rendered again on every call (it showed in the profile).
+_FIND_LIVE: dict[int, Any] = {}
+
+
+def _find_live(n: int) -> Any:
+    if n not in _FIND_LIVE:
+        _FIND_LIVE[n] = select(sessions).where(sessions.c.token_hash.in_(
+            [bindparam(f"h{i}", type_=LargeBinary()) for i in range(n)]), _LIVE)
+    return _FIND_LIVE[n]
 _IDLE_UNTIL = bindparam("idle_until", type_=UTCDateTime())
 _TOUCH_LIVE = update(sessions).where(sessions.c.token_hash.in_(_HASHES), _LIVE).values(
     idle_expires_at=case((sessions.c.expires_at < _IDLE_UNTIL, sessions.c.expires_at),
@@ -398,8 +429,9 @@ class SessionRepository:
 
     async def find_live(self, token_hashes: Sequence[bytes], now: datetime) -> Session | None:
         """The live session (not revoked, neither deadline passed) with one of the hashes."""
-        row = (await self._unit.execute(
-            _FIND_LIVE, {"hashes": list(token_hashes), "now": now})).first()
+        params: dict[str, Any] = {f"h{i}": h for i, h in enumerate(token_hashes)}
+        params["now"] = now
+        row = (await self._unit.execute(_find_live(len(token_hashes)), params)).first()
         return _session(row) if row else None
 
     async def touch_live(self, token_hashes: Sequence[bytes], now: datetime,
@@ -419,7 +451,9 @@ class SessionRepository:
                                    sessions.c.expires_at > now,
                                    sessions.c.idle_expires_at > now)
             .values(revoked_at=now).returning(*sessions.c))
-        return [_session(r) for r in result]
+        ended = [_session(r) for r in result]
+        await notify_revoked(self._unit, {s.user_id for s in ended})
+        return ended
 
     async def revoke_by_hash(self, token_hashes: Sequence[bytes], now: datetime) -> list[Session]:
         return await self._revoke(sessions.c.token_hash.in_(list(token_hashes)), now)

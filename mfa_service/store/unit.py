@@ -20,7 +20,7 @@ on every call cost more CPU than the round trips it saves (a DML CTE is not cach
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,11 +57,14 @@ class Unit:
         self._postgres = conn.dialect.name == "postgresql"
         self._updates: list[tuple[UpdateBase, dict[str, Any]]] = []
         self._inserts: dict[Table, list[dict[str, Any]]] = {}
+        self._before_flush: list[Callable[[], None]] = []
 
-    async def execute(self, statement: Executable,
-                      params: dict[str, Any] | None = None) -> Result[Any]:
-        """Run ``statement`` now (after sending the deferred writes) and return its result."""
-        await self.flush()
+    async def execute(self, statement: Executable, params: dict[str, Any] | None = None, *,
+                      sees_deferred: bool = True) -> Result[Any]:
+        """Run ``statement`` now and return its result; the deferred writes go first unless
+        the caller knows the statement cannot depend on them (``sees_deferred=False``)."""
+        if sees_deferred:
+            await self.flush()
         return await self.conn.execute(statement, params)
 
     async def write(self, statement: Executable,
@@ -73,8 +76,20 @@ class Unit:
 
     def defer(self, statement: UpdateBase, params: dict[str, Any]) -> None:
         """Send ``statement`` (a prebuilt UPDATE whose row count nobody needs) with
-        ``params`` before COMMIT."""
+        ``params`` before COMMIT.
+
+        At most one deferred UPDATE per row: on PostgreSQL they run inside one statement,
+        and a row updated twice by one statement keeps only one of the two changes
+        (which one is not defined). A repository that may change one row twice merges
+        the changes itself (see ``before_flush``).
+        """
         self._updates.append((statement, params))
+
+    def before_flush(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the deferred writes are about to be sent (a repository
+        turns its merged pending changes into ``defer`` calls there)."""
+        if callback not in self._before_flush:
+            self._before_flush.append(callback)
 
     def insert_later(self, table: Table, row: dict[str, Any]) -> None:
         """Insert ``row`` before COMMIT (rows of one table go as one multi-row INSERT, in
@@ -85,6 +100,9 @@ class Unit:
     async def flush(self) -> None:
         """Send every deferred write: one statement on PostgreSQL, one per table or
         update on SQLite."""
+        callbacks, self._before_flush = self._before_flush, []
+        for callback in callbacks:
+            callback()
         updates, inserts = self._updates, self._inserts
         if not updates and not inserts:
             return

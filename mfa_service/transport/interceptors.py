@@ -20,6 +20,7 @@ from grpc import aio
 
 from mfa_service.domain import Caller
 from mfa_service.errors import MfaError
+from mfa_service.telemetry import Metrics
 from mfa_service.transport.auth import ANONYMOUS, NOBODY, CallerRegistry
 from mfa_service.transport.status import internal_status, status_code_for, to_grpc_status
 
@@ -40,8 +41,13 @@ class ServiceInterceptor(aio.ServerInterceptor):
     the anonymous development caller.
     """
 
-    def __init__(self, callers: CallerRegistry | None = None) -> None:
+    def __init__(self, callers: CallerRegistry | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._callers = callers
+        self._metrics = metrics
+        # The wrapped handler of each method, made once: the servicer's handlers do not
+        # change, and building a handler object on every call showed in the profile.
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -49,18 +55,23 @@ class ServiceInterceptor(aio.ServerInterceptor):
                                Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or not method.startswith(
                 SERVICE_PREFIX):
             return handler
-        return grpc.unary_unary_rpc_method_handler(
-            _wrap(method, cast(Handler, handler.unary_unary), self._callers),
+        wrapped = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
+            _wrap(method, cast(Handler, handler.unary_unary), self._callers, self._metrics),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
+        return wrapped
 
 
-def _wrap(method: str, inner: Handler, callers: CallerRegistry | None) -> Handler:
+def _wrap(method: str, inner: Handler, callers: CallerRegistry | None,
+          metrics: Metrics | None = None) -> Handler:
     rpc = method.rsplit("/", 1)[-1]
 
     async def handle(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
@@ -89,8 +100,12 @@ def _wrap(method: str, inner: Handler, callers: CallerRegistry | None) -> Handle
             status = internal_status()
             await context.abort(status.code, status.details, status.trailing_metadata)
         finally:
-            log.info("rpc", extra={
-                "rpc": rpc, "code": code.name, "caller": caller_var.get().name,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+            elapsed = time.perf_counter() - started
+            if metrics is not None:
+                metrics.rpc(rpc, code, elapsed)
+            if log.isEnabledFor(logging.INFO):
+                log.info("rpc", extra={
+                    "rpc": rpc, "code": code.name, "caller": caller_var.get().name,
+                    "duration_ms": round(elapsed * 1000, 2)})
 
     return handle

@@ -14,6 +14,7 @@ from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 
 from mfa_service.domain import AuditContext
 from mfa_service.service import Services
+from mfa_service.telemetry import Metrics
 from mfa_service.transport import convert
 from mfa_service.transport.interceptors import caller_var
 
@@ -27,8 +28,9 @@ def _who(client_ip: str = "", user_agent: str = "") -> AuditContext:
 
 
 class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, metrics: Metrics | None = None) -> None:
         self._s = services
+        self._metrics = metrics
 
     async def Enroll(self, request: pb.EnrollRequest, context: Context) -> pb.EnrollResponse:
         result = await self._s.enrolment.enroll(convert.enroll_command(request), _who())
@@ -55,7 +57,10 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
                            context: Context) -> pb.CheckSessionResponse:
         token, application = convert.check_session_args(request)
         _who().authorize(application)  # either application may check any session
-        return convert.check_session_response(await self._s.sessions.check(token))
+        session = await self._s.sessions.check(token)
+        if self._metrics is not None:
+            self._metrics.session_checked(session is not None)
+        return convert.check_session_response(session)
 
     async def ListFactors(self, request: pb.ListFactorsRequest,
                           context: Context) -> pb.ListFactorsResponse:

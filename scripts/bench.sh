@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Benchmark a real `mfa-service serve` on PostgreSQL with a seeded population, each
+# scenario against a bare grpc.aio server measured in the same run (--baseline).
+#
+#   scripts/bench.sh USERS [SCENARIO...]        (default scenarios: check-session login)
+#
+# Environment: WORKERS (server processes, default 1), LOADTEST_ARGS (more loadtest options,
+# e.g. "--users 1000": draw from the first 1,000 seeded users only), PROFILE=1 (record the server with
+# py-spy during the first scenario: profile-<scenario>.raw), OUT (results folder, default
+# a new temporary one; printed at the end). Needs PostgreSQL on 127.0.0.1:5432 (trust,
+# user postgres), as the test suite does. Leaves nothing behind but the results folder.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+VENV="$ROOT/.venv/bin"
+USERS="${1:?USERS}"; shift
+SCENARIOS=("$@"); [ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=(check-session login)
+OUT="${OUT:-$(mktemp -d)}"; mkdir -p "$OUT"; cd "$OUT"
+export MFA_KEYRING="$("$VENV/mfa-service" keys generate)" MFA_LOG_LEVEL=WARNING
+export MFA_WORKERS="${WORKERS:-1}"
+PORT=$("$VENV/python" -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
+export MFA_LISTEN_ADDR=127.0.0.1:$PORT
+DB="mfa_bench_${USERS}_$$"
+createdb -h 127.0.0.1 -U postgres "$DB"
+trap 'dropdb -h 127.0.0.1 -U postgres --force --if-exists "$DB" >/dev/null 2>&1 || true' EXIT
+export MFA_DATABASE_URL="postgresql+asyncpg://postgres@127.0.0.1:5432/$DB"
+"$VENV/mfa-service" migrate >/dev/null
+"$VENV/mfa-service" loadtest seed --users "$USERS" --sessions "$USERS" --out users.jsonl | tail -1
+"$VENV/mfa-service" serve > serve.log 2>&1 & SERVER=$!
+until "$VENV/mfa-service" health >/dev/null 2>&1; do sleep 0.2; done
+CONNECTIONS=8; [ "$MFA_WORKERS" -gt 1 ] && CONNECTIONS=16
+for S in "${SCENARIOS[@]}"; do
+  "$VENV/mfa-service" loadtest --target "127.0.0.1:$PORT" --plaintext --users-file users.jsonl \
+      --scenario "$S" --concurrency 64 --connections "$CONNECTIONS" --baseline ${LOADTEST_ARGS:-} \
+      --report "$S.json" > "$S.out" 2>&1 &
+  LOAD=$!
+  if [ -n "${PROFILE:-}" ]; then
+    sleep 16  # the baseline's 12 s and the service's warm-up
+    "$VENV/py-spy" record -p "$SERVER" -d 8 -f raw -o "profile-$S.raw" --nonblocking \
+        >/dev/null 2>&1 || true
+    PROFILE=
+  fi
+  wait $LOAD || echo "loadtest $S failed (see $OUT/$S.out)"
+  sed -n '/^rpc /,$p' "$S.out"
+done
+kill -TERM $SERVER; wait $SERVER || true
+echo "results in $OUT"

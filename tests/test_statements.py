@@ -1,0 +1,154 @@
+"""The store contract: how many statements each RPC sends to the database.
+
+Statements are what a request pays for on PostgreSQL (a round trip each, and several times
+the database's own work in client CPU: shared/BASELINES.md). Each hot path has a budget,
+asserted exactly here on both databases so it cannot grow back silently:
+
+- CheckSession: 1 (the idle deadline is written at most once a minute per session: 2);
+- Challenge on the app: 3 (the user's lock, the factor, the deferred writes as one);
+- Verify of a TOTP login: 4 (the lock that finds the user, the challenge with its factor,
+  the attempt that closes it, the deferred writes: TOTP step, session, audit rows).
+
+Counted with SQLAlchemy's ``before_cursor_execute`` hook on the server's engine. PostgreSQL
+reads run in autocommit (no BEGIN/COMMIT); writing transactions add asyncpg's BEGIN and
+COMMIT, which are not cursor executions. SQLite is embedded (a statement is a function
+call, not a round trip): its deferred writes go one per table, and its ``BEGIN
+IMMEDIATE`` is counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pytest
+from mfa.v1 import two_factor_service_pb2 as pb
+from sqlalchemy import event
+
+from mfa_service.app import App
+from mfa_service.clock import FixedClock
+from tests.conftest import enroll_app, login, totp_at
+
+if TYPE_CHECKING:
+    from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
+
+T = TypeVar("T")
+
+
+class Statements:
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str]] = []  # (connection, statement)
+
+    @property
+    def sql(self) -> list[str]:
+        # The health probe's connection (it runs SELECT 1 on its own schedule) is not
+        # part of any RPC: drop everything it sent (its BEGIN on SQLite too).
+        probes = {c for c, statement in self.seen if statement.strip() == "SELECT 1"}
+        return [statement for c, statement in self.seen if c not in probes]
+
+    async def count(self, call: Awaitable[T]) -> tuple[T, int]:
+        self.seen.clear()
+        result = await call
+        return result, len(self.sql)
+
+
+@contextmanager
+def counting(app: App) -> Iterator[Statements]:
+    seen = Statements()
+
+    def record(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.seen.append((id(conn), statement))
+
+    engine = app.database.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def within(app: App, n: int, postgres: int, sqlite: int) -> bool:
+    """Exactly the PostgreSQL budget; on SQLite at most its own (a background task's
+    BEGIN can land in the count there, and statements there are not round trips)."""
+    if app.database.engine.dialect.name == "postgresql":
+        return n == postgres
+    return n <= sqlite
+
+
+async def test_hot_paths_stay_within_their_statement_budget(
+        app: App, stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    factor = await enroll_app(stub, user_id, fresh_clock)
+    session = await login(stub, factor, fresh_clock)
+    check = pb.CheckSessionRequest(session_token=session.session_token,
+                                   application=pb.APPLICATION_BACKOFFICE)
+    with counting(app) as statements:
+        answer, n = await statements.count(stub.CheckSession(check))
+        assert answer.valid
+        assert within(app, n, 1, 2), statements.sql  # SQLite: BEGIN (deferred) + SELECT
+
+        fresh_clock.advance(5 * 60)  # the idle deadline moves by more than a minute
+        answer, n = await statements.count(stub.CheckSession(check))
+        assert answer.valid
+        assert within(app, n, 2, 4), statements.sql  # + the UPDATE of the idle deadline
+
+        ch, n = await statements.count(stub.Challenge(pb.ChallengeRequest(
+            user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
+            application=pb.APPLICATION_PORTAL)))
+        assert within(app, n, 3, 6), statements.sql
+
+        ok, n = await statements.count(stub.Verify(pb.VerifyRequest(
+            challenge_id=ch.challenge_id, code=totp_at(factor.secret, fresh_clock))))
+        assert ok.result == pb.VERIFY_RESULT_APPROVED
+        assert within(app, n, 4, 7), statements.sql
+
+
+async def test_other_rpcs_statement_counts(
+        app: App, stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    """Not hot paths, but a count that grows is a change someone should notice."""
+    with counting(app) as statements:
+        enrolled, n = await statements.count(stub.Enroll(pb.EnrollRequest(
+            user_id=user_id, method=pb.METHOD_AUTHENTICATOR_APP,
+            application=pb.APPLICATION_PORTAL)))
+        assert within(app, n, 4, 8), statements.sql
+
+        confirmed, n = await statements.count(stub.Verify(pb.VerifyRequest(
+            challenge_id=enrolled.challenge_id,
+            code=totp_at(enrolled.totp_secret, fresh_clock))))
+        assert confirmed.result == pb.VERIFY_RESULT_APPROVED
+        first_confirm = n
+        fresh_clock.advance(30)
+
+        listed, n = await statements.count(stub.ListFactors(pb.ListFactorsRequest(
+            user_id=user_id)))
+        assert len(listed.factors) == 2
+        assert within(app, n, 2, 3), statements.sql
+
+        ch = await stub.Challenge(pb.ChallengeRequest(
+            user_id=user_id, factor_id=enrolled.factor.factor_id, purpose=pb.PURPOSE_LOGIN,
+            application=pb.APPLICATION_PORTAL))
+        wrong = f"{(int(totp_at(enrolled.totp_secret, fresh_clock)) + 1) % 10**6:06d}"
+        failed, n = await statements.count(stub.Verify(pb.VerifyRequest(
+            challenge_id=ch.challenge_id, code=wrong)))
+        assert failed.result == pb.VERIFY_RESULT_INVALID_CODE
+        assert within(app, n, 4, 7), statements.sql
+
+        session = await login(stub, _factor(enrolled, user_id), fresh_clock)
+        revoked, n = await statements.count(stub.RevokeSession(pb.RevokeSessionRequest(
+            session_token=session.session_token)))
+        assert revoked.revoked_count == 1
+        assert within(app, n, 3, 3), statements.sql  # PostgreSQL: + NOTIFY for the caches
+    # Confirming the first factor issues the recovery codes too: bounded, not hot.
+    assert first_confirm <= (13 if app.database.engine.dialect.name == 'postgresql' else 16)
+
+
+def _factor(resp: pb.EnrollResponse, user_id: str) -> Any:
+    from tests.conftest import AppFactor
+
+    return AppFactor(resp.factor.factor_id, resp.totp_secret, user_id)
+
+
+@pytest.fixture(autouse=True)
+def _no_dispatcher(app: App) -> None:
+    """The shared server queues messages only: its dispatcher sends nothing meanwhile."""
+    assert not app.settings.outbox_dispatcher
