@@ -12,7 +12,7 @@
      ├── Unauthenticated         ERROR_REASON_CALLER_UNAUTHENTICATED  UNAUTHENTICATED
      ├── PermissionDenied        ERROR_REASON_APPLICATION_NOT_ALLOWED PERMISSION_DENIED
      ├── NotSupported            ERROR_REASON_NOT_SUPPORTED           UNIMPLEMENTED
-     ├── DeadlineExceeded        ERROR_REASON_UNSPECIFIED             DEADLINE_EXCEEDED
+     ├── DeadlineExceeded        ERROR_REASON_DEADLINE_EXCEEDED       DEADLINE_EXCEEDED
      └── StoreError              ERROR_REASON_INTERNAL                INTERNAL
           ├── StoreUnavailable   ERROR_REASON_STORE_UNAVAILABLE       UNAVAILABLE
           └── StoreConflict      ERROR_REASON_INTERNAL                ABORTED
@@ -126,11 +126,10 @@ class NotSupported(MfaError):
 class DeadlineExceeded(MfaError):
     """The caller's deadline passed before the work was done; the transaction rolled back.
 
-    No ErrorReason names this (a new one is a contract change): UNSPECIFIED, as on the
-    DEADLINE_EXCEEDED a client's own timer produces, which carries no ErrorInfo at all.
+    (A DEADLINE_EXCEEDED that the client's own timer produces carries no ErrorInfo.)
     """
 
-    reason = ErrorReason.ERROR_REASON_UNSPECIFIED
+    reason = ErrorReason.ERROR_REASON_DEADLINE_EXCEEDED
 
     def __init__(self) -> None:
         super().__init__("the deadline passed before the request was done; nothing was "

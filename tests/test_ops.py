@@ -137,3 +137,18 @@ def test_every_error_reason_is_a_value_of_the_proto_enum() -> None:
         errors.FailedPrecondition("no reason given")  # type: ignore[call-arg]
     with pytest.raises(TypeError):
         errors.MfaError("no reason given")
+
+
+def test_a_deadline_the_server_hit_names_its_reason() -> None:
+    """What a caller reads when the server, not its own timer, ended the call."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    from mfa_service.transport.status import status_code_for, to_grpc_status
+
+    exc = errors.DeadlineExceeded()
+    assert status_code_for(exc).name == "DEADLINE_EXCEEDED"
+    [(_, blob)] = [m for m in to_grpc_status(exc).trailing_metadata
+                   if m[0] == "grpc-status-details-bin"]
+    info = error_details_pb2.ErrorInfo()
+    status_pb2.Status.FromString(blob).details[0].Unpack(info)
+    assert info.reason == "ERROR_REASON_DEADLINE_EXCEEDED"

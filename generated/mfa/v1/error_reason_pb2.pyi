@@ -70,6 +70,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """Too many codes went to this email address or phone number (whichever users asked);
     RetryInfo says when to retry.
     """
+    ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 23
+    """The caller's deadline passed before the work was done; nothing was changed (the
+    transaction rolled back). Safe to retry with a longer deadline.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reasons for errors returned by mfa.v1.TwoFactorService.
@@ -126,5 +130,9 @@ ERROR_REASON_CALLER_NOT_ALLOWED: ErrorReason.ValueType  # 21
 ERROR_REASON_DESTINATION_RATE_LIMITED: ErrorReason.ValueType  # 22
 """Too many codes went to this email address or phone number (whichever users asked);
 RetryInfo says when to retry.
+"""
+ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 23
+"""The caller's deadline passed before the work was done; nothing was changed (the
+transaction rolled back). Safe to retry with a longer deadline.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
