@@ -56,7 +56,7 @@ from mfa_service.store.engine import create_engine, database_url
 from mfa_service.store.models import factors, recovery_codes, sessions
 
 CALLER = "loadtest-seed"  # sessions.caller: who opened the seeded sessions
-RECOVERY_LABEL = "recovery codes"  # as service/two_factor.py labels that factor
+RECOVERY_LABEL = "recovery codes"  # as service/recovery.py labels that factor
 
 FACTOR_COLUMNS = ("id", "user_id", "method", "status", "label", "masked_destination",
                   "secret_ciphertext", "secret_key_id", "last_totp_step", "created_at",

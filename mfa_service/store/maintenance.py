@@ -65,7 +65,7 @@ async def key_usage(conn: AsyncConnection, now: datetime) -> dict[str, dict[str,
     Only values that can still be used count: a wiped ciphertext, a used recovery code or
     an expired session needs no key any more. "Live" and "open" mirror the conditions
     the request path applies (SessionRepository.touch_live, ChallengeRepository
-    .count_attempt), so a value counted here is one a request could still present.
+    .settle_attempt), so a value counted here is one a request could still present.
     """
     return {
         FACTOR_SECRETS: await _count_by_key(
