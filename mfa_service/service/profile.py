@@ -19,11 +19,10 @@ class Profile:
         """Every factor of the user, and how many recovery codes remain."""
         who.authorize_any()  # a caller with no application (an audit reader) sees nothing
         async with self._ctx.db.transaction(readonly=True) as tx:
-            records = await tx.factors.list_for_user(user_id)
-            has_codes = any(r.factor.method is Method.RECOVERY_CODE
-                            and r.factor.status is FactorStatus.ACTIVE for r in records)
-            remaining = await tx.recovery.remaining(user_id) if has_codes else 0
-        return [r.factor for r in records], remaining
+            records, codes_left = await tx.factors.list_with_codes_left(user_id)
+        has_codes = any(r.factor.method is Method.RECOVERY_CODE
+                        and r.factor.status is FactorStatus.ACTIVE for r in records)
+        return [r.factor for r in records], codes_left if has_codes else 0
 
     async def list_audit_events(self, user_id: str, who: AuditContext, *,
                                 start: datetime | None, end: datetime | None,

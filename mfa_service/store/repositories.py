@@ -46,7 +46,14 @@ from mfa_service.domain import (
     Session,
 )
 from mfa_service.store.engine import lock_key, notify_revoked
-from mfa_service.store.models import UTCDateTime, audit_events, challenges, factors, sessions
+from mfa_service.store.models import (
+    UTCDateTime,
+    audit_events,
+    challenges,
+    factors,
+    recovery_codes,
+    sessions,
+)
 from mfa_service.store.unit import Unit
 
 # Typed once: a bare bindparam would not run the column type's conversion (aware UTC
@@ -100,6 +107,14 @@ _FACTORS_OF_USER = select(factors).where(factors.c.user_id == bindparam("user_id
     factors.c.method == Method.RECOVERY_CODE.value, factors.c.created_at, factors.c.id)
 
 
+_CODES_LEFT = select(func.count()).select_from(recovery_codes).where(
+    recovery_codes.c.user_id == bindparam("user_id"),
+    recovery_codes.c.used_at.is_(None)).scalar_subquery()
+_FACTORS_WITH_CODES_LEFT = select(factors, _CODES_LEFT.label("codes_left")).where(
+    factors.c.user_id == bindparam("user_id")).order_by(
+    factors.c.method == Method.RECOVERY_CODE.value, factors.c.created_at, factors.c.id)
+
+
 @dataclass(frozen=True)
 class UserFactors:
     """What Enroll needs to know of a user's factors, read in one statement."""
@@ -144,6 +159,12 @@ class FactorRepository:
     async def list_for_user(self, user_id: str) -> list[FactorRecord]:
         rows = await self._unit.execute(_FACTORS_OF_USER, {"user_id": user_id})
         return [_factor(r) for r in rows]
+
+    async def list_with_codes_left(self, user_id: str) -> tuple[list[FactorRecord], int]:
+        """The user's factors and their unused recovery codes, in one statement (one
+        snapshot: the count cannot disagree with the list)."""
+        rows = list(await self._unit.execute(_FACTORS_WITH_CODES_LEFT, {"user_id": user_id}))
+        return [_factor(r) for r in rows], int(rows[0].codes_left) if rows else 0
 
     async def summary(self, user_id: str, method: Method) -> UserFactors:
         """Live count, whether any is ACTIVE, and the ACTIVE one of ``method``."""
