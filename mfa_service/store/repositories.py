@@ -175,12 +175,6 @@ class FactorRepository:
             live=len(live), any_active=bool(active),
             active_of_method=next((r for r in active if r.factor.method is method), None))
 
-    async def has_active(self, user_id: str) -> bool:
-        """Whether the user has any ACTIVE factor (then adding one needs a step-up)."""
-        row = (await self._unit.execute(select(factors.c.id).where(
-            factors.c.user_id == user_id, factors.c.status == _ACTIVE).limit(1))).first()
-        return row is not None
-
     async def active_reachable(self, user_id: str) -> list[FactorRecord]:
         """The user's ACTIVE factors that can receive a message (email and phone)."""
         return [r for r in await self.list_for_user(user_id)
@@ -271,7 +265,6 @@ _CHALLENGE_WITH_FACTOR = select(
     challenges, *(c.label(f"f_{c.name}") for c in factors.c)
 ).select_from(challenges.join(factors, factors.c.id == challenges.c.factor_id)).where(
     challenges.c.id == bindparam("challenge_id"))
-_GET_CHALLENGE = select(challenges).where(challenges.c.id == bindparam("challenge_id"))
 _BY_REQUEST_ID = select(challenges).where(challenges.c.factor_id == bindparam("factor_id"),
                                           challenges.c.request_id == bindparam("request_id"))
 # (A bound parameter of an UPDATE may not share a name with a column of its table.)
@@ -320,10 +313,6 @@ class ChallengeRepository:
             "code_key_id": c.code_key_id, "request_id": c.request_id, "caller": caller,
             "created_at": c.created_at, "expires_at": c.expires_at, "approved_at": None,
             "consumed_at": None, "destination_key": c.destination_key})
-
-    async def get(self, challenge_id: str) -> Challenge | None:
-        row = (await self._unit.execute(_GET_CHALLENGE, {"challenge_id": challenge_id})).first()
-        return _challenge(row) if row else None
 
     async def get_with_factor(self, challenge_id: str,
                               ) -> tuple[Challenge, FactorRecord] | None:
