@@ -36,6 +36,10 @@ class _MethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Method.ValueTy
     """A time-based one-time password (RFC 6238) from an authenticator app."""
     METHOD_RECOVERY_CODE: _Method.ValueType  # 4
     """A single-use recovery code handed out when the first factor became active."""
+    METHOD_PASSKEY: _Method.ValueType  # 5
+    """A WebAuthn passkey (a platform or roaming authenticator), the phishing-resistant method:
+    the browser signs the server's challenge; no code is typed or sent.
+    """
 
 class Method(_Method, metaclass=_MethodEnumTypeWrapper):
     """The kind of second factor."""
@@ -50,6 +54,10 @@ METHOD_AUTHENTICATOR_APP: Method.ValueType  # 3
 """A time-based one-time password (RFC 6238) from an authenticator app."""
 METHOD_RECOVERY_CODE: Method.ValueType  # 4
 """A single-use recovery code handed out when the first factor became active."""
+METHOD_PASSKEY: Method.ValueType  # 5
+"""A WebAuthn passkey (a platform or roaming authenticator), the phishing-resistant method:
+the browser signs the server's challenge; no code is typed or sent.
+"""
 Global___Method: _TypeAlias = Method  # noqa: Y015
 
 class _Channel:
@@ -67,7 +75,9 @@ class _ChannelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Channel.Value
     CHANNEL_VOICE: _Channel.ValueType  # 3
     """By a voice call that reads the code."""
     CHANNEL_NONE: _Channel.ValueType  # 4
-    """Nothing is sent: the user already holds the code (authenticator app, recovery code)."""
+    """Nothing is sent: the user already holds the code (authenticator app, recovery code)
+    or the proof comes from the browser (passkey).
+    """
 
 class Channel(_Channel, metaclass=_ChannelEnumTypeWrapper):
     """How a code reaches the user."""
@@ -81,7 +91,9 @@ CHANNEL_SMS: Channel.ValueType  # 2
 CHANNEL_VOICE: Channel.ValueType  # 3
 """By a voice call that reads the code."""
 CHANNEL_NONE: Channel.ValueType  # 4
-"""Nothing is sent: the user already holds the code (authenticator app, recovery code)."""
+"""Nothing is sent: the user already holds the code (authenticator app, recovery code)
+or the proof comes from the browser (passkey).
+"""
 Global___Channel: _TypeAlias = Channel  # noqa: Y015
 
 class _Purpose:
@@ -229,7 +241,8 @@ class Factor(_message.Message):
     """Where the factor is in its lifecycle."""
     masked_destination: _builtins.str
     """The destination with most characters hidden ("j•••@example.com",
-    "+45 •• •• •• 12"), or the account name for the authenticator app.
+    "+45 •• •• •• 12"), the account name for the authenticator app, or a passkey's name
+    (its authenticator's model where known, else "Passkey").
     """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
@@ -402,6 +415,7 @@ class EnrollResponse(_message.Message):
     QR_SVG_FIELD_NUMBER: _builtins.int
     QR_PNG_FIELD_NUMBER: _builtins.int
     CODE_LENGTH_FIELD_NUMBER: _builtins.int
+    WEBAUTHN_CREATION_OPTIONS_FIELD_NUMBER: _builtins.int
     challenge_id: _builtins.str
     """The PURPOSE_CONFIRM_ENROLLMENT challenge to verify a first code against."""
     totp_secret: _builtins.str
@@ -415,7 +429,14 @@ class EnrollResponse(_message.Message):
     qr_png: _builtins.bytes
     """METHOD_AUTHENTICATOR_APP only: the same QR code as a PNG image."""
     code_length: _builtins.int
-    """Number of digits the confirmation code has."""
+    """Number of digits the confirmation code has (0 for METHOD_PASSKEY)."""
+    webauthn_creation_options: _builtins.str
+    """METHOD_PASSKEY only: the JSON a browser passes to
+    PublicKeyCredential.parseCreationOptionsFromJSON() and then navigator.credentials.create().
+    The user handle in it is opaque (never the user_id); excludeCredentials lists the user's
+    passkeys; user verification is required and a resident key preferred. Return the JSON of
+    the new credential's toJSON() as VerifyRequest.webauthn_response on challenge_id.
+    """
     @_builtins.property
     def factor(self) -> Global___Factor:
         """The new factor, FACTOR_STATUS_PENDING."""
@@ -435,10 +456,11 @@ class EnrollResponse(_message.Message):
         qr_svg: _builtins.str = ...,
         qr_png: _builtins.bytes = ...,
         code_length: _builtins.int = ...,
+        webauthn_creation_options: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "factor", b"factor"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "code_length", b"code_length", "expires_at", b"expires_at", "factor", b"factor", "otpauth_uri", b"otpauth_uri", "qr_png", b"qr_png", "qr_svg", b"qr_svg", "totp_secret", b"totp_secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "code_length", b"code_length", "expires_at", b"expires_at", "factor", b"factor", "otpauth_uri", b"otpauth_uri", "qr_png", b"qr_png", "qr_svg", b"qr_svg", "totp_secret", b"totp_secret", "webauthn_creation_options", b"webauthn_creation_options"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -503,6 +525,7 @@ class ChallengeResponse(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     RESEND_AVAILABLE_AT_FIELD_NUMBER: _builtins.int
     CODE_LENGTH_FIELD_NUMBER: _builtins.int
+    WEBAUTHN_REQUEST_OPTIONS_FIELD_NUMBER: _builtins.int
     challenge_id: _builtins.str
     """The challenge to verify a code against."""
     method: Global___Method.ValueType
@@ -512,7 +535,12 @@ class ChallengeResponse(_message.Message):
     masked_destination: _builtins.str
     """Where the code was sent, masked."""
     code_length: _builtins.int
-    """Number of digits in the expected code."""
+    """Number of digits in the expected code (0 for METHOD_PASSKEY)."""
+    webauthn_request_options: _builtins.str
+    """METHOD_PASSKEY only: the JSON a browser passes to
+    PublicKeyCredential.parseRequestOptionsFromJSON() and then navigator.credentials.get()
+    (allowCredentials is this factor's credential; user verification required).
+    """
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """When the challenge stops accepting codes."""
@@ -531,10 +559,11 @@ class ChallengeResponse(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         resend_available_at: _timestamp_pb2.Timestamp | None = ...,
         code_length: _builtins.int = ...,
+        webauthn_request_options: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "resend_available_at", b"resend_available_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "channel", b"channel", "code_length", b"code_length", "expires_at", b"expires_at", "masked_destination", b"masked_destination", "method", b"method", "resend_available_at", b"resend_available_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "channel", b"channel", "code_length", b"code_length", "expires_at", b"expires_at", "masked_destination", b"masked_destination", "method", b"method", "resend_available_at", b"resend_available_at", "webauthn_request_options", b"webauthn_request_options"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -551,10 +580,11 @@ class VerifyRequest(_message.Message):
     CLIENT_IP_FIELD_NUMBER: _builtins.int
     USER_AGENT_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    WEBAUTHN_RESPONSE_FIELD_NUMBER: _builtins.int
     challenge_id: _builtins.str
     """The challenge to check the code against."""
     code: _builtins.str
-    """The code the user typed (digits; spaces are ignored)."""
+    """The code the user typed (digits; spaces are ignored). Empty for METHOD_PASSKEY."""
     client_ip: _builtins.str
     """The end user's IP address, for the audit trail."""
     user_agent: _builtins.str
@@ -564,6 +594,12 @@ class VerifyRequest(_message.Message):
     the challenge is another user's, the answer is NOT_FOUND (a portal that round-trips
     challenge_id through a browser binds it to the logged-in user this way).
     """
+    webauthn_response: _builtins.str
+    """METHOD_PASSKEY only, instead of `code`: the JSON of the browser's credential.toJSON()
+    (a registration for PURPOSE_CONFIRM_ENROLLMENT, an assertion otherwise; at most 64 KiB).
+    A bad signature, origin, RP ID, missing user verification or another challenge's
+    response is VERIFY_RESULT_INVALID_CODE and counts as a wrong attempt.
+    """
     def __init__(
         self,
         *,
@@ -572,10 +608,11 @@ class VerifyRequest(_message.Message):
         client_ip: _builtins.str = ...,
         user_agent: _builtins.str = ...,
         user_id: _builtins.str = ...,
+        webauthn_response: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "client_ip", b"client_ip", "code", b"code", "user_agent", b"user_agent", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "client_ip", b"client_ip", "code", b"code", "user_agent", b"user_agent", "user_id", b"user_id", "webauthn_response", b"webauthn_response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -639,6 +676,7 @@ class DisableRequest(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     CLIENT_IP_FIELD_NUMBER: _builtins.int
     USER_AGENT_FIELD_NUMBER: _builtins.int
+    WEBAUTHN_RESPONSE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user who owns the factor."""
     factor_id: _builtins.str
@@ -648,11 +686,15 @@ class DisableRequest(_message.Message):
     factor (a recovery code proves the user when the factor itself is lost).
     """
     code: _builtins.str
-    """A current code from that factor (or a recovery code)."""
+    """A current code from that factor (or a recovery code). Empty for METHOD_PASSKEY."""
     client_ip: _builtins.str
     """The end user's IP address, for the audit trail."""
     user_agent: _builtins.str
     """The end user's user agent, for the audit trail."""
+    webauthn_response: _builtins.str
+    """METHOD_PASSKEY only, instead of `code`: the JSON of the browser's credential.toJSON()
+    for the PURPOSE_DISABLE challenge's webauthn_request_options.
+    """
     def __init__(
         self,
         *,
@@ -662,10 +704,11 @@ class DisableRequest(_message.Message):
         code: _builtins.str = ...,
         client_ip: _builtins.str = ...,
         user_agent: _builtins.str = ...,
+        webauthn_response: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "client_ip", b"client_ip", "code", b"code", "factor_id", b"factor_id", "user_agent", b"user_agent", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "client_ip", b"client_ip", "code", b"code", "factor_id", b"factor_id", "user_agent", b"user_agent", "user_id", b"user_id", "webauthn_response", b"webauthn_response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
