@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc import aio
 from mfa.v1 import two_factor_service_pb2 as pb
-from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceStub
+from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub
 from webauthn.helpers import bytes_to_base64url
 
 from mfa_service.clock import FixedClock
@@ -22,7 +22,7 @@ from mfa_service.settings import Settings
 from tests.conftest import TEST_KEYRING, enroll_app, login, rich_error
 from tests.softauthn import CredentialExcluded, SoftAuthenticator
 
-Stub = TwoFactorServiceStub
+Stub = TwoFactorServiceAsyncStub
 ONE_PASSWORD = bytes.fromhex("bada5566a7aa401fbd9645619a55120d")
 
 
