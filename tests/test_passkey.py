@@ -8,13 +8,12 @@ every refusal below is py_webauthn refusing a real signature, origin, RP ID or f
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
 from grpc import aio
 from mfa.v1 import two_factor_service_pb2 as pb
-from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub
 from webauthn.helpers import bytes_to_base64url
 
 from mfa_service.clock import FixedClock
@@ -22,7 +21,8 @@ from mfa_service.settings import Settings
 from tests.conftest import TEST_KEYRING, enroll_app, login, rich_error
 from tests.softauthn import CredentialExcluded, SoftAuthenticator
 
-Stub = TwoFactorServiceAsyncStub
+if TYPE_CHECKING:  # the async stub class exists only in the typed stubs (.pyi)
+    from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
 ONE_PASSWORD = bytes.fromhex("bada5566a7aa401fbd9645619a55120d")
 
 
