@@ -176,6 +176,36 @@ def b32(secret: str) -> bytes:
 
 
 # -- keys rotate / keys status -----------------------------------------------------------------
+async def test_rotation_moves_passkey_credentials_and_open_ceremonies_still_pass(
+        own_url: str) -> None:
+    """A passkey's credential is bound with its own AAD: the rotation must re-encrypt it
+    with that one, and a challenge opened before the rotation (its WebAuthn challenge
+    derived under the old key) still verifies after it."""
+    from tests.softauthn import SoftAuthenticator
+    clock = FixedClock(T0)
+    key = SoftAuthenticator()
+    async with serving(own_url, clock, OLD) as stub:
+        enrolled = await stub.Enroll(pb.EnrollRequest(
+            user_id="dora", method=pb.METHOD_PASSKEY, application=pb.APPLICATION_PORTAL))
+        assert (await stub.Verify(pb.VerifyRequest(
+            challenge_id=enrolled.challenge_id,
+            webauthn_response=key.create(enrolled.webauthn_creation_options)))).result == (
+            pb.VERIFY_RESULT_APPROVED)
+        before = await stub.Challenge(pb.ChallengeRequest(
+            user_id="dora", factor_id=enrolled.factor.factor_id, purpose=pb.PURPOSE_LOGIN,
+            application=pb.APPLICATION_PORTAL))
+    async with opened(own_url) as db:
+        report = await AdminService(db, clock).rotate_keys(Keyring.parse(ROTATED))
+        assert report.ok, report.failures
+        assert report.factor_secrets.rekeyed == 1
+        assert (await factor_row(db, enrolled.factor.factor_id)).secret_key_id == "new-1"
+    async with serving(own_url, clock, ROTATED) as stub:
+        ok = await stub.Verify(pb.VerifyRequest(
+            challenge_id=before.challenge_id,
+            webauthn_response=key.get(before.webauthn_request_options)))
+        assert ok.result == pb.VERIFY_RESULT_APPROVED
+
+
 async def test_rotation_moves_secrets_to_the_primary_key_while_old_hmacs_keep_working(
         own_url: str) -> None:
     clock = FixedClock(T0)
