@@ -3,7 +3,6 @@ inbox, the portal, the backoffice) on free ports of localhost, and readers for w
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -11,12 +10,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 START_TIMEOUT = 60.0
 CODE_RE = re.compile(r"\b(\d{6})\b")
@@ -47,9 +46,10 @@ class Stack:
     log_path: Path
 
     def messages(self) -> list[dict[str, Any]]:
-        with urllib.request.urlopen(f"{self.webhook}/messages.json", timeout=5) as resp:
-            data: list[dict[str, Any]] = json.loads(resp.read())
-            return data
+        resp = httpx.get(f"{self.webhook}/messages.json", timeout=5)
+        resp.raise_for_status()
+        data: list[dict[str, Any]] = resp.json()
+        return data
 
     def last_id(self) -> int:
         return max((m["id"] for m in self.messages()), default=0)
@@ -73,10 +73,9 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], deadline: float) -> N
     while True:
         assert process.poll() is None, f"the demo exited with status {process.returncode}"
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
             pass
         assert time.monotonic() < deadline, f"{url} did not answer in {START_TIMEOUT} s"
         time.sleep(0.1)

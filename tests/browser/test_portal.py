@@ -5,6 +5,7 @@ backoffice. Each test uses a fresh demo account, so the order does not matter.""
 from __future__ import annotations
 
 import re
+
 from playwright.sync_api import BrowserContext, Page, expect
 
 from tests.browser.conftest import Shots
@@ -222,7 +223,8 @@ def test_logout_on_the_backoffice_ends_the_session_everywhere(
     shot("logged-out")
     _asked_to_log_in(page, stack)
     # Even the old cookie, replayed, no longer opens either app: the session was revoked.
-    context.add_cookies([{**token_cookie}])  # type: ignore[list-item]
+    context.add_cookies([{"name": token_cookie["name"], "value": token_cookie["value"],
+                          "domain": token_cookie["domain"], "path": token_cookie["path"]}])
     page.goto(f"{stack.backoffice}/")
     expect(page).to_have_url(re.compile(re.escape(f"{stack.portal}/2fa")))
     page.goto(f"{stack.portal}/profile")

@@ -31,6 +31,7 @@ import sys
 import tempfile
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import uvicorn
@@ -206,10 +207,10 @@ async def run(args: argparse.Namespace) -> int:
                   f"  demo inbox   {portal_url}/inbox   (codes sent by email, SMS, voice)\n"
                   f"  mfa-service  {target}\n"
                   "Ctrl-C stops everything.\n", flush=True)
-            waiters = [asyncio.create_task(stop.wait())]
+            waiters: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
             if process is not None:
                 waiters.append(asyncio.create_task(process.wait()))
-            await asyncio.wait(waiters + tasks, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([*waiters, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
                 waiter.cancel()
             if process is not None and process.returncode is not None:

@@ -44,7 +44,7 @@ def connect(target: str) -> tuple[aio.Channel, TwoFactorServiceAsyncStub]:
     ``aio.secure_channel(target, composite_credentials, options=channel_options())``.
     """
     channel = aio.insecure_channel(target, options=channel_options())
-    stub: TwoFactorServiceAsyncStub = pb_grpc.TwoFactorServiceStub(channel)  # type: ignore[assignment]
+    stub: TwoFactorServiceAsyncStub = pb_grpc.TwoFactorServiceStub(channel)
     return channel, stub
 
 

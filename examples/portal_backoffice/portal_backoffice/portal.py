@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import grpc
 from mfa.v1 import two_factor_service_pb2 as pb
+from mfa_client import ErrorReason
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -34,7 +35,6 @@ from portal_backoffice.mfa import (
     READ_TIMEOUT,
     STATUS_NAMES,
     WRITE_TIMEOUT,
-    ErrorReason,
     MfaError,
     fmt_time,
     to_error,
@@ -69,8 +69,8 @@ class Flow:
     kind: str  # "login", "enroll", "disable", "change_old" (proof), "change_new"
     challenge_id: str
     factor_id: str
-    method: int
-    channel: int = pb.CHANNEL_UNSPECIFIED
+    method: pb.Method.ValueType
+    channel: pb.Channel.ValueType = pb.CHANNEL_UNSPECIFIED
     masked: str = ""
     code_length: int = 6
     next: str = "/profile"
@@ -361,10 +361,10 @@ class Portal:
         if flow.kind == "login":
             if login.token:
                 await self._revoke(login.token)
-            response = redirect(flow.next)
-            self.cookie.write(response, replace(login, token=result.session.session_token))
-            self._end_flow(request, response)
-            return response
+            done = redirect(flow.next)
+            self.cookie.write(done, replace(login, token=result.session.session_token))
+            self._end_flow(request, done)
+            return done
         if flow.kind == "change_old":
             change = replace(flow, id=secrets.token_urlsafe(32), kind="change_new",
                              proof=flow.challenge_id, created=time.monotonic())
@@ -372,6 +372,7 @@ class Portal:
             return self._start_flow(redirect("/profile/phone/new"), change)
         # enroll: the factor is ACTIVE (a phone change swapped the numbers)
         changed_phone = bool(flow.proof)
+        response: Response
         if result.recovery_codes:
             response = render(request, "recovery_codes.html", codes=list(result.recovery_codes),
                               method=METHOD_NAMES.get(flow.method, ""))

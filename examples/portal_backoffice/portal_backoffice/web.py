@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
+from portal_backoffice.login import COOKIE as LOGIN_COOKIE
 from portal_backoffice.mfa import MfaError
 
 log = logging.getLogger("portal_backoffice")
@@ -31,6 +32,8 @@ NOTICES = {
 
 def render(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
     context.setdefault("notice", NOTICES.get(request.query_params.get("n", ""), ""))
+    # Only decides whether "Log out" is offered; who is logged in is checked elsewhere.
+    context.setdefault("logged_in", LOGIN_COOKIE in request.cookies)
     return templates.TemplateResponse(request, name, context, status_code=status_code)
 
 
