@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 START_TIMEOUT = 60.0
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "portal_backoffice"
 CODE_RE = re.compile(r"\b(\d{6})\b")
 SPOKEN_CODE_RE = re.compile(r"\b(\d(?:, \d){5})\b")  # a voice call reads "1, 2, 3, 4, 5, 6"
 
@@ -87,6 +88,8 @@ def run_stack(log_dir: Path) -> Iterator[Stack]:
     mfa = Path(sys.executable).parent / "mfa-service"
     log_path = log_dir / "demo.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MFA_", "DEMO_"))}
+    # The demo apps from this checkout, whether or not they were pip-installed.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLE), env.get("PYTHONPATH")]))
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "portal_backoffice", "--temp",
