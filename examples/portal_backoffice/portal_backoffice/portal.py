@@ -58,6 +58,7 @@ FLOW_TTL = 10 * 60
 # mfa-service accepts a step-up session for 10 minutes; ask again a little before that,
 # so the user is not sent back halfway through typing a code.
 STEP_UP_MAX_AGE = 8 * 60
+INBOX_SHOWN = 30  # newest messages on the Inbox page
 
 
 @dataclass
@@ -576,7 +577,7 @@ class Portal:
                                 self._enrolment(seen.login.user, resp, proof=flow.proof))
 
     async def inbox_page(self, request: Request) -> Response:
-        messages = list(reversed(self.inbox.messages())) if self.inbox else []
+        messages = list(reversed(self.inbox.messages()))[:INBOX_SHOWN] if self.inbox else []
         return render(request, "inbox.html", messages=messages, running=self.inbox is not None)
 
 
