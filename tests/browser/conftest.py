@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - the test extra installs it
     sync_playwright = None  # type: ignore[assignment]
 
 
-def _need_browser() -> None:
+def need_browser() -> None:
     problem = None
     if sync_playwright is None:
         problem = "playwright is not installed (pip install -e '.[test]')"
@@ -48,13 +48,13 @@ def _need_browser() -> None:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    _need_browser()
+    need_browser()
     yield from run_stack(tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture(scope="session")
 def playwright() -> Iterator[Playwright]:
-    _need_browser()
+    need_browser()
     with sync_playwright() as p:
         yield p
 

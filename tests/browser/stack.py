@@ -82,7 +82,7 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], deadline: float) -> N
         time.sleep(0.1)
 
 
-def run_stack(log_dir: Path) -> Iterator[Stack]:
+def run_stack(log_dir: Path, *extra_args: str) -> Iterator[Stack]:
     """Start the demo (temporary SQLite, removed at exit), yield it, stop it."""
     portal_port, backoffice_port, webhook_port = free_port(), free_port(), free_port()
     mfa = Path(sys.executable).parent / "mfa-service"
@@ -95,7 +95,7 @@ def run_stack(log_dir: Path) -> Iterator[Stack]:
             [sys.executable, "-m", "portal_backoffice", "--temp",
              "--portal-port", str(portal_port), "--backoffice-port", str(backoffice_port),
              "--webhook-port", str(webhook_port), "--mfa-command", str(mfa),
-             "--service-log-level", "WARNING"],
+             "--service-log-level", "WARNING", *extra_args],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_dir)
     stack = Stack(f"http://localhost:{portal_port}", f"http://localhost:{backoffice_port}",
                   f"http://127.0.0.1:{webhook_port}", process, log_path)

@@ -189,7 +189,8 @@ async def run(args: argparse.Namespace) -> int:
 
             channel, stub = connect(target)
             config = Config(mfa_target=target, secret=args.secret or secrets.token_urlsafe(32),
-                            portal_url=portal_url, backoffice_url=backoffice_url)
+                            portal_url=portal_url, backoffice_url=backoffice_url,
+                            step_up_max_age=args.step_up_max_age)
             users = Users(data_dir / "users.json")
             portal = _web_server(create_portal(config, stub, users, inbox))
             backoffice = _web_server(create_backoffice(config, stub))
@@ -253,6 +254,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mfa-command", help="the mfa-service executable to start")
     parser.add_argument("--secret", default=env("DEMO_SECRET"),
                         help="cookie signing secret shared by both apps (default: random)")
+    parser.add_argument("--step-up-max-age", type=float, default=8 * 60, metavar="SECONDS",
+                        help="before adding a factor, pass 2FA again when the session is "
+                        "older than this (mfa-service's limit is 10 minutes)")
     parser.add_argument("--service-log-level", default="WARNING",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)

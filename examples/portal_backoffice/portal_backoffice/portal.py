@@ -55,9 +55,6 @@ if TYPE_CHECKING:
 
 FLOW_COOKIE = "demo_flow"
 FLOW_TTL = 10 * 60
-# mfa-service accepts a step-up session for 10 minutes; ask again a little before that,
-# so the user is not sent back halfway through typing a code.
-STEP_UP_MAX_AGE = 8 * 60
 INBOX_SHOWN = 30  # newest messages on the Inbox page
 
 
@@ -483,7 +480,7 @@ class Portal:
         here = f"/profile/add/{slug}"
         # Adding a factor once one is ACTIVE needs a recent 2FA session (mfa-service
         # refuses otherwise): ask for it before the user fills in the form.
-        if seen.second_factors and seen.session_age > STEP_UP_MAX_AGE:
+        if seen.second_factors and seen.session_age > self.config.step_up_max_age:
             return redirect("/2fa", next=here, n="step-up")
         if request.method == "GET":
             return render(request, "add.html", slug=slug, method=METHOD_NAMES[METHOD_SLUGS[slug]])
@@ -540,7 +537,7 @@ class Portal:
         seen = await self._full_login(request)
         if isinstance(seen, Response):
             return seen
-        if seen.session_age > STEP_UP_MAX_AGE:
+        if seen.session_age > self.config.step_up_max_age:
             return redirect("/2fa", next="/profile", n="step-up")
         form = await request.form()
         phone = next((f for f in seen.second_factors if f.method == pb.METHOD_PHONE), None)
