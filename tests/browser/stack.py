@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], deadline: float) -> N
         time.sleep(0.1)
 
 
-def run_stack(log_dir: Path, *extra_args: str) -> Iterator[Stack]:
+def run_stack(log_dir: Path, *extra_args: str) -> Generator[Stack, None, None]:
     """Start the demo (temporary SQLite, removed at exit), yield it, stop it."""
     portal_port, backoffice_port, webhook_port = free_port(), free_port(), free_port()
     mfa = Path(sys.executable).parent / "mfa-service"
