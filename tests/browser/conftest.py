@@ -52,14 +52,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     yield from run_stack(tmp_path_factory.mktemp("demo"))
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: between its calls the sync API leaves its event loop marked
+# as running in this thread, so pytest-asyncio's tests in other modules could not run
+# while it is alive.
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
     need_browser()
     with sync_playwright() as p:
         yield p
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                                          args=CHROMIUM_ARGS)

@@ -20,7 +20,7 @@ from starlette.routing import Route
 from portal_backoffice.config import Config
 from portal_backoffice.login import LoginCookie
 from portal_backoffice.mfa import METHOD_NAMES, READ_TIMEOUT, WRITE_TIMEOUT, fmt_time, to_error
-from portal_backoffice.web import EXCEPTION_HANDLERS, redirect, render
+from portal_backoffice.web import EXCEPTION_HANDLERS, log, redirect, render
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub
@@ -60,8 +60,9 @@ class Backoffice:
             try:
                 await self.stub.RevokeSession(pb.RevokeSessionRequest(
                     session_token=login.token), timeout=WRITE_TIMEOUT)
-            except grpc.RpcError as err:
-                raise to_error(err) from None
+            except grpc.RpcError as err:  # best effort: the cookie goes in any case
+                log.warning("could not revoke a 2FA session: %s",
+                            to_error(err).details.reason_name or "no answer")
         response = redirect(self.config.portal_url + "/login", n="logged-out",
                             next=self.config.backoffice_url + "/")
         self.cookie.clear(response)

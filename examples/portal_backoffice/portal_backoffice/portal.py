@@ -45,6 +45,7 @@ from portal_backoffice.users import UserExists, Users, check_new_account
 from portal_backoffice.web import (
     EXCEPTION_HANDLERS,
     client_ip,
+    log,
     redirect,
     render,
     user_agent,
@@ -263,11 +264,14 @@ class Portal:
         return response
 
     async def _revoke(self, token: str) -> None:
+        """End a 2FA session. Best effort: a logout must clear the cookie even while
+        mfa-service is unreachable (the session then ends by its own timeouts)."""
         try:
             await self.stub.RevokeSession(pb.RevokeSessionRequest(session_token=token),
                                           timeout=WRITE_TIMEOUT)
         except grpc.RpcError as err:
-            raise to_error(err) from None
+            log.warning("could not revoke a 2FA session: %s",
+                        to_error(err).details.reason_name or "no answer")
 
     # -- the 2FA step ----------------------------------------------------------------------
     async def choose(self, request: Request) -> Response:
