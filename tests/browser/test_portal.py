@@ -313,3 +313,21 @@ def test_inbox_page_shows_the_codes_sent(page: Page, stack: Stack, username: str
     expect(mail).to_contain_text(re.compile(r"\d{6}"))
     shot("inbox")
 
+
+
+def test_turning_off_the_phone_needs_a_code_sent_to_it(page: Page, stack: Stack,
+                                                      username: str, shot: Shots) -> None:
+    user_with_email(page, stack, username)
+    number = unique_phone()
+    enrol_phone(page, stack, number)
+    page.select_option("#disable-phone-channel", "voice")
+    before = stack.last_id()
+    page.click("#disable-phone")
+    expect(page.locator("main")).to_contain_text("by voice call")
+    code = stack.code_for(number, before, channel="voice")
+    submit_code(page, wrong(code))
+    expect(page.get_by_role("alert")).to_contain_text("That code is not right.")
+    submit_code(page, code)
+    expect(page.get_by_role("status")).to_have_text("The method is turned off.")
+    expect(factor_row(page, "phone")).to_have_count(0)
+    shot("phone-off")
