@@ -8,6 +8,7 @@ in a cookie, bound to the logged-in user.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import secrets
 import time
@@ -41,7 +42,13 @@ from portal_backoffice.mfa import (
     verify_message,
     when,
 )
-from portal_backoffice.users import UserExists, Users, check_new_account
+from portal_backoffice.users import (
+    DEMO_PASSWORD,
+    DEMO_USERS,
+    UserExists,
+    Users,
+    check_new_account,
+)
 from portal_backoffice.web import (
     EXCEPTION_HANDLERS,
     client_ip,
@@ -166,8 +173,9 @@ class Portal:
         login = self.cookie.read(request)
         if login is None:
             return None
-        factors, codes_left = await self._factors(login.user)
-        return Seen(login, await self._session(login), factors, codes_left)
+        (factors, codes_left), session = await asyncio.gather(self._factors(login.user),
+                                                             self._session(login))
+        return Seen(login, session, factors, codes_left)
 
     async def _full_login(self, request: Request) -> Seen | Response:
         """The user passed the password and, if they have a second factor, 2FA."""
@@ -221,7 +229,8 @@ class Portal:
         username = str(form.get("username", "")).strip().lower()
         password = str(form.get("password", ""))
         next_url = self.safe_next(str(form.get("next", "")))
-        if not self.users.authenticate(username, password):
+        # scrypt takes ~50 ms of CPU on purpose: off the event loop.
+        if not await asyncio.to_thread(self.users.authenticate, username, password):
             return render(request, "login.html", status_code=401, next=next_url,
                           users=self._demo_users(), username=username,
                           error="Wrong username or password.")
@@ -234,7 +243,6 @@ class Portal:
         return response
 
     def _demo_users(self) -> list[str]:
-        from portal_backoffice.users import DEMO_PASSWORD, DEMO_USERS
         return [f"{name} / {DEMO_PASSWORD}" for name in DEMO_USERS]
 
     async def signup(self, request: Request) -> Response:
@@ -246,7 +254,7 @@ class Portal:
         problem = check_new_account(username, password)
         if problem is None:
             try:
-                self.users.create(username, password)
+                await asyncio.to_thread(self.users.create, username, password)
             except UserExists:
                 problem = "That username is taken. Choose another one."
         if problem is not None:
