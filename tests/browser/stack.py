@@ -96,7 +96,9 @@ def run_stack(log_dir: Path, *extra_args: str) -> Generator[Stack, None, None]:
              "--portal-port", str(portal_port), "--backoffice-port", str(backoffice_port),
              "--webhook-port", str(webhook_port), "--mfa-command", str(mfa),
              "--service-log-level", "WARNING", *extra_args],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_dir)
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_dir,
+            # Its own process group: a launcher that hangs is killed with its service.
+            start_new_session=True)
     stack = Stack(f"http://localhost:{portal_port}", f"http://localhost:{backoffice_port}",
                   f"http://127.0.0.1:{webhook_port}", process, log_path)
     try:
@@ -110,5 +112,5 @@ def run_stack(log_dir: Path, *extra_args: str) -> Generator[Stack, None, None]:
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
