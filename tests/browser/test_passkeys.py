@@ -55,7 +55,7 @@ def test_enrol_a_passkey_and_log_in_with_it(page: Page, context: BrowserContext,
     assert len(stored["credentials"]) == 1
     page.click("#logout")
     log_in(page, stack, username)
-    page.click("#use-passkey")
+    page.click(".use-passkey")
     shot("passkey-login")
     page.click("#passkey-button")
     expect(page.locator("#session-info")).to_contain_text("(Passkey)")
@@ -70,7 +70,7 @@ def test_a_passkey_without_user_verification_is_refused(
     enrol_passkey(page, stack)
     page.click("#logout")
     log_in(page, stack, username)
-    page.click("#use-passkey")
+    page.click(".use-passkey")
     # Presence only (no fingerprint, face or PIN): the login must not go through.
     cdp.send("WebAuthn.setUserVerified", {"authenticatorId": authenticator,
                                           "isUserVerified": False})
@@ -88,7 +88,7 @@ def test_turning_off_a_passkey_needs_the_passkey(page: Page, context: BrowserCon
     virtual_authenticator(context, page)
     user_with_email(page, stack, username)
     enrol_passkey(page, stack)
-    page.click("#disable-passkey")
+    page.click(".disable-passkey")
     expect(page.locator("h1")).to_have_text("Turn off passkey")
     shot("confirm-with-passkey")
     page.click("#passkey-button")

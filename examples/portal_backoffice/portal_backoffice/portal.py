@@ -469,8 +469,10 @@ class Portal:
         shown = [f for f in seen.factors if f.method != pb.METHOD_RECOVERY_CODE
                  and f.status != pb.FACTOR_STATUS_DISABLED]
         active_methods = {f.method for f in seen.second_factors}
-        can_add = [(slug, METHOD_NAMES[m]) for slug, m in METHOD_SLUGS.items()
-                   if m not in active_methods]
+        # One email, phone and app each; passkeys, one per device, as many as the user has.
+        can_add = [(slug, "Another passkey" if m == pb.METHOD_PASSKEY and m in active_methods
+                    else METHOD_NAMES[m]) for slug, m in METHOD_SLUGS.items()
+                   if m not in active_methods or m == pb.METHOD_PASSKEY]
         session = None
         if seen.session is not None:
             session = {"method": METHOD_NAMES.get(seen.session.method, "?"),
