@@ -85,7 +85,8 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], deadline: float) -> N
 def run_stack(log_dir: Path, *extra_args: str) -> Generator[Stack, None, None]:
     """Start the demo (temporary SQLite, removed at exit), yield it, stop it."""
     portal_port, backoffice_port, webhook_port = free_port(), free_port(), free_port()
-    mfa = Path(sys.executable).parent / "mfa-service"
+    # MFA_TEST_SERVICE_COMMAND: run the browser tests against another server build.
+    mfa = os.environ.get("MFA_TEST_SERVICE_COMMAND") or Path(sys.executable).parent / "mfa-service"
     log_path = log_dir / "demo.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MFA_", "DEMO_"))}
     # The demo apps from this checkout, whether or not they were pip-installed.
