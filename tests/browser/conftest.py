@@ -26,7 +26,6 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-PASSWORD = "browser-test-password"
 
 try:
     from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright

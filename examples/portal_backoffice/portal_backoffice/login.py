@@ -3,7 +3,7 @@
 Cookies belong to a host, not to a port, so the cookie the portal sets on
 ``localhost:8080`` reaches the backoffice on ``localhost:8081`` too (in production both
 apps would sit under one parent domain and set ``Domain=``). It is signed with a secret both
-apps know (itsdangerous, HMAC-SHA1 over the payload plus a timestamp), HttpOnly (scripts
+apps know (itsdangerous, HMAC-SHA256 over the payload plus a timestamp), HttpOnly (scripts
 cannot read the 2FA session token) and SameSite=Lax (other sites cannot make the browser
 send it with a POST).
 
@@ -14,6 +14,7 @@ mfa-service (CheckSession), so a logout on one app ends the session for both.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,9 @@ class Login:
 
 class LoginCookie:
     def __init__(self, secret: str, *, secure: bool = False) -> None:
-        self._serializer = URLSafeTimedSerializer(secret, salt="portal-backoffice-login")
+        self._serializer = URLSafeTimedSerializer(
+            secret, salt="portal-backoffice-login",
+            signer_kwargs={"digest_method": hashlib.sha256})
         # Secure cookies are not sent over http://localhost by every browser; production
         # (https) sets it.
         self._secure = secure
