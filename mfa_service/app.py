@@ -36,6 +36,7 @@ from mfa_service.delivery.senders import (
 from mfa_service.domain import Channel
 from mfa_service.errors import ConfigurationError, StoreError
 from mfa_service.factors.email_code import EmailCode
+from mfa_service.factors.passkey import Passkey, RelyingParty
 from mfa_service.factors.phone_code import PhoneCode
 from mfa_service.factors.recovery import RecoveryCodes
 from mfa_service.factors.registry import FactorRegistry
@@ -405,6 +406,9 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         EmailCode(codes),
         PhoneCode(codes),
         RecoveryCodes(keyring),
+        *([Passkey(keyring, RelyingParty(
+            rp_id=settings.rp_id, name=settings.webauthn_rp_name or settings.product_name,
+            origins=settings.origins))] if settings.passkeys_enabled else []),
     ])
     senders = build_senders(settings, tel.http_transport())
     dispatcher = Dispatcher(

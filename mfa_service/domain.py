@@ -19,6 +19,7 @@ class Method(StrEnum):
     PHONE = "phone"
     AUTHENTICATOR_APP = "authenticator_app"
     RECOVERY_CODE = "recovery_code"
+    PASSKEY = "passkey"
 
 
 class Channel(StrEnum):
@@ -137,6 +138,20 @@ class Challenge:
     approved_at: datetime | None = None
     consumed_at: datetime | None = None
     destination_key: bytes | None = None  # set when a code was sent (per-destination limit)
+
+
+@dataclass(frozen=True)
+class Proof:
+    """What the user offers on a challenge: a typed code, or (passkeys) the browser's
+    WebAuthn response JSON. Exactly one is set; which one the factor wants is its own
+    ``proof_field``. Never in a repr: both are secrets while the challenge is open."""
+
+    code: str = field(default="", repr=False)
+    webauthn_response: str = field(default="", repr=False)
+
+    def field_for(self, wanted: str) -> str:
+        """The proof in the field ``wanted`` ("code" or "webauthn_response")."""
+        return self.webauthn_response if wanted == "webauthn_response" else self.code
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,36 @@ def _is_safe_url(url: str) -> bool:
     return parsed.scheme == "http" and is_loopback_host(parsed.hostname or "")
 
 
+DEV_RP_ID = "localhost"
+DEV_ORIGINS = "http://localhost:8080,http://localhost:8081"
+
+
+def _webauthn_problems(rp_id: str, origins: tuple[str, ...], *, production: bool) -> list[str]:
+    """What is wrong with an RP ID and its origins, caught at start-up rather than as
+    every passkey ceremony failing later. WebAuthn (7.1 step 9, 7.2 step 13) accepts an
+    origin only when the RP ID is its host or a registrable suffix of it, and needs a
+    secure context: https, or http on localhost only."""
+    problems: list[str] = []
+    if not rp_id or "/" in rp_id or ":" in rp_id or " " in rp_id:
+        problems.append("MFA_WEBAUTHN_RP_ID must be a bare domain such as example.com")
+        return problems
+    if not origins:
+        problems.append("MFA_WEBAUTHN_ORIGINS needs at least one origin")
+    for origin in origins:
+        parts = urlsplit(origin)
+        host = (parts.hostname or "").lower()
+        if parts.scheme not in ("https", "http") or not host or parts.path or parts.query:
+            problems.append(f"MFA_WEBAUTHN_ORIGINS: {origin!r} is not an origin "
+                            "(scheme://host[:port], no path)")
+        elif parts.scheme == "http" and (production or host != "localhost"):
+            problems.append(f"MFA_WEBAUTHN_ORIGINS: {origin!r} must be https "
+                            "(http only for localhost in development)")
+        elif host != rp_id and not host.endswith("." + rp_id):
+            problems.append(f"MFA_WEBAUTHN_ORIGINS: {origin!r} is not on the RP ID "
+                            f"{rp_id!r} (its host must be the RP ID or a subdomain of it)")
+    return problems
+
+
 class Settings(BaseSettings):
     """Every knob of the service; see the README's configuration table."""
 
@@ -147,6 +177,16 @@ class Settings(BaseSettings):
     # 2FA sessions (NIST AAL2: at most 12 h absolute, 30 min idle).
     session_ttl_seconds: int = Field(default=12 * 3600, ge=60, le=12 * 3600)
     session_idle_seconds: int = Field(default=30 * 60, ge=60, le=30 * 60)
+
+    # Passkeys (WebAuthn, factors/passkey.py). The RP ID is the domain the credentials are
+    # bound to (the portal's registrable domain); the origins are the exact
+    # scheme://host[:port] of the pages that run navigator.credentials (W3C WebAuthn
+    # 7.1 step 9 / 7.2 step 13). Development defaults fit the reference portal and
+    # backoffice on localhost:8080/8081; production needs both set explicitly.
+    passkeys_enabled: bool = True
+    webauthn_rp_id: str | None = None
+    webauthn_rp_name: str | None = None  # shown by the browser; default the product name
+    webauthn_origins: str | None = None  # comma-separated origins
 
     # Operations.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -257,6 +297,14 @@ class Settings(BaseSettings):
                     problems.append(f"{name} must be https:// (or http:// to loopback) when "
                                     "MFA_ENV=production: codes and the provider token would "
                                     "travel in clear")
+            if self.passkeys_enabled and (not self.webauthn_rp_id or not self.webauthn_origins):
+                problems.append("MFA_WEBAUTHN_RP_ID and MFA_WEBAUTHN_ORIGINS are required when "
+                                "MFA_ENV=production with passkeys on (the development "
+                                "defaults name localhost); set them, or "
+                                "MFA_PASSKEYS_ENABLED=false")
+        if self.passkeys_enabled:
+            problems.extend(_webauthn_problems(
+                self.rp_id, self.origins, production=self.env is Environment.PRODUCTION))
         if self.health_listen_addr is not None:
             health_port = self.health_listen_addr.rpartition(":")[2]
             if health_port != "0" and health_port == self.listen_addr.rpartition(":")[2]:
@@ -273,6 +321,18 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def rp_id(self) -> str:
+        """The WebAuthn relying party id (development default ``localhost``)."""
+        return (self.webauthn_rp_id or DEV_RP_ID).strip().lower()
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """The origins a passkey ceremony may come from (development default: the
+        reference portal and backoffice)."""
+        raw = self.webauthn_origins or DEV_ORIGINS
+        return tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
 
     @property
     def telemetry_enabled(self) -> bool:

@@ -406,7 +406,9 @@ def production(tmp_path: Path, **extra: Any) -> dict[str, Any]:
     return {"env": "production", "keyring": TEST_KEYRING, "tls_cert_file": tmp_path / "c",
             "tls_key_file": tmp_path / "k", "callers_file": tmp_path / "callers.toml",
             "email_provider": "smtp", "phone_provider": "webhook",
-            "phone_webhook_url": "https://sms.internal/send", **extra}
+            "phone_webhook_url": "https://sms.internal/send",
+            "webauthn_rp_id": "example.com",
+            "webauthn_origins": "https://portal.example.com", **extra}
 
 
 @pytest.mark.parametrize(("extra", "named"), [

@@ -481,7 +481,8 @@ def test_production_settings_that_are_complete_are_accepted(tmp_path: Path) -> N
         "env": "production", "keyring": TEST_KEYRING, "tls_cert_file": tmp_path / "c",
         "tls_key_file": tmp_path / "k", "callers_file": tmp_path / "callers.toml",
         "email_provider": "smtp", "phone_provider": "webhook",
-        "phone_webhook_url": "https://sms.internal/send"})
+        "phone_webhook_url": "https://sms.internal/send", "webauthn_rp_id": "example.com",
+        "webauthn_origins": "https://portal.example.com,https://backoffice.example.com"})
     assert settings.env == "production"
 
 

@@ -9,8 +9,8 @@ use, sessions, lockout) live once, in the service layer, for all methods.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import TYPE_CHECKING, Protocol
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from mfa_service.domain import Challenge, Channel, FactorRecord, Method
 
@@ -53,11 +53,42 @@ class EnrollmentMaterial:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """The answer of ``FactorMethod.check``."""
+
+    ok: bool
+    # A failure the security team should see (audited as its own event), e.g. a passkey
+    # whose signature counter went backwards: a possible cloned authenticator.
+    alarm: str | None = None
+    detail: dict[str, int | str] = field(default_factory=dict)
+    # Set when the check named the factor anew (a passkey's model, known once registered).
+    display_name: str | None = None
+    reason: str | None = None  # why it failed, for the audit (never the proof itself)
+
+    @classmethod
+    def of(cls, ok: bool) -> Verdict:
+        return PASS if ok else FAIL
+
+    @classmethod
+    def fail(cls, reason: str) -> Verdict:
+        return cls(ok=False, reason=reason)
+
+
+PASS = Verdict(ok=True)
+FAIL = Verdict(ok=False)
+
+
 class FactorMethod(Protocol):
     """One way to pass a second factor."""
 
     method: Method
     sends_code: bool  # True: the service sends a code (email, phone); False: the user has it
+    # The request field that carries the proof: a typed code, or the browser's WebAuthn
+    # response (VerifyRequest/DisableRequest.webauthn_response).
+    proof_field: Literal["code", "webauthn_response"]
+    # A shorter life for this method's challenges than the configured code validity.
+    max_challenge_ttl: timedelta | None
 
     @property
     def code_length(self) -> int: ...
@@ -78,9 +109,25 @@ class FactorMethod(Protocol):
         """A fresh code to send, or None when the user already holds the code (TOTP)."""
         ...
 
+    async def browser_options(self, tx: Transaction, record: FactorRecord,
+                              challenge: Challenge) -> str | None:
+        """What the browser needs to answer ``challenge`` (WebAuthn options JSON), or None."""
+        ...
+
     async def check(self, tx: Transaction, record: FactorRecord, challenge: Challenge,
-                    code: str, now: datetime) -> bool:
+                    code: str, now: datetime) -> Verdict:
         """Whether ``code`` proves possession of the factor for ``challenge``; when it
         does, the method's own single-use step is done in ``tx`` (the caller holds the
         user's lock and read ``record`` after taking it)."""
         ...
+
+
+class CodeMethod:
+    """What the methods with a typed code share: no browser step, the configured validity."""
+
+    proof_field: Literal["code", "webauthn_response"] = "code"
+    max_challenge_ttl: timedelta | None = None
+
+    async def browser_options(self, tx: Transaction, record: FactorRecord,
+                              challenge: Challenge) -> str | None:
+        return None

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from mfa_service.crypto import Keyring
 from mfa_service.domain import Challenge, Channel, FactorRecord, Method
 from mfa_service.errors import InvalidArgument
-from mfa_service.factors.base import EnrollInput, EnrollmentMaterial
+from mfa_service.factors.base import CodeMethod, EnrollInput, EnrollmentMaterial, Verdict
 
 ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford: no i, l, o, u
 # What people type instead (Crockford's decoding rules).
@@ -55,7 +55,7 @@ def hash_codes(keyring: Keyring, user_id: str, codes: list[str]) -> list[tuple[s
     return [keyring.mac(code_message(user_id, normalise(c))) for c in codes]
 
 
-class RecoveryCodes:
+class RecoveryCodes(CodeMethod):
     """The module behind the user's recovery-code factor (created by the service)."""
 
     method = Method.RECOVERY_CODE
@@ -85,10 +85,10 @@ class RecoveryCodes:
         return None
 
     async def check(self, tx: Transaction, record: FactorRecord, challenge: Challenge,
-                    code: str, now: datetime) -> bool:
+                    code: str, now: datetime) -> Verdict:
         # Which stored code it is, and whether it is unused, only the database can say
         # atomically: consume the one stored under any of the candidate hashes (one per
         # key in the ring), once.
         user_id = record.factor.user_id
-        return await tx.recovery.consume(
-            user_id, self._keyring.mac_all(code_message(user_id, code)), now)
+        return Verdict.of(await tx.recovery.consume(
+            user_id, self._keyring.mac_all(code_message(user_id, code)), now))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from mfa_service.crypto import Keyring
 from mfa_service.domain import Challenge, FactorRecord, Method
+from mfa_service.factors.base import CodeMethod, Verdict
 from mfa_service.factors.codes import code_matches, generate_numeric_code, normalise_digits
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ class SentCode:
                             challenge.code_key_id, challenge.code_hash)
 
 
-class SentCodeMethod:
+class SentCodeMethod(CodeMethod):
     """Base of the email and phone methods: the code handling they share.
 
     Subclasses say what a destination is (``begin_enrollment``) and how a code travels
@@ -68,6 +69,6 @@ class SentCodeMethod:
         return self._codes.new()
 
     async def check(self, tx: Transaction, record: FactorRecord, challenge: Challenge,
-                    code: str, now: datetime) -> bool:
+                    code: str, now: datetime) -> Verdict:
         # Single use is the challenge's own (closed by the attempt that approves it).
-        return self._codes.matches(challenge, code)
+        return Verdict.of(self._codes.matches(challenge, code))

@@ -22,7 +22,15 @@ import segno
 from mfa_service.crypto import Keyring
 from mfa_service.domain import Challenge, Channel, FactorRecord, Method
 from mfa_service.errors import InvalidArgument
-from mfa_service.factors.base import EnrollInput, EnrollmentMaterial, Provisioning
+from mfa_service.factors.base import (
+    FAIL,
+    PASS,
+    CodeMethod,
+    EnrollInput,
+    EnrollmentMaterial,
+    Provisioning,
+    Verdict,
+)
 from mfa_service.factors.codes import normalise_digits
 
 PERIOD_SECONDS = 30
@@ -77,7 +85,7 @@ def provisioning(secret: bytes, issuer: str, account_name: str) -> Provisioning:
                         qr_svg=svg.getvalue().decode(), qr_png=png.getvalue())
 
 
-class AuthenticatorApp:
+class AuthenticatorApp(CodeMethod):
     """METHOD_AUTHENTICATOR_APP."""
 
     method = Method.AUTHENTICATOR_APP
@@ -120,15 +128,15 @@ class AuthenticatorApp:
         return None  # the app computes the code itself
 
     async def check(self, tx: Transaction, record: FactorRecord, challenge: Challenge,
-                    code: str, now: datetime) -> bool:
+                    code: str, now: datetime) -> Verdict:
         if record.secret_ciphertext is None or record.secret_key_id is None:
-            return False  # a disabled factor's secret has been wiped
+            return FAIL  # a disabled factor's secret has been wiped
         secret = self._keyring.decrypt(
             record.secret_key_id, record.secret_ciphertext,
             secret_aad(record.factor.factor_id, record.factor.user_id))
         step = match_totp(secret, code, now, window=self._window, last_step=record.last_totp_step)
         if step is None:
-            return False
+            return FAIL
         # RFC 6238 5.2: this step, and every older one, is used from now on.
         tx.factors.accept_totp_step(record.factor.factor_id, step, now)
-        return True
+        return PASS

@@ -17,8 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mfa_service.clock import Clock
 from mfa_service.crypto import DecryptionError, Keyring
 from mfa_service.delivery.outbox import payload_aad
-from mfa_service.domain import AuditContext, AuditEvent
+from mfa_service.domain import AuditContext, AuditEvent, Method
 from mfa_service.errors import InvalidArgument
+from mfa_service.factors.passkey import credential_aad
 from mfa_service.factors.totp import secret_aad
 from mfa_service.service import audit
 from mfa_service.store import maintenance
@@ -30,6 +31,13 @@ MAX_USER_ID = 128  # the column width, and what the RPCs accept
 MAX_REASON = 500
 MAX_BATCH = 10_000
 MAX_AUDIT_LIMIT = 10_000
+
+
+def _factor_secret_aad(row: StoredCiphertext) -> bytes:
+    """The associated data the factor's own method bound its ciphertext with."""
+    if row.kind == Method.PASSKEY.value:
+        return credential_aad(row.row_id, row.user_id)
+    return secret_aad(row.row_id, row.user_id)
 
 
 def check_user_id(user_id: str) -> str:
@@ -170,7 +178,8 @@ class AdminService:
     async def rotate_keys(self, keyring: Keyring, *, batch: int = 100) -> RotationReport:
         """Re-encrypt every stored ciphertext that is not under the primary key.
 
-        Only AES-GCM ciphertexts can be moved: TOTP secrets and pending outbox bodies.
+        Only AES-GCM ciphertexts can be moved: TOTP secrets, passkey credentials and
+        pending outbox bodies.
         Each row is rewritten in its own short transaction, guarded by a conditional
         UPDATE, so a server disabling a factor or sending a message meanwhile is never
         overwritten (the row is counted as skipped). Idempotent: a second run finds
@@ -185,7 +194,7 @@ class AdminService:
         await self._rotate(keyring, batch, report, report.factor_secrets, "factors",
                            maintenance.factor_secrets_to_rekey,
                            maintenance.rekey_factor_secret,
-                           lambda row: secret_aad(row.row_id, row.user_id))
+                           _factor_secret_aad)
         await self._rotate(keyring, batch, report, report.outbox_payloads, "outbox",
                            maintenance.outbox_payloads_to_rekey,
                            maintenance.rekey_outbox_payload,

@@ -24,6 +24,10 @@ class Event(StrEnum):
     SESSION_REVOKED = "session_revoked"
     ADMIN_RESET = "admin_reset"  # an operator reset a user's second factor (admin-cli)
     KEYS_ROTATED = "keys_rotated"  # stored secrets re-encrypted under the primary key
+    # A proof that was refused for a reason the security team should look at: a passkey
+    # whose signature counter went backwards (detail "alarm": passkey_counter_regressed)
+    # may have been cloned.
+    ALARM = "security_alarm"
 
 
 class Outcome(StrEnum):

@@ -53,6 +53,7 @@ class ChallengeResult:
     factor: Factor
     code_length: int
     resend_available_at: datetime
+    browser_options: str | None = None  # passkeys: WebAuthn request options JSON
 
 
 def open_challenge(ctx: Context, tx: Transaction, method: FactorMethod, record: FactorRecord,
@@ -68,11 +69,14 @@ def open_challenge(ctx: Context, tx: Transaction, method: FactorMethod, record: 
     code_key_id, code_hash = (hash_code(ctx.keyring, challenge_id, code)
                               if code is not None else (None, None))
     rules = ctx.rules
+    ttl = rules.code_ttl
+    if method.max_challenge_ttl is not None:
+        ttl = min(ttl, method.max_challenge_ttl)
     challenge = Challenge(
         challenge_id=challenge_id, user_id=factor.user_id, factor_id=factor.factor_id,
         purpose=purpose, application=application, channel=channel,
         state=ChallengeState.OPEN, attempts=0, max_attempts=rules.max_attempts,
-        created_at=now, expires_at=now + rules.code_ttl, code_hash=code_hash,
+        created_at=now, expires_at=now + ttl, code_hash=code_hash,
         code_key_id=code_key_id, request_id=request_id,
         destination_key=destination_key if code is not None else None)
     tx.challenges.supersede_open(factor.factor_id, purpose)
@@ -127,8 +131,11 @@ class Challenges:
                         raise FailedPrecondition(
                             "request_id was already used for a different request",
                             reason=ErrorReason.ERROR_REASON_REQUEST_ID_REUSED)
+                    # Passkeys: the options derive from the challenge id, so the
+                    # retry gets the very same ones.
                     return ChallengeResult(existing, record.factor, method.code_length,
-                                           self._resend_at(method, existing.created_at))
+                                           self._resend_at(method, existing.created_at),
+                                           await method.browser_options(tx, record, existing))
             require_status(record.factor, cmd.purpose)
             # A locked-out user gets no new codes either (no SMS bombing through lockout).
             ctx.refuse_if_locked(lockout, now,
@@ -142,8 +149,9 @@ class Challenges:
                                             destination=record.destination)
             challenge = open_challenge(ctx, tx, method, record, cmd.purpose, cmd.application,
                                        channel, cmd.request_id, who, now, key)
+            options = await method.browser_options(tx, record, challenge)
         return ChallengeResult(challenge, record.factor, method.code_length,
-                               self._resend_at(method, now))
+                               self._resend_at(method, now), options)
 
     def _resend_at(self, method: FactorMethod, sent_at: datetime) -> datetime:
         return sent_at + self._ctx.rules.resend_cooldown if method.sends_code else sent_at

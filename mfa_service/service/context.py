@@ -18,7 +18,7 @@ from mfa.v1.error_reason_pb2 import ErrorReason
 
 from mfa_service.clock import Clock
 from mfa_service.crypto import Keyring
-from mfa_service.domain import Factor, FactorRecord, FactorStatus, Purpose
+from mfa_service.domain import Factor, FactorRecord, FactorStatus, Method, Purpose
 from mfa_service.errors import FactorNotFound, FailedPrecondition, ResourceExhausted
 from mfa_service.factors.registry import FactorRegistry
 from mfa_service.service.limits import LockoutPolicy, SendQuota
@@ -105,6 +105,12 @@ def require_status(factor: Factor, purpose: Purpose) -> None:
             f"this purpose needs a {needed.value} factor; the factor is {factor.status.value}",
             reason=ErrorReason.ERROR_REASON_FACTOR_STATUS_FORBIDS,
             metadata={"factorStatus": factor.status.value})
+
+
+# Methods of which a user may have several ACTIVE factors: passkeys, one per device (the
+# database's partial unique index says the same: store/models.py). Every other method
+# has at most one, and a second is refused (or, for a phone, a proven change).
+SEVERAL_ACTIVE = frozenset({Method.PASSKEY})
 
 
 def already_enrolled() -> FailedPrecondition:

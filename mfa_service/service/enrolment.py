@@ -29,7 +29,7 @@ from mfa_service.errors import FailedPrecondition, InvalidArgument
 from mfa_service.factors.base import EnrollInput, Provisioning
 from mfa_service.service import audit
 from mfa_service.service.challenges import open_challenge
-from mfa_service.service.context import Context, already_enrolled
+from mfa_service.service.context import SEVERAL_ACTIVE, Context, already_enrolled
 from mfa_service.store.database import Transaction
 from mfa_service.store.repositories import UserFactors
 
@@ -54,6 +54,7 @@ class EnrollResult:
     challenge: Challenge
     code_length: int
     provisioning: Provisioning | None
+    browser_options: str | None = None  # passkeys: WebAuthn creation options JSON
 
 
 class Enrolment:
@@ -105,13 +106,14 @@ class Enrolment:
             tx.factors.add(record)
             challenge = open_challenge(ctx, tx, method, record, Purpose.CONFIRM_ENROLLMENT,
                                        cmd.application, channel, None, who, now, key)
+            options = await method.browser_options(tx, record, challenge)
             audit.record(tx, now, audit.Event.ENROLL, audit.Outcome.OK, who,
                          user_id=cmd.user_id, factor_id=factor_id,
                          challenge_id=challenge.challenge_id, application=cmd.application,
                          detail={"method": cmd.method.value,
                                  **({"replaces": replaces} if replaces else {})})
         return EnrollResult(factor=factor, challenge=challenge, code_length=method.code_length,
-                            provisioning=material.provisioning)
+                            provisioning=material.provisioning, browser_options=options)
 
     async def _require_step_up(self, tx: Transaction, cmd: EnrollCommand,
                                now: datetime) -> None:
@@ -138,6 +140,8 @@ class Enrolment:
         "changing factors": the old factor must consent).
         """
         active = existing.active_of_method
+        if cmd.method in SEVERAL_ACTIVE:
+            active = None  # one passkey per device: adding one replaces nothing
         if active is None:
             if cmd.change_proof_challenge_id is not None:
                 raise InvalidArgument.single("change_proof_challenge_id",

@@ -36,12 +36,20 @@ from mfa_service.domain import (
     Method,
     NewSession,
     NoticeKind,
+    Proof,
     Purpose,
     VerifyResult,
 )
-from mfa_service.errors import ChallengeNotFound, FailedPrecondition
+from mfa_service.errors import ChallengeNotFound, FailedPrecondition, InvalidArgument
+from mfa_service.factors.base import FactorMethod
 from mfa_service.service import audit
-from mfa_service.service.context import Context, already_enrolled, owned_factor, require_status
+from mfa_service.service.context import (
+    SEVERAL_ACTIVE,
+    Context,
+    already_enrolled,
+    owned_factor,
+    require_status,
+)
 from mfa_service.service.recovery import Recovery
 from mfa_service.store.database import Transaction
 from mfa_service.store.security import LockoutState
@@ -72,26 +80,44 @@ class _Approved:
 
 Handler = Callable[["Verification", _Approved], Awaitable[VerifyOutcome]]
 
+_OTHER_FIELD = {"code": "webauthn_response", "webauthn_response": "code"}
+
+
+def _as_proof(proof: Proof | str) -> Proof:
+    return Proof(code=proof) if isinstance(proof, str) else proof
+
+
+def _proof_for(method: FactorMethod, proof: Proof) -> str:
+    """The proof in the field the challenged factor's method reads; the other field set
+    is a caller's mistake (INVALID_ARGUMENT, no attempt counted), not a wrong guess."""
+    wanted = method.proof_field
+    other = _OTHER_FIELD[wanted]
+    if proof.field_for(other):
+        raise InvalidArgument.single(
+            other, f"this challenge is answered with {wanted}, not {other}")
+    return proof.field_for(wanted)
+
 
 class Verification:
     def __init__(self, ctx: Context, recovery: Recovery) -> None:
         self._ctx = ctx
         self._recovery = recovery
 
-    async def verify(self, challenge_id: str, raw_code: str, who: AuditContext, *,
+    async def verify(self, challenge_id: str, proof: Proof | str, who: AuditContext, *,
                      user_id: str | None = None) -> VerifyOutcome:
-        """Check a code; ``user_id`` (optional) binds the challenge to the user the caller
-        expects: another user's challenge is then "not found"."""
-        return await self._verify(challenge_id, raw_code, who, disable=None,
+        """Check a code (or a passkey's response); ``user_id`` (optional) binds the
+        challenge to the user the caller expects: another user's challenge is then "not
+        found"."""
+        return await self._verify(challenge_id, _as_proof(proof), who, disable=None,
                                   expect_user=user_id)
 
-    async def disable(self, user_id: str, factor_id: str, challenge_id: str, raw_code: str,
-                      who: AuditContext) -> VerifyOutcome:
-        """Disable ``factor_id``, proven by a code on a PURPOSE_DISABLE challenge for it."""
-        return await self._verify(challenge_id, raw_code, who, disable=(user_id, factor_id),
-                                  expect_user=user_id)
+    async def disable(self, user_id: str, factor_id: str, challenge_id: str,
+                      proof: Proof | str, who: AuditContext) -> VerifyOutcome:
+        """Disable ``factor_id``, proven on a PURPOSE_DISABLE challenge for it."""
+        return await self._verify(challenge_id, _as_proof(proof), who,
+                                  disable=(user_id, factor_id), expect_user=user_id)
 
-    async def _verify(self, challenge_id: str, raw_code: str, who: AuditContext,
+    async def _verify(self, challenge_id: str, proof: Proof, who: AuditContext,
                       disable: tuple[str, str] | None,
                       expect_user: str | None) -> VerifyOutcome:
         ctx = self._ctx
@@ -119,7 +145,7 @@ class Verification:
                     reason=ErrorReason.ERROR_REASON_CHALLENGE_MISMATCH)
             who.authorize(challenge.application)
             method = ctx.registry.get(record.factor.method)
-            code = method.parse_code(raw_code)  # malformed input is not a guess
+            code = method.parse_code(_proof_for(method, proof))  # malformed: not a guess
             usable = challenge.state is ChallengeState.OPEN and challenge.expires_at > now and (
                 challenge.attempts < challenge.max_attempts)
             if usable:
@@ -134,7 +160,17 @@ class Verification:
             # The user's lock makes the read above current, so the factor's own check
             # (and its atomic step) and the attempt below cannot interleave with another
             # verification of this user.
-            ok = await method.check(tx, record, challenge, code, now)
+            verdict = await method.check(tx, record, challenge, code, now)
+            ok = verdict.ok
+            if verdict.alarm is not None:
+                audit.record(tx, now, audit.Event.ALARM, audit.Outcome.FAILED, who,
+                             user_id=challenge.user_id, factor_id=challenge.factor_id,
+                             challenge_id=challenge_id, application=challenge.application,
+                             detail={"alarm": verdict.alarm, **verdict.detail})
+            if verdict.display_name is not None:
+                record = replace(record, factor=replace(
+                    record.factor, masked_destination=verdict.display_name))
+                target = record if disable is None else target
             settled = await tx.challenges.settle_attempt(challenge_id, ok, now)
             if settled is None:  # pragma: no cover - excluded by the lock and the read
                 return self._closed_outcome(challenge, now)
@@ -168,7 +204,7 @@ class Verification:
                            a.record.factor.method)
         replaced = await self._retire_replaced(tx, a.record, a.who, now)
         summary = await tx.factors.summary(factor.user_id, factor.method)
-        if summary.active_of_method is not None:
+        if summary.active_of_method is not None and factor.method not in SEVERAL_ACTIVE:
             raise already_enrolled()
         if not summary.any_active:
             # The user's first factor: any other PENDING factor was enrolled without a

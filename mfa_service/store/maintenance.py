@@ -48,6 +48,7 @@ class StoredCiphertext:
     user_id: str
     key_id: str
     blob: bytes
+    kind: str = ""  # factors: the method (each method binds its secret with its own AAD)
 
 
 # -- key usage ---------------------------------------------------------------------------
@@ -93,13 +94,13 @@ async def factor_secrets_to_rekey(conn: AsyncConnection, primary_id: str, *,
     run, so the run ends even while some rows cannot be re-encrypted.
     """
     query = (select(factors.c.id, factors.c.user_id, factors.c.secret_key_id,
-                    factors.c.secret_ciphertext)
+                    factors.c.secret_ciphertext, factors.c.method)
              .where(factors.c.secret_ciphertext.is_not(None),
                     factors.c.secret_key_id != primary_id)
              .order_by(factors.c.id).limit(limit))
     if after is not None:
         query = query.where(factors.c.id > after)
-    return [StoredCiphertext(r.id, r.user_id, r.secret_key_id, r.secret_ciphertext)
+    return [StoredCiphertext(r.id, r.user_id, r.secret_key_id, r.secret_ciphertext, r.method)
             for r in await conn.execute(query)]
 
 

@@ -64,6 +64,9 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
+ONE_ACTIVE_WHERE = "status = 'active' AND method <> 'passkey'"
+
+
 class FactorRow(Base):
     __tablename__ = "factors"
 
@@ -91,10 +94,11 @@ class FactorRow(Base):
 
     __table_args__ = (
         # At most one ACTIVE factor per method per user, enforced by the database so two
-        # confirmations racing each other cannot both win.
+        # confirmations racing each other cannot both win. Passkeys are the exception: a
+        # user keeps one per device (phone, laptop, security key), as every WebAuthn
+        # relying party allows.
         Index("uq_factors_one_active_per_method", "user_id", "method", unique=True,
-              sqlite_where=text("status = 'active'"),
-              postgresql_where=text("status = 'active'")),
+              sqlite_where=text(ONE_ACTIVE_WHERE), postgresql_where=text(ONE_ACTIVE_WHERE)),
         # At most one PENDING factor per method per user: a newer enrolment supersedes
         # the older one in its transaction, and the database refuses a second.
         Index("uq_factors_one_pending_per_method", "user_id", "method", unique=True,

@@ -223,6 +223,18 @@ class FactorRepository:
             .values(status=_DISABLED, disabled_at=now, secret_ciphertext=None,
                     secret_key_id=None)) == 1
 
+    async def store_credential(self, factor_id: str, key_id: str, ciphertext: bytes, *,
+                               masked_destination: str | None = None) -> None:
+        """Replace a live factor's encrypted secret (a passkey's credential, registered or
+        with its new sign counter). Immediate, not deferred: the same request may also
+        defer a touch of this row, and one row gets at most one deferred UPDATE."""
+        values: dict[str, Any] = {"secret_key_id": key_id, "secret_ciphertext": ciphertext}
+        if masked_destination is not None:
+            values["masked_destination"] = masked_destination
+        await self._unit.write(
+            update(factors).where(factors.c.id == factor_id, factors.c.status != _DISABLED)
+            .values(**values))
+
     def accept_totp_step(self, factor_id: str, step: int, now: datetime) -> None:
         """Record ``step`` as the factor's last accepted one (RFC 6238 section 5.2).
 

@@ -54,6 +54,7 @@ METHODS = {
     pb.METHOD_PHONE: domain.Method.PHONE,
     pb.METHOD_AUTHENTICATOR_APP: domain.Method.AUTHENTICATOR_APP,
     pb.METHOD_RECOVERY_CODE: domain.Method.RECOVERY_CODE,
+    pb.METHOD_PASSKEY: domain.Method.PASSKEY,
 }
 CHANNELS = {
     pb.CHANNEL_EMAIL: domain.Channel.EMAIL,
@@ -168,7 +169,10 @@ class _Checker:
         self.text("user_agent", user_agent, max_len=MAX_USER_AGENT, required=False)
 
 
-_METHOD_NAMES = "METHOD_EMAIL, METHOD_PHONE, METHOD_AUTHENTICATOR_APP"
+_METHOD_NAMES = "METHOD_EMAIL, METHOD_PHONE, METHOD_AUTHENTICATOR_APP, METHOD_PASSKEY"
+# A browser's credential.toJSON() is a few KiB; the factor module refuses more than 64 KiB
+# with its own message, this bound only keeps absurd input out of the parser.
+MAX_WEBAUTHN_RESPONSE = 64 * 1024
 _APP_NAMES = "APPLICATION_PORTAL, APPLICATION_BACKOFFICE"
 _PURPOSE_NAMES = ("PURPOSE_LOGIN, PURPOSE_CONFIRM_ENROLLMENT, PURPOSE_DISABLE, "
                   "PURPOSE_CHANGE_PHONE")
@@ -220,27 +224,40 @@ def challenge_command(req: pb.ChallengeRequest) -> ChallengeCommand:
                             request_id=request_id or None)
 
 
-def verify_args(req: pb.VerifyRequest) -> tuple[str, str, str | None]:
-    """(challenge_id, code, the expected user or None)."""
+def _proof(c: _Checker, code: str, webauthn_response: str) -> domain.Proof:
+    """A code or a WebAuthn response, exactly one (which one the challenged factor
+    wants is checked once the challenge is read: service/verification.py)."""
+    if code and webauthn_response:
+        c.bad("webauthn_response", "set either code or webauthn_response, not both")
+    elif webauthn_response:
+        if len(webauthn_response) > MAX_WEBAUTHN_RESPONSE:
+            c.bad("webauthn_response", f"must be at most {MAX_WEBAUTHN_RESPONSE} characters")
+    else:
+        # Spaces are what people type around and inside codes; the factor module drops them.
+        c.text("code", code, max_len=MAX_CODE, required=True, trim_ok=True)
+    return domain.Proof(code=code, webauthn_response=webauthn_response)
+
+
+def verify_args(req: pb.VerifyRequest) -> tuple[str, domain.Proof, str | None]:
+    """(challenge_id, the proof, the expected user or None)."""
     c = _Checker()
     challenge_id = c.resource_id("challenge_id", req.challenge_id)
-    # Spaces are what people type around and inside codes; the factor module drops them.
-    code = c.text("code", req.code, max_len=MAX_CODE, required=True, trim_ok=True)
+    proof = _proof(c, req.code, req.webauthn_response)
     user_id = c.user_id(req.user_id) if req.user_id else None
     c.audit_fields(req.client_ip, req.user_agent)
     c.done()
-    return challenge_id, code, user_id
+    return challenge_id, proof, user_id
 
 
-def disable_args(req: pb.DisableRequest) -> tuple[str, str, str, str]:
+def disable_args(req: pb.DisableRequest) -> tuple[str, str, str, domain.Proof]:
     c = _Checker()
     user_id = c.user_id(req.user_id)
     factor_id = c.resource_id("factor_id", req.factor_id)
     challenge_id = c.resource_id("challenge_id", req.challenge_id)
-    code = c.text("code", req.code, max_len=MAX_CODE, required=True, trim_ok=True)
+    proof = _proof(c, req.code, req.webauthn_response)
     c.audit_fields(req.client_ip, req.user_agent)
     c.done()
-    return user_id, factor_id, challenge_id, code
+    return user_id, factor_id, challenge_id, proof
 
 
 def session_token(value: str, field: str = "session_token") -> str:
@@ -370,6 +387,8 @@ def enroll_response(r: EnrollResult) -> pb.EnrollResponse:
         resp.otpauth_uri = r.provisioning.otpauth_uri
         resp.qr_svg = r.provisioning.qr_svg
         resp.qr_png = r.provisioning.qr_png
+    if r.browser_options is not None:
+        resp.webauthn_creation_options = r.browser_options
     return resp
 
 
@@ -379,7 +398,8 @@ def challenge_response(r: ChallengeResult) -> pb.ChallengeResponse:
         channel=CHANNELS_OUT[r.challenge.channel],
         masked_destination=r.factor.masked_destination,
         expires_at=timestamp(r.challenge.expires_at),
-        resend_available_at=timestamp(r.resend_available_at), code_length=r.code_length)
+        resend_available_at=timestamp(r.resend_available_at), code_length=r.code_length,
+        webauthn_request_options=r.browser_options or "")
 
 
 def session_pb(s: domain.Session, token: str = "") -> pb.Session:

@@ -42,15 +42,15 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         return convert.challenge_response(result)
 
     async def Verify(self, request: pb.VerifyRequest, context: Context) -> pb.VerifyResponse:
-        challenge_id, code, user_id = convert.verify_args(request)
+        challenge_id, proof, user_id = convert.verify_args(request)
         outcome = await self._s.verification.verify(
-            challenge_id, code, _who(request.client_ip, request.user_agent), user_id=user_id)
+            challenge_id, proof, _who(request.client_ip, request.user_agent), user_id=user_id)
         return convert.verify_response(outcome)
 
     async def Disable(self, request: pb.DisableRequest, context: Context) -> pb.DisableResponse:
-        user_id, factor_id, challenge_id, code = convert.disable_args(request)
+        user_id, factor_id, challenge_id, proof = convert.disable_args(request)
         outcome = await self._s.verification.disable(
-            user_id, factor_id, challenge_id, code, _who(request.client_ip, request.user_agent))
+            user_id, factor_id, challenge_id, proof, _who(request.client_ip, request.user_agent))
         return convert.disable_response(outcome)
 
     async def CheckSession(self, request: pb.CheckSessionRequest,

@@ -1,0 +1,332 @@
+"""Passkeys: WebAuthn Level 3 credentials, through py_webauthn (the ``webauthn`` package).
+
+The browser, not the user, produces the proof: ``navigator.credentials.create()`` at
+enrolment (a registration, verified on the PURPOSE_CONFIRM_ENROLLMENT challenge) and
+``navigator.credentials.get()`` afterwards (an assertion signed by the credential's private
+key). What this module adds to the library:
+
+* **The WebAuthn challenge is derived, not stored**: HMAC(key, challenge_id) under the
+  keyring. It is unpredictable without the key, unique per challenge row, and single use
+  because the row is (an APPROVED or SUPERSEDED challenge takes no attempt). Verification
+  accepts the derivation under every key of the ring, so a key rotation in the five minutes
+  a ceremony lasts does not fail it.
+* **The credential lives encrypted on its factor** (AES-256-GCM, factor and user as
+  associated data, like a TOTP secret): id, public key, sign counter, AAGUID. The public key
+  is not a secret, but a row edited to carry another key must not decrypt.
+* **The sign counter** (W3C WebAuthn 6.1.1): a counter that does not grow, when either side
+  is non-zero, means two authenticators hold one private key. The library would refuse it
+  before checking the signature; we check it after, so only a *genuine* signature with a
+  stale counter raises the clone alarm (anyone can send a made-up counter).
+* **User verification is required** (UV flag) in both ceremonies: the passkey is then a
+  two-factor proof on its own (possession + PIN/biometric), as NIST SP 800-63B AAL2 needs
+  of a multi-factor cryptographic authenticator.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+from webauthn import (
+    generate_authentication_options,
+    generate_registration_options,
+    options_to_json,
+    verify_authentication_response,
+    verify_registration_response,
+)
+from webauthn.helpers import base64url_to_bytes, bytes_to_base64url, parse_client_data_json
+from webauthn.helpers.exceptions import WebAuthnException
+from webauthn.helpers.structs import (
+    AuthenticatorSelectionCriteria,
+    AuthenticatorTransport,
+    PublicKeyCredentialDescriptor,
+    ResidentKeyRequirement,
+    UserVerificationRequirement,
+)
+
+from mfa_service.crypto import Keyring
+from mfa_service.domain import Challenge, Channel, FactorRecord, FactorStatus, Method, Purpose
+from mfa_service.errors import InvalidArgument
+from mfa_service.factors.base import EnrollInput, EnrollmentMaterial, Verdict
+
+if TYPE_CHECKING:
+    from mfa_service.store.database import Transaction
+
+log = logging.getLogger(__name__)
+
+# SPEC: a passkey challenge is single use and lives at most five minutes (the browser's
+# own timeout is set to the same, so it stops waiting when we stop accepting).
+MAX_CHALLENGE_TTL = timedelta(minutes=5)
+# A registration with a packed attestation and certificate chain is a few KiB; a response
+# ten times that is not a browser's.
+MAX_RESPONSE_BYTES = 64 * 1024
+MAX_NAME = 64
+DEFAULT_NAME = "Passkey"
+CLONE_ALARM = "passkey_counter_regressed"
+
+# Names of common authenticator models by AAGUID (the AAGUID is the model, not the
+# device). py_webauthn carries no such table; these are published by the vendors and
+# collected in the community list "passkey-authenticator-aaguids". Anything else is shown
+# as "Passkey", which is also what "none" attestation with a zero AAGUID gives.
+AAGUID_NAMES = {
+    "fbfc3007-154e-4ecc-8c0b-6e020557d7bd": "iCloud Keychain",
+    "dd4ec289-e01d-41c9-bb89-70fa845d4bf2": "iCloud Keychain (managed)",
+    "ea9b8d66-4d01-1d21-3ce4-b6b48cb575d4": "Google Password Manager",
+    "adce0002-35bc-c60a-648b-0b25f1f05503": "Chrome on Mac",
+    "08987058-cadc-4b81-b6e1-30de50dcbe96": "Windows Hello",
+    "9ddd1817-af5a-4672-a2b9-3e3dd95000a9": "Windows Hello",
+    "6028b017-b1d4-4c02-b4b3-afcdafc96bb2": "Windows Hello",
+    "bada5566-a7aa-401f-bd96-45619a55120d": "1Password",
+    "d548826e-79b4-db40-a3d8-11116f7e8349": "Bitwarden",
+    "531126d6-e717-415c-9320-3d9aa6981239": "Dashlane",
+    "cb69481e-8ff7-4039-93ec-0a2729a154a8": "YubiKey 5 Series",
+    "ee882879-721c-4913-9775-3dfcce97072a": "YubiKey 5 Series",
+}
+
+
+def passkey_name(aaguid: str) -> str:
+    """What ListFactors shows for a passkey of this authenticator model."""
+    return AAGUID_NAMES.get(aaguid.lower(), DEFAULT_NAME)
+
+
+def credential_aad(factor_id: str, user_id: str) -> bytes:
+    """Associated data binding a stored credential to its factor and user."""
+    return f"mfa-service/v1/passkey-credential/{factor_id}/{user_id}".encode()
+
+
+def challenge_message(challenge_id: str) -> bytes:
+    return f"mfa-service/v1/webauthn-challenge/{challenge_id}".encode()
+
+
+def user_handle(keyring: Keyring, user_id: str) -> bytes:
+    """The WebAuthn user handle: opaque (W3C WebAuthn 14.6.1: no personal data, the
+    authenticator may show or leak it) and stable per user, so that registering again on
+    the same authenticator replaces its old discoverable credential instead of piling up.
+    Derived under the primary key: a rotation changes the handle of later enrolments
+    only, which is harmless (assertions are checked against the factor's credential)."""
+    return keyring.mac(f"mfa-service/v1/webauthn-user/{user_id}".encode())[1][:32]
+
+
+@dataclass(frozen=True)
+class StoredCredential:
+    """What the factor keeps of its credential (encrypted as one blob)."""
+
+    credential_id: bytes
+    public_key: bytes  # COSE_Key
+    sign_count: int
+    aaguid: str
+    transports: tuple[str, ...] = ()
+
+    def encode(self) -> bytes:
+        return json.dumps({
+            "id": bytes_to_base64url(self.credential_id),
+            "pk": bytes_to_base64url(self.public_key),
+            "n": self.sign_count, "aaguid": self.aaguid,
+            "tr": list(self.transports)}, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, blob: bytes) -> StoredCredential:
+        d = json.loads(blob)
+        return cls(credential_id=base64url_to_bytes(d["id"]),
+                   public_key=base64url_to_bytes(d["pk"]), sign_count=int(d["n"]),
+                   aaguid=str(d["aaguid"]), transports=tuple(d.get("tr", ())))
+
+    def descriptor(self) -> PublicKeyCredentialDescriptor:
+        known = {t.value for t in AuthenticatorTransport}
+        return PublicKeyCredentialDescriptor(
+            id=self.credential_id,
+            transports=[AuthenticatorTransport(t) for t in self.transports if t in known]
+            or None)
+
+
+@dataclass(frozen=True)
+class RelyingParty:
+    """Who the credentials are for (settings: MFA_WEBAUTHN_*)."""
+
+    rp_id: str
+    name: str
+    origins: tuple[str, ...]
+
+
+class Passkey:
+    """METHOD_PASSKEY."""
+
+    method = Method.PASSKEY
+    sends_code = False
+    proof_field: Literal["code", "webauthn_response"] = "webauthn_response"
+    max_challenge_ttl: timedelta | None = MAX_CHALLENGE_TTL
+
+    def __init__(self, keyring: Keyring, rp: RelyingParty) -> None:
+        self._keyring = keyring
+        self._rp = rp
+
+    @property
+    def code_length(self) -> int:
+        return 0  # nothing to type
+
+    def channel_for(self, requested: Channel | None) -> Channel:
+        if requested not in (None, Channel.NONE):
+            raise InvalidArgument.single(
+                "channel", "must be unset or CHANNEL_NONE for METHOD_PASSKEY")
+        return Channel.NONE
+
+    def begin_enrollment(self, request: EnrollInput) -> EnrollmentMaterial:
+        # The credential does not exist yet: the browser makes it after Enroll answers, and
+        # the confirmation (check, below) stores it. The label is the name the browser
+        # shows for the account (user.name / displayName).
+        label = request.account_name or request.user_id
+        if len(label) > 128 or not label.isprintable():
+            raise InvalidArgument.single("account_name",
+                                         "must be printable, at most 128 characters")
+        return EnrollmentMaterial(label=label, masked_destination=DEFAULT_NAME)
+
+    def parse_code(self, raw: str) -> str:
+        """Shape only: a JSON object as ``PublicKeyCredential.toJSON()`` makes it. Whether
+        it proves anything is ``check``'s question (a wrong proof counts an attempt; a
+        malformed request does not)."""
+        field = self.proof_field
+        if not raw:
+            raise InvalidArgument.single(
+                field, "is required for METHOD_PASSKEY: the JSON of credential.toJSON()")
+        if len(raw.encode()) > MAX_RESPONSE_BYTES:
+            raise InvalidArgument.single(field, f"must be at most {MAX_RESPONSE_BYTES} bytes")
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            raise InvalidArgument.single(field, "must be JSON (credential.toJSON())") from None
+        if not (isinstance(parsed, dict) and isinstance(parsed.get("id"), str)
+                and isinstance(parsed.get("response"), dict)
+                and parsed.get("type") == "public-key"):
+            raise InvalidArgument.single(
+                field, "must be a PublicKeyCredential as JSON: id, rawId, type "
+                       "'public-key' and response")
+        return raw
+
+    def new_code(self) -> str | None:
+        return None
+
+    def _challenge_bytes(self, challenge_id: str) -> bytes:
+        return self._keyring.mac(challenge_message(challenge_id))[1]
+
+    def _stored(self, record: FactorRecord) -> StoredCredential | None:
+        if record.secret_ciphertext is None or record.secret_key_id is None:
+            return None  # not confirmed yet, or disabled (the credential was wiped)
+        return StoredCredential.decode(self._keyring.decrypt(
+            record.secret_key_id, record.secret_ciphertext,
+            credential_aad(record.factor.factor_id, record.factor.user_id)))
+
+    async def browser_options(self, tx: Transaction, record: FactorRecord,
+                              challenge: Challenge) -> str | None:
+        """The JSON for ``parseCreationOptionsFromJSON`` (confirming an enrolment) or
+        ``parseRequestOptionsFromJSON`` (every other purpose)."""
+        timeout_ms = int(MAX_CHALLENGE_TTL.total_seconds() * 1000)
+        factor = record.factor
+        if challenge.purpose is Purpose.CONFIRM_ENROLLMENT:
+            # excludeCredentials: the user's other passkeys, so an authenticator that
+            # already holds one says so instead of making a second (W3C WebAuthn 5.4).
+            others = [r for r in await tx.factors.list_for_user(factor.user_id)
+                      if r.factor.method is Method.PASSKEY
+                      and r.factor.status is FactorStatus.ACTIVE]
+            exclude = [c.descriptor() for c in map(self._stored, others) if c is not None]
+            return options_to_json(generate_registration_options(
+                rp_id=self._rp.rp_id, rp_name=self._rp.name,
+                user_id=user_handle(self._keyring, factor.user_id),
+                user_name=record.label, user_display_name=record.label,
+                challenge=self._challenge_bytes(challenge.challenge_id),
+                timeout=timeout_ms, exclude_credentials=exclude,
+                authenticator_selection=AuthenticatorSelectionCriteria(
+                    resident_key=ResidentKeyRequirement.PREFERRED,
+                    user_verification=UserVerificationRequirement.REQUIRED)))
+        stored = self._stored(record)
+        return options_to_json(generate_authentication_options(
+            rp_id=self._rp.rp_id, challenge=self._challenge_bytes(challenge.challenge_id),
+            timeout=timeout_ms,
+            allow_credentials=[stored.descriptor()] if stored is not None else [],
+            user_verification=UserVerificationRequirement.REQUIRED))
+
+    def _expected_challenge(self, response: dict[str, Any], challenge_id: str) -> bytes | None:
+        """The challenge the response signed, if it is this challenge's under some key
+        of the ring (constant-time); None otherwise (another challenge's response)."""
+        try:
+            client_data = parse_client_data_json(
+                base64url_to_bytes(response["response"]["clientDataJSON"]))
+        except (WebAuthnException, KeyError, TypeError, ValueError, binascii.Error):
+            return None
+        signed = client_data.challenge
+        found = None
+        for candidate in self._keyring.mac_all(challenge_message(challenge_id)):
+            if hmac.compare_digest(candidate, signed):
+                found = candidate
+        return found
+
+    async def check(self, tx: Transaction, record: FactorRecord, challenge: Challenge,
+                    code: str, now: datetime) -> Verdict:
+        response = json.loads(code)  # parse_code made sure it is a JSON object
+        expected = self._expected_challenge(response, challenge.challenge_id)
+        if expected is None:
+            return Verdict.fail("another_challenge")
+        if challenge.purpose is Purpose.CONFIRM_ENROLLMENT:
+            return await self._register(tx, record, response, expected)
+        return await self._authenticate(tx, record, response, expected, now)
+
+    async def _register(self, tx: Transaction, record: FactorRecord, response: dict[str, Any],
+                        expected: bytes) -> Verdict:
+        try:
+            verified = verify_registration_response(
+                credential=response, expected_challenge=expected,
+                expected_rp_id=self._rp.rp_id, expected_origin=list(self._rp.origins),
+                require_user_verification=True)
+        except (WebAuthnException, KeyError, TypeError, ValueError, binascii.Error) as exc:
+            # The library's message says which check failed (origin, RP ID, UV...): it
+            # names no secret, and the audit keeps only its class.
+            log.info("passkey registration refused: %s", exc)
+            return Verdict.fail("registration_refused")
+        transports = response["response"].get("transports") or []
+        credential = StoredCredential(
+            credential_id=verified.credential_id, public_key=verified.credential_public_key,
+            sign_count=verified.sign_count, aaguid=verified.aaguid,
+            transports=tuple(t for t in transports if isinstance(t, str))[:8])
+        key_id, ciphertext = self._keyring.encrypt(
+            credential.encode(), credential_aad(record.factor.factor_id, record.factor.user_id))
+        name = passkey_name(verified.aaguid)[:MAX_NAME]
+        await tx.factors.store_credential(record.factor.factor_id, key_id, ciphertext,
+                                          masked_destination=name)
+        return Verdict(ok=True, display_name=name)
+
+    async def _authenticate(self, tx: Transaction, record: FactorRecord,
+                            response: dict[str, Any], expected: bytes,
+                            now: datetime) -> Verdict:
+        stored = self._stored(record)
+        if stored is None:
+            return Verdict.fail("no_credential")
+        raw_id = response.get("rawId") or response.get("id")
+        try:
+            if base64url_to_bytes(str(raw_id)) != stored.credential_id:
+                return Verdict.fail("other_credential")
+            # Counter 0 here: the library would judge the counter before the signature;
+            # we judge it below, once the signature is known to be genuine.
+            verified = verify_authentication_response(
+                credential=response, expected_challenge=expected,
+                expected_rp_id=self._rp.rp_id, expected_origin=list(self._rp.origins),
+                credential_public_key=stored.public_key, credential_current_sign_count=0,
+                require_user_verification=True)
+        except (WebAuthnException, KeyError, TypeError, ValueError, binascii.Error) as exc:
+            log.info("passkey assertion refused: %s", exc)
+            return Verdict.fail("assertion_refused")
+        new = verified.new_sign_count
+        if (new > 0 or stored.sign_count > 0) and new <= stored.sign_count:
+            # W3C WebAuthn 6.1.1: a signature counter that did not grow means the private
+            # key may have been cloned. Refused, and audited for the security team.
+            return Verdict(ok=False, alarm=CLONE_ALARM,
+                           detail={"stored_counter": stored.sign_count, "presented_counter": new})
+        key_id, ciphertext = self._keyring.encrypt(
+            StoredCredential(stored.credential_id, stored.public_key, new, stored.aaguid,
+                             stored.transports).encode(),
+            credential_aad(record.factor.factor_id, record.factor.user_id))
+        await tx.factors.store_credential(record.factor.factor_id, key_id, ciphertext)
+        return Verdict(ok=True)
