@@ -7,16 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from playwright.sync_api import BrowserContext, CDPSession, Page, expect
 
 from tests.browser.conftest import Shots
 from tests.browser.flows import factor_row, log_in, user_with_email
 from tests.browser.stack import Stack
-
-# Until main's "Passkeys:" commit is merged the server answers NOT_SUPPORTED. Against the
-# lead's passkey build (MFA_TEST_SERVICE_COMMAND=...) all three pass: drop this mark then.
-pytestmark = pytest.mark.xfail(reason="server passkeys not merged", strict=False)
 
 
 def virtual_authenticator(context: BrowserContext, page: Page,
