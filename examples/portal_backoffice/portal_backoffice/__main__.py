@@ -1,0 +1,3 @@
+from portal_backoffice.launcher import main
+
+raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""The one place both apps talk to mfa-service: the generated stubs, and what its answers
+mean to a user (friendly messages chosen by the AIP-193 ErrorInfo reason, never the raw
+status text or a stack trace)."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc import aio
+from mfa.v1 import two_factor_service_pb2 as pb
+from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
+from mfa_client import ErrorDetails, ErrorReason, channel_options, error_details
+
+if TYPE_CHECKING:
+    from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub
+
+# Deadlines: reads are quick; calls that write (and may queue a message) get more room.
+READ_TIMEOUT = 3.0
+WRITE_TIMEOUT = 8.0
+
+
+class MfaError(Exception):
+    """An mfa-service error, with the message to show the user."""
+
+    def __init__(self, details: ErrorDetails) -> None:
+        super().__init__(details.reason_name or details.code.name)
+        self.details = details
+        self.reason = details.reason
+
+    @property
+    def user_message(self) -> str:
+        return explain(self.details)
+
+
+def connect(target: str) -> tuple[aio.Channel, TwoFactorServiceAsyncStub]:
+    """A channel to the service and its async stub.
+
+    The demo talks plaintext to a development service on loopback. A real portal uses TLS
+    and its caller token (see the root README, "Calling it from the portal"):
+    ``aio.secure_channel(target, composite_credentials, options=channel_options())``.
+    """
+    channel = aio.insecure_channel(target, options=channel_options())
+    stub: TwoFactorServiceAsyncStub = pb_grpc.TwoFactorServiceStub(channel)
+    return channel, stub
+
+
+def to_error(err: grpc.RpcError) -> MfaError:
+    return MfaError(error_details(err))
+
+
+def _wait_text(details: ErrorDetails) -> str:
+    if details.retry_delay is None:
+        return "a little while"
+    seconds = max(1, math.ceil(details.retry_delay.total_seconds()))
+    if seconds < 120:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    return f"{math.ceil(seconds / 60)} minutes"
+
+
+_FIELD_NAMES = {"email": "Email address", "phone_number": "Phone number",
+                "code": "Code", "webauthn_response": "Passkey"}
+
+_MESSAGES: dict[int, str] = {
+    ErrorReason.ERROR_REASON_FACTOR_NOT_FOUND:
+        "That sign-in method no longer exists. Reload the page and start again.",
+    ErrorReason.ERROR_REASON_CHALLENGE_NOT_FOUND:
+        "This verification step has expired. Start again.",
+    ErrorReason.ERROR_REASON_CHALLENGE_MISMATCH:
+        "This verification step belongs to another action. Start again.",
+    ErrorReason.ERROR_REASON_FACTOR_STATUS_FORBIDS:
+        "That sign-in method is not ready for this. Reload the page and start again.",
+    ErrorReason.ERROR_REASON_FACTOR_DISABLED:
+        "That sign-in method has been turned off.",
+    ErrorReason.ERROR_REASON_ALREADY_ENROLLED:
+        "You already have this method turned on. Turn it off first to replace it.",
+    ErrorReason.ERROR_REASON_NOT_SUPPORTED:
+        "This method is not available on this server yet.",
+    ErrorReason.ERROR_REASON_PHONE_CHANGE_PROOF_REQUIRED:
+        "To change your phone number, first confirm a code sent to your current number "
+        "(use \"Change number\" on your profile).",
+    ErrorReason.ERROR_REASON_TOO_MANY_FACTORS:
+        "You have too many sign-in methods. Remove one first.",
+    ErrorReason.ERROR_REASON_RECENT_SESSION_REQUIRED:
+        "For your security, confirm it's you with two-factor authentication first.",
+    ErrorReason.ERROR_REASON_ADMIN_RESET_REQUIRED:
+        "Too many wrong codes. Sign in with a recovery code, or contact support.",
+    ErrorReason.ERROR_REASON_STORE_UNAVAILABLE:
+        "Two-factor authentication is unavailable right now. Try again in a moment.",
+    ErrorReason.ERROR_REASON_DEADLINE_EXCEEDED:
+        "Two-factor authentication took too long to answer. Try again.",
+    ErrorReason.ERROR_REASON_REQUEST_ID_REUSED:
+        "That request was already made. Reload the page.",
+}
+
+
+def explain(details: ErrorDetails) -> str:
+    """The sentence a user sees for an error (decided by the reason, never its text)."""
+    reason = details.reason
+    if reason == ErrorReason.ERROR_REASON_RESEND_COOLDOWN:
+        return (f"A code was sent moments ago. Please wait {_wait_text(details)} "
+                "before asking for a new one.")
+    if reason == ErrorReason.ERROR_REASON_SEND_RATE_LIMITED:
+        return (f"Too many codes were sent recently. Try again in {_wait_text(details)}, "
+                "or use another method.")
+    if reason == ErrorReason.ERROR_REASON_DESTINATION_RATE_LIMITED:
+        return (f"Too many codes went to that address or number recently. Try again in "
+                f"{_wait_text(details)}.")
+    if reason == ErrorReason.ERROR_REASON_USER_LOCKED_OUT:
+        return f"Too many wrong codes. Wait {_wait_text(details)} and try again."
+    if reason == ErrorReason.ERROR_REASON_INVALID_REQUEST:
+        if details.field_violations:
+            parts = [f"{_FIELD_NAMES.get(v.field, v.field)}: {v.description}"
+                     for v in details.field_violations]
+            return "Please check your input. " + "; ".join(parts) + "."
+        return "Please check your input."
+    if reason in _MESSAGES:
+        return _MESSAGES[reason]
+    if details.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return "Two-factor authentication is unavailable right now. Try again in a moment."
+    return ("Something went wrong with two-factor authentication "
+            f"({details.reason_name or details.code.name}). Try again.")
+
+
+def verify_message(result: pb.VerifyResult.ValueType, attempts_remaining: int,
+                   method: pb.Method.ValueType) -> str:
+    """What a refused code (or passkey) means to the user."""
+    if result == pb.VERIFY_RESULT_INVALID_CODE:
+        what = ("The passkey was not accepted." if method == pb.METHOD_PASSKEY
+                else "That code is not right.")
+        if attempts_remaining > 0:
+            return (f"{what} {attempts_remaining} attempt"
+                    f"{'s' if attempts_remaining != 1 else ''} left.")
+        return f"{what} No attempts left: ask for a new code."
+    if result == pb.VERIFY_RESULT_EXPIRED:
+        return "The code expired. Ask for a new one."
+    if result == pb.VERIFY_RESULT_MAX_ATTEMPTS_REACHED:
+        return "Too many wrong attempts. Ask for a new code."
+    if result == pb.VERIFY_RESULT_ALREADY_USED:
+        return "This code was already used or replaced by a newer one. Ask for a new one."
+    return "The code could not be checked. Try again."
+
+
+METHOD_NAMES = {
+    pb.METHOD_EMAIL: "Email",
+    pb.METHOD_PHONE: "Phone",
+    pb.METHOD_AUTHENTICATOR_APP: "Authenticator app",
+    pb.METHOD_RECOVERY_CODE: "Recovery code",
+    pb.METHOD_PASSKEY: "Passkey",
+}
+METHOD_SLUGS = {
+    "email": pb.METHOD_EMAIL, "phone": pb.METHOD_PHONE, "app": pb.METHOD_AUTHENTICATOR_APP,
+    "passkey": pb.METHOD_PASSKEY,
+}
+STATUS_NAMES = {
+    pb.FACTOR_STATUS_PENDING: "Pending", pb.FACTOR_STATUS_ACTIVE: "On",
+    pb.FACTOR_STATUS_DISABLED: "Off",
+}
+CHANNELS = {"sms": pb.CHANNEL_SMS, "voice": pb.CHANNEL_VOICE}
+
+
+def when(ts: Timestamp) -> datetime | None:
+    """A proto timestamp as an aware datetime (None when unset)."""
+    if not ts.seconds and not ts.nanos:
+        return None
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def fmt_time(ts: Timestamp) -> str:
+    moment = when(ts)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "—"

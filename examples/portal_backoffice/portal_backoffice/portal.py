@@ -1,0 +1,617 @@
+"""The portal: central login (password, then the 2FA step), the profile page where users
+turn factors on and off, and the demo inbox page.
+
+Every mfa-service call goes through the generated stub (``mfa.v1``); the multi-step flows
+(a challenge waiting for its code) are kept server-side in ``FlowStore`` under an opaque id
+in a cookie, bound to the logged-in user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import grpc
+from mfa.v1 import two_factor_service_pb2 as pb
+from mfa_client import ErrorReason
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from portal_backoffice.config import Config
+from portal_backoffice.inbox import Inbox
+from portal_backoffice.login import Login, LoginCookie, new_login
+from portal_backoffice.mfa import (
+    CHANNELS,
+    METHOD_NAMES,
+    METHOD_SLUGS,
+    READ_TIMEOUT,
+    STATUS_NAMES,
+    WRITE_TIMEOUT,
+    MfaError,
+    fmt_time,
+    to_error,
+    verify_message,
+    when,
+)
+from portal_backoffice.users import (
+    DEMO_PASSWORD,
+    DEMO_USERS,
+    UserExists,
+    Users,
+    check_new_account,
+)
+from portal_backoffice.web import (
+    EXCEPTION_HANDLERS,
+    client_ip,
+    log,
+    redirect,
+    render,
+    user_agent,
+)
+
+if TYPE_CHECKING:
+    from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub
+
+FLOW_COOKIE = "demo_flow"
+FLOW_TTL = 10 * 60
+INBOX_SHOWN = 30  # newest messages on the Inbox page
+
+
+@dataclass
+class Flow:
+    """One multi-step action waiting for the user: a challenge and what to do with it."""
+
+    id: str
+    user: str
+    kind: str  # "login", "enroll", "disable", "change_old" (proof), "change_new"
+    challenge_id: str
+    factor_id: str
+    method: pb.Method.ValueType
+    channel: pb.Channel.ValueType = pb.CHANNEL_UNSPECIFIED
+    masked: str = ""
+    code_length: int = 6
+    next: str = "/profile"
+    webauthn_options: str = ""  # request options (login, disable) or creation options
+    totp_secret: str = ""
+    qr_data_uri: str = ""
+    proof: str = ""  # change_new: the approved PURPOSE_CHANGE_PHONE challenge
+    created: float = field(default_factory=time.monotonic)
+
+
+class FlowStore:
+    """Flows in memory, for FLOW_TTL. A real portal keeps them in its session store."""
+
+    def __init__(self) -> None:
+        self._flows: dict[str, Flow] = {}
+
+    def put(self, flow: Flow) -> None:
+        self._purge()
+        self._flows[flow.id] = flow
+
+    def get(self, flow_id: str, user: str) -> Flow | None:
+        self._purge()
+        flow = self._flows.get(flow_id)
+        return flow if flow is not None and flow.user == user else None
+
+    def drop(self, flow_id: str) -> None:
+        self._flows.pop(flow_id, None)
+
+    def _purge(self) -> None:
+        now = time.monotonic()
+        for key in [k for k, f in self._flows.items() if now - f.created > FLOW_TTL]:
+            del self._flows[key]
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the portal knows about the browser on this request."""
+
+    login: Login
+    session: pb.CheckSessionResponse | None  # the valid 2FA session of login.user, if any
+    factors: list[pb.Factor]
+    codes_left: int
+
+    @property
+    def second_factors(self) -> list[pb.Factor]:
+        return [f for f in self.factors if f.status == pb.FACTOR_STATUS_ACTIVE
+                and f.method != pb.METHOD_RECOVERY_CODE]
+
+    @property
+    def recovery_factor(self) -> pb.Factor | None:
+        return next((f for f in self.factors if f.status == pb.FACTOR_STATUS_ACTIVE
+                     and f.method == pb.METHOD_RECOVERY_CODE), None)
+
+    @property
+    def session_age(self) -> float:
+        if self.session is None:
+            return float("inf")
+        passed = when(self.session.authenticated_at)
+        return (datetime.now(UTC) - passed).total_seconds() if passed else float("inf")
+
+
+class Portal:
+    def __init__(self, config: Config, stub: TwoFactorServiceAsyncStub, users: Users,
+                 inbox: Inbox | None = None) -> None:
+        self.config = config
+        self.stub = stub
+        self.users = users
+        self.inbox = inbox
+        self.cookie = LoginCookie(config.secret)
+        self.flows = FlowStore()
+
+    # -- what the browser is ---------------------------------------------------------------
+    async def _session(self, login: Login) -> pb.CheckSessionResponse | None:
+        if not login.token:
+            return None
+        try:
+            check = await self.stub.CheckSession(pb.CheckSessionRequest(
+                session_token=login.token, application=pb.APPLICATION_PORTAL),
+                timeout=READ_TIMEOUT)
+        except grpc.RpcError as err:
+            raise to_error(err) from None
+        # A session of another user (a stale cookie after switching users) counts for nothing.
+        return check if check.valid and check.user_id == login.user else None
+
+    async def _factors(self, user: str) -> tuple[list[pb.Factor], int]:
+        try:
+            resp = await self.stub.ListFactors(pb.ListFactorsRequest(user_id=user),
+                                               timeout=READ_TIMEOUT)
+        except grpc.RpcError as err:
+            raise to_error(err) from None
+        return list(resp.factors), resp.recovery_codes_remaining
+
+    async def _seen(self, request: Request) -> Seen | None:
+        login = self.cookie.read(request)
+        if login is None:
+            return None
+        (factors, codes_left), session = await asyncio.gather(self._factors(login.user),
+                                                             self._session(login))
+        return Seen(login, session, factors, codes_left)
+
+    async def _full_login(self, request: Request) -> Seen | Response:
+        """The user passed the password and, if they have a second factor, 2FA."""
+        here = request.url.path
+        seen = await self._seen(request)
+        if seen is None:
+            return redirect("/login", next=here)
+        if seen.second_factors and seen.session is None:
+            return redirect("/2fa", next=here)
+        return seen
+
+    def safe_next(self, target: str | None, default: str = "/profile") -> str:
+        """Only our own pages and the backoffice: no open redirect through ?next=."""
+        if not target:
+            return default
+        if target.startswith("/") and not target.startswith("//") and "\\" not in target:
+            return target
+        parts = urlsplit(target)
+        for base in (self.config.portal_url, self.config.backoffice_url):
+            allowed = urlsplit(base)
+            if (parts.scheme, parts.netloc) == (allowed.scheme, allowed.netloc):
+                return target
+        return default
+
+    def _flow(self, request: Request, login: Login) -> Flow | None:
+        flow_id = request.cookies.get(FLOW_COOKIE, "")
+        return self.flows.get(flow_id, login.user) if flow_id else None
+
+    def _start_flow(self, response: Response, flow: Flow) -> Response:
+        self.flows.put(flow)
+        response.set_cookie(FLOW_COOKIE, flow.id, max_age=FLOW_TTL, path="/", httponly=True,
+                            samesite="lax")
+        return response
+
+    def _end_flow(self, request: Request, response: Response) -> None:
+        self.flows.drop(request.cookies.get(FLOW_COOKIE, ""))
+        response.delete_cookie(FLOW_COOKIE, path="/", httponly=True, samesite="lax")
+
+    # -- pages -----------------------------------------------------------------------------
+    async def home(self, request: Request) -> Response:
+        return redirect("/profile")
+
+    async def healthz(self, request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def login_page(self, request: Request) -> Response:
+        next_url = self.safe_next(request.query_params.get("next"))
+        if request.method == "GET":
+            return render(request, "login.html", next=next_url, users=self._demo_users())
+        form = await request.form()
+        username = str(form.get("username", "")).strip().lower()
+        password = str(form.get("password", ""))
+        next_url = self.safe_next(str(form.get("next", "")))
+        # scrypt takes ~50 ms of CPU on purpose: off the event loop.
+        if not await asyncio.to_thread(self.users.authenticate, username, password):
+            return render(request, "login.html", status_code=401, next=next_url,
+                          users=self._demo_users(), username=username,
+                          error="Wrong username or password.")
+        old = self.cookie.read(request)
+        if old is not None and old.token:
+            await self._revoke(old.token)  # a new login ends the previous 2FA session
+        response = redirect("/2fa", next=next_url)
+        self.cookie.write(response, new_login(username))
+        self._end_flow(request, response)
+        return response
+
+    def _demo_users(self) -> list[str]:
+        return [f"{name} / {DEMO_PASSWORD}" for name in DEMO_USERS]
+
+    async def signup(self, request: Request) -> Response:
+        if request.method == "GET":
+            return render(request, "signup.html")
+        form = await request.form()
+        username = str(form.get("username", "")).strip().lower()
+        password = str(form.get("password", ""))
+        problem = check_new_account(username, password)
+        if problem is None:
+            try:
+                await asyncio.to_thread(self.users.create, username, password)
+            except UserExists:
+                problem = "That username is taken. Choose another one."
+        if problem is not None:
+            return render(request, "signup.html", status_code=400, error=problem,
+                          username=username)
+        return redirect("/login", n="signed-up")
+
+    async def logout(self, request: Request) -> Response:
+        login = self.cookie.read(request)
+        if login is not None and login.token:
+            await self._revoke(login.token)
+        response = redirect("/login", n="logged-out")
+        self.cookie.clear(response)
+        self._end_flow(request, response)
+        return response
+
+    async def _revoke(self, token: str) -> None:
+        """End a 2FA session. Best effort: a logout must clear the cookie even while
+        mfa-service is unreachable (the session then ends by its own timeouts)."""
+        try:
+            await self.stub.RevokeSession(pb.RevokeSessionRequest(session_token=token),
+                                          timeout=WRITE_TIMEOUT)
+        except grpc.RpcError as err:
+            log.warning("could not revoke a 2FA session: %s",
+                        to_error(err).details.reason_name or "no answer")
+
+    # -- the 2FA step ----------------------------------------------------------------------
+    async def choose(self, request: Request) -> Response:
+        next_url = self.safe_next(request.query_params.get("next"))
+        seen = await self._seen(request)
+        if seen is None:
+            return redirect("/login", next=next_url)
+        step_up = request.query_params.get("n") == "step-up"
+        if seen.session is not None and not step_up:
+            return redirect(next_url)
+        if not seen.second_factors:
+            if next_url.startswith("/"):
+                return redirect(next_url)
+            return render(request, "message.html", title="Two-factor authentication needed",
+                          message="The backoffice needs two-factor authentication. Turn it "
+                                  "on in your profile first.", link=("/profile", "Profile"))
+        return render(request, "choose.html", seen=seen, next=next_url,
+                      factors=[self._factor_view(f) for f in seen.second_factors],
+                      recovery=seen.recovery_factor, codes_left=seen.codes_left)
+
+    async def start_login(self, request: Request) -> Response:
+        seen = await self._seen(request)
+        form = await request.form()
+        next_url = self.safe_next(str(form.get("next", "")))
+        if seen is None:
+            return redirect("/login", next=next_url)
+        factor_id = str(form.get("factor_id", ""))
+        allowed = {f.factor_id for f in seen.second_factors}
+        if seen.recovery_factor is not None:
+            allowed.add(seen.recovery_factor.factor_id)
+        if factor_id not in allowed:
+            return redirect("/2fa", next=next_url)
+        channel = CHANNELS.get(str(form.get("channel", "")), pb.CHANNEL_UNSPECIFIED)
+        try:
+            flow = await self._challenge(seen.login.user, factor_id, pb.PURPOSE_LOGIN,
+                                         channel, kind="login", next_url=next_url)
+        except MfaError as err:
+            return render(request, "choose.html", status_code=400, seen=seen, next=next_url,
+                          factors=[self._factor_view(f) for f in seen.second_factors],
+                          recovery=seen.recovery_factor, codes_left=seen.codes_left,
+                          error=err.user_message)
+        return self._start_flow(redirect("/verify"), flow)
+
+    async def _challenge(self, user: str, factor_id: str, purpose: pb.Purpose.ValueType,
+                         channel: pb.Channel.ValueType, *, kind: str,
+                         next_url: str = "/profile") -> Flow:
+        try:
+            resp = await self.stub.Challenge(pb.ChallengeRequest(
+                user_id=user, factor_id=factor_id, purpose=purpose, channel=channel,
+                application=pb.APPLICATION_PORTAL, request_id=uuid.uuid4().hex),
+                timeout=WRITE_TIMEOUT)
+        except grpc.RpcError as err:
+            raise to_error(err) from None
+        return Flow(id=secrets.token_urlsafe(32), user=user, kind=kind,
+                    challenge_id=resp.challenge_id, factor_id=factor_id, method=resp.method,
+                    channel=resp.channel, masked=resp.masked_destination,
+                    code_length=resp.code_length, next=next_url,
+                    webauthn_options=resp.webauthn_request_options)
+
+    # -- one page for every code (or passkey) the user proves -----------------------------
+    async def verify_page(self, request: Request) -> Response:
+        login = self.cookie.read(request)
+        if login is None:
+            return redirect("/login")
+        flow = self._flow(request, login)
+        if flow is None:
+            return render(request, "message.html", title="Nothing to confirm",
+                          message="This step has ended or expired. Start again.",
+                          link=("/profile", "Back to your profile"))
+        if request.method == "GET":
+            return self._render_verify(request, flow)
+        form = await request.form()
+        code = str(form.get("code", "")).strip()
+        webauthn = str(form.get("webauthn_response", ""))
+        if not code and not webauthn:
+            return self._render_verify(request, flow, error="Enter the code.")
+        if flow.kind == "disable":
+            return await self._finish_disable(request, flow, code, webauthn)
+        try:
+            result = await self.stub.Verify(pb.VerifyRequest(
+                challenge_id=flow.challenge_id, code=code, webauthn_response=webauthn,
+                user_id=login.user, client_ip=client_ip(request),
+                user_agent=user_agent(request)), timeout=WRITE_TIMEOUT)
+        except grpc.RpcError as err:
+            return self._render_verify(request, flow, error=to_error(err).user_message)
+        if result.result != pb.VERIFY_RESULT_APPROVED:
+            return self._render_verify(request, flow, error=verify_message(
+                result.result, result.attempts_remaining, flow.method))
+        if flow.kind == "login":
+            if login.token:
+                await self._revoke(login.token)
+            done = redirect(flow.next)
+            self.cookie.write(done, replace(login, token=result.session.session_token))
+            self._end_flow(request, done)
+            return done
+        if flow.kind == "change_old":
+            change = replace(flow, id=secrets.token_urlsafe(32), kind="change_new",
+                             proof=flow.challenge_id, created=time.monotonic())
+            self.flows.drop(flow.id)
+            return self._start_flow(redirect("/profile/phone/new"), change)
+        # enroll: the factor is ACTIVE (a phone change swapped the numbers)
+        changed_phone = bool(flow.proof)
+        response: Response
+        if result.recovery_codes:
+            response = render(request, "recovery_codes.html", codes=list(result.recovery_codes),
+                              method=METHOD_NAMES.get(flow.method, ""))
+        else:
+            response = redirect("/profile", n="phone-changed" if changed_phone else "enabled")
+        self._end_flow(request, response)
+        return response
+
+    async def _finish_disable(self, request: Request, flow: Flow, code: str,
+                              webauthn: str) -> Response:
+        try:
+            result = await self.stub.Disable(pb.DisableRequest(
+                user_id=flow.user, factor_id=flow.factor_id, challenge_id=flow.challenge_id,
+                code=code, webauthn_response=webauthn, client_ip=client_ip(request),
+                user_agent=user_agent(request)), timeout=WRITE_TIMEOUT)
+        except grpc.RpcError as err:
+            return self._render_verify(request, flow, error=to_error(err).user_message)
+        if result.result != pb.VERIFY_RESULT_APPROVED:
+            return self._render_verify(request, flow, error=verify_message(
+                result.result, result.attempts_remaining, flow.method))
+        response = redirect("/profile", n="disabled")
+        self._end_flow(request, response)
+        return response
+
+    def _render_verify(self, request: Request, flow: Flow, error: str = "") -> Response:
+        titles = {"login": "Two-factor authentication", "enroll": "Turn on "
+                  + METHOD_NAMES.get(flow.method, "").lower(),
+                  "disable": "Turn off " + METHOD_NAMES.get(flow.method, "").lower(),
+                  "change_old": "Change phone number: confirm your current number"}
+        if flow.kind == "enroll" and flow.proof:
+            titles["enroll"] = "Change phone number: confirm the new number"
+        return render(request, "verify.html", status_code=400 if error else 200, flow=flow,
+                      title=titles.get(flow.kind, ""), error=error,
+                      method=METHOD_NAMES.get(flow.method, ""),
+                      is_passkey=flow.method == pb.METHOD_PASSKEY,
+                      is_app=flow.method == pb.METHOD_AUTHENTICATOR_APP,
+                      is_recovery=flow.method == pb.METHOD_RECOVERY_CODE,
+                      is_phone=flow.method == pb.METHOD_PHONE,
+                      sent=flow.method in (pb.METHOD_EMAIL, pb.METHOD_PHONE),
+                      channel={pb.CHANNEL_SMS: "text message", pb.CHANNEL_VOICE: "voice call",
+                               pb.CHANNEL_EMAIL: "email"}.get(flow.channel, ""),
+                      webauthn_mode="create" if flow.kind == "enroll" else "get",
+                      # Inside <script>: a "<" in the JSON must not close the element.
+                      webauthn_json=(flow.webauthn_options or "{}").replace("<", "\\u003c"))
+
+    async def resend(self, request: Request) -> Response:
+        login = self.cookie.read(request)
+        if login is None:
+            return redirect("/login")
+        flow = self._flow(request, login)
+        if flow is None:
+            return redirect("/profile")
+        form = await request.form()
+        channel = CHANNELS.get(str(form.get("channel", "")), flow.channel
+                               if flow.method == pb.METHOD_PHONE else pb.CHANNEL_UNSPECIFIED)
+        purpose = {"login": pb.PURPOSE_LOGIN, "enroll": pb.PURPOSE_CONFIRM_ENROLLMENT,
+                   "disable": pb.PURPOSE_DISABLE, "change_old": pb.PURPOSE_CHANGE_PHONE}
+        if flow.kind not in purpose:
+            return redirect("/verify")
+        try:
+            fresh = await self._challenge(login.user, flow.factor_id, purpose[flow.kind],
+                                          channel, kind=flow.kind, next_url=flow.next)
+        except MfaError as err:
+            return self._render_verify(request, flow, error=err.user_message)
+        updated = replace(flow, challenge_id=fresh.challenge_id, channel=fresh.channel,
+                          masked=fresh.masked or flow.masked,
+                          webauthn_options=fresh.webauthn_options or flow.webauthn_options)
+        self.flows.put(updated)
+        return redirect("/verify", n="resent")
+
+    # -- the profile -----------------------------------------------------------------------
+    def _factor_view(self, f: pb.Factor) -> dict[str, object]:
+        return {"id": f.factor_id, "method": METHOD_NAMES.get(f.method, "?"),
+                "slug": next((s for s, m in METHOD_SLUGS.items() if m == f.method), ""),
+                "destination": f.masked_destination, "status": STATUS_NAMES.get(f.status, "?"),
+                "active": f.status == pb.FACTOR_STATUS_ACTIVE,
+                "is_phone": f.method == pb.METHOD_PHONE,
+                "created": fmt_time(f.created_at), "last_used": fmt_time(f.last_used_at)}
+
+    async def profile(self, request: Request) -> Response:
+        seen = await self._full_login(request)
+        if isinstance(seen, Response):
+            return seen
+        shown = [f for f in seen.factors if f.method != pb.METHOD_RECOVERY_CODE
+                 and f.status != pb.FACTOR_STATUS_DISABLED]
+        active_methods = {f.method for f in seen.second_factors}
+        # One email, phone and app each; passkeys, one per device, as many as the user has.
+        can_add = [(slug, "Another passkey" if m == pb.METHOD_PASSKEY and m in active_methods
+                    else METHOD_NAMES[m]) for slug, m in METHOD_SLUGS.items()
+                   if m not in active_methods or m == pb.METHOD_PASSKEY]
+        session = None
+        if seen.session is not None:
+            session = {"method": METHOD_NAMES.get(seen.session.method, "?"),
+                       "at": fmt_time(seen.session.authenticated_at),
+                       "app": "the portal" if seen.session.application == pb.APPLICATION_PORTAL
+                       else "the backoffice"}
+        return render(request, "profile.html", user=seen.login.user,
+                      factors=[self._factor_view(f) for f in shown], can_add=can_add,
+                      codes_left=seen.codes_left, session=session,
+                      backoffice=self.config.backoffice_url)
+
+    async def add(self, request: Request) -> Response:
+        slug = request.path_params["method"]
+        if slug not in METHOD_SLUGS:
+            return redirect("/profile")
+        seen = await self._full_login(request)
+        if isinstance(seen, Response):
+            return seen
+        here = f"/profile/add/{slug}"
+        # Adding a factor once one is ACTIVE needs a recent 2FA session (mfa-service
+        # refuses otherwise): ask for it before the user fills in the form.
+        if seen.second_factors and seen.session_age > self.config.step_up_max_age:
+            return redirect("/2fa", next=here, n="step-up")
+        if request.method == "GET":
+            return render(request, "add.html", slug=slug, method=METHOD_NAMES[METHOD_SLUGS[slug]])
+        form = await request.form()
+        email = str(form.get("email", "")).strip()
+        phone = str(form.get("phone_number", "")).replace(" ", "")
+        channel = CHANNELS.get(str(form.get("channel", "")), pb.CHANNEL_UNSPECIFIED)
+        req = pb.EnrollRequest(
+            user_id=seen.login.user, method=METHOD_SLUGS[slug], application=pb.APPLICATION_PORTAL,
+            account_name=seen.login.user, session_token=seen.login.token)
+        if slug == "email":
+            req.email = email
+        elif slug == "phone":
+            req.phone_number, req.channel = phone, channel
+        try:
+            resp = await self.stub.Enroll(req, timeout=WRITE_TIMEOUT)
+        except grpc.RpcError as err:
+            error = to_error(err)
+            if error.reason == ErrorReason.ERROR_REASON_RECENT_SESSION_REQUIRED:
+                return redirect("/2fa", next=here, n="step-up")
+            return render(request, "add.html", status_code=400, slug=slug,
+                          method=METHOD_NAMES[METHOD_SLUGS[slug]], error=error.user_message,
+                          email=email, phone_number=phone)
+        return self._start_flow(redirect("/verify"), self._enrolment(seen.login.user, resp))
+
+    def _enrolment(self, user: str, resp: pb.EnrollResponse, proof: str = "") -> Flow:
+        qr = ""
+        if resp.qr_svg:
+            qr = "data:image/svg+xml;base64," + base64.b64encode(resp.qr_svg.encode()).decode()
+        elif resp.qr_png:
+            qr = "data:image/png;base64," + base64.b64encode(resp.qr_png).decode()
+        channel = {pb.METHOD_EMAIL: pb.CHANNEL_EMAIL}.get(resp.factor.method, pb.CHANNEL_SMS)
+        return Flow(id=secrets.token_urlsafe(32), user=user, kind="enroll",
+                    challenge_id=resp.challenge_id, factor_id=resp.factor.factor_id,
+                    method=resp.factor.method, channel=channel,
+                    masked=resp.factor.masked_destination, code_length=resp.code_length,
+                    webauthn_options=resp.webauthn_creation_options,
+                    totp_secret=resp.totp_secret, qr_data_uri=qr, proof=proof)
+
+    async def disable(self, request: Request) -> Response:
+        seen = await self._full_login(request)
+        if isinstance(seen, Response):
+            return seen
+        form = await request.form()
+        factor_id = str(form.get("factor_id", ""))
+        if factor_id not in {f.factor_id for f in seen.second_factors}:
+            return redirect("/profile")
+        channel = CHANNELS.get(str(form.get("channel", "")), pb.CHANNEL_UNSPECIFIED)
+        flow = await self._challenge(seen.login.user, factor_id, pb.PURPOSE_DISABLE, channel,
+                                     kind="disable")
+        return self._start_flow(redirect("/verify"), flow)
+
+    async def change_phone(self, request: Request) -> Response:
+        seen = await self._full_login(request)
+        if isinstance(seen, Response):
+            return seen
+        if seen.session_age > self.config.step_up_max_age:
+            return redirect("/2fa", next="/profile", n="step-up")
+        form = await request.form()
+        phone = next((f for f in seen.second_factors if f.method == pb.METHOD_PHONE), None)
+        if phone is None:
+            return redirect("/profile")
+        channel = CHANNELS.get(str(form.get("channel", "")), pb.CHANNEL_UNSPECIFIED)
+        flow = await self._challenge(seen.login.user, phone.factor_id, pb.PURPOSE_CHANGE_PHONE,
+                                     channel, kind="change_old")
+        return self._start_flow(redirect("/verify"), flow)
+
+    async def new_phone(self, request: Request) -> Response:
+        seen = await self._full_login(request)
+        if isinstance(seen, Response):
+            return seen
+        flow = self._flow(request, seen.login)
+        if flow is None or flow.kind != "change_new":
+            return redirect("/profile")
+        if request.method == "GET":
+            return render(request, "phone_new.html", old=flow.masked)
+        form = await request.form()
+        phone = str(form.get("phone_number", "")).replace(" ", "")
+        channel = CHANNELS.get(str(form.get("channel", "")), pb.CHANNEL_SMS)
+        try:
+            resp = await self.stub.Enroll(pb.EnrollRequest(
+                user_id=seen.login.user, method=pb.METHOD_PHONE, phone_number=phone,
+                channel=channel, application=pb.APPLICATION_PORTAL,
+                change_proof_challenge_id=flow.proof, session_token=seen.login.token),
+                timeout=WRITE_TIMEOUT)
+        except grpc.RpcError as err:
+            return render(request, "phone_new.html", status_code=400, old=flow.masked,
+                          error=to_error(err).user_message, phone_number=phone)
+        self.flows.drop(flow.id)
+        return self._start_flow(redirect("/verify"),
+                                self._enrolment(seen.login.user, resp, proof=flow.proof))
+
+    async def inbox_page(self, request: Request) -> Response:
+        messages = list(reversed(self.inbox.messages()))[:INBOX_SHOWN] if self.inbox else []
+        return render(request, "inbox.html", messages=messages, running=self.inbox is not None)
+
+
+def create_portal(config: Config, stub: TwoFactorServiceAsyncStub, users: Users,
+                  inbox: Inbox | None = None) -> Starlette:
+    portal = Portal(config, stub, users, inbox)
+    routes = [
+        Route("/", portal.home),
+        Route("/healthz", portal.healthz),
+        Route("/login", portal.login_page, methods=["GET", "POST"]),
+        Route("/signup", portal.signup, methods=["GET", "POST"]),
+        Route("/logout", portal.logout, methods=["POST"]),
+        Route("/2fa", portal.choose),
+        Route("/2fa/start", portal.start_login, methods=["POST"]),
+        Route("/verify", portal.verify_page, methods=["GET", "POST"]),
+        Route("/verify/resend", portal.resend, methods=["POST"]),
+        Route("/profile", portal.profile),
+        Route("/profile/add/{method}", portal.add, methods=["GET", "POST"]),
+        Route("/profile/disable", portal.disable, methods=["POST"]),
+        Route("/profile/phone/change", portal.change_phone, methods=["POST"]),
+        Route("/profile/phone/new", portal.new_phone, methods=["GET", "POST"]),
+        Route("/inbox", portal.inbox_page),
+    ]
+    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+    app.state.portal = portal
+    return app

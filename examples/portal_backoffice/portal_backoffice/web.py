@@ -1,0 +1,78 @@
+"""What both apps share: templates, the error pages, small request helpers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.templating import Jinja2Templates
+
+from portal_backoffice.login import COOKIE as LOGIN_COOKIE
+from portal_backoffice.mfa import MfaError
+
+log = logging.getLogger("portal_backoffice")
+templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+
+# Notices shown after a redirect, chosen by key: the page never echoes text from the URL.
+NOTICES = {
+    "logged-out": "You are logged out.",
+    "signed-up": "Your demo account is ready. Log in with it.",
+    "resent": "A new code is on its way.",
+    "enabled": "The method is turned on.",
+    "disabled": "The method is turned off.",
+    "phone-changed": "Your phone number is changed.",
+    "step-up": "For your security, confirm it's you with two-factor authentication first.",
+}
+
+
+def render(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
+    context.setdefault("notice", NOTICES.get(request.query_params.get("n", ""), ""))
+    # Only decides whether "Log out" is offered; who is logged in is checked elsewhere.
+    context.setdefault("logged_in", LOGIN_COOKIE in request.cookies)
+    return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+def redirect(path: str, **params: str) -> RedirectResponse:
+    query = urlencode({k: v for k, v in params.items() if v})
+    return RedirectResponse(f"{path}?{query}" if query else path, status_code=303)
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def user_agent(request: Request) -> str:
+    return request.headers.get("user-agent", "")[:256]
+
+
+async def mfa_error_page(request: Request, exc: Exception) -> Response:
+    """An mfa-service error nobody handled closer: a clear message, never a stack trace."""
+    assert isinstance(exc, MfaError)
+    log.warning("mfa-service error on %s: %s", request.url.path, exc.details.reason_name
+                or exc.details.code.name)
+    return render(request, "message.html", status_code=503 if exc.details.code.name in (
+        "UNAVAILABLE", "DEADLINE_EXCEEDED") else 400, title="Two-factor authentication",
+        message=exc.user_message)
+
+
+async def http_error_page(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return render(request, "message.html", status_code=exc.status_code,
+                  title="Not found" if exc.status_code == 404 else "Request refused",
+                  message=str(exc.detail))
+
+
+async def server_error_page(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path)
+    return render(request, "message.html", status_code=500, title="Something went wrong",
+                  message="Something went wrong on our side. Try again.")
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    MfaError: mfa_error_page, HTTPException: http_error_page, Exception: server_error_page,
+}

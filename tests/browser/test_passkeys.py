@@ -1,0 +1,93 @@
+"""Passkeys in the portal, with Chromium's virtual authenticator (CDP WebAuthn domain): a
+platform authenticator with resident keys and user verification, present without a touch.
+The page runs the real browser API: parseCreationOptionsFromJSON / credentials.create on
+enrolment, parseRequestOptionsFromJSON / credentials.get on login and turning off."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from playwright.sync_api import BrowserContext, CDPSession, Page, expect
+
+from tests.browser.conftest import Shots
+from tests.browser.flows import factor_row, log_in, user_with_email
+from tests.browser.stack import Stack
+
+
+def virtual_authenticator(context: BrowserContext, page: Page,
+                          verified: bool = True) -> tuple[CDPSession, str]:
+    cdp = context.new_cdp_session(page)
+    cdp.send("WebAuthn.enable", {"enableUI": False})
+    added: dict[str, Any] = cdp.send("WebAuthn.addVirtualAuthenticator", {"options": {
+        "protocol": "ctap2", "transport": "internal", "hasResidentKey": True,
+        "hasUserVerification": True, "isUserVerified": verified,
+        "automaticPresenceSimulation": True}})
+    return cdp, str(added["authenticatorId"])
+
+
+def enrol_passkey(page: Page, stack: Stack, shot: Shots | None = None) -> None:
+    page.goto(f"{stack.portal}/profile")
+    page.click("#add-passkey")
+    page.click("#start")
+    # Fail fast with the portal's message when the server refuses (NOT_SUPPORTED).
+    page.locator("#passkey-button, [role=alert]").first.wait_for()
+    alert = page.get_by_role("alert")
+    assert alert.count() == 0, alert.inner_text()
+    expect(page.locator("h1")).to_have_text("Turn on passkey")
+    if shot is not None:
+        shot("passkey-enrolment")
+    page.click("#passkey-button")
+    expect(page.get_by_role("status")).to_have_text("The method is turned on.")
+    expect(factor_row(page, "passkey")).to_contain_text("On")
+
+
+def test_enrol_a_passkey_and_log_in_with_it(page: Page, context: BrowserContext,
+                                            stack: Stack, username: str,
+                                            shot: Shots) -> None:
+    cdp, authenticator = virtual_authenticator(context, page)
+    user_with_email(page, stack, username)
+    enrol_passkey(page, stack, shot)
+    shot("passkey-on")
+    stored = cdp.send("WebAuthn.getCredentials", {"authenticatorId": authenticator})
+    assert len(stored["credentials"]) == 1
+    page.click("#logout")
+    log_in(page, stack, username)
+    page.click(".use-passkey")
+    shot("passkey-login")
+    page.click("#passkey-button")
+    expect(page.locator("#session-info")).to_contain_text("(Passkey)")
+    shot("logged-in-with-passkey")
+
+
+def test_a_passkey_without_user_verification_is_refused(
+        page: Page, context: BrowserContext, stack: Stack, username: str,
+        shot: Shots) -> None:
+    cdp, authenticator = virtual_authenticator(context, page)
+    user_with_email(page, stack, username)
+    enrol_passkey(page, stack)
+    page.click("#logout")
+    log_in(page, stack, username)
+    page.click(".use-passkey")
+    # Presence only (no fingerprint, face or PIN): the login must not go through.
+    cdp.send("WebAuthn.setUserVerified", {"authenticatorId": authenticator,
+                                          "isUserVerified": False})
+    page.click("#passkey-button")
+    refusal = page.locator("#passkey-error:not([hidden]), [role=alert]").first
+    expect(refusal).to_be_visible()
+    shot("refused")
+    page.goto(f"{stack.portal}/profile")
+    expect(page).to_have_url(f"{stack.portal}/2fa?next=%2Fprofile")
+
+
+def test_turning_off_a_passkey_needs_the_passkey(page: Page, context: BrowserContext,
+                                                 stack: Stack, username: str,
+                                                 shot: Shots) -> None:
+    virtual_authenticator(context, page)
+    user_with_email(page, stack, username)
+    enrol_passkey(page, stack)
+    page.click(".disable-passkey")
+    expect(page.locator("h1")).to_have_text("Turn off passkey")
+    shot("confirm-with-passkey")
+    page.click("#passkey-button")
+    expect(page.get_by_role("status")).to_have_text("The method is turned off.")
+    expect(factor_row(page, "passkey")).to_have_count(0)
