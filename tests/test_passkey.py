@@ -149,6 +149,11 @@ async def test_a_bad_assertion_is_a_wrong_attempt(
                                                  webauthn_response=response))
     assert refused.result == pb.VERIFY_RESULT_INVALID_CODE
     assert refused.attempts_remaining == 4
+    events = await stub.ListAuditEvents(pb.ListAuditEventsRequest(user_id=user_id))
+    (failed,) = [e for e in events.events if e.event == "verify" and e.outcome == "failed"]
+    assert failed.detail["refused"] in ("assertion_refused", "another_challenge",
+                                        "other_credential")
+    assert response not in str(failed.detail)
     assert not refused.HasField("session")
     # The genuine response still works on the same challenge (attempts remain).
     ok = await stub.Verify(pb.VerifyRequest(challenge_id=ch.challenge_id,

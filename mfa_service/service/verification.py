@@ -178,7 +178,8 @@ class Verification:
             if not ok:
                 result = (VerifyResult.MAX_ATTEMPTS_REACHED if remaining == 0
                           else VerifyResult.INVALID_CODE)
-                self._audit_verify(tx, now, who, settled, result, record.factor.method)
+                self._audit_verify(tx, now, who, settled, result, record.factor.method,
+                                   refused=verdict.reason)
                 await self._count_failure(tx, lockout, settled, who, now)
                 return VerifyOutcome(result, remaining)
             if lockout != ctx.lockout.after_success():  # no write when already clear
@@ -345,7 +346,7 @@ class Verification:
     @staticmethod
     def _audit_verify(tx: Transaction, now: datetime, who: AuditContext, challenge: Challenge,
                       result: VerifyResult, method: Method,
-                      session_id: str | None = None) -> None:
+                      session_id: str | None = None, refused: str | None = None) -> None:
         audit.record(
             tx, now, audit.Event.VERIFY,
             audit.Outcome.OK if result is VerifyResult.APPROVED else audit.Outcome.FAILED, who,
@@ -353,7 +354,10 @@ class Verification:
             challenge_id=challenge.challenge_id, session_id=session_id,
             application=challenge.application,
             detail={"result": result.value, "purpose": challenge.purpose.value,
-                    "method": method.value})
+                    "method": method.value,
+                    # Which check refused it (a passkey: origin/RP ID/UV/signature in one
+                    # word, never the proof), for the security team.
+                    **({"refused": refused} if refused else {})})
 
 
 _PURPOSES: dict[Purpose, Handler] = {
