@@ -112,7 +112,8 @@ class SoftAuthenticator:
 
     # -- navigator.credentials.create() ------------------------------------------------------
     def create(self, creation_options_json: str, *, origin: str | None = None,
-               rp_id: str | None = None, user_verified: bool | None = None) -> str:
+               rp_id: str | None = None, user_verified: bool | None = None,
+               credential_id: bytes | None = None) -> str:
         """Make a new ES256 credential for the options; returns the registration JSON
         (id, rawId, type, response{clientDataJSON, authenticatorData, transports,
         publicKey, publicKeyAlgorithm, attestationObject}, authenticatorAttachment,
@@ -120,6 +121,8 @@ class SoftAuthenticator:
 
         The checks are those of a real browser and key that matter to a server: ES256 must
         be offered and no credential of ours may be in excludeCredentials.
+        ``credential_id`` forces the new credential's id (a client claiming one it already
+        registered, to test that the server refuses a duplicate).
         """
         options: dict[str, Any] = json.loads(creation_options_json)
         origin = self.origin if origin is None else origin
@@ -136,7 +139,7 @@ class SoftAuthenticator:
                 raise CredentialExcluded(f"credential {excluded['id']} is in excludeCredentials")
 
         client_data = _client_data("webauthn.create", options["challenge"], origin)
-        credential_id = os.urandom(32)
+        credential_id = os.urandom(32) if credential_id is None else credential_id
         private_key = ec.generate_private_key(ec.SECP256R1())
         numbers = private_key.public_key().public_numbers()
         cose_key = cbor2.dumps({1: 2, 3: ES256, -1: 1,

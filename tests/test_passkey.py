@@ -278,6 +278,11 @@ async def test_several_passkeys_and_the_same_authenticator_is_excluded(
     assert [c["id"] for c in excluded] == [bytes_to_base64url(laptop.credential_ids()[0])]
     with pytest.raises(CredentialExcluded):  # the laptop already holds one: it says so
         laptop.create(second.webauthn_creation_options)
+    # A client that ignores excludeCredentials cannot register the same credential twice.
+    twice = await stub.Verify(pb.VerifyRequest(
+        challenge_id=second.challenge_id, webauthn_response=SoftAuthenticator().create(
+            second.webauthn_creation_options, credential_id=laptop.credential_ids()[0])))
+    assert twice.result == pb.VERIFY_RESULT_INVALID_CODE
     ok = await stub.Verify(pb.VerifyRequest(
         challenge_id=second.challenge_id,
         webauthn_response=phone.create(second.webauthn_creation_options)))

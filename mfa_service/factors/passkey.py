@@ -229,10 +229,7 @@ class Passkey:
         if challenge.purpose is Purpose.CONFIRM_ENROLLMENT:
             # excludeCredentials: the user's other passkeys, so an authenticator that
             # already holds one says so instead of making a second (W3C WebAuthn 5.4).
-            others = [r for r in await tx.factors.list_for_user(factor.user_id)
-                      if r.factor.method is Method.PASSKEY
-                      and r.factor.status is FactorStatus.ACTIVE]
-            exclude = [c.descriptor() for c in map(self._stored, others) if c is not None]
+            exclude = [c.descriptor() for c in await self._active_credentials(tx, record)]
             return options_to_json(generate_registration_options(
                 rp_id=self._rp.rp_id, rp_name=self._rp.name,
                 user_id=user_handle(self._keyring, factor.user_id),
@@ -248,6 +245,19 @@ class Passkey:
             timeout=timeout_ms,
             allow_credentials=[stored.descriptor()] if stored is not None else [],
             user_verification=UserVerificationRequirement.REQUIRED))
+
+    async def _active_credentials(self, tx: Transaction,
+                                  record: FactorRecord) -> list[StoredCredential]:
+        """The credentials of the user's other ACTIVE passkeys."""
+        found = []
+        for other in await tx.factors.list_for_user(record.factor.user_id):
+            if (other.factor.method is Method.PASSKEY
+                    and other.factor.status is FactorStatus.ACTIVE
+                    and other.factor.factor_id != record.factor.factor_id):
+                stored = self._stored(other)
+                if stored is not None:
+                    found.append(stored)
+        return found
 
     def _expected_challenge(self, response: dict[str, Any], challenge_id: str) -> bytes | None:
         """The challenge the response signed, if it is this challenge's under some key
@@ -286,6 +296,11 @@ class Passkey:
             # names no secret, and the audit keeps only its class.
             log.info("passkey registration refused: %s", exc)
             return Verdict.fail("registration_refused")
+        # excludeCredentials is only a request to the browser: a client that ignores it
+        # must not register one authenticator as two "devices".
+        if any(c.credential_id == verified.credential_id
+               for c in await self._active_credentials(tx, record)):
+            return Verdict.fail("credential_already_registered")
         transports = response["response"].get("transports") or []
         credential = StoredCredential(
             credential_id=verified.credential_id, public_key=verified.credential_public_key,
