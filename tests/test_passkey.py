@@ -296,6 +296,25 @@ async def test_several_passkeys_and_the_same_authenticator_is_excluded(
         pb.VERIFY_RESULT_APPROVED)
 
 
+async def test_a_pending_passkey_gets_a_new_confirmation_with_creation_options(
+        stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    enrolled = await stub.Enroll(pb.EnrollRequest(
+        user_id=user_id, method=pb.METHOD_PASSKEY, application=pb.APPLICATION_PORTAL))
+    again = await passkey_challenge(stub, user_id, enrolled.factor.factor_id,
+                                    pb.PURPOSE_CONFIRM_ENROLLMENT)
+    assert not again.webauthn_request_options
+    assert json.loads(again.webauthn_creation_options)["user"]
+    key = SoftAuthenticator()
+    stale = await stub.Verify(pb.VerifyRequest(
+        challenge_id=enrolled.challenge_id,
+        webauthn_response=key.create(enrolled.webauthn_creation_options)))
+    assert stale.result == pb.VERIFY_RESULT_ALREADY_USED  # superseded by the new one
+    ok = await stub.Verify(pb.VerifyRequest(
+        challenge_id=again.challenge_id,
+        webauthn_response=SoftAuthenticator().create(again.webauthn_creation_options)))
+    assert ok.result == pb.VERIFY_RESULT_APPROVED
+
+
 async def test_a_retried_challenge_gets_the_same_browser_options(
         stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
     enrolled, _ = await enroll_passkey(stub, user_id, SoftAuthenticator())

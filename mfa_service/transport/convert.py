@@ -393,13 +393,18 @@ def enroll_response(r: EnrollResult) -> pb.EnrollResponse:
 
 
 def challenge_response(r: ChallengeResult) -> pb.ChallengeResponse:
-    return pb.ChallengeResponse(
+    resp = pb.ChallengeResponse(
         challenge_id=r.challenge.challenge_id, method=METHODS_OUT[r.factor.method],
         channel=CHANNELS_OUT[r.challenge.channel],
         masked_destination=r.factor.masked_destination,
         expires_at=timestamp(r.challenge.expires_at),
-        resend_available_at=timestamp(r.resend_available_at), code_length=r.code_length,
-        webauthn_request_options=r.browser_options or "")
+        resend_available_at=timestamp(r.resend_available_at), code_length=r.code_length)
+    if r.browser_options is not None:
+        if r.challenge.purpose is domain.Purpose.CONFIRM_ENROLLMENT:
+            resp.webauthn_creation_options = r.browser_options
+        else:
+            resp.webauthn_request_options = r.browser_options
+    return resp
 
 
 def session_pb(s: domain.Session, token: str = "") -> pb.Session:

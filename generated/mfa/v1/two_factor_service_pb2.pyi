@@ -526,6 +526,7 @@ class ChallengeResponse(_message.Message):
     RESEND_AVAILABLE_AT_FIELD_NUMBER: _builtins.int
     CODE_LENGTH_FIELD_NUMBER: _builtins.int
     WEBAUTHN_REQUEST_OPTIONS_FIELD_NUMBER: _builtins.int
+    WEBAUTHN_CREATION_OPTIONS_FIELD_NUMBER: _builtins.int
     challenge_id: _builtins.str
     """The challenge to verify a code against."""
     method: Global___Method.ValueType
@@ -540,6 +541,12 @@ class ChallengeResponse(_message.Message):
     """METHOD_PASSKEY only: the JSON a browser passes to
     PublicKeyCredential.parseRequestOptionsFromJSON() and then navigator.credentials.get()
     (allowCredentials is this factor's credential; user verification required).
+    Not set for PURPOSE_CONFIRM_ENROLLMENT, which answers webauthn_creation_options.
+    """
+    webauthn_creation_options: _builtins.str
+    """METHOD_PASSKEY with PURPOSE_CONFIRM_ENROLLMENT only (a new confirmation challenge on
+    a PENDING passkey): the JSON for PublicKeyCredential.parseCreationOptionsFromJSON(),
+    as EnrollResponse.webauthn_creation_options.
     """
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
@@ -560,10 +567,11 @@ class ChallengeResponse(_message.Message):
         resend_available_at: _timestamp_pb2.Timestamp | None = ...,
         code_length: _builtins.int = ...,
         webauthn_request_options: _builtins.str = ...,
+        webauthn_creation_options: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "resend_available_at", b"resend_available_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "channel", b"channel", "code_length", b"code_length", "expires_at", b"expires_at", "masked_destination", b"masked_destination", "method", b"method", "resend_available_at", b"resend_available_at", "webauthn_request_options", b"webauthn_request_options"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "channel", b"channel", "code_length", b"code_length", "expires_at", b"expires_at", "masked_destination", b"masked_destination", "method", b"method", "resend_available_at", b"resend_available_at", "webauthn_creation_options", b"webauthn_creation_options", "webauthn_request_options", b"webauthn_request_options"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
