@@ -8,6 +8,7 @@ asserted exactly here on both databases so it cannot grow back silently:
 - Challenge on the app: 3 (the user's lock, the factor, the deferred writes as one);
 - Verify of a TOTP login: 4 (the lock that finds the user, the challenge with its factor,
   the attempt that closes it, the deferred writes: TOTP step, session, audit rows).
+- Verify of a passkey login: 4 as well (the new sign counter rides in the deferred UPDATE).
 
 Counted with SQLAlchemy's ``before_cursor_execute`` hook on the server's engine. PostgreSQL
 reads run in autocommit (no BEGIN/COMMIT); writing transactions add asyncpg's BEGIN and
@@ -140,6 +141,35 @@ async def test_other_rpcs_statement_counts(
         assert within(app, n, 3, 3), statements.sql  # PostgreSQL: + NOTIFY for the caches
     # Confirming the first factor issues the recovery codes too: bounded, not hot.
     assert first_confirm <= (13 if app.database.engine.dialect.name == 'postgresql' else 16)
+
+
+async def test_a_passkey_login_costs_what_a_totp_login_costs(
+        app: App, stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    """The new sign counter rides in the login's deferred UPDATE of the factor row."""
+    from tests.softauthn import SoftAuthenticator
+    key = SoftAuthenticator()
+    enrolled = await stub.Enroll(pb.EnrollRequest(
+        user_id=user_id, method=pb.METHOD_PASSKEY, application=pb.APPLICATION_PORTAL))
+    await stub.Verify(pb.VerifyRequest(
+        challenge_id=enrolled.challenge_id,
+        webauthn_response=key.create(enrolled.webauthn_creation_options)))
+    with counting(app) as statements:
+        ch, n = await statements.count(stub.Challenge(pb.ChallengeRequest(
+            user_id=user_id, factor_id=enrolled.factor.factor_id, purpose=pb.PURPOSE_LOGIN,
+            application=pb.APPLICATION_PORTAL)))
+        assert within(app, n, 3, 6), statements.sql
+        ok, n = await statements.count(stub.Verify(pb.VerifyRequest(
+            challenge_id=ch.challenge_id, webauthn_response=key.get(ch.webauthn_request_options))))
+        assert ok.result == pb.VERIFY_RESULT_APPROVED
+        assert within(app, n, 4, 7), statements.sql
+    # And the counter was stored: the same counter again is refused.
+    key.counter = key.counter
+    ch = await stub.Challenge(pb.ChallengeRequest(
+        user_id=user_id, factor_id=enrolled.factor.factor_id, purpose=pb.PURPOSE_LOGIN,
+        application=pb.APPLICATION_PORTAL))
+    replay = await stub.Verify(pb.VerifyRequest(
+        challenge_id=ch.challenge_id, webauthn_response=key.get(ch.webauthn_request_options)))
+    assert replay.result == pb.VERIFY_RESULT_INVALID_CODE
 
 
 def _factor(resp: pb.EnrollResponse, user_id: str) -> Any:

@@ -343,5 +343,6 @@ class Passkey:
             StoredCredential(stored.credential_id, stored.public_key, new, stored.aaguid,
                              stored.transports).encode(),
             credential_aad(record.factor.factor_id, record.factor.user_id))
-        await tx.factors.store_credential(record.factor.factor_id, key_id, ciphertext)
+        # With the login's touch of the row, as one deferred UPDATE (no extra statement).
+        tx.factors.use_with_secret(record.factor.factor_id, key_id, ciphertext, now)
         return Verdict(ok=True)

@@ -101,6 +101,12 @@ _ACCEPT_TOTP_STEP = update(factors).where(
 _TOUCH = update(factors).where(
     factors.c.id == bindparam("factor_id"), factors.c.status == _ACTIVE,
 ).values(last_used_at=_NOW)
+# A passkey login: the new sign counter lives inside the encrypted credential, so the
+# touch of the row carries the re-encrypted secret (one deferred UPDATE per row).
+_TOUCH_WITH_SECRET = update(factors).where(
+    factors.c.id == bindparam("factor_id"), factors.c.status == _ACTIVE,
+).values(last_used_at=_NOW, secret_key_id=bindparam("key_id", type_=String()),
+         secret_ciphertext=bindparam("ciphertext", type_=LargeBinary()))
 _GET_FACTOR = select(factors).where(factors.c.id == bindparam("factor_id"))
 _FACTORS_OF_USER = select(factors).where(factors.c.user_id == bindparam("user_id")).order_by(
     # Oldest first; the recovery-code factor last (it is not one the user "added").
@@ -130,6 +136,8 @@ class FactorRepository:
         # factor id -> (TOTP step to record or None, when it was used): one deferred
         # UPDATE per factor however many times the request marks it (see Unit.defer).
         self._used: dict[str, tuple[int | None, datetime]] = {}
+        # factor id -> (key id, ciphertext) to store with that same UPDATE (passkeys).
+        self._secrets: dict[str, tuple[str, bytes]] = {}
 
     def _mark_used(self, factor_id: str, step: int | None, now: datetime) -> None:
         previous = self._used.get(factor_id)
@@ -140,8 +148,14 @@ class FactorRepository:
 
     def _write_used(self) -> None:
         used, self._used = self._used, {}
+        secrets, self._secrets = self._secrets, {}
         for factor_id, (step, now) in used.items():
-            if step is None:
+            secret = secrets.get(factor_id)
+            if secret is not None:
+                self._unit.defer(_TOUCH_WITH_SECRET, {
+                    "factor_id": factor_id, "now": now, "key_id": secret[0],
+                    "ciphertext": secret[1]})
+            elif step is None:
                 self._unit.defer(_TOUCH, {"factor_id": factor_id, "now": now})
             else:
                 self._unit.defer(_ACCEPT_TOTP_STEP,
@@ -225,15 +239,22 @@ class FactorRepository:
 
     async def store_credential(self, factor_id: str, key_id: str, ciphertext: bytes, *,
                                masked_destination: str | None = None) -> None:
-        """Replace a live factor's encrypted secret (a passkey's credential, registered or
-        with its new sign counter). Immediate, not deferred: the same request may also
-        defer a touch of this row, and one row gets at most one deferred UPDATE."""
+        """Store a PENDING/ACTIVE factor's encrypted secret now (a passkey's credential at
+        registration, with its name; the activation that follows reads nothing back)."""
         values: dict[str, Any] = {"secret_key_id": key_id, "secret_ciphertext": ciphertext}
         if masked_destination is not None:
             values["masked_destination"] = masked_destination
         await self._unit.write(
             update(factors).where(factors.c.id == factor_id, factors.c.status != _DISABLED)
             .values(**values))
+
+    def use_with_secret(self, factor_id: str, key_id: str, ciphertext: bytes,
+                        now: datetime) -> None:
+        """Mark an ACTIVE factor used and store its re-encrypted secret in the same deferred
+        UPDATE (a passkey's credential with its new sign counter). Like the TOTP step, the
+        caller holds the user's lock and read the secret after taking it."""
+        self._secrets[factor_id] = (key_id, ciphertext)
+        self._mark_used(factor_id, None, now)
 
     def accept_totp_step(self, factor_id: str, step: int, now: datetime) -> None:
         """Record ``step`` as the factor's last accepted one (RFC 6238 section 5.2).
