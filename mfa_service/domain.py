@@ -34,6 +34,7 @@ class Purpose(StrEnum):
     CONFIRM_ENROLLMENT = "confirm_enrollment"
     DISABLE = "disable"
     CHANGE_PHONE = "change_phone"
+    REGENERATE_RECOVERY_CODES = "regenerate_recovery_codes"
 
 
 class MessageKind(StrEnum):

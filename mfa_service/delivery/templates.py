@@ -38,6 +38,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "purpose.confirm_enrollment.phone": "to confirm your phone number",
         "purpose.disable": "to turn off two-factor authentication",
         "purpose.change_phone": "to change your phone number",
+        "purpose.regenerate_recovery_codes": "to make new recovery codes",
         "code.email.subject": "Your {product} verification code",
         "code.email.text": (
             "Your {product} verification code {purpose} is:\n"
@@ -101,6 +102,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "purpose.confirm_enrollment.phone": "til at bekræfte dit telefonnummer",
         "purpose.disable": "til at slå totrinsbekræftelse fra",
         "purpose.change_phone": "til at skifte dit telefonnummer",
+        "purpose.regenerate_recovery_codes": "til at lave nye gendannelseskoder",
         "code.email.subject": "Din {product}-bekræftelseskode",
         "code.email.text": (
             "Din {product}-bekræftelseskode {purpose} er:\n"

@@ -91,6 +91,7 @@ _NEEDS_STATUS = {
     Purpose.LOGIN: FactorStatus.ACTIVE,
     Purpose.DISABLE: FactorStatus.ACTIVE,
     Purpose.CHANGE_PHONE: FactorStatus.ACTIVE,
+    Purpose.REGENERATE_RECOVERY_CODES: FactorStatus.ACTIVE,
     Purpose.CONFIRM_ENROLLMENT: FactorStatus.PENDING,
 }
 

@@ -258,8 +258,9 @@ class Verification:
         disabled = replace(factor, status=FactorStatus.DISABLED, disabled_at=now)
         return VerifyOutcome(VerifyResult.APPROVED, a.remaining, factor=disabled)
 
-    async def _change_phone(self, a: _Approved) -> VerifyOutcome:
-        # The approval itself is the proof Enroll(METHOD_PHONE) asks for.
+    async def _proof_only(self, a: _Approved) -> VerifyOutcome:
+        # The approval itself is the proof a later call consumes once: Enroll(METHOD_PHONE)
+        # for a phone change, RegenerateRecoveryCodes for new codes.
         a.tx.factors.touch(a.record.factor.factor_id, a.now)
         self._audit_verify(a.tx, a.now, a.who, a.challenge, VerifyResult.APPROVED,
                            a.record.factor.method)
@@ -364,5 +365,6 @@ _PURPOSES: dict[Purpose, Handler] = {
     Purpose.LOGIN: Verification._login,
     Purpose.CONFIRM_ENROLLMENT: Verification._confirm,
     Purpose.DISABLE: Verification._disable,
-    Purpose.CHANGE_PHONE: Verification._change_phone,
+    Purpose.CHANGE_PHONE: Verification._proof_only,
+    Purpose.REGENERATE_RECOVERY_CODES: Verification._proof_only,
 }

@@ -74,6 +74,29 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The caller's deadline passed before the work was done; nothing was changed (the
     transaction rolled back). Safe to retry with a longer deadline.
     """
+    ERROR_REASON_PROOF_REQUIRED: _ErrorReason.ValueType  # 24
+    """The change needs a proof in this flow: an APPROVED challenge of the purpose the
+    RPC names (for RegenerateRecoveryCodes, PURPOSE_REGENERATE_RECOVERY_CODES on an
+    established ACTIVE factor), passed by its id.
+    """
+    ERROR_REASON_CREDENTIAL_TOO_NEW: _ErrorReason.ValueType  # 25
+    """The factor or recovery codes offered as proof are new (added or regenerated less
+    than MFA_NEW_CREDENTIAL_HOLD ago, 24 h by default) and cannot yet remove or replace
+    what the user had; metadata "establishedAt" says from when they can.
+    """
+    ERROR_REASON_ENROLLING_SESSION_ENDED: _ErrorReason.ValueType  # 26
+    """The 2FA session that started this enrolment has ended (logout, expiry, revocation):
+    the PENDING factor can no longer be confirmed. Enrol again.
+    """
+    ERROR_REASON_PHONE_BUDGET_EXHAUSTED: _ErrorReason.ValueType  # 27
+    """The service's daily budget of SMS and voice codes is spent (MFA_PHONE_DAILY_BUDGET);
+    RetryInfo says when the next day's budget starts. Other methods still work.
+    """
+    ERROR_REASON_PHONE_AREA_RATE_LIMITED: _ErrorReason.ValueType  # 28
+    """Too many codes went to numbers of this range (the number less its last 4 digits)
+    or of this country in the last hour, whichever users asked (SMS pumping);
+    RetryInfo says when to retry.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reasons for errors returned by mfa.v1.TwoFactorService.
@@ -134,5 +157,28 @@ RetryInfo says when to retry.
 ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 23
 """The caller's deadline passed before the work was done; nothing was changed (the
 transaction rolled back). Safe to retry with a longer deadline.
+"""
+ERROR_REASON_PROOF_REQUIRED: ErrorReason.ValueType  # 24
+"""The change needs a proof in this flow: an APPROVED challenge of the purpose the
+RPC names (for RegenerateRecoveryCodes, PURPOSE_REGENERATE_RECOVERY_CODES on an
+established ACTIVE factor), passed by its id.
+"""
+ERROR_REASON_CREDENTIAL_TOO_NEW: ErrorReason.ValueType  # 25
+"""The factor or recovery codes offered as proof are new (added or regenerated less
+than MFA_NEW_CREDENTIAL_HOLD ago, 24 h by default) and cannot yet remove or replace
+what the user had; metadata "establishedAt" says from when they can.
+"""
+ERROR_REASON_ENROLLING_SESSION_ENDED: ErrorReason.ValueType  # 26
+"""The 2FA session that started this enrolment has ended (logout, expiry, revocation):
+the PENDING factor can no longer be confirmed. Enrol again.
+"""
+ERROR_REASON_PHONE_BUDGET_EXHAUSTED: ErrorReason.ValueType  # 27
+"""The service's daily budget of SMS and voice codes is spent (MFA_PHONE_DAILY_BUDGET);
+RetryInfo says when the next day's budget starts. Other methods still work.
+"""
+ERROR_REASON_PHONE_AREA_RATE_LIMITED: ErrorReason.ValueType  # 28
+"""Too many codes went to numbers of this range (the number less its last 4 digits)
+or of this country in the last hour, whichever users asked (SMS pumping);
+RetryInfo says when to retry.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -18,6 +18,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _Method:
@@ -112,6 +117,10 @@ class _PurposeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Purpose.Value
     """Proving possession before disabling the factor."""
     PURPOSE_CHANGE_PHONE: _Purpose.ValueType  # 4
     """Proving possession of the old phone number before changing it."""
+    PURPOSE_REGENERATE_RECOVERY_CODES: _Purpose.ValueType  # 5
+    """Proving possession of an established ACTIVE factor (not a recovery code) before
+    regenerating recovery codes; RegenerateRecoveryCodes consumes the approval once.
+    """
 
 class Purpose(_Purpose, metaclass=_PurposeEnumTypeWrapper):
     """What a challenge proves when its code is verified."""
@@ -126,6 +135,10 @@ PURPOSE_DISABLE: Purpose.ValueType  # 3
 """Proving possession before disabling the factor."""
 PURPOSE_CHANGE_PHONE: Purpose.ValueType  # 4
 """Proving possession of the old phone number before changing it."""
+PURPOSE_REGENERATE_RECOVERY_CODES: Purpose.ValueType  # 5
+"""Proving possession of an established ACTIVE factor (not a recovery code) before
+regenerating recovery codes; RegenerateRecoveryCodes consumes the approval once.
+"""
 Global___Purpose: _TypeAlias = Purpose  # noqa: Y015
 
 class _Application:
@@ -231,6 +244,7 @@ class Factor(_message.Message):
     CONFIRMED_AT_FIELD_NUMBER: _builtins.int
     LAST_USED_AT_FIELD_NUMBER: _builtins.int
     DISABLED_AT_FIELD_NUMBER: _builtins.int
+    ESTABLISHED_AT_FIELD_NUMBER: _builtins.int
     factor_id: _builtins.str
     """Server-assigned id (a UUID)."""
     user_id: _builtins.str
@@ -260,6 +274,15 @@ class Factor(_message.Message):
     def disabled_at(self) -> _timestamp_pb2.Timestamp:
         """When the factor was disabled; unset unless DISABLED."""
 
+    @_builtins.property
+    def established_at(self) -> _timestamp_pb2.Timestamp:
+        """ACTIVE factors: from when the factor counts as established, i.e. may prove changes
+        that remove or replace what the user had (regenerating recovery codes). The user's
+        first factor is established when confirmed; a factor added later after
+        MFA_NEW_CREDENTIAL_HOLD (24 h). For METHOD_RECOVERY_CODE: from when the current code
+        set may disable another factor. Unset while PENDING or DISABLED.
+        """
+
     def __init__(
         self,
         *,
@@ -272,10 +295,11 @@ class Factor(_message.Message):
         confirmed_at: _timestamp_pb2.Timestamp | None = ...,
         last_used_at: _timestamp_pb2.Timestamp | None = ...,
         disabled_at: _timestamp_pb2.Timestamp | None = ...,
+        established_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmed_at", b"confirmed_at", "created_at", b"created_at", "disabled_at", b"disabled_at", "last_used_at", b"last_used_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirmed_at", b"confirmed_at", "created_at", b"created_at", "disabled_at", b"disabled_at", "established_at", b"established_at", "last_used_at", b"last_used_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmed_at", b"confirmed_at", "created_at", b"created_at", "disabled_at", b"disabled_at", "factor_id", b"factor_id", "last_used_at", b"last_used_at", "masked_destination", b"masked_destination", "method", b"method", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirmed_at", b"confirmed_at", "created_at", b"created_at", "disabled_at", b"disabled_at", "established_at", b"established_at", "factor_id", b"factor_id", "last_used_at", b"last_used_at", "masked_destination", b"masked_destination", "method", b"method", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -351,6 +375,7 @@ class EnrollRequest(_message.Message):
     CHANGE_PROOF_CHALLENGE_ID_FIELD_NUMBER: _builtins.int
     LOCALE_FIELD_NUMBER: _builtins.int
     SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    ACCOUNT_EMAIL_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user to bind the factor to (opaque id of the central login, 1-128 characters)."""
     method: Global___Method.ValueType
@@ -379,6 +404,11 @@ class EnrollRequest(_message.Message):
     an ACTIVE factor; ignored for the first factor. A phone change needs this and
     change_proof_challenge_id.
     """
+    account_email: _builtins.str
+    """Optional: the account's own email address (from the central login). Security
+    notices about this change go to it as well as to every ACTIVE email and phone
+    factor, so a user with only an app or a passkey hears of it too.
+    """
     def __init__(
         self,
         *,
@@ -392,10 +422,11 @@ class EnrollRequest(_message.Message):
         change_proof_challenge_id: _builtins.str = ...,
         locale: _builtins.str = ...,
         session_token: _builtins.str = ...,
+        account_email: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_name", b"account_name", "application", b"application", "change_proof_challenge_id", b"change_proof_challenge_id", "channel", b"channel", "email", b"email", "locale", b"locale", "method", b"method", "phone_number", b"phone_number", "session_token", b"session_token", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_email", b"account_email", "account_name", b"account_name", "application", b"application", "change_proof_challenge_id", b"change_proof_challenge_id", "channel", b"channel", "email", b"email", "locale", b"locale", "method", b"method", "phone_number", b"phone_number", "session_token", b"session_token", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -478,6 +509,7 @@ class ChallengeRequest(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     APPLICATION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user who owns the factor."""
     factor_id: _builtins.str
@@ -494,6 +526,12 @@ class ChallengeRequest(_message.Message):
     """Idempotency key (AIP-155, at most 64 characters): a retried request with the same
     key returns the same challenge and sends nothing again.
     """
+    session_token: _builtins.str
+    """PURPOSE_CONFIRM_ENROLLMENT once the user has an ACTIVE factor: what Enroll needed,
+    a 2FA session token of this user that passed 2FA in the last 10 minutes (a new code
+    or new WebAuthn options for a PENDING factor are a step of adding a factor). Ignored
+    for the other purposes.
+    """
     def __init__(
         self,
         *,
@@ -503,10 +541,11 @@ class ChallengeRequest(_message.Message):
         channel: Global___Channel.ValueType = ...,
         application: Global___Application.ValueType = ...,
         request_id: _builtins.str = ...,
+        session_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "channel", b"channel", "factor_id", b"factor_id", "purpose", b"purpose", "request_id", b"request_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "channel", b"channel", "factor_id", b"factor_id", "purpose", b"purpose", "request_id", b"request_id", "session_token", b"session_token", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -589,6 +628,7 @@ class VerifyRequest(_message.Message):
     USER_AGENT_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     WEBAUTHN_RESPONSE_FIELD_NUMBER: _builtins.int
+    ACCOUNT_EMAIL_FIELD_NUMBER: _builtins.int
     challenge_id: _builtins.str
     """The challenge to check the code against."""
     code: _builtins.str
@@ -608,6 +648,11 @@ class VerifyRequest(_message.Message):
     A bad signature, origin, RP ID, missing user verification or another challenge's
     response is VERIFY_RESULT_INVALID_CODE and counts as a wrong attempt.
     """
+    account_email: _builtins.str
+    """Optional: the account's own email address; security notices about the change this
+    verification makes (a factor confirmed, a phone changed, a recovery code used, a
+    lockout) go to it as well as to every ACTIVE email and phone factor.
+    """
     def __init__(
         self,
         *,
@@ -617,10 +662,11 @@ class VerifyRequest(_message.Message):
         user_agent: _builtins.str = ...,
         user_id: _builtins.str = ...,
         webauthn_response: _builtins.str = ...,
+        account_email: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "client_ip", b"client_ip", "code", b"code", "user_agent", b"user_agent", "user_id", b"user_id", "webauthn_response", b"webauthn_response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_email", b"account_email", "challenge_id", b"challenge_id", "client_ip", b"client_ip", "code", b"code", "user_agent", b"user_agent", "user_id", b"user_id", "webauthn_response", b"webauthn_response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -685,6 +731,7 @@ class DisableRequest(_message.Message):
     CLIENT_IP_FIELD_NUMBER: _builtins.int
     USER_AGENT_FIELD_NUMBER: _builtins.int
     WEBAUTHN_RESPONSE_FIELD_NUMBER: _builtins.int
+    ACCOUNT_EMAIL_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user who owns the factor."""
     factor_id: _builtins.str
@@ -703,6 +750,10 @@ class DisableRequest(_message.Message):
     """METHOD_PASSKEY only, instead of `code`: the JSON of the browser's credential.toJSON()
     for the PURPOSE_DISABLE challenge's webauthn_request_options.
     """
+    account_email: _builtins.str
+    """Optional: the account's own email address; the notice that the factor was removed
+    goes to it as well as to every ACTIVE email and phone factor.
+    """
     def __init__(
         self,
         *,
@@ -713,10 +764,11 @@ class DisableRequest(_message.Message):
         client_ip: _builtins.str = ...,
         user_agent: _builtins.str = ...,
         webauthn_response: _builtins.str = ...,
+        account_email: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "client_ip", b"client_ip", "code", b"code", "factor_id", b"factor_id", "user_agent", b"user_agent", "user_id", b"user_id", "webauthn_response", b"webauthn_response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_email", b"account_email", "challenge_id", b"challenge_id", "client_ip", b"client_ip", "code", b"code", "factor_id", b"factor_id", "user_agent", b"user_agent", "user_id", b"user_id", "webauthn_response", b"webauthn_response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -943,16 +995,40 @@ class RegenerateRecoveryCodesRequest(_message.Message):
     APPLICATION_FIELD_NUMBER: _builtins.int
     CLIENT_IP_FIELD_NUMBER: _builtins.int
     USER_AGENT_FIELD_NUMBER: _builtins.int
+    PROOF_CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_EMAIL_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user whose recovery codes to replace."""
-    session_token: _builtins.str
-    """A 2FA session of that user, authenticated less than 10 minutes ago."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def session_token(self) -> _builtins.str:
+        """Ignored: a session alone never regenerates recovery codes (a stolen fresh session
+        must not mint codes that then remove the user's factors). Use proof_challenge_id.
+        """
+
+    @session_token.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def session_token(self, value: _builtins.str) -> None:
+        """Ignored: a session alone never regenerates recovery codes (a stolen fresh session
+        must not mint codes that then remove the user's factors). Use proof_challenge_id.
+        """
+
     application: Global___Application.ValueType
     """The application asking."""
     client_ip: _builtins.str
     """The end user's IP address, for the audit trail."""
     user_agent: _builtins.str
     """The end user's user agent, for the audit trail."""
+    proof_challenge_id: _builtins.str
+    """Required: an APPROVED PURPOSE_REGENERATE_RECOVERY_CODES challenge of this user, on an
+    established ACTIVE factor, approved in the last 10 minutes and not used before
+    (FAILED_PRECONDITION with ERROR_REASON_PROOF_REQUIRED or
+    ERROR_REASON_CREDENTIAL_TOO_NEW otherwise). Consumed by this call.
+    """
+    account_email: _builtins.str
+    """Optional: the account's own email address; the notice that recovery codes were
+    regenerated goes to it as well as to every ACTIVE email and phone factor.
+    """
     def __init__(
         self,
         *,
@@ -961,10 +1037,12 @@ class RegenerateRecoveryCodesRequest(_message.Message):
         application: Global___Application.ValueType = ...,
         client_ip: _builtins.str = ...,
         user_agent: _builtins.str = ...,
+        proof_challenge_id: _builtins.str = ...,
+        account_email: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "client_ip", b"client_ip", "session_token", b"session_token", "user_agent", b"user_agent", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_email", b"account_email", "application", b"application", "client_ip", b"client_ip", "proof_challenge_id", b"proof_challenge_id", "session_token", b"session_token", "user_agent", b"user_agent", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -113,7 +113,9 @@ class TwoFactorServiceServicer:
     def Challenge(self, request, context):
         """Opens a challenge on a factor for a purpose. Email and phone factors get a
         fresh code (the previous open challenge for the same purpose dies); nothing is
-        sent for the authenticator app.
+        sent for the authenticator app. PURPOSE_CONFIRM_ENROLLMENT on a PENDING factor
+        needs what Enroll needed (`session_token` once the user has an ACTIVE factor);
+        a PENDING factor is gone MFA_PENDING_TTL (15 min) after Enroll (NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,7 +132,9 @@ class TwoFactorServiceServicer:
 
     def Disable(self, request, context):
         """Disables a factor, proven by a code from that same factor on a
-        PURPOSE_DISABLE challenge.
+        PURPOSE_DISABLE challenge, or by a recovery code of an established set (codes
+        regenerated less than MFA_NEW_CREDENTIAL_HOLD ago cannot: FAILED_PRECONDITION,
+        ERROR_REASON_CREDENTIAL_TOO_NEW). A session is never enough.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,22 +149,28 @@ class TwoFactorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListFactors(self, request, context):
-        """Lists a user's factors, whatever their status, for the profile page.
+        """Lists a user's factors, whatever their status, for the profile page. A PENDING
+        factor older than MFA_PENDING_TTL is gone and not listed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RevokeSession(self, request, context):
-        """Ends one 2FA session (logout), or every session of a user.
+        """Ends one 2FA session (logout), or every session of a user. `user_id` is the central
+        "log out everywhere": it ends the user's sessions of both applications, whichever
+        application the caller acts for (one login, both applications).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RegenerateRecoveryCodes(self, request, context):
-        """Replaces a user's recovery codes with 10 new ones (returned once). Needs a 2FA
-        session of that user that passed 2FA less than 10 minutes ago.
+        """Replaces a user's recovery codes with 10 new ones (returned once). Needs a proof in
+        this flow with an established ACTIVE factor: an APPROVED
+        PURPOSE_REGENERATE_RECOVERY_CODES challenge (proof_challenge_id), consumed once. A
+        session alone is refused. New codes are "new" for MFA_NEW_CREDENTIAL_HOLD (24 h):
+        until then they log in but cannot disable a factor.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

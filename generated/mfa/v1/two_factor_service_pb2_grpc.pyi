@@ -51,7 +51,9 @@ class TwoFactorServiceStub:
     Challenge: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.ChallengeRequest, _two_factor_service_pb2.ChallengeResponse]
     """Opens a challenge on a factor for a purpose. Email and phone factors get a
     fresh code (the previous open challenge for the same purpose dies); nothing is
-    sent for the authenticator app.
+    sent for the authenticator app. PURPOSE_CONFIRM_ENROLLMENT on a PENDING factor
+    needs what Enroll needed (`session_token` once the user has an ACTIVE factor);
+    a PENDING factor is gone MFA_PENDING_TTL (15 min) after Enroll (NOT_FOUND).
     """
     Verify: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.VerifyRequest, _two_factor_service_pb2.VerifyResponse]
     """Checks a code against a challenge. On success it carries out the challenge's
@@ -60,19 +62,29 @@ class TwoFactorServiceStub:
     """
     Disable: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.DisableRequest, _two_factor_service_pb2.DisableResponse]
     """Disables a factor, proven by a code from that same factor on a
-    PURPOSE_DISABLE challenge.
+    PURPOSE_DISABLE challenge, or by a recovery code of an established set (codes
+    regenerated less than MFA_NEW_CREDENTIAL_HOLD ago cannot: FAILED_PRECONDITION,
+    ERROR_REASON_CREDENTIAL_TOO_NEW). A session is never enough.
     """
     CheckSession: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.CheckSessionRequest, _two_factor_service_pb2.CheckSessionResponse]
     """Says whether a 2FA session is valid. A session created on one application is
     honoured by the other. An unknown or expired token is `valid: false`, not an error.
     """
     ListFactors: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.ListFactorsRequest, _two_factor_service_pb2.ListFactorsResponse]
-    """Lists a user's factors, whatever their status, for the profile page."""
+    """Lists a user's factors, whatever their status, for the profile page. A PENDING
+    factor older than MFA_PENDING_TTL is gone and not listed.
+    """
     RevokeSession: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.RevokeSessionRequest, _two_factor_service_pb2.RevokeSessionResponse]
-    """Ends one 2FA session (logout), or every session of a user."""
+    """Ends one 2FA session (logout), or every session of a user. `user_id` is the central
+    "log out everywhere": it ends the user's sessions of both applications, whichever
+    application the caller acts for (one login, both applications).
+    """
     RegenerateRecoveryCodes: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.RegenerateRecoveryCodesRequest, _two_factor_service_pb2.RegenerateRecoveryCodesResponse]
-    """Replaces a user's recovery codes with 10 new ones (returned once). Needs a 2FA
-    session of that user that passed 2FA less than 10 minutes ago.
+    """Replaces a user's recovery codes with 10 new ones (returned once). Needs a proof in
+    this flow with an established ACTIVE factor: an APPROVED
+    PURPOSE_REGENERATE_RECOVERY_CODES challenge (proof_challenge_id), consumed once. A
+    session alone is refused. New codes are "new" for MFA_NEW_CREDENTIAL_HOLD (24 h):
+    until then they log in but cannot disable a factor.
     """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.ListAuditEventsRequest, _two_factor_service_pb2.ListAuditEventsResponse]
     """Reads the audit trail of security events, newest first, by user and time range.
@@ -102,7 +114,9 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     Challenge: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.ChallengeRequest, _two_factor_service_pb2.ChallengeResponse]  # type: ignore[assignment]
     """Opens a challenge on a factor for a purpose. Email and phone factors get a
     fresh code (the previous open challenge for the same purpose dies); nothing is
-    sent for the authenticator app.
+    sent for the authenticator app. PURPOSE_CONFIRM_ENROLLMENT on a PENDING factor
+    needs what Enroll needed (`session_token` once the user has an ACTIVE factor);
+    a PENDING factor is gone MFA_PENDING_TTL (15 min) after Enroll (NOT_FOUND).
     """
     Verify: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.VerifyRequest, _two_factor_service_pb2.VerifyResponse]  # type: ignore[assignment]
     """Checks a code against a challenge. On success it carries out the challenge's
@@ -111,19 +125,29 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     """
     Disable: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.DisableRequest, _two_factor_service_pb2.DisableResponse]  # type: ignore[assignment]
     """Disables a factor, proven by a code from that same factor on a
-    PURPOSE_DISABLE challenge.
+    PURPOSE_DISABLE challenge, or by a recovery code of an established set (codes
+    regenerated less than MFA_NEW_CREDENTIAL_HOLD ago cannot: FAILED_PRECONDITION,
+    ERROR_REASON_CREDENTIAL_TOO_NEW). A session is never enough.
     """
     CheckSession: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.CheckSessionRequest, _two_factor_service_pb2.CheckSessionResponse]  # type: ignore[assignment]
     """Says whether a 2FA session is valid. A session created on one application is
     honoured by the other. An unknown or expired token is `valid: false`, not an error.
     """
     ListFactors: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.ListFactorsRequest, _two_factor_service_pb2.ListFactorsResponse]  # type: ignore[assignment]
-    """Lists a user's factors, whatever their status, for the profile page."""
+    """Lists a user's factors, whatever their status, for the profile page. A PENDING
+    factor older than MFA_PENDING_TTL is gone and not listed.
+    """
     RevokeSession: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.RevokeSessionRequest, _two_factor_service_pb2.RevokeSessionResponse]  # type: ignore[assignment]
-    """Ends one 2FA session (logout), or every session of a user."""
+    """Ends one 2FA session (logout), or every session of a user. `user_id` is the central
+    "log out everywhere": it ends the user's sessions of both applications, whichever
+    application the caller acts for (one login, both applications).
+    """
     RegenerateRecoveryCodes: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.RegenerateRecoveryCodesRequest, _two_factor_service_pb2.RegenerateRecoveryCodesResponse]  # type: ignore[assignment]
-    """Replaces a user's recovery codes with 10 new ones (returned once). Needs a 2FA
-    session of that user that passed 2FA less than 10 minutes ago.
+    """Replaces a user's recovery codes with 10 new ones (returned once). Needs a proof in
+    this flow with an established ACTIVE factor: an APPROVED
+    PURPOSE_REGENERATE_RECOVERY_CODES challenge (proof_challenge_id), consumed once. A
+    session alone is refused. New codes are "new" for MFA_NEW_CREDENTIAL_HOLD (24 h):
+    until then they log in but cannot disable a factor.
     """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.ListAuditEventsRequest, _two_factor_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """Reads the audit trail of security events, newest first, by user and time range.
@@ -162,7 +186,9 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_two_factor_service_pb2.ChallengeResponse, _abc.Awaitable[_two_factor_service_pb2.ChallengeResponse]]:
         """Opens a challenge on a factor for a purpose. Email and phone factors get a
         fresh code (the previous open challenge for the same purpose dies); nothing is
-        sent for the authenticator app.
+        sent for the authenticator app. PURPOSE_CONFIRM_ENROLLMENT on a PENDING factor
+        needs what Enroll needed (`session_token` once the user has an ACTIVE factor);
+        a PENDING factor is gone MFA_PENDING_TTL (15 min) after Enroll (NOT_FOUND).
         """
 
     @_abc_1.abstractmethod
@@ -183,7 +209,9 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_two_factor_service_pb2.DisableResponse, _abc.Awaitable[_two_factor_service_pb2.DisableResponse]]:
         """Disables a factor, proven by a code from that same factor on a
-        PURPOSE_DISABLE challenge.
+        PURPOSE_DISABLE challenge, or by a recovery code of an established set (codes
+        regenerated less than MFA_NEW_CREDENTIAL_HOLD ago cannot: FAILED_PRECONDITION,
+        ERROR_REASON_CREDENTIAL_TOO_NEW). A session is never enough.
         """
 
     @_abc_1.abstractmethod
@@ -202,7 +230,9 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _two_factor_service_pb2.ListFactorsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_two_factor_service_pb2.ListFactorsResponse, _abc.Awaitable[_two_factor_service_pb2.ListFactorsResponse]]:
-        """Lists a user's factors, whatever their status, for the profile page."""
+        """Lists a user's factors, whatever their status, for the profile page. A PENDING
+        factor older than MFA_PENDING_TTL is gone and not listed.
+        """
 
     @_abc_1.abstractmethod
     def RevokeSession(
@@ -210,7 +240,10 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _two_factor_service_pb2.RevokeSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_two_factor_service_pb2.RevokeSessionResponse, _abc.Awaitable[_two_factor_service_pb2.RevokeSessionResponse]]:
-        """Ends one 2FA session (logout), or every session of a user."""
+        """Ends one 2FA session (logout), or every session of a user. `user_id` is the central
+        "log out everywhere": it ends the user's sessions of both applications, whichever
+        application the caller acts for (one login, both applications).
+        """
 
     @_abc_1.abstractmethod
     def RegenerateRecoveryCodes(
@@ -218,8 +251,11 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _two_factor_service_pb2.RegenerateRecoveryCodesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_two_factor_service_pb2.RegenerateRecoveryCodesResponse, _abc.Awaitable[_two_factor_service_pb2.RegenerateRecoveryCodesResponse]]:
-        """Replaces a user's recovery codes with 10 new ones (returned once). Needs a 2FA
-        session of that user that passed 2FA less than 10 minutes ago.
+        """Replaces a user's recovery codes with 10 new ones (returned once). Needs a proof in
+        this flow with an established ACTIVE factor: an APPROVED
+        PURPOSE_REGENERATE_RECOVERY_CODES challenge (proof_challenge_id), consumed once. A
+        session alone is refused. New codes are "new" for MFA_NEW_CREDENTIAL_HOLD (24 h):
+        until then they log in but cannot disable a factor.
         """
 
     @_abc_1.abstractmethod
