@@ -434,7 +434,8 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
     services = Services.build(Context(
         db=database, registry=registry, keyring=keyring, clock=clock, sessions=sessions,
         notifier=Notifier(keyring, settings.product_name,
-                          timedelta(seconds=settings.notice_ttl_seconds)),
+                          timedelta(seconds=settings.notice_ttl_seconds),
+                          settings.default_locale),
         rules=Rules(code_ttl=timedelta(seconds=settings.code_ttl_seconds),
                     max_attempts=settings.max_attempts,
                     max_factors_per_user=settings.max_factors_per_user,
@@ -444,6 +445,9 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
                     max_sends_per_destination=settings.max_sends_per_destination,
                     change_proof_max_age=timedelta(
                         seconds=settings.change_proof_max_age_seconds),
+                    pending_ttl=timedelta(minutes=settings.pending_ttl_minutes),
+                    new_credential_hold=timedelta(
+                        hours=settings.new_credential_hold_hours),
                     product=settings.product_name, default_locale=settings.default_locale)))
 
     gate = CallGate()

@@ -104,6 +104,7 @@ class Factor:
     confirmed_at: datetime | None = None
     last_used_at: datetime | None = None
     disabled_at: datetime | None = None
+    established_at: datetime | None = None  # see service/policy.py
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ class FactorRecord:
     last_totp_step: int | None
     locale: str = "en"
     replaces_factor_id: str | None = None
+    enrolled_session_id: str | None = None  # the session whose step-up allowed Enroll
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,14 @@ class Settings(BaseSettings):
     # Entries, about 1 KB each; 0 turns the cache off.
     session_cache_size: int = Field(default=100_000, ge=0, le=10_000_000)
     change_proof_max_age_seconds: int = Field(default=600, ge=60, le=600)
+    # The proof model (docs/SECURITY.md). A PENDING factor is gone this long after
+    # Enroll (a QR code left on a screen must not become a factor later).
+    pending_ttl_minutes: int = Field(default=15, ge=5, le=60)
+    # A factor added, or recovery codes regenerated, after the first factor is "new" for
+    # this long: it logs in, but cannot remove or replace what the user had (disable
+    # with a recovery code, regenerate codes), so a stolen fresh session cannot take the
+    # account over before the user has had a day of notices to react.
+    new_credential_hold_hours: int = Field(default=24, ge=1, le=168)
 
     # Messages.
     product_name: str = Field(default="Cloud Platform", min_length=1, max_length=32)

@@ -213,6 +213,26 @@ async def login(stub: Stub, factor: AppFactor, clock: FixedClock,
     return result.session
 
 
+async def regenerate_proof(stub: Stub, factor: AppFactor, clock: FixedClock) -> str:
+    """An approved PURPOSE_REGENERATE_RECOVERY_CODES challenge on an app factor (its id)."""
+    ch = await challenge(stub, factor, pb.PURPOSE_REGENERATE_RECOVERY_CODES)
+    result = await stub.Verify(pb.VerifyRequest(
+        challenge_id=ch.challenge_id, code=totp_at(factor.secret, clock)))
+    assert result.result == pb.VERIFY_RESULT_APPROVED, result
+    clock.advance(30)
+    return ch.challenge_id
+
+
+async def regenerate(stub: Stub, factor: AppFactor, clock: FixedClock,
+                     **extra: object) -> list[str]:
+    """New recovery codes, proven with ``factor`` (which must be established)."""
+    proof = await regenerate_proof(stub, factor, clock)
+    resp = await stub.RegenerateRecoveryCodes(pb.RegenerateRecoveryCodesRequest(
+        user_id=factor.user_id, proof_challenge_id=proof,
+        application=pb.APPLICATION_PORTAL, **extra))  # type: ignore[arg-type]
+    return list(resp.recovery_codes)
+
+
 @dataclass
 class RichError:
     code: grpc.StatusCode

@@ -130,7 +130,7 @@ async def test_a_pending_factor_from_before_the_first_one_never_becomes_a_second
 
 async def test_added_factor_and_new_recovery_codes_are_told_to_the_phone(
         rig: Rig, user_id: str) -> None:
-    _, number = await enroll_phone(rig, user_id)
+    phone_id, number = await enroll_phone(rig, user_id)
 
     def notices() -> list[str]:
         return [phone_text(r) for r in rig.calls_to(number, notices=True)
@@ -146,8 +146,17 @@ async def test_added_factor_and_new_recovery_codes_are_told_to_the_phone(
     await eventually(lambda: len(notices()) == 1)
     assert "added" in notices()[0].lower()
     rig.clock.advance(30)
+    # New codes need a proof with an established factor: the phone (the first factor).
+    sent = len(rig.calls_to(number))
+    proof = await rig.stub.Challenge(pb.ChallengeRequest(
+        user_id=user_id, factor_id=phone_id, purpose=pb.PURPOSE_REGENERATE_RECOVERY_CODES,
+        application=pb.APPLICATION_PORTAL))
+    sms = (await eventually(lambda: rig.calls_to(number)[sent:]))[0]
+    ok = await rig.stub.Verify(pb.VerifyRequest(challenge_id=proof.challenge_id,
+                                                code=code_in(phone_text(sms))))
+    assert ok.result == pb.VERIFY_RESULT_APPROVED
     await rig.stub.RegenerateRecoveryCodes(pb.RegenerateRecoveryCodesRequest(
-        user_id=user_id, session_token=await step_up(rig, user_id),
+        user_id=user_id, proof_challenge_id=proof.challenge_id,
         application=pb.APPLICATION_PORTAL))
     await eventually(lambda: len(notices()) == 2)
     assert "recovery codes" in notices()[1].lower()

@@ -50,7 +50,14 @@ from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
 from mfa_service.logs import JsonFormatter
 from mfa_service.store.models import audit_events
-from tests.conftest import TEST_KEYRING, AppFactor, login, rich_error, totp_at
+from tests.conftest import (
+    TEST_KEYRING,
+    AppFactor,
+    login,
+    regenerate_proof,
+    rich_error,
+    totp_at,
+)
 from tests.fakes import RecordingHandler, http_server_running, smtp_server
 from tests.rig import (
     CODE_RE,
@@ -673,11 +680,12 @@ async def every_flow(lr: LeakRig, user_id: str, s: Secrets) -> None:
     assert (done.result, done.factor.status) == (pb.VERIFY_RESULT_APPROVED,
                                                  pb.FACTOR_STATUS_DISABLED)
 
-    # New recovery codes with a fresh session; an old code is dead, a new one works.
+    # New recovery codes proven with the (established) app; an old code is dead, a new
+    # one works.
     fresh = await app_login(lr, app_factor, s, "session token (fresh app login)")
     regenerated = await stub.RegenerateRecoveryCodes(pb.RegenerateRecoveryCodesRequest(
-        user_id=user_id, session_token=fresh.session_token, application=pb.APPLICATION_PORTAL,
-        client_ip=AUDIT_IP, user_agent=AUDIT_AGENT))
+        user_id=user_id, proof_challenge_id=await regenerate_proof(stub, app_factor, clock),
+        application=pb.APPLICATION_PORTAL, client_ip=AUDIT_IP, user_agent=AUDIT_AGENT))
     new_codes = list(regenerated.recovery_codes)
     assert len(new_codes) == 10 and not set(new_codes) & set(first_codes)
     for code in new_codes:

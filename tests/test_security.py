@@ -38,6 +38,7 @@ from tests.conftest import (
     enroll_app,
     login,
     make_settings,
+    regenerate_proof,
     rich_error,
     totp_at,
 )
@@ -214,15 +215,27 @@ async def test_a_recovery_code_disables_a_lost_factor(
     assert listed.recovery_codes_remaining == 0
 
 
-async def test_regenerating_codes_needs_a_fresh_session(
+async def test_regenerating_codes_needs_a_proof_not_a_session(
         stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
     factor, old_codes, recovery_id = await enroll_with_codes(stub, user_id, fresh_clock)
     session = await login(stub, factor, fresh_clock)
+    # A fresh session alone is refused: a stolen one must not mint codes.
+    with pytest.raises(aio.AioRpcError) as err:
+        await stub.RegenerateRecoveryCodes(pb.RegenerateRecoveryCodesRequest(
+            user_id=user_id, session_token=session.session_token,
+            application=pb.APPLICATION_PORTAL))
+    assert rich_error(err.value).reason == "ERROR_REASON_PROOF_REQUIRED"
+    proof = await regenerate_proof(stub, factor, fresh_clock)
     fresh = await stub.RegenerateRecoveryCodes(pb.RegenerateRecoveryCodesRequest(
-        user_id=user_id, session_token=session.session_token,
-        application=pb.APPLICATION_PORTAL))
+        user_id=user_id, proof_challenge_id=proof, application=pb.APPLICATION_PORTAL))
     assert len(fresh.recovery_codes) == 10
     assert not set(fresh.recovery_codes) & set(old_codes)
+    # The proof is used once; another user cannot use it either.
+    for who in (user_id, "someone-else"):
+        with pytest.raises(aio.AioRpcError) as err:
+            await stub.RegenerateRecoveryCodes(pb.RegenerateRecoveryCodesRequest(
+                user_id=who, proof_challenge_id=proof, application=pb.APPLICATION_PORTAL))
+        assert rich_error(err.value).reason == "ERROR_REASON_PROOF_REQUIRED"
     ch = await stub.Challenge(pb.ChallengeRequest(
         user_id=user_id, factor_id=recovery_id, purpose=pb.PURPOSE_LOGIN,
         application=pb.APPLICATION_PORTAL))
@@ -231,15 +244,15 @@ async def test_regenerating_codes_needs_a_fresh_session(
     listed = await stub.ListFactors(pb.ListFactorsRequest(user_id=user_id))
     assert listed.recovery_codes_remaining == 10
 
+    # A proof older than 10 minutes is stale.
+    stale = await regenerate_proof(stub, factor, fresh_clock)
     fresh_clock.advance(10 * 60 + 1)
-    for token, who in ((session.session_token, user_id), ("not-a-session", user_id),
-                       (session.session_token, "someone-else")):
-        with pytest.raises(aio.AioRpcError) as err:
-            await stub.RegenerateRecoveryCodes(pb.RegenerateRecoveryCodesRequest(
-                user_id=who, session_token=token, application=pb.APPLICATION_PORTAL))
-        e = rich_error(err.value)
-        assert (e.code, e.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                      "ERROR_REASON_RECENT_SESSION_REQUIRED")
+    with pytest.raises(aio.AioRpcError) as err:
+        await stub.RegenerateRecoveryCodes(pb.RegenerateRecoveryCodesRequest(
+            user_id=user_id, proof_challenge_id=stale, application=pb.APPLICATION_PORTAL))
+    e = rich_error(err.value)
+    assert (e.code, e.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
+                                  "ERROR_REASON_PROOF_REQUIRED")
 
 
 async def test_codes_come_only_with_the_first_factor(

@@ -24,6 +24,7 @@ from mfa_service.domain import (
     Channel,
     Factor,
     FactorRecord,
+    FactorStatus,
     MessageKind,
     Method,
     Outgoing,
@@ -32,8 +33,14 @@ from mfa_service.domain import (
 from mfa_service.errors import FailedPrecondition, InvalidArgument, StoreConflict
 from mfa_service.factors.base import FactorMethod
 from mfa_service.factors.codes import hash_code
-from mfa_service.service import audit
-from mfa_service.service.context import Context, owned_factor, require_status
+from mfa_service.service import audit, policy
+from mfa_service.service.context import (
+    Context,
+    owned_factor,
+    proof_evidence,
+    require_status,
+)
+from mfa_service.service.policy import Change, Evidence
 from mfa_service.store.database import Transaction
 
 
@@ -45,6 +52,7 @@ class ChallengeCommand:
     application: Application
     channel: Channel | None = None
     request_id: str | None = None
+    session_token: str = ""  # CONFIRM_ENROLLMENT once the user has an ACTIVE factor
 
 
 @dataclass(frozen=True)
@@ -118,10 +126,13 @@ class Challenges:
         now = ctx.clock.now()
         async with ctx.db.transaction() as tx:
             lockout = await tx.lockouts.lock(cmd.user_id)  # the per-user lock, first
-            record = await owned_factor(tx, cmd.user_id, cmd.factor_id)
+            record = await owned_factor(ctx, tx, cmd.user_id, cmd.factor_id, now)
             method = ctx.registry.get(record.factor.method)
             if cmd.purpose is Purpose.CHANGE_PHONE and record.factor.method is not Method.PHONE:
                 raise InvalidArgument.single("purpose", "PURPOSE_CHANGE_PHONE needs a phone factor")
+            # Before the request_id replay below: a retried id must not hand anyone the
+            # options (a passkey's) of a challenge they may not open.
+            await self._ask_policy(tx, cmd, record, now)
             channel = method.channel_for(cmd.channel)
             if cmd.request_id is not None:
                 existing = await tx.challenges.by_request_id(cmd.factor_id, cmd.request_id)
@@ -152,6 +163,36 @@ class Challenges:
             options = await method.browser_options(tx, record, challenge)
         return ChallengeResult(challenge, record.factor, method.code_length,
                                self._resend_at(method, now), options)
+
+    async def _ask_policy(self, tx: Transaction, cmd: ChallengeCommand,
+                          record: FactorRecord, now: datetime) -> None:
+        """The proof model for the purposes where opening a challenge is itself a step
+        of a change (service/policy.py).
+
+        CONFIRM_ENROLLMENT on a PENDING factor hands out a new code, or new WebAuthn
+        creation options with which *any* authenticator can be registered: it needs
+        what Enroll needed, a fresh session once the user has an ACTIVE factor (else a
+        password alone finishes the victim's cancelled passkey with the attacker's key).
+        REGENERATE_RECOVERY_CODES is refused at once on a factor that cannot give the
+        proof (recovery codes; a new factor), instead of sending a code for nothing.
+        """
+        ctx, factor = self._ctx, record.factor
+        if cmd.purpose is Purpose.CONFIRM_ENROLLMENT and factor.status is FactorStatus.PENDING:
+            if not (await tx.factors.summary(cmd.user_id, factor.method)).any_active:
+                policy.require(Change.RENEW_FIRST_PENDING, {Evidence.PASSWORD_STEP})
+                return
+            shown, _ = await ctx.sessions.evidence(tx, cmd.session_token, cmd.user_id, now,
+                                                   ctx.rules.recent_session)
+            policy.require(Change.RENEW_PENDING, {Evidence.PASSWORD_STEP, *shown})
+        elif cmd.purpose is Purpose.REGENERATE_RECOVERY_CODES:
+            if factor.method is Method.RECOVERY_CODE:
+                raise InvalidArgument.single(
+                    "purpose", "PURPOSE_REGENERATE_RECOVERY_CODES needs a factor other than "
+                               "recovery codes (an authenticator app, email, phone or passkey)")
+            if factor.status is FactorStatus.ACTIVE:
+                policy.require(Change.REGENERATE_RECOVERY_CODES,
+                               {proof_evidence(factor, now)},
+                               established_at=factor.established_at)
 
     def _resend_at(self, method: FactorMethod, sent_at: datetime) -> datetime:
         return sent_at + self._ctx.rules.resend_cooldown if method.sends_code else sent_at

@@ -23,6 +23,7 @@ from mfa_service.errors import FactorNotFound, FailedPrecondition, ResourceExhau
 from mfa_service.factors.registry import FactorRegistry
 from mfa_service.service.limits import LockoutPolicy, SendQuota
 from mfa_service.service.notices import Notifier
+from mfa_service.service.policy import Evidence
 from mfa_service.service.sessions import SessionService
 from mfa_service.store.database import Database, Transaction
 from mfa_service.store.security import LockoutState
@@ -43,6 +44,8 @@ class Rules:
     product: str = "Cloud Platform"
     default_locale: str = "en"
     recent_session: timedelta = timedelta(minutes=10)
+    pending_ttl: timedelta = timedelta(minutes=15)
+    new_credential_hold: timedelta = timedelta(hours=24)
 
 
 def new_id() -> str:
@@ -68,6 +71,19 @@ class Context:
         r = self.rules
         return SendQuota(cooldown=r.resend_cooldown, window=r.send_window,
                          per_user_method=r.max_sends, per_destination=r.max_sends_per_destination)
+
+    def gone(self, factor: Factor, now: datetime) -> bool:
+        """A PENDING factor older than MFA_PENDING_TTL is gone: not listed, not
+        challenged, not confirmed (a QR code left on a screen, a passkey dialog
+        cancelled, must not become a factor later)."""
+        return (factor.status is FactorStatus.PENDING
+                and now - factor.created_at >= self.rules.pending_ttl)
+
+    def established_at(self, now: datetime, *, first: bool) -> datetime:
+        """From when a factor activated (or codes issued) ``now`` is established: at once
+        for the user's first factor and the codes that come with it, else after
+        MFA_NEW_CREDENTIAL_HOLD (service/policy.py)."""
+        return now if first else now + self.rules.new_credential_hold
 
     def refuse_if_locked(self, state: LockoutState | None, now: datetime, *,
                          recovery: bool = False) -> None:
@@ -120,9 +136,26 @@ def already_enrolled() -> FailedPrecondition:
         reason=ErrorReason.ERROR_REASON_ALREADY_ENROLLED)
 
 
-async def owned_factor(tx: Transaction, user_id: str, factor_id: str) -> FactorRecord:
+def is_established(factor: Factor, now: datetime) -> bool:
+    """An ACTIVE factor (or recovery-code set) past its hold (service/policy.py)."""
+    return (factor.status is FactorStatus.ACTIVE and factor.established_at is not None
+            and factor.established_at <= now)
+
+
+def proof_evidence(factor: Factor, now: datetime) -> Evidence:
+    """What an approved challenge on ACTIVE ``factor`` proves (service/policy.py)."""
+    if factor.method is Method.RECOVERY_CODE:
+        return (Evidence.ESTABLISHED_RECOVERY_CODE if is_established(factor, now)
+                else Evidence.NEW_RECOVERY_CODE)
+    return (Evidence.PROOF_WITH_ESTABLISHED if is_established(factor, now)
+            else Evidence.PROOF_WITH_NEW)
+
+
+async def owned_factor(ctx: Context, tx: Transaction, user_id: str, factor_id: str,
+                       now: datetime) -> FactorRecord:
     record = await tx.factors.get(factor_id)
-    # Another user's factor is "not found": no oracle for which ids exist.
-    if record is None or record.factor.user_id != user_id:
+    # Another user's factor is "not found": no oracle for which ids exist. So is a
+    # PENDING factor past MFA_PENDING_TTL: it is gone.
+    if record is None or record.factor.user_id != user_id or ctx.gone(record.factor, now):
         raise FactorNotFound()
     return record

@@ -2,9 +2,10 @@
 is verified on the returned PURPOSE_CONFIRM_ENROLLMENT challenge (verification.py).
 
 Rules, in the order they are checked (one transaction, under the user's lock):
-the lockout; adding a factor needs the factor you have (step-up); at most N live factors;
-one ACTIVE factor per method, except a phone change proven on the old number; the send
-quota; then a newer enrolment supersedes an unconfirmed one of the same method.
+the lockout; the proof model (service/policy.py: the first factor needs the password
+step, another factor a fresh session, a phone change a fresh session and a proof on the
+old number); at most N live factors; one ACTIVE factor per method; the send quota; then
+a newer enrolment supersedes an unconfirmed one of the same method.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from mfa_service.domain import (
 )
 from mfa_service.errors import FailedPrecondition, InvalidArgument
 from mfa_service.factors.base import EnrollInput, Provisioning
-from mfa_service.service import audit
+from mfa_service.service import audit, policy
 from mfa_service.service.challenges import open_challenge
 from mfa_service.service.context import SEVERAL_ACTIVE, Context, already_enrolled
+from mfa_service.service.policy import Change, Evidence
 from mfa_service.store.database import Transaction
 from mfa_service.store.repositories import UserFactors
 
@@ -84,12 +86,11 @@ class Enrolment:
             # refusals as Challenge: no codes while locked out.
             ctx.refuse_if_locked(await tx.lockouts.lock(cmd.user_id), now)
             existing = await tx.factors.summary(cmd.user_id, cmd.method)
-            if existing.any_active:
-                await self._require_step_up(tx, cmd, now)
+            enrolled_by = await self._ask_policy(tx, cmd, existing, now)
             if existing.live >= ctx.rules.max_factors_per_user:
                 raise FailedPrecondition("the user has too many factors; disable one first",
                                          reason=ErrorReason.ERROR_REASON_TOO_MANY_FACTORS)
-            replaces = await self._replaced_factor(tx, cmd, existing, now)
+            replaces = self._replaced_factor(cmd, existing)
             key = None
             if method.sends_code:
                 assert material.destination is not None
@@ -102,7 +103,8 @@ class Enrolment:
                 factor=factor, label=material.label, destination=material.destination,
                 secret_ciphertext=material.secret_ciphertext,
                 secret_key_id=material.secret_key_id, last_totp_step=None,
-                locale=cmd.locale or ctx.rules.default_locale, replaces_factor_id=replaces)
+                locale=cmd.locale or ctx.rules.default_locale, replaces_factor_id=replaces,
+                enrolled_session_id=enrolled_by)
             tx.factors.add(record)
             challenge = open_challenge(ctx, tx, method, record, Purpose.CONFIRM_ENROLLMENT,
                                        cmd.application, channel, None, who, now, key)
@@ -115,30 +117,45 @@ class Enrolment:
         return EnrollResult(factor=factor, challenge=challenge, code_length=method.code_length,
                             provisioning=material.provisioning, browser_options=options)
 
-    async def _require_step_up(self, tx: Transaction, cmd: EnrollCommand,
-                               now: datetime) -> None:
-        """Adding a factor needs the factor you have (SPEC, OWASP MFA "changing factors").
+    async def _ask_policy(self, tx: Transaction, cmd: EnrollCommand, existing: UserFactors,
+                          now: datetime) -> str | None:
+        """Gather the evidence this call presents and ask the proof model (policy.py);
+        the id of the session that vouched for the enrolment (confirming it later needs
+        that session still live), None for a first factor.
 
-        Once the user has any ACTIVE factor, Enroll (every method, a phone change too)
-        needs a 2FA session of this same user that passed 2FA in the last 10 minutes.
-        Otherwise whoever holds the password step could add an app, log in with it and
-        walk around "disabling needs the enabled method" and "changing the phone needs
-        the old number". Checked under the per-user lock, in the enrolling transaction.
-        The sibling path, a PENDING factor enrolled before the first one was confirmed,
-        is closed in verification.py (confirming the first factor supersedes it).
+        The first factor needs the password step only: no factor exists to ask. Once
+        the user has any ACTIVE factor, adding one (every method) needs a fresh 2FA
+        session of this user, or whoever holds the password adds an app and walks
+        around "disabling needs the enabled method" and "a new phone needs the old
+        number". A phone change needs that and a fresh, unused PURPOSE_CHANGE_PHONE
+        approval on the old number (OWASP "changing factors": the old factor consents),
+        consumed here; a refusal rolls the consumption back with the transaction.
         """
         ctx = self._ctx
-        await ctx.sessions.require_recent(tx, cmd.session_token, cmd.user_id, now,
-                                          ctx.rules.recent_session, "adding a factor")
+        if not existing.any_active:
+            policy.require(Change.ADD_FIRST_FACTOR, {Evidence.PASSWORD_STEP})
+            return None
+        shown, session = await ctx.sessions.evidence(tx, cmd.session_token, cmd.user_id, now,
+                                                     ctx.rules.recent_session)
+        presented = {Evidence.PASSWORD_STEP, *shown}
+        active = existing.active_of_method
+        if cmd.method is Method.PHONE and active is not None:
+            if cmd.change_proof_challenge_id is not None:
+                proven = await tx.challenges.consume_proof(
+                    cmd.change_proof_challenge_id, cmd.user_id, Purpose.CHANGE_PHONE,
+                    now - ctx.rules.change_proof_max_age, now)
+                if proven == active.factor.factor_id:
+                    presented.add(Evidence.PROOF_WITH_OLD_PHONE)
+            policy.require(Change.CHANGE_PHONE, presented)
+        else:
+            policy.require(Change.ADD_FACTOR, presented)
+        assert session is not None  # every row above needs a fresh session
+        return session.session_id
 
-    async def _replaced_factor(self, tx: Transaction, cmd: EnrollCommand,
-                               existing: UserFactors, now: datetime) -> str | None:
-        """The ACTIVE factor this enrolment will replace (a phone change), or None.
-
-        One ACTIVE factor per method: a second one is refused, except a new phone number
-        proven by a fresh, unused PURPOSE_CHANGE_PHONE approval on the old one (OWASP
-        "changing factors": the old factor must consent).
-        """
+    @staticmethod
+    def _replaced_factor(cmd: EnrollCommand, existing: UserFactors) -> str | None:
+        """The ACTIVE factor this enrolment will replace (a phone change, proven in
+        _ask_policy), or None. One ACTIVE factor per method: a second one is refused."""
         active = existing.active_of_method
         if cmd.method in SEVERAL_ACTIVE:
             active = None  # one passkey per device: adding one replaces nothing
@@ -149,16 +166,4 @@ class Enrolment:
             return None
         if cmd.method is not Method.PHONE:
             raise already_enrolled()
-        proof_required = ErrorReason.ERROR_REASON_PHONE_CHANGE_PROOF_REQUIRED
-        if cmd.change_proof_challenge_id is None:
-            raise FailedPrecondition(
-                "a phone is already active: verify a PURPOSE_CHANGE_PHONE challenge on it and "
-                "pass its id as change_proof_challenge_id", reason=proof_required)
-        if not await tx.challenges.consume_change_proof(
-                cmd.change_proof_challenge_id, active.factor.factor_id,
-                now - self._ctx.rules.change_proof_max_age, now):
-            raise FailedPrecondition(
-                "change_proof_challenge_id must be an approved PURPOSE_CHANGE_PHONE challenge "
-                "on the current phone, from the last 10 minutes, not used before",
-                reason=proof_required)
         return active.factor.factor_id

@@ -16,13 +16,16 @@ class Profile:
         self._ctx = ctx
 
     async def list_factors(self, user_id: str, who: AuditContext) -> tuple[list[Factor], int]:
-        """Every factor of the user, and how many recovery codes remain."""
+        """Every factor of the user, and how many recovery codes remain. A PENDING factor
+        past MFA_PENDING_TTL is gone and not listed (nothing offers to resume it)."""
         who.authorize_any()  # a caller with no application (an audit reader) sees nothing
+        now = self._ctx.clock.now()
         async with self._ctx.db.transaction(readonly=True) as tx:
             records, codes_left = await tx.factors.list_with_codes_left(user_id)
         has_codes = any(r.factor.method is Method.RECOVERY_CODE
                         and r.factor.status is FactorStatus.ACTIVE for r in records)
-        return [r.factor for r in records], codes_left if has_codes else 0
+        return ([r.factor for r in records if not self._ctx.gone(r.factor, now)],
+                codes_left if has_codes else 0)
 
     async def list_audit_events(self, user_id: str, who: AuditContext, *,
                                 start: datetime | None, end: datetime | None,

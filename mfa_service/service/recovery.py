@@ -1,6 +1,11 @@
-"""Recovery codes: issued with the user's first active factor, regenerated with a recent
-2FA session, retired with the last real factor. Using one is a verification like any other
-(factors/recovery.py consumes the code; verification.py does the purpose)."""
+"""Recovery codes: issued with the user's first active factor, regenerated with a proof
+on an established factor (service/policy.py), retired with the last real factor. Using
+one is a verification like any other (factors/recovery.py consumes the code;
+verification.py does the purpose).
+
+The recovery-code factor row stands for the current code set: its ``established_at``
+says from when the set may disable another factor (at once for the codes issued with
+the first factor, MFA_NEW_CREDENTIAL_HOLD after a regeneration)."""
 
 from __future__ import annotations
 
@@ -16,11 +21,13 @@ from mfa_service.domain import (
     FactorStatus,
     Method,
     NoticeKind,
+    Purpose,
 )
 from mfa_service.errors import FailedPrecondition
 from mfa_service.factors.recovery import generate_codes, hash_codes
-from mfa_service.service import audit
-from mfa_service.service.context import Context
+from mfa_service.service import audit, policy
+from mfa_service.service.context import Context, proof_evidence
+from mfa_service.service.policy import Change, Evidence
 from mfa_service.store.database import Transaction
 
 
@@ -38,7 +45,9 @@ class Recovery:
         tx.factors.add(FactorRecord(
             factor=Factor(factor_id=factor_id, user_id=user_id, method=Method.RECOVERY_CODE,
                           status=FactorStatus.ACTIVE, masked_destination="recovery codes",
-                          created_at=now, confirmed_at=now, last_used_at=now),
+                          created_at=now, confirmed_at=now, last_used_at=now,
+                          # Issued with the first factor: established at once.
+                          established_at=ctx.established_at(now, first=True)),
             label="recovery codes", destination=None, secret_ciphertext=None,
             secret_key_id=None, last_totp_step=None))
         codes = generate_codes()
@@ -64,26 +73,45 @@ class Recovery:
                              "reason": "last factor disabled", "codes_retired": retired})
         await self._ctx.sessions.end_for_factor(tx, recovery.factor, who, now)
 
-    async def regenerate(self, user_id: str, session_token: str, application: Application,
-                         who: AuditContext) -> list[str]:
-        """New codes for a user who passed 2FA in the last 10 minutes (old codes die)."""
+    async def regenerate(self, user_id: str, proof_challenge_id: str,
+                         application: Application, who: AuditContext, *,
+                         account_email: str | None = None) -> list[str]:
+        """New codes (the old ones die), proven by an approved
+        PURPOSE_REGENERATE_RECOVERY_CODES challenge on an established ACTIVE factor,
+        consumed here. A session alone is never enough: a stolen fresh session would
+        mint codes that then disable the user's factors. The new set is itself new for
+        MFA_NEW_CREDENTIAL_HOLD: it logs in, but disables nothing until then."""
         ctx = self._ctx
         who.authorize(application)
         now = ctx.clock.now()
         async with ctx.db.transaction() as tx:
             await tx.lockouts.lock(user_id)  # the per-user lock, first
-            await ctx.sessions.require_recent(tx, session_token, user_id, now,
-                                              ctx.rules.recent_session,
-                                              "regenerating recovery codes")
+            presented = {Evidence.PASSWORD_STEP}
+            established_at = None
+            proven = (await tx.challenges.consume_proof(
+                proof_challenge_id, user_id, Purpose.REGENERATE_RECOVERY_CODES,
+                now - ctx.rules.change_proof_max_age, now) if proof_challenge_id else None)
+            if proven is not None:
+                record = await tx.factors.get(proven)
+                if (record is not None and record.factor.status is FactorStatus.ACTIVE
+                        and record.factor.method is not Method.RECOVERY_CODE):
+                    presented.add(proof_evidence(record.factor, now))
+                    established_at = record.factor.established_at
+            policy.require(Change.REGENERATE_RECOVERY_CODES, presented,
+                           established_at=established_at)
             recovery = await tx.factors.active_of_method(user_id, Method.RECOVERY_CODE)
             if recovery is None:
                 raise FailedPrecondition("the user has no active factor, so no recovery codes",
                                          reason=ErrorReason.ERROR_REASON_FACTOR_STATUS_FORBIDS)
             codes = generate_codes()
             await tx.recovery.replace(user_id, hash_codes(ctx.keyring, user_id, codes), now)
+            await tx.factors.set_established(recovery.factor.factor_id,
+                                             ctx.established_at(now, first=False))
             audit.record(tx, now, audit.Event.RECOVERY_CODES_ISSUED, audit.Outcome.OK, who,
                          user_id=user_id, factor_id=recovery.factor.factor_id,
                          application=application,
-                         detail={"count": len(codes), "regenerated": 1})
-            await ctx.notifier.notify(tx, now, user_id, NoticeKind.RECOVERY_CODES_REGENERATED)
+                         detail={"count": len(codes), "regenerated": 1,
+                                 "proof": proven or ""})
+            await ctx.notifier.notify(tx, now, user_id, NoticeKind.RECOVERY_CODES_REGENERATED,
+                                      account_email=account_email)
         return codes

@@ -11,8 +11,6 @@ import functools
 import uuid
 from datetime import datetime, timedelta
 
-from mfa.v1.error_reason_pb2 import ErrorReason
-
 from mfa_service.clock import Clock
 from mfa_service.crypto import Keyring, new_token
 from mfa_service.domain import (
@@ -23,8 +21,8 @@ from mfa_service.domain import (
     NewSession,
     Session,
 )
-from mfa_service.errors import FailedPrecondition
 from mfa_service.service import audit
+from mfa_service.service.policy import Evidence
 from mfa_service.service.session_cache import SessionCache
 from mfa_service.store.database import Database, Transaction
 
@@ -98,23 +96,26 @@ class SessionService:
         wanted = min(now + self._idle, session.expires_at)
         return wanted - session.idle_expires_at <= IDLE_STEP
 
-    async def require_recent(self, tx: Transaction, token: str, user_id: str, now: datetime,
-                             max_age: timedelta, action: str) -> Session:
-        """The step-up rule: a live 2FA session of ``user_id`` that passed 2FA at most
-        ``max_age`` ago, else FAILED_PRECONDITION (missing, unknown, revoked, expired,
-        stale or another user's session all look the same to the caller)."""
-        session = None
-        if token:
-            session = await tx.sessions.find_live(
-                self._keyring.mac_all(_token_message(token)), now)
-        if session is None or session.user_id != user_id or (
-                now - session.authenticated_at > max_age):
-            minutes = max(1, int(max_age.total_seconds() // 60))
-            raise FailedPrecondition(
-                f"{action} needs session_token: a 2FA session of this user from the last "
-                f"{minutes} minutes; pass 2FA again",
-                reason=ErrorReason.ERROR_REASON_RECENT_SESSION_REQUIRED)
-        return session
+    async def evidence(self, tx: Transaction, token: str, user_id: str, now: datetime,
+                       fresh_for: timedelta) -> tuple[frozenset[Evidence], Session | None]:
+        """What ``token`` proves for ``user_id`` in the proof model (service/policy.py):
+        nothing (missing, unknown, revoked, expired or another user's session: all look
+        the same to the caller), a session, or a fresh one (passed 2FA at most
+        ``fresh_for`` ago); and the session itself when it counts."""
+        if not token:
+            return frozenset(), None
+        session = await tx.sessions.find_live(
+            self._keyring.mac_all(_token_message(token)), now)
+        if session is None or session.user_id != user_id:
+            return frozenset(), None
+        if now - session.authenticated_at > fresh_for:
+            return frozenset({Evidence.SESSION}), session
+        return frozenset({Evidence.SESSION, Evidence.FRESH_SESSION}), session
+
+    @staticmethod
+    async def is_live(tx: Transaction, session_id: str, now: datetime) -> bool:
+        """Whether the session ``session_id`` still lives (not revoked, not expired)."""
+        return await tx.sessions.live_by_id(session_id, now)
 
     async def end_for_factor(self, tx: Transaction, factor: Factor, who: AuditContext,
                              now: datetime) -> int:

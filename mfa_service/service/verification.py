@@ -42,14 +42,16 @@ from mfa_service.domain import (
 )
 from mfa_service.errors import ChallengeNotFound, FailedPrecondition, InvalidArgument
 from mfa_service.factors.base import FactorMethod
-from mfa_service.service import audit
+from mfa_service.service import audit, policy
 from mfa_service.service.context import (
     SEVERAL_ACTIVE,
     Context,
     already_enrolled,
     owned_factor,
+    proof_evidence,
     require_status,
 )
+from mfa_service.service.policy import Change, Evidence
 from mfa_service.service.recovery import Recovery
 from mfa_service.store.database import Transaction
 from mfa_service.store.security import LockoutState
@@ -76,6 +78,7 @@ class _Approved:
     remaining: int
     who: AuditContext
     now: datetime
+    account_email: str | None = None  # notices go here too (the account's own address)
 
 
 Handler = Callable[["Verification", _Approved], Awaitable[VerifyOutcome]]
@@ -104,22 +107,27 @@ class Verification:
         self._recovery = recovery
 
     async def verify(self, challenge_id: str, proof: Proof | str, who: AuditContext, *,
-                     user_id: str | None = None) -> VerifyOutcome:
+                     user_id: str | None = None,
+                     account_email: str | None = None) -> VerifyOutcome:
         """Check a code (or a passkey's response); ``user_id`` (optional) binds the
         challenge to the user the caller expects: another user's challenge is then "not
-        found"."""
+        found". ``account_email``: notices about the change also go there."""
         return await self._verify(challenge_id, _as_proof(proof), who, disable=None,
-                                  expect_user=user_id)
+                                  expect_user=user_id, account_email=account_email)
 
     async def disable(self, user_id: str, factor_id: str, challenge_id: str,
-                      proof: Proof | str, who: AuditContext) -> VerifyOutcome:
-        """Disable ``factor_id``, proven on a PURPOSE_DISABLE challenge for it."""
+                      proof: Proof | str, who: AuditContext, *,
+                      account_email: str | None = None) -> VerifyOutcome:
+        """Disable ``factor_id``, proven on a PURPOSE_DISABLE challenge for it (or on an
+        established set of recovery codes: service/policy.py)."""
         return await self._verify(challenge_id, _as_proof(proof), who,
-                                  disable=(user_id, factor_id), expect_user=user_id)
+                                  disable=(user_id, factor_id), expect_user=user_id,
+                                  account_email=account_email)
 
     async def _verify(self, challenge_id: str, proof: Proof, who: AuditContext,
                       disable: tuple[str, str] | None,
-                      expect_user: str | None) -> VerifyOutcome:
+                      expect_user: str | None,
+                      account_email: str | None = None) -> VerifyOutcome:
         ctx = self._ctx
         now = ctx.clock.now()
         async with ctx.db.transaction() as tx:
@@ -146,8 +154,9 @@ class Verification:
             who.authorize(challenge.application)
             method = ctx.registry.get(record.factor.method)
             code = method.parse_code(_proof_for(method, proof))  # malformed: not a guess
+            # A PENDING factor past MFA_PENDING_TTL is gone: its challenge is expired.
             usable = challenge.state is ChallengeState.OPEN and challenge.expires_at > now and (
-                challenge.attempts < challenge.max_attempts)
+                challenge.attempts < challenge.max_attempts) and not ctx.gone(record.factor, now)
             if usable:
                 require_status(record.factor, challenge.purpose)
             ctx.refuse_if_locked(lockout, now,
@@ -157,6 +166,8 @@ class Verification:
                 self._audit_verify(tx, now, who, challenge, outcome.result,
                                    record.factor.method)
                 return outcome
+            # Before the code is checked: evidence the table refuses costs no attempt.
+            await self._ask_policy(tx, challenge, record, target, now)
             # The user's lock makes the read above current, so the factor's own check
             # (and its atomic step) and the attempt below cannot interleave with another
             # verification of this user.
@@ -180,15 +191,48 @@ class Verification:
                           else VerifyResult.INVALID_CODE)
                 self._audit_verify(tx, now, who, settled, result, record.factor.method,
                                    refused=verdict.reason)
-                await self._count_failure(tx, lockout, settled, who, now)
+                await self._count_failure(tx, lockout, settled, who, now, account_email)
                 return VerifyOutcome(result, remaining)
             if lockout != ctx.lockout.after_success():  # no write when already clear
                 tx.lockouts.save(settled.user_id, ctx.lockout.after_success())
             if record.factor.method is Method.RECOVERY_CODE:
-                await self._recovery_code_used(tx, settled, record, who, now)
+                await self._recovery_code_used(tx, settled, record, who, now, account_email)
             handler = _PURPOSES[settled.purpose]
             return await handler(self, _Approved(tx, settled, record, target, remaining,
-                                                 who, now))
+                                                 who, now, account_email))
+
+    async def _ask_policy(self, tx: Transaction, challenge: Challenge, record: FactorRecord,
+                          target: FactorRecord, now: datetime) -> None:
+        """The proof model (service/policy.py) for what approving this challenge would
+        change, with the evidence it would be once the code is right.
+
+        CONFIRM_ENROLLMENT: a proof with the PENDING factor itself, and, when Enroll
+        needed a session, that session still live (a logout ends what it started).
+        LOGIN: a proof with an ACTIVE factor or a recovery code. DISABLE: a proof with the
+        target itself, or an *established* recovery code (a new factor or new codes
+        never remove what the user had). CHANGE_PHONE and REGENERATE_RECOVERY_CODES only
+        approve a proof: the call that consumes it asks the table.
+        """
+        ctx, factor, purpose = self._ctx, record.factor, challenge.purpose
+        if purpose is Purpose.CONFIRM_ENROLLMENT:
+            shown = {Evidence.PROOF_WITH_TARGET}
+            enrolled_by = record.enrolled_session_id
+            if enrolled_by is not None and await ctx.sessions.is_live(tx, enrolled_by, now):
+                shown.add(Evidence.ENROLLING_SESSION)
+            # Enrolled with no session: enrolled as a first factor (_confirm checks it
+            # still is, on the summary it reads anyway).
+            policy.require(Change.CONFIRM_FIRST_PENDING if enrolled_by is None
+                           else Change.CONFIRM_PENDING, shown)
+        elif purpose is Purpose.LOGIN:
+            policy.require(Change.LOG_IN, {Evidence.RECOVERY_CODE
+                                           if factor.method is Method.RECOVERY_CODE
+                                           else Evidence.PROOF_WITH_ACTIVE})
+        elif purpose is Purpose.DISABLE:
+            shown_one = (Evidence.PROOF_WITH_TARGET
+                         if factor.factor_id == target.factor.factor_id
+                         else proof_evidence(factor, now))
+            policy.require(Change.DISABLE_FACTOR, {shown_one},
+                           established_at=factor.established_at)
 
     # -- the purposes ------------------------------------------------------------------------
     async def _login(self, a: _Approved) -> VerifyOutcome:
@@ -207,7 +251,13 @@ class Verification:
         summary = await tx.factors.summary(factor.user_id, factor.method)
         if summary.active_of_method is not None and factor.method not in SEVERAL_ACTIVE:
             raise already_enrolled()
-        if not summary.any_active:
+        first = not summary.any_active
+        if not first and a.record.enrolled_session_id is None:
+            # Enrolled as a first factor, but another one became ACTIVE meanwhile
+            # (confirming that one superseded this; defence in depth): no session
+            # vouched for adding it as a second factor.
+            policy.require(Change.CONFIRM_PENDING, {Evidence.PROOF_WITH_TARGET})
+        if first:
             # The user's first factor: any other PENDING factor was enrolled without a
             # step-up (none was needed then) and must not become a second factor later
             # without one.
@@ -216,7 +266,10 @@ class Verification:
                 audit.record(tx, now, audit.Event.DISABLE, audit.Outcome.OK, a.who,
                              user_id=factor.user_id, factor_id=other,
                              detail={"reason": "superseded by the first factor"})
-        if not await tx.factors.activate(factor.factor_id, now):
+        # The first factor is established at once (no one else's factor existed to
+        # protect); a later one only after MFA_NEW_CREDENTIAL_HOLD (service/policy.py).
+        established_at = ctx.established_at(now, first=first)
+        if not await tx.factors.activate(factor.factor_id, now, established_at):
             raise FailedPrecondition("the factor is no longer pending",
                                      reason=ErrorReason.ERROR_REASON_FACTOR_STATUS_FORBIDS)
         audit.record(tx, now, audit.Event.CONFIRM, audit.Outcome.OK, a.who,
@@ -229,13 +282,14 @@ class Verification:
                          detail={"replaced_factor_id": replaced.factor.factor_id})
             await ctx.notifier.notify(tx, now, factor.user_id, NoticeKind.PHONE_CHANGED,
                                       also=replaced, masked_detail=factor.masked_destination,
-                                      skip=factor.factor_id)
+                                      skip=factor.factor_id, account_email=a.account_email)
         else:
             await ctx.notifier.notify(tx, now, factor.user_id, NoticeKind.FACTOR_ADDED,
                                       masked_detail=factor.masked_destination,
-                                      skip=factor.factor_id)
+                                      skip=factor.factor_id, account_email=a.account_email)
         codes = await self._recovery.issue_first(tx, factor.user_id, a.who, now)
-        active = replace(factor, status=FactorStatus.ACTIVE, confirmed_at=now, last_used_at=now)
+        active = replace(factor, status=FactorStatus.ACTIVE, confirmed_at=now, last_used_at=now,
+                         established_at=established_at)
         return VerifyOutcome(VerifyResult.APPROVED, a.remaining, factor=active,
                              recovery_codes=tuple(codes))
 
@@ -253,7 +307,8 @@ class Verification:
         await ctx.sessions.end_for_factor(tx, factor, a.who, now)
         # Tell the user, including at the address just removed.
         await ctx.notifier.notify(tx, now, factor.user_id, NoticeKind.FACTOR_REMOVED,
-                                  also=a.target, masked_detail=factor.masked_destination)
+                                  also=a.target, masked_detail=factor.masked_destination,
+                                  account_email=a.account_email)
         await self._recovery.retire_if_last(tx, factor.user_id, a.who, now)
         disabled = replace(factor, status=FactorStatus.DISABLED, disabled_at=now)
         return VerifyOutcome(VerifyResult.APPROVED, a.remaining, factor=disabled)
@@ -273,15 +328,14 @@ class Verification:
                               factor_id: str) -> FactorRecord:
         """The factor a Disable call may switch off with this challenge.
 
-        The challenge must be a PURPOSE_DISABLE challenge of the same user, on the factor
-        itself or on the user's recovery codes (a lost phone is disabled with a recovery
-        code). Another user's challenge is "not found", never a hint.
+        The challenge must be a PURPOSE_DISABLE challenge of the same user. Whether its
+        factor may prove this (the factor itself, or an established set of recovery
+        codes) is the proof model's to say (_ask_policy). Another user's challenge is
+        "not found", never a hint.
         """
-        target = await owned_factor(tx, user_id, factor_id)
-        by_recovery = record.factor.method is Method.RECOVERY_CODE
-        if challenge.purpose is not Purpose.DISABLE or (challenge.factor_id != factor_id
-                                                         and not by_recovery):
-            raise FailedPrecondition("the challenge was not opened to disable this factor",
+        target = await owned_factor(self._ctx, tx, user_id, factor_id, self._ctx.clock.now())
+        if challenge.purpose is not Purpose.DISABLE:
+            raise FailedPrecondition("the challenge was not opened to disable a factor",
                                      reason=ErrorReason.ERROR_REASON_CHALLENGE_MISMATCH)
         if target.factor.method is Method.RECOVERY_CODE:
             raise FailedPrecondition(
@@ -290,7 +344,8 @@ class Verification:
         return target
 
     async def _count_failure(self, tx: Transaction, state: LockoutState, challenge: Challenge,
-                             who: AuditContext, now: datetime) -> None:
+                             who: AuditContext, now: datetime,
+                             account_email: str | None) -> None:
         """Count a wrong code against the user; at a lock, audit it and tell the user."""
         ctx = self._ctx
         new_state, locked = ctx.lockout.after_failure(state, now)
@@ -305,11 +360,12 @@ class Verification:
         audit.record(tx, now, audit.Event.LOCKOUT, audit.Outcome.OK, who,
                      user_id=challenge.user_id, factor_id=challenge.factor_id,
                      application=challenge.application, detail=detail)
-        await ctx.notifier.notify(tx, now, challenge.user_id, NoticeKind.ACCOUNT_LOCKED)
+        await ctx.notifier.notify(tx, now, challenge.user_id, NoticeKind.ACCOUNT_LOCKED,
+                                  account_email=account_email)
 
     async def _recovery_code_used(self, tx: Transaction, challenge: Challenge,
                                   record: FactorRecord, who: AuditContext,
-                                  now: datetime) -> None:
+                                  now: datetime, account_email: str | None) -> None:
         user_id = record.factor.user_id
         tx.factors.touch(record.factor.factor_id, now)
         left = await tx.recovery.remaining(user_id)
@@ -318,7 +374,8 @@ class Verification:
                      application=challenge.application,
                      detail={"purpose": challenge.purpose.value, "remaining": left})
         await self._ctx.notifier.notify(tx, now, user_id, NoticeKind.RECOVERY_CODES_USED,
-                                        masked_detail=f"{left} left")
+                                        masked_detail=f"{left} left",
+                                        account_email=account_email)
 
     async def _retire_replaced(self, tx: Transaction, record: FactorRecord, who: AuditContext,
                                now: datetime) -> FactorRecord | None:

@@ -91,6 +91,13 @@ class FactorRow(Base):
     # A new phone factor enrolled through a phone change: the ACTIVE factor it replaces
     # when confirmed (both swap in one transaction).
     replaces_factor_id: Mapped[str | None] = mapped_column(ID)
+    # The proof model (service/policy.py): from when this ACTIVE factor - or, on the
+    # recovery-code factor, the current code set - may remove or replace what the user
+    # had. The first factor at once; later ones after MFA_NEW_CREDENTIAL_HOLD.
+    established_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The 2FA session whose step-up allowed this enrolment (NULL for a first factor):
+    # confirming the PENDING factor needs it still live.
+    enrolled_session_id: Mapped[str | None] = mapped_column(ID)
 
     __table_args__ = (
         # At most one ACTIVE factor per method per user, enforced by the database so two

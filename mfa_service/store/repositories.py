@@ -73,11 +73,13 @@ def _factor(row: Row[Any], prefix: str = "") -> FactorRecord:
             method=Method(m[prefix + "method"]), status=FactorStatus(m[prefix + "status"]),
             masked_destination=m[prefix + "masked_destination"],
             created_at=m[prefix + "created_at"], confirmed_at=m[prefix + "confirmed_at"],
-            last_used_at=m[prefix + "last_used_at"], disabled_at=m[prefix + "disabled_at"]),
+            last_used_at=m[prefix + "last_used_at"], disabled_at=m[prefix + "disabled_at"],
+            established_at=m[prefix + "established_at"]),
         label=m[prefix + "label"], destination=m[prefix + "destination"],
         secret_ciphertext=m[prefix + "secret_ciphertext"],
         secret_key_id=m[prefix + "secret_key_id"], last_totp_step=m[prefix + "last_totp_step"],
-        locale=m[prefix + "locale"], replaces_factor_id=m[prefix + "replaces_factor_id"])
+        locale=m[prefix + "locale"], replaces_factor_id=m[prefix + "replaces_factor_id"],
+        enrolled_session_id=m[prefix + "enrolled_session_id"])
 
 
 def _factor_row(record: FactorRecord) -> dict[str, Any]:
@@ -90,7 +92,9 @@ def _factor_row(record: FactorRecord) -> dict[str, Any]:
         "last_totp_step": record.last_totp_step, "created_at": f.created_at,
         "confirmed_at": f.confirmed_at, "last_used_at": f.last_used_at,
         "disabled_at": None, "locale": record.locale,
-        "replaces_factor_id": record.replaces_factor_id}
+        "replaces_factor_id": record.replaces_factor_id,
+        "established_at": f.established_at,
+        "enrolled_session_id": record.enrolled_session_id}
 
 
 _STEP = bindparam("step", type_=BigInteger())
@@ -224,11 +228,19 @@ class FactorRepository:
             .returning(factors.c.id))
         return [r.id for r in result]
 
-    async def activate(self, factor_id: str, now: datetime) -> bool:
-        """PENDING -> ACTIVE; False when the factor was no longer PENDING."""
+    async def activate(self, factor_id: str, now: datetime,
+                       established_at: datetime) -> bool:
+        """PENDING -> ACTIVE, established from ``established_at`` (service/policy.py);
+        False when the factor was no longer PENDING."""
         return await self._unit.write(
             update(factors).where(factors.c.id == factor_id, factors.c.status == _PENDING)
-            .values(status=_ACTIVE, confirmed_at=now, last_used_at=now)) == 1
+            .values(status=_ACTIVE, confirmed_at=now, last_used_at=now,
+                    established_at=established_at)) == 1
+
+    async def set_established(self, factor_id: str, established_at: datetime) -> None:
+        """The recovery-code factor: from when its (new) code set counts as established."""
+        await self._unit.write(update(factors).where(factors.c.id == factor_id)
+                               .values(established_at=established_at))
 
     async def disable(self, factor_id: str, now: datetime) -> bool:
         """-> DISABLED, wiping the secret (crypto-shredding); False if already disabled."""
@@ -416,18 +428,21 @@ class ChallengeRepository:
         return SendCounts(_aware(row[0]), int(row[1]), _aware(row[2]), int(row[3]),
                           _aware(row[4]))
 
-    async def consume_change_proof(self, challenge_id: str, old_factor_id: str,
-                                   approved_after: datetime, now: datetime) -> bool:
-        """Use an approved PURPOSE_CHANGE_PHONE challenge as proof, once."""
-        return await self._unit.write(
+    async def consume_proof(self, challenge_id: str, user_id: str, purpose: Purpose,
+                            approved_after: datetime, now: datetime) -> str | None:
+        """Use an approved challenge of ``user_id`` for ``purpose`` as proof, once (a
+        conditional UPDATE: two calls racing with one proof cannot both get it); the id
+        of the factor it was approved on, or None."""
+        row = (await self._unit.execute(
             update(challenges).where(
                 challenges.c.id == challenge_id,
-                challenges.c.factor_id == old_factor_id,
-                challenges.c.purpose == Purpose.CHANGE_PHONE.value,
+                challenges.c.user_id == user_id,
+                challenges.c.purpose == purpose.value,
                 challenges.c.state == ChallengeState.APPROVED.value,
                 challenges.c.approved_at >= approved_after,
                 challenges.c.consumed_at.is_(None))
-            .values(consumed_at=now)) == 1
+            .values(consumed_at=now).returning(challenges.c.factor_id))).first()
+        return str(row.factor_id) if row else None
 
 
 def _session(row: Row[Any]) -> Session:
@@ -451,6 +466,7 @@ def _find_live(n: int) -> Any:
         _FIND_LIVE[n] = select(sessions).where(sessions.c.token_hash.in_(
             [bindparam(f"h{i}", type_=LargeBinary()) for i in range(n)]), _LIVE)
     return _FIND_LIVE[n]
+_LIVE_BY_ID = select(sessions.c.id).where(sessions.c.id == bindparam("session_id"), _LIVE)
 _IDLE_UNTIL = bindparam("idle_until", type_=UTCDateTime())
 _TOUCH_LIVE = update(sessions).where(sessions.c.token_hash.in_(_HASHES), _LIVE).values(
     idle_expires_at=case((sessions.c.expires_at < _IDLE_UNTIL, sessions.c.expires_at),
@@ -476,6 +492,11 @@ class SessionRepository:
         params["now"] = now
         row = (await self._unit.execute(_find_live(len(token_hashes)), params)).first()
         return _session(row) if row else None
+
+    async def live_by_id(self, session_id: str, now: datetime) -> bool:
+        row = (await self._unit.execute(_LIVE_BY_ID, {"session_id": session_id, "now": now}
+                                        )).first()
+        return row is not None
 
     async def touch_live(self, token_hashes: Sequence[bytes], now: datetime,
                          idle_until: datetime) -> Session | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from email_validator import EmailNotValidError, validate_email
 from google.protobuf.timestamp_pb2 import Timestamp
 from mfa.v1 import two_factor_service_pb2 as pb
 
@@ -117,6 +118,17 @@ class _Checker:
             self.bad(field, "must not have leading or trailing spaces")
         return value
 
+    def account_email(self, value: str) -> str | None:
+        """The optional ``account_email`` (where notices also go), normalised; None."""
+        if not self.text("account_email", value, max_len=MAX_EMAIL, required=False):
+            return None
+        try:
+            return str(validate_email(value, check_deliverability=False).normalized)
+        except EmailNotValidError:
+            # Not the library's message: it quotes the input back into logs.
+            self.bad("account_email", "is not a valid email address")
+            return None
+
     def user_id(self, value: str, field: str = "user_id") -> str:
         return self.text(field, value, max_len=MAX_USER_ID, required=True)
 
@@ -218,11 +230,12 @@ def challenge_command(req: pb.ChallengeRequest) -> ChallengeCommand:
     application = c.enum("application", req.application, APPLICATIONS, _APP_NAMES)
     channel = c.optional_channel(req.channel)
     request_id = c.text("request_id", req.request_id, max_len=MAX_REQUEST_ID, required=False)
+    c.text("session_token", req.session_token, max_len=MAX_TOKEN, required=False)
     c.done()
     assert purpose is not None and application is not None
     return ChallengeCommand(user_id=user_id, factor_id=factor_id, purpose=purpose,
                             application=application, channel=channel,
-                            request_id=request_id or None)
+                            request_id=request_id or None, session_token=req.session_token)
 
 
 def _proof(c: _Checker, code: str, webauthn_response: str) -> domain.Proof:
@@ -239,26 +252,44 @@ def _proof(c: _Checker, code: str, webauthn_response: str) -> domain.Proof:
     return domain.Proof(code=code, webauthn_response=webauthn_response)
 
 
-def verify_args(req: pb.VerifyRequest) -> tuple[str, domain.Proof, str | None]:
-    """(challenge_id, the proof, the expected user or None)."""
+@dataclass(frozen=True)
+class VerifyArgs:
+    challenge_id: str
+    proof: domain.Proof
+    user_id: str | None  # the user the caller expects, or None
+    account_email: str | None
+
+
+def verify_args(req: pb.VerifyRequest) -> VerifyArgs:
     c = _Checker()
     challenge_id = c.resource_id("challenge_id", req.challenge_id)
     proof = _proof(c, req.code, req.webauthn_response)
     user_id = c.user_id(req.user_id) if req.user_id else None
     c.audit_fields(req.client_ip, req.user_agent)
+    account_email = c.account_email(req.account_email)
     c.done()
-    return challenge_id, proof, user_id
+    return VerifyArgs(challenge_id, proof, user_id, account_email)
 
 
-def disable_args(req: pb.DisableRequest) -> tuple[str, str, str, domain.Proof]:
+@dataclass(frozen=True)
+class DisableArgs:
+    user_id: str
+    factor_id: str
+    challenge_id: str
+    proof: domain.Proof
+    account_email: str | None
+
+
+def disable_args(req: pb.DisableRequest) -> DisableArgs:
     c = _Checker()
     user_id = c.user_id(req.user_id)
     factor_id = c.resource_id("factor_id", req.factor_id)
     challenge_id = c.resource_id("challenge_id", req.challenge_id)
     proof = _proof(c, req.code, req.webauthn_response)
     c.audit_fields(req.client_ip, req.user_agent)
+    account_email = c.account_email(req.account_email)
     c.done()
-    return user_id, factor_id, challenge_id, proof
+    return DisableArgs(user_id, factor_id, challenge_id, proof, account_email)
 
 
 def session_token(value: str, field: str = "session_token") -> str:
@@ -277,16 +308,28 @@ def check_session_args(req: pb.CheckSessionRequest) -> tuple[str, domain.Applica
     return token, application
 
 
-def regenerate_args(req: pb.RegenerateRecoveryCodesRequest,
-                    ) -> tuple[str, str, domain.Application]:
+@dataclass(frozen=True)
+class RegenerateArgs:
+    user_id: str
+    proof_challenge_id: str
+    application: domain.Application
+    account_email: str | None
+
+
+def regenerate_args(req: pb.RegenerateRecoveryCodesRequest) -> RegenerateArgs:
     c = _Checker()
     user_id = c.user_id(req.user_id)
-    token = c.text("session_token", req.session_token, max_len=MAX_TOKEN, required=True)
+    # session_token is deprecated and ignored (a session alone never regenerates codes);
+    # its shape is still checked so nothing odd reaches a log.
+    c.text("session_token", req.session_token, max_len=MAX_TOKEN, required=False)
+    proof = c.resource_id("proof_challenge_id", req.proof_challenge_id) if (
+        req.proof_challenge_id) else ""
     application = c.enum("application", req.application, APPLICATIONS, _APP_NAMES)
     c.audit_fields(req.client_ip, req.user_agent)
+    account_email = c.account_email(req.account_email)
     c.done()
     assert application is not None
-    return user_id, token, application
+    return RegenerateArgs(user_id, proof, application, account_email)
 
 
 @dataclass(frozen=True)
@@ -376,7 +419,9 @@ def factor_pb(f: domain.Factor) -> pb.Factor:
         factor_id=f.factor_id, user_id=f.user_id, method=METHODS_OUT[f.method],
         status=STATUSES[f.status], masked_destination=f.masked_destination,
         created_at=timestamp(f.created_at), confirmed_at=timestamp(f.confirmed_at),
-        last_used_at=timestamp(f.last_used_at), disabled_at=timestamp(f.disabled_at))
+        last_used_at=timestamp(f.last_used_at), disabled_at=timestamp(f.disabled_at),
+        established_at=timestamp(f.established_at if f.status is domain.FactorStatus.ACTIVE
+                                 else None))
 
 
 def enroll_response(r: EnrollResult) -> pb.EnrollResponse:

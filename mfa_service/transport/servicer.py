@@ -42,15 +42,17 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         return convert.challenge_response(result)
 
     async def Verify(self, request: pb.VerifyRequest, context: Context) -> pb.VerifyResponse:
-        challenge_id, proof, user_id = convert.verify_args(request)
+        a = convert.verify_args(request)
         outcome = await self._s.verification.verify(
-            challenge_id, proof, _who(request.client_ip, request.user_agent), user_id=user_id)
+            a.challenge_id, a.proof, _who(request.client_ip, request.user_agent),
+            user_id=a.user_id, account_email=a.account_email)
         return convert.verify_response(outcome)
 
     async def Disable(self, request: pb.DisableRequest, context: Context) -> pb.DisableResponse:
-        user_id, factor_id, challenge_id, proof = convert.disable_args(request)
+        a = convert.disable_args(request)
         outcome = await self._s.verification.disable(
-            user_id, factor_id, challenge_id, proof, _who(request.client_ip, request.user_agent))
+            a.user_id, a.factor_id, a.challenge_id, a.proof,
+            _who(request.client_ip, request.user_agent), account_email=a.account_email)
         return convert.disable_response(outcome)
 
     async def CheckSession(self, request: pb.CheckSessionRequest,
@@ -81,9 +83,10 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     async def RegenerateRecoveryCodes(
             self, request: pb.RegenerateRecoveryCodesRequest,
             context: Context) -> pb.RegenerateRecoveryCodesResponse:
-        user_id, token, application = convert.regenerate_args(request)
+        a = convert.regenerate_args(request)
         codes = await self._s.recovery.regenerate(
-            user_id, token, application, _who(request.client_ip, request.user_agent))
+            a.user_id, a.proof_challenge_id, a.application,
+            _who(request.client_ip, request.user_agent), account_email=a.account_email)
         return pb.RegenerateRecoveryCodesResponse(recovery_codes=codes)
 
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest,

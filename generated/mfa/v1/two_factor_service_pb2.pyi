@@ -375,7 +375,6 @@ class EnrollRequest(_message.Message):
     CHANGE_PROOF_CHALLENGE_ID_FIELD_NUMBER: _builtins.int
     LOCALE_FIELD_NUMBER: _builtins.int
     SESSION_TOKEN_FIELD_NUMBER: _builtins.int
-    ACCOUNT_EMAIL_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user to bind the factor to (opaque id of the central login, 1-128 characters)."""
     method: Global___Method.ValueType
@@ -404,11 +403,6 @@ class EnrollRequest(_message.Message):
     an ACTIVE factor; ignored for the first factor. A phone change needs this and
     change_proof_challenge_id.
     """
-    account_email: _builtins.str
-    """Optional: the account's own email address (from the central login). Security
-    notices about this change go to it as well as to every ACTIVE email and phone
-    factor, so a user with only an app or a passkey hears of it too.
-    """
     def __init__(
         self,
         *,
@@ -422,11 +416,10 @@ class EnrollRequest(_message.Message):
         change_proof_challenge_id: _builtins.str = ...,
         locale: _builtins.str = ...,
         session_token: _builtins.str = ...,
-        account_email: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_email", b"account_email", "account_name", b"account_name", "application", b"application", "change_proof_challenge_id", b"change_proof_challenge_id", "channel", b"channel", "email", b"email", "locale", b"locale", "method", b"method", "phone_number", b"phone_number", "session_token", b"session_token", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_name", b"account_name", "application", b"application", "change_proof_challenge_id", b"change_proof_challenge_id", "channel", b"channel", "email", b"email", "locale", b"locale", "method", b"method", "phone_number", b"phone_number", "session_token", b"session_token", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
