@@ -171,6 +171,7 @@ async def test_a_half_open_listener_turns_the_cache_off_within_2_s_and_back_on(
     proxy.resume()  # the network is back; the listener reconnects and hears its heartbeat
     back = await _until(lambda: cache.enabled, 15.0)
     assert back is not None, "the cache never came back after the network did"
+    print(f"cache back {back:.3f} s after the proxy forwarded again")
     assert not await a.valid(revoked)
     with counting(a.app) as statements:
         assert await a.valid(kept)  # first read after the outage: the database
