@@ -24,10 +24,10 @@ key). What this module adds to the library:
 
 from __future__ import annotations
 
-import binascii
 import hmac
 import json
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -144,6 +144,81 @@ class StoredCredential:
             or None)
 
 
+# A string literal of JSON (escapes included); linear, no backtracking.
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+# credential.toJSON() opens about five objects and arrays (response, transports,
+# clientExtensionResults and an extension or two); far more is not a browser's.
+MAX_BRACKETS = 64
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*={0,2}")
+_BINARY_FIELDS = ("clientDataJSON", "attestationObject", "authenticatorData", "signature",
+                  "publicKey")
+MAX_TRANSPORTS = 16
+MAX_TRANSPORT_CHARS = 32
+
+
+def _is_base64url(value: object) -> bool:
+    # A length of 1 mod 4 decodes to nothing valid (binascii.Error in the library).
+    return (isinstance(value, str) and _BASE64URL.fullmatch(value) is not None
+            and len(value.rstrip("=")) % 4 != 1)
+
+
+def _shape_problem(parsed: object) -> str | None:
+    """What is wrong with the shape of a registration or assertion, or None. Checks the
+    type of every field read here or by py_webauthn, so neither meets an int where it
+    iterates a list (its own checks cover some fields, not all)."""
+    if not isinstance(parsed, dict):
+        return "not a JSON object"
+    if parsed.get("type") != "public-key":
+        return "type must be 'public-key'"
+    if not (isinstance(parsed.get("id"), str) and parsed["id"]):
+        return "id must be a string"
+    for name in ("id", "rawId"):
+        if name in parsed and not _is_base64url(parsed[name]):
+            return f"{name} must be base64url"
+    response = parsed.get("response")
+    if not isinstance(response, dict):
+        return "response must be an object"
+    for name in _BINARY_FIELDS:
+        if response.get(name) is not None and not _is_base64url(response[name]):
+            return f"response.{name} must be base64url"
+    if response.get("clientDataJSON") is None:
+        return "response.clientDataJSON is required"
+    registration = response.get("attestationObject") is not None
+    assertion = (response.get("authenticatorData") is not None
+                 and response.get("signature") is not None)
+    if not (registration or assertion):
+        return ("response needs attestationObject (a registration) or authenticatorData "
+                "and signature (an assertion)")
+    handle = response.get("userHandle")
+    if handle is not None and not _is_base64url(handle):
+        return "response.userHandle must be base64url or null"
+    transports = response.get("transports")
+    if transports is not None and not (
+            isinstance(transports, list) and len(transports) <= MAX_TRANSPORTS
+            and all(isinstance(t, str) and len(t) <= MAX_TRANSPORT_CHARS for t in transports)):
+        return f"response.transports must be a list of at most {MAX_TRANSPORTS} strings"
+    algorithm = response.get("publicKeyAlgorithm")
+    if algorithm is not None and (not isinstance(algorithm, int) or isinstance(algorithm, bool)):
+        return "response.publicKeyAlgorithm must be an integer"
+    attachment = parsed.get("authenticatorAttachment")
+    if attachment is not None and not isinstance(attachment, str):
+        return "authenticatorAttachment must be a string or null"
+    extensions = parsed.get("clientExtensionResults")
+    if extensions is not None and not isinstance(extensions, dict):
+        return "clientExtensionResults must be an object"
+    return None
+
+
+def _refusal(exc: Exception) -> str:
+    """What the log says of a refused response: py_webauthn's own message says which check
+    failed (origin, RP ID, UV...) and names no secret; anything else only its class (its
+    text may quote the caller's bytes). ascii(): a lone surrogate from the caller's JSON
+    must not break the log handler."""
+    if isinstance(exc, WebAuthnException):
+        return ascii(str(exc))[:200]
+    return type(exc).__name__
+
+
 @dataclass(frozen=True)
 class RelyingParty:
     """Who the credentials are for (settings: MFA_WEBAUTHN_*)."""
@@ -186,25 +261,30 @@ class Passkey:
         return EnrollmentMaterial(label=label, masked_destination=DEFAULT_NAME)
 
     def parse_code(self, raw: str) -> str:
-        """Shape only: a JSON object as ``PublicKeyCredential.toJSON()`` makes it. Whether
-        it proves anything is ``check``'s question (a wrong proof counts an attempt; a
-        malformed request does not)."""
+        """Shape only: a JSON object as ``PublicKeyCredential.toJSON()`` makes it, every
+        field we or the library read of the type it must have. Whether it proves anything
+        is ``check``'s question (a wrong proof counts an attempt; a malformed request does
+        not)."""
         field = self.proof_field
         if not raw:
             raise InvalidArgument.single(
                 field, "is required for METHOD_PASSKEY: the JSON of credential.toJSON()")
         if len(raw.encode()) > MAX_RESPONSE_BYTES:
             raise InvalidArgument.single(field, f"must be at most {MAX_RESPONSE_BYTES} bytes")
+        # Bound the nesting before the parser recurses into it (2,000 levels raise
+        # RecursionError): every bracket outside a string counted, at C speed.
+        outside = _JSON_STRING.sub("", raw)
+        if outside.count("[") + outside.count("{") > MAX_BRACKETS:
+            raise InvalidArgument.single(field, "is nested too deeply for credential.toJSON()")
         try:
             parsed = json.loads(raw)
-        except ValueError:
+        except Exception:  # caller input: whatever the parser raises, it is
+            # the caller's malformed request, not our failure (and no traceback to log)
             raise InvalidArgument.single(field, "must be JSON (credential.toJSON())") from None
-        if not (isinstance(parsed, dict) and isinstance(parsed.get("id"), str)
-                and isinstance(parsed.get("response"), dict)
-                and parsed.get("type") == "public-key"):
+        problem = _shape_problem(parsed)
+        if problem is not None:
             raise InvalidArgument.single(
-                field, "must be a PublicKeyCredential as JSON: id, rawId, type "
-                       "'public-key' and response")
+                field, f"must be a PublicKeyCredential as JSON (credential.toJSON()): {problem}")
         return raw
 
     def new_code(self) -> str | None:
@@ -265,7 +345,7 @@ class Passkey:
         try:
             client_data = parse_client_data_json(
                 base64url_to_bytes(response["response"]["clientDataJSON"]))
-        except (WebAuthnException, KeyError, TypeError, ValueError, binascii.Error):
+        except Exception:  # caller input, however it fails to parse
             return None
         signed = client_data.challenge
         found = None
@@ -291,21 +371,22 @@ class Passkey:
                 credential=response, expected_challenge=expected,
                 expected_rp_id=self._rp.rp_id, expected_origin=list(self._rp.origins),
                 require_user_verification=True)
-        except (WebAuthnException, KeyError, TypeError, ValueError, binascii.Error) as exc:
-            # The library's message says which check failed (origin, RP ID, UV...): it
-            # names no secret, and the audit keeps only its class.
-            log.info("passkey registration refused: %s", exc)
+        except Exception as exc:  # py_webauthn parses the caller's bytes
+            # (CBOR, COSE, certificates) and may raise anything from them: a refusal, never
+            # INTERNAL. The call is pure (no I/O), so nothing else can fail in it.
+            log.info("passkey registration refused: %s", _refusal(exc))
             return Verdict.fail("registration_refused")
         # excludeCredentials is only a request to the browser: a client that ignores it
         # must not register one authenticator as two "devices".
         if any(c.credential_id == verified.credential_id
                for c in await self._active_credentials(tx, record)):
             return Verdict.fail("credential_already_registered")
-        transports = response["response"].get("transports") or []
+        transports = response["response"].get("transports") or []  # list[str]: parse_code
+        known = {t.value for t in AuthenticatorTransport}
         credential = StoredCredential(
             credential_id=verified.credential_id, public_key=verified.credential_public_key,
             sign_count=verified.sign_count, aaguid=verified.aaguid,
-            transports=tuple(t for t in transports if isinstance(t, str))[:8])
+            transports=tuple(t for t in transports if t in known)[:8])
         key_id, ciphertext = self._keyring.encrypt(
             credential.encode(), credential_aad(record.factor.factor_id, record.factor.user_id))
         name = passkey_name(verified.aaguid)[:MAX_NAME]
@@ -330,8 +411,8 @@ class Passkey:
                 expected_rp_id=self._rp.rp_id, expected_origin=list(self._rp.origins),
                 credential_public_key=stored.public_key, credential_current_sign_count=0,
                 require_user_verification=True)
-        except (WebAuthnException, KeyError, TypeError, ValueError, binascii.Error) as exc:
-            log.info("passkey assertion refused: %s", exc)
+        except Exception as exc:  # as in _register: caller's bytes, pure call
+            log.info("passkey assertion refused: %s", _refusal(exc))
             return Verdict.fail("assertion_refused")
         new = verified.new_sign_count
         if (new > 0 or stored.sign_count > 0) and new <= stored.sign_count:
