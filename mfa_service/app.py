@@ -442,6 +442,9 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
                     max_sends=settings.max_sends_per_window,
                     send_window=timedelta(seconds=settings.send_window_seconds),
                     max_sends_per_destination=settings.max_sends_per_destination,
+                    max_sends_per_phone_prefix=settings.max_sends_per_phone_prefix,
+                    max_sends_per_phone_country=settings.max_sends_per_phone_country,
+                    phone_daily_budget=settings.phone_daily_budget,
                     change_proof_max_age=timedelta(
                         seconds=settings.change_proof_max_age_seconds),
                     product=settings.product_name, default_locale=settings.default_locale)))
