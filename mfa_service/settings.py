@@ -141,6 +141,27 @@ class Settings(BaseSettings):
     # Codes to one address or number per send window, whichever users asked
     # (SMS pumping / toll fraud); notices do not count.
     max_sends_per_destination: int = Field(default=5, ge=1, le=100)
+    # Phone codes across users (SMS pumping / toll fraud: Twilio "SMS pumping fraud",
+    # OWASP), each number still under the limit above:
+    # - per range (the number less its last 4 digits), an hour. 30: a company's block of
+    #   numbers (DIDs behind a PBX, a corporate mobile contract) is one range, and 15
+    #   colleagues logging in within the same hour with a resend each still pass; a
+    #   pumping run through a rented range drops from 30 an hour per number to 30 for
+    #   all its 10,000 numbers.
+    max_sends_per_phone_prefix: int = Field(default=30, ge=1, le=100_000)
+    # - per country (phonenumbers' region: US, CA and JM apart), an hour. 1,000: above
+    #   the busiest hour of a service that sends up to ~6,000 phone codes a day to one
+    #   country (a login peak is ~15 % of the day); a run against one expensive country
+    #   stays at 1,000 an hour. Raise it with the traffic: it must sit above your
+    #   busiest country's busiest hour.
+    max_sends_per_phone_country: int = Field(default=1000, ge=1, le=10_000_000)
+    # - per UTC day, SMS and voice together, the whole service: the ceiling on a day's
+    #   spend when the caps above were not enough (10,000: a few thousand dollars at
+    #   worst, premium-rate international included; 1.6x the ~6,000 a day the country
+    #   cap is sized for). A UTC day, not 24 rolling hours: one counter row per day
+    #   (O(1) per send), the way providers bill and alert, and RetryInfo can say when
+    #   the next budget starts. Spent, only phone codes stop: other methods still work.
+    phone_daily_budget: int = Field(default=10_000, ge=1, le=100_000_000)
     # CheckSession answers from memory while a session's last answer holds (PostgreSQL
     # only; revocations evict at once here and within a second elsewhere, via NOTIFY).
     # Entries, about 1 KB each; 0 turns the cache off.

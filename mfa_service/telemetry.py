@@ -79,7 +79,8 @@ class Metrics:
     """Every instrument of the service, made once per process.
 
     Label values are bounded enums only (RPC name, status code, method, result, channel,
-    kind, outcome, application, revocation scope): never an id, address, code or token.
+    kind, outcome, application, revocation scope, limit): never an id, address, code or
+    token (nor a send refusal's country: ~250 values, in the audit row instead).
     """
 
     def __init__(self, meter: Meter) -> None:
@@ -96,6 +97,10 @@ class Metrics:
             "mfa.outbox.deliveries", unit="{message}",
             description="Outbox delivery attempts, by channel, kind (code or notice) and "
                         "outcome (sent, retry, failed, expired, superseded)")
+        self._send_refusals = meter.create_counter(
+            "mfa.sends.refused", unit="{code}",
+            description="Phone codes refused by a cap across users, by limit "
+                        "(phone_prefix, phone_country, phone_daily_budget)")
         self._sessions_created = meter.create_counter(
             "mfa.sessions.created", unit="{session}",
             description="2FA sessions opened, by application")
@@ -159,6 +164,10 @@ class Metrics:
                     "mfa.result", str(detail.get("result", "unknown"))))
             elif event == "lockout":
                 self._lockouts.add(1)
+            elif event == "send_refused":
+                self._send_refusals.add(1, self._labels(
+                    "mfa.limit", str(detail.get("limit", "unknown")),
+                    "mfa.method", str(detail.get("method", "unknown"))))
             elif event == "session_created":
                 self._sessions_created.add(1, self._labels(
                     "mfa.application", str(detail.get("application", "unknown"))))

@@ -9,6 +9,11 @@ asserted exactly here on both databases so it cannot grow back silently:
 - Verify of a TOTP login: 4 (the lock that finds the user, the challenge with its factor,
   the attempt that closes it, the deferred writes: TOTP step, session, audit rows).
 - Verify of a passkey login: 4 as well (the new sign counter rides in the deferred UPDATE).
+- Challenge by phone: 6 (the user's lock, the factor, the destination/range/country locks
+  in one statement, the send counts in one, the daily budget's conditional UPDATE, the
+  deferred writes). The budget is a statement of its own: it must run after the counts
+  passed (a refused send takes nothing), and it cannot join them, whose snapshot would
+  then predate the wait for the budget row.
 
 Counted with SQLAlchemy's ``before_cursor_execute`` hook on the server's engine. PostgreSQL
 reads run in autocommit (no BEGIN/COMMIT); writing transactions add asyncpg's BEGIN and
@@ -30,6 +35,7 @@ from sqlalchemy import event
 from mfa_service.app import App
 from mfa_service.clock import FixedClock
 from tests.conftest import enroll_app, login, totp_at
+from tests.rig import Rig, enroll_phone
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
@@ -182,3 +188,19 @@ def _factor(resp: pb.EnrollResponse, user_id: str) -> Any:
 def _no_dispatcher(app: App) -> None:
     """The shared server queues messages only: its dispatcher sends nothing meanwhile."""
     assert not app.settings.outbox_dispatcher
+
+
+async def test_a_phone_challenge_costs_six_statements(rig: Rig, user_id: str) -> None:
+    factor_id, _ = await enroll_phone(rig, user_id)
+    with counting(rig.app) as statements:
+        ch, n = await statements.count(rig.stub.Challenge(pb.ChallengeRequest(
+            user_id=user_id, factor_id=factor_id, purpose=pb.PURPOSE_LOGIN,
+            channel=pb.CHANNEL_VOICE, application=pb.APPLICATION_PORTAL)))
+    assert ch.channel == pb.CHANNEL_VOICE
+    # This rig's outbox dispatcher wakes at the COMMIT and claims the message on a
+    # connection of its own: only the RPC's connection (the one that took the user's
+    # lock) is counted.
+    [rpc] = {c for c, sql in statements.seen if "INSERT INTO user_lockouts" in sql}
+    n = len([sql for c, sql in statements.seen if c == rpc])
+    # SQLite: no advisory locks; BEGIN IMMEDIATE and one INSERT per table instead.
+    assert within(rig.app, n, 6, 10), statements.sql

@@ -62,3 +62,17 @@ def destination_key(destination: str) -> bytes:
     """
     return hashlib.sha256(b"mfa-service/v1/destination/" +
                           destination.strip().casefold().encode()).digest()
+
+
+def phone_prefix_message(prefix: str) -> bytes:
+    """What is HMACed (Keyring.mac) to count codes per number range: a prefix is
+    low-sensitivity, but keyed all the same, so a database dump does not list the ranges
+    users' numbers are in without the key."""
+    return b"mfa-service/v1/phone-prefix/" + prefix.encode()
+
+
+def lock_key_of(kind: str, value: str) -> bytes:
+    """The advisory-lock key of a range or region (never stored; only its first 8 bytes
+    reach PostgreSQL). Unkeyed so every process locks the same key whatever its keyring's
+    primary key during a rotation."""
+    return hashlib.sha256(f"mfa-service/v1/lock/{kind}/{value}".encode()).digest()

@@ -43,6 +43,17 @@ def normalise_phone(raw: str) -> str:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
+def phone_area(e164: str) -> tuple[str, str]:
+    """The range and the region codes to a number are counted under (service/limits.py):
+    ``+4512345678`` -> ``("+451234", "DK")``. The range is the E.164 number less its last
+    4 digits (10,000 numbers: the block an operator assigns or an attacker rents for SMS
+    pumping); the region is phonenumbers' ("US", "CA" and "JM" share +1 but not their
+    termination fees; "001" for non-geographic numbers such as +882)."""
+    number = phonenumbers.parse(e164, None)
+    region = phonenumbers.region_code_for_number(number) or "ZZ"
+    return e164[:-4], region
+
+
 def mask_phone(e164: str) -> str:
     """``+4512345612`` -> ``+45 •• •• •• 12``: country code and the last two digits."""
     number = phonenumbers.parse(e164, None)

@@ -28,11 +28,15 @@ class Event(StrEnum):
     # whose signature counter went backwards (detail "alarm": passkey_counter_regressed)
     # may have been cloned.
     ALARM = "security_alarm"
+    # A phone code refused by a cap across users (detail "limit": phone_prefix,
+    # phone_country or phone_daily_budget; "region"): SMS pumping / toll fraud signals.
+    SEND_REFUSED = "send_refused"
 
 
 class Outcome(StrEnum):
     OK = "ok"
     FAILED = "failed"
+    REFUSED = "refused"  # a limit said no before anything was attempted
     INCOMPLETE = "incomplete"  # an operator's batch job stopped before the end
     NOTHING_TO_RESET = "nothing_to_reset"  # an admin reset found nothing to take away
 

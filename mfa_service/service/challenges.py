@@ -40,6 +40,7 @@ from mfa_service.service.context import (
     proof_evidence,
     require_status,
 )
+from mfa_service.service.limits import PhoneSendRefused, SendPermit
 from mfa_service.service.policy import Change, Evidence
 from mfa_service.store.database import Transaction
 
@@ -67,7 +68,7 @@ class ChallengeResult:
 def open_challenge(ctx: Context, tx: Transaction, method: FactorMethod, record: FactorRecord,
                    purpose: Purpose, application: Application, channel: Channel,
                    request_id: str | None, who: AuditContext, now: datetime,
-                   destination_key: bytes | None = None) -> Challenge:
+                   permit: SendPermit | None = None) -> Challenge:
     """Replace the factor's open challenge for ``purpose`` with a new one; for a sent code,
     queue the message in the same transaction (nothing is lost, nothing is sent for a
     challenge that did not commit). Every write here waits for COMMIT."""
@@ -86,9 +87,12 @@ def open_challenge(ctx: Context, tx: Transaction, method: FactorMethod, record: 
         state=ChallengeState.OPEN, attempts=0, max_attempts=rules.max_attempts,
         created_at=now, expires_at=now + ttl, code_hash=code_hash,
         code_key_id=code_key_id, request_id=request_id,
-        destination_key=destination_key if code is not None else None)
+        destination_key=permit.destination_key if code is not None and permit else None)
     tx.challenges.supersede_open(factor.factor_id, purpose)
-    tx.challenges.add(challenge, who.caller)
+    sent = permit if code is not None else None
+    tx.challenges.add(challenge, who.caller,
+                      phone_prefix_key=sent.phone_prefix_key if sent else None,
+                      phone_region=sent.phone_region if sent else None)
     if code is not None:
         assert record.destination is not None
         subject, text = code_message(
@@ -113,13 +117,19 @@ class Challenges:
     async def challenge(self, cmd: ChallengeCommand, who: AuditContext) -> ChallengeResult:
         who.authorize(cmd.application)
         try:
-            return await self._challenge(cmd, who)
-        except StoreConflict:
-            # Two retries with the same request_id raced on the unique index: the loser
-            # runs again and finds the winner's challenge.
-            if cmd.request_id is None:
-                raise
-            return await self._challenge(cmd, who)
+            try:
+                return await self._challenge(cmd, who)
+            except StoreConflict:
+                # Two retries with the same request_id raced on the unique index: the
+                # loser runs again and finds the winner's challenge.
+                if cmd.request_id is None:
+                    raise
+                return await self._challenge(cmd, who)
+        except PhoneSendRefused as refusal:
+            await self._ctx.record_send_refusal(refusal, who, user_id=cmd.user_id,
+                                                factor_id=cmd.factor_id,
+                                                application=cmd.application)
+            raise
 
     async def _challenge(self, cmd: ChallengeCommand, who: AuditContext) -> ChallengeResult:
         ctx = self._ctx
@@ -151,15 +161,15 @@ class Challenges:
             # A locked-out user gets no new codes either (no SMS bombing through lockout).
             ctx.refuse_if_locked(lockout, now,
                                  recovery=record.factor.method is Method.RECOVERY_CODE)
-            key = None
+            permit = None
             if method.sends_code:
                 assert record.destination is not None
-                key = await ctx.quota.check(tx, now, user_id=cmd.user_id,
-                                            method=record.factor.method,
-                                            factor_id=record.factor.factor_id,
-                                            destination=record.destination)
+                permit = await ctx.check_sends(tx, now, user_id=cmd.user_id,
+                                               method=record.factor.method,
+                                               factor_id=record.factor.factor_id,
+                                               destination=record.destination)
             challenge = open_challenge(ctx, tx, method, record, cmd.purpose, cmd.application,
-                                       channel, cmd.request_id, who, now, key)
+                                       channel, cmd.request_id, who, now, permit)
             options = await method.browser_options(tx, record, challenge)
         return ChallengeResult(challenge, record.factor, method.code_length,
                                self._resend_at(method, now), options)

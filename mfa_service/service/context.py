@@ -9,6 +9,7 @@ RevokeSession). Each call is one transaction that first takes the user's lock.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,15 +19,26 @@ from mfa.v1.error_reason_pb2 import ErrorReason
 
 from mfa_service.clock import Clock
 from mfa_service.crypto import Keyring
-from mfa_service.domain import Factor, FactorRecord, FactorStatus, Method, Purpose
-from mfa_service.errors import FactorNotFound, FailedPrecondition, ResourceExhausted
+from mfa_service.domain import (
+    Application,
+    AuditContext,
+    Factor,
+    FactorRecord,
+    FactorStatus,
+    Method,
+    Purpose,
+)
+from mfa_service.errors import FactorNotFound, FailedPrecondition, MfaError, ResourceExhausted
 from mfa_service.factors.registry import FactorRegistry
-from mfa_service.service.limits import LockoutPolicy, SendQuota
+from mfa_service.service import audit
+from mfa_service.service.limits import LockoutPolicy, PhoneSendRefused, SendPermit, SendQuota
 from mfa_service.service.notices import Notifier
 from mfa_service.service.policy import Evidence
 from mfa_service.service.sessions import SessionService
 from mfa_service.store.database import Database, Transaction
 from mfa_service.store.security import LockoutState
+
+log = logging.getLogger("mfa_service.limits")
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,10 @@ class Rules:
     max_sends: int = 5
     send_window: timedelta = timedelta(minutes=10)
     max_sends_per_destination: int = 5
+    # Phone codes across users (SMS pumping, toll fraud; settings.py says why these).
+    max_sends_per_phone_prefix: int = 30  # an hour, to the numbers of one range
+    max_sends_per_phone_country: int = 1000  # an hour, to the numbers of one country
+    phone_daily_budget: int = 10_000  # a UTC day, SMS and voice together
     change_proof_max_age: timedelta = timedelta(minutes=10)
     product: str = "Cloud Platform"
     default_locale: str = "en"
@@ -70,7 +86,39 @@ class Context:
     def quota(self) -> SendQuota:
         r = self.rules
         return SendQuota(cooldown=r.resend_cooldown, window=r.send_window,
-                         per_user_method=r.max_sends, per_destination=r.max_sends_per_destination)
+                         per_user_method=r.max_sends, per_destination=r.max_sends_per_destination,
+                         per_phone_prefix=r.max_sends_per_phone_prefix,
+                         per_phone_country=r.max_sends_per_phone_country,
+                         phone_daily_budget=r.phone_daily_budget)
+
+    async def check_sends(self, tx: Transaction, now: datetime, *, user_id: str,
+                          method: Method, factor_id: str | None,
+                          destination: str) -> SendPermit:
+        """The send quota (service/limits.py) for a code about to go to ``destination``."""
+        return await self.quota.check(tx, now, user_id=user_id, method=method,
+                                      factor_id=factor_id, destination=destination,
+                                      keyring=self.keyring)
+
+    async def record_send_refusal(self, refusal: PhoneSendRefused, who: AuditContext, *,
+                                  user_id: str, factor_id: str | None,
+                                  application: Application) -> None:
+        """Audit (and so count in the metrics) and log a phone code refused by a cap
+        across users, in a transaction of its own: the refused one rolled back, and
+        nothing else changed. A failure here never hides the refusal itself."""
+        now = self.clock.now()
+        detail: dict[str, str | int] = {"limit": refusal.limit, "method": Method.PHONE.value,
+                                        "region": refusal.region}
+        try:
+            async with self.db.transaction() as tx:
+                audit.record(tx, now, audit.Event.SEND_REFUSED, audit.Outcome.REFUSED, who,
+                             user_id=user_id, factor_id=factor_id, application=application,
+                             detail=detail)
+        except MfaError:
+            log.warning("send refusal not audited", exc_info=True)
+        # No number, no user id: the limit and the country are what an operator acts on.
+        log.warning("phone code refused: %s", refusal.limit, extra={
+            "limit": refusal.limit, "region": refusal.region,
+            "retry_after_seconds": int(refusal.retry_after_seconds)})
 
     def gone(self, factor: Factor, now: datetime) -> bool:
         """A PENDING factor older than MFA_PENDING_TTL is gone: not listed, not

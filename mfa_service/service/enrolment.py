@@ -31,6 +31,7 @@ from mfa_service.factors.base import EnrollInput, Provisioning
 from mfa_service.service import audit, policy
 from mfa_service.service.challenges import open_challenge
 from mfa_service.service.context import SEVERAL_ACTIVE, Context, already_enrolled
+from mfa_service.service.limits import PhoneSendRefused
 from mfa_service.service.policy import Change, Evidence
 from mfa_service.store.database import Transaction
 from mfa_service.store.repositories import UserFactors
@@ -64,8 +65,16 @@ class Enrolment:
         self._ctx = ctx
 
     async def enroll(self, cmd: EnrollCommand, who: AuditContext) -> EnrollResult:
-        ctx = self._ctx
         who.authorize(cmd.application)
+        try:
+            return await self._enroll(cmd, who)
+        except PhoneSendRefused as refusal:
+            await self._ctx.record_send_refusal(refusal, who, user_id=cmd.user_id,
+                                                factor_id=None, application=cmd.application)
+            raise
+
+    async def _enroll(self, cmd: EnrollCommand, who: AuditContext) -> EnrollResult:
+        ctx = self._ctx
         if cmd.method is Method.RECOVERY_CODE:
             raise InvalidArgument.single(
                 "method", "recovery codes are issued with the first active factor, not enrolled")
@@ -91,11 +100,12 @@ class Enrolment:
                 raise FailedPrecondition("the user has too many factors; disable one first",
                                          reason=ErrorReason.ERROR_REASON_TOO_MANY_FACTORS)
             replaces = self._replaced_factor(cmd, existing)
-            key = None
+            permit = None
             if method.sends_code:
                 assert material.destination is not None
-                key = await ctx.quota.check(tx, now, user_id=cmd.user_id, method=cmd.method,
-                                            factor_id=None, destination=material.destination)
+                permit = await ctx.check_sends(tx, now, user_id=cmd.user_id,
+                                               method=cmd.method, factor_id=None,
+                                               destination=material.destination)
             # A newer enrolment replaces an unconfirmed one (a QR code scanned earlier and
             # never confirmed must not become usable later).
             await tx.factors.supersede_pending(cmd.user_id, cmd.method, now)
@@ -107,7 +117,7 @@ class Enrolment:
                 enrolled_session_id=enrolled_by)
             tx.factors.add(record)
             challenge = open_challenge(ctx, tx, method, record, Purpose.CONFIRM_ENROLLMENT,
-                                       cmd.application, channel, None, who, now, key)
+                                       cmd.application, channel, None, who, now, permit)
             options = await method.browser_options(tx, record, challenge)
             audit.record(tx, now, audit.Event.ENROLL, audit.Outcome.OK, who,
                          user_id=cmd.user_id, factor_id=factor_id,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import date
 from typing import Any
 
-from sqlalchemy import Select, Table, event, text
+from sqlalchemy import Select, Table, TextClause, event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
@@ -16,7 +17,7 @@ from sqlalchemy.sql.dml import Insert
 
 from mfa_service import deadline
 from mfa_service.errors import StoreConflict, StoreError, StoreUnavailable
-from mfa_service.store.models import user_lockouts
+from mfa_service.store.models import phone_budget_days, user_lockouts
 
 # SQLSTATEs that mean "another transaction won, try again" (PostgreSQL appendix A).
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
@@ -136,6 +137,18 @@ def upsert_lock(conn: AsyncConnection, source: Select[Any]) -> Insert:
         set_={"user_id": stmt.excluded.user_id}).returning(*user_lockouts.c)
 
 
+def take_budget_unit(conn: AsyncConnection, day: date, budget: int) -> Insert:
+    """``INSERT`` the day's ``phone_budget_days`` row with 1 used, or add 1 to it while
+    fewer than ``budget`` are used; RETURNING ``used`` (no row: the budget is spent)."""
+    insert_fn = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    stmt = insert_fn(phone_budget_days).values(day=day, used=1)
+    return stmt.on_conflict_do_update(
+        index_elements=[phone_budget_days.c.day],
+        set_={"used": phone_budget_days.c.used + 1},
+        where=phone_budget_days.c.used < budget,
+    ).returning(phone_budget_days.c.used)
+
+
 async def lock_key(conn: AsyncConnection, key: bytes) -> None:
     """Serialise transactions on an arbitrary key until this transaction ends.
 
@@ -143,12 +156,26 @@ async def lock_key(conn: AsyncConnection, key: bytes) -> None:
     so collisions only make two unrelated keys wait for each other). SQLite: nothing to
     do, BEGIN IMMEDIATE already serialises every writing transaction.
     """
+    await lock_keys(conn, (key,))
+
+
+async def lock_keys(conn: AsyncConnection, keys: tuple[bytes, ...]) -> None:
+    """``lock_key`` for several keys, taken in the order given, in one statement (one
+    round trip). Every caller must list its kinds of key in one order (destination,
+    number range, country): two transactions then never wait for each other in a cycle.
+    """
     if conn.dialect.name != "postgresql":
         return
-    await conn.execute(_ADVISORY_LOCK, {"k": int.from_bytes(key[:8], "big", signed=True)})
+    statement = _ADVISORY_LOCKS.get(len(keys))
+    if statement is None:
+        # PostgreSQL evaluates a target list left to right: the locks come in order.
+        statement = _ADVISORY_LOCKS[len(keys)] = text("SELECT " + ", ".join(
+            f"pg_advisory_xact_lock(:k{i})" for i in range(len(keys))))
+    await conn.execute(statement, {f"k{i}": int.from_bytes(k[:8], "big", signed=True)
+                                   for i, k in enumerate(keys)})
 
 
-_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+_ADVISORY_LOCKS: dict[int, TextClause] = {}
 _NOTIFY = text("SELECT pg_notify('mfa_session_revoked', :user_id)")
 
 

@@ -3,11 +3,12 @@ AES-GCM ciphertexts; each carries the id of the key that made it (rotation)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, cast
 
 from sqlalchemy import (
     BigInteger,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -139,13 +140,35 @@ class ChallengeRow(Base):
     # SHA-256 of the address or number a code was sent to (NULL: nothing was sent), so
     # codes per destination can be counted across users (SMS pumping, toll fraud).
     destination_key: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+    # Phone codes only, so sends to a range or a country can be counted across users (SMS
+    # pumping runs through number ranges an attacker rents; toll fraud through countries
+    # with high termination fees): HMAC of the number less its last 4 digits (a prefix,
+    # low-sensitivity, keyed all the same), and the number's region ("DK", "US", "001").
+    phone_prefix_key: Mapped[bytes | None] = mapped_column(LargeBinary(32))
+    phone_region: Mapped[str | None] = mapped_column(String(8))
 
     __table_args__ = (
         # AIP-155 idempotency: one challenge per (factor, request_id); NULLs never collide.
         Index("uq_challenges_factor_request", "factor_id", "request_id", unique=True),
         Index("ix_challenges_destination_time", "destination_key", "created_at"),
         Index("ix_challenges_user_time", "user_id", "created_at"),
+        Index("ix_challenges_phone_prefix_time", "phone_prefix_key", "created_at"),
+        Index("ix_challenges_phone_region_time", "phone_region", "created_at"),
     )
+
+
+class PhoneBudgetDayRow(Base):
+    """Phone codes (SMS and voice) sent per UTC day, against MFA_PHONE_DAILY_BUDGET.
+
+    One row per day, incremented by ``UPDATE ... WHERE used < budget`` in the transaction
+    that sends (service/limits.py): the row lock makes concurrent senders in every
+    process take the last units one at a time, so the budget is never overspent.
+    """
+
+    __tablename__ = "phone_budget_days"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    used: Mapped[int] = mapped_column(Integer)
 
 
 class SessionRow(Base):
@@ -261,3 +284,4 @@ audit_events = cast(Table, AuditEventRow.__table__)
 user_lockouts = cast(Table, UserLockoutRow.__table__)
 recovery_codes = cast(Table, RecoveryCodeRow.__table__)
 outbox = cast(Table, OutboxRow.__table__)
+phone_budget_days = cast(Table, PhoneBudgetDayRow.__table__)

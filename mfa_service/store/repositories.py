@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -45,7 +45,7 @@ from mfa_service.domain import (
     Purpose,
     Session,
 )
-from mfa_service.store.engine import lock_key, notify_revoked
+from mfa_service.store.engine import lock_keys, notify_revoked, take_budget_unit
 from mfa_service.store.models import (
     UTCDateTime,
     audit_events,
@@ -342,14 +342,20 @@ class SendCounts:
     user_method_earliest: datetime | None
     destination: int  # codes to the destination in the window, any user
     destination_earliest: datetime | None
+    # Phone codes only (0/None otherwise), in the area window, any user:
+    prefix: int = 0  # to numbers of the range
+    prefix_earliest: datetime | None = None
+    region: int = 0  # to numbers of the region
+    region_earliest: datetime | None = None
 
 
 class ChallengeRepository:
     def __init__(self, unit: Unit) -> None:
         self._unit = unit
 
-    def add(self, c: Challenge, caller: str) -> None:
-        """Insert the challenge before COMMIT."""
+    def add(self, c: Challenge, caller: str, *, phone_prefix_key: bytes | None = None,
+            phone_region: str | None = None) -> None:
+        """Insert the challenge before COMMIT (a phone code's range and region with it)."""
         self._unit.insert_later(challenges, {
             "id": c.challenge_id, "user_id": c.user_id, "factor_id": c.factor_id,
             "purpose": c.purpose.value, "application": c.application.value,
@@ -357,7 +363,8 @@ class ChallengeRepository:
             "max_attempts": c.max_attempts, "code_hash": c.code_hash,
             "code_key_id": c.code_key_id, "request_id": c.request_id, "caller": caller,
             "created_at": c.created_at, "expires_at": c.expires_at, "approved_at": None,
-            "consumed_at": None, "destination_key": c.destination_key})
+            "consumed_at": None, "destination_key": c.destination_key,
+            "phone_prefix_key": phone_prefix_key, "phone_region": phone_region})
 
     async def get_with_factor(self, challenge_id: str,
                               ) -> tuple[Challenge, FactorRecord] | None:
@@ -396,16 +403,25 @@ class ChallengeRepository:
             sees_deferred=False)).first()
         return _challenge(row) if row else None
 
-    async def lock_destination(self, destination_key: bytes) -> None:
+    async def lock_destination(self, destination_key: bytes, *area: bytes) -> None:
         """Hold the destination's lock until the transaction ends, so two users' requests
-        to one number count their sends one after the other."""
+        to one number count their sends one after the other; for a phone number, the
+        locks of its range and region too (``area``, in that order), in the same
+        statement."""
         await self._unit.flush()
-        await lock_key(self._unit.conn, destination_key)
+        await lock_keys(self._unit.conn, (destination_key, *area))
 
     async def send_counts(self, now: datetime, *, cooldown_since: datetime,
                           window_since: datetime, user_id: str, method: Method,
-                          factor_id: str | None, destination_key: bytes) -> SendCounts:
-        """Everything the send limits count, in one statement (see SendCounts)."""
+                          factor_id: str | None, destination_key: bytes,
+                          area_since: datetime | None = None,
+                          prefix_keys: Sequence[bytes] = (),
+                          region: str | None = None) -> SendCounts:
+        """Everything the send limits count, in one statement (see SendCounts).
+
+        ``prefix_keys``: the range's HMAC under every key of the ring (rows keep the one
+        of the primary key when they were written: a rotation does not reset the count).
+        """
         of_method = challenges.c.factor_id.in_(select(factors.c.id).where(
             factors.c.user_id == user_id, factors.c.method == method.value))
         sent = challenges.c.code_hash.is_not(None)
@@ -418,15 +434,41 @@ class ChallengeRepository:
                     challenges.c.created_at > window_since)
         per_destination = (challenges.c.destination_key == destination_key,
                            challenges.c.created_at > window_since)
-        row = tuple((await self._unit.execute(select(
+        columns = [
             latest_open,
             select(func.count()).where(*per_user).scalar_subquery(),
             select(func.min(challenges.c.created_at)).where(*per_user).scalar_subquery(),
             select(func.count()).where(*per_destination).scalar_subquery(),
             select(func.min(challenges.c.created_at)).where(*per_destination)
-            .scalar_subquery()))).one())
-        return SendCounts(_aware(row[0]), int(row[1]), _aware(row[2]), int(row[3]),
-                          _aware(row[4]))
+            .scalar_subquery()]
+        if region is not None and area_since is not None:
+            for scope in ((challenges.c.phone_prefix_key.in_(list(prefix_keys)),
+                           challenges.c.created_at > area_since),
+                          (challenges.c.phone_region == region,
+                           challenges.c.created_at > area_since)):
+                columns.append(select(func.count()).where(*scope).scalar_subquery())
+                columns.append(select(func.min(challenges.c.created_at)).where(*scope)
+                               .scalar_subquery())
+        row = tuple((await self._unit.execute(select(*columns))).one())
+        counts = SendCounts(_aware(row[0]), int(row[1]), _aware(row[2]), int(row[3]),
+                            _aware(row[4]))
+        if len(row) > 5:
+            counts = replace(counts, prefix=int(row[5]), prefix_earliest=_aware(row[6]),
+                             region=int(row[7]), region_earliest=_aware(row[8]))
+        return counts
+
+    async def spend_phone_budget(self, day: date, budget: int) -> bool:
+        """Take one phone code from ``day``'s budget; False when it is spent.
+
+        One statement, atomic under concurrency: ``INSERT ... ON CONFLICT DO UPDATE SET
+        used = used + 1 WHERE used < budget``. On PostgreSQL the day's row is locked by
+        the first taker until its transaction ends; the next one waits, then sees the
+        committed count (ON CONFLICT always works on the latest row version), so two
+        processes cannot both take the last unit. A rolled-back send gives its unit back.
+        SQLite: BEGIN IMMEDIATE already serialises writers.
+        """
+        stmt = take_budget_unit(self._unit.conn, day, budget)
+        return (await self._unit.execute(stmt)).first() is not None
 
     async def consume_proof(self, challenge_id: str, user_id: str, purpose: Purpose,
                             approved_after: datetime, now: datetime) -> str | None:
