@@ -99,8 +99,9 @@ class CsrfProtection:
     async def _refuse(self, request: Request, problem: str, scope: Scope, receive: Receive,
                       send: Send) -> None:
         log.warning("refused a %s to %s: %s", request.method, request.url.path, problem)
-        page = render(request, "message.html", status_code=403, title="Request refused",
-                      message=REFUSED, link=("/", "Go to the home page"))
+        page = render(request, "message.html", status_code=403, new_session=False,
+                      title="Request refused", message=REFUSED,
+                      link=("/", "Go to the home page"))
         await page(scope, receive, send)
 
 

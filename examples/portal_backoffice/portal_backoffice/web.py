@@ -36,17 +36,21 @@ def sessions_of(request: Request) -> Sessions:
     return sessions
 
 
-def render(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
+def render(request: Request, name: str, status_code: int = 200, *,
+           new_session: bool = True, **context: Any) -> Response:
     """A page. Every form on it carries the session's CSRF token (``csrf_token``); a browser
-    without a session gets one (without a user) and its cookie with this response."""
+    without a session gets one (without a user) and its cookie with this response, unless
+    ``new_session`` is False (a refused cross-site POST arrives without the cookie: a new
+    one would replace the user's login)."""
     sessions = sessions_of(request)
-    session, fresh = sessions.for_form(request)
+    session, fresh = (sessions.for_form(request) if new_session
+                      else (sessions.current(request), False))
     context.setdefault("notice", NOTICES.get(request.query_params.get("n", ""), ""))
     # Only decides whether "Log out" is offered; who is logged in is checked elsewhere.
-    context.setdefault("logged_in", bool(session.user))
-    context["csrf_token"] = session.csrf
+    context.setdefault("logged_in", bool(session and session.user))
+    context["csrf_token"] = session.csrf if session else ""
     response = templates.TemplateResponse(request, name, context, status_code=status_code)
-    if fresh:
+    if fresh and session is not None:
         sessions.set_cookie(response, session)
     return response
 
