@@ -43,6 +43,7 @@ class Stack:
     portal: str  # http://localhost:PORT, no trailing slash
     backoffice: str
     webhook: str  # the demo inbox's HTTP side (messages.json)
+    grpc: str  # mfa-service's gRPC address, HOST:PORT (to check what changed, or not)
     process: subprocess.Popen[bytes]
     log_path: Path
 
@@ -85,6 +86,7 @@ def _wait_http(url: str, process: subprocess.Popen[bytes], deadline: float) -> N
 def run_stack(log_dir: Path, *extra_args: str) -> Generator[Stack, None, None]:
     """Start the demo (temporary SQLite, removed at exit), yield it, stop it."""
     portal_port, backoffice_port, webhook_port = free_port(), free_port(), free_port()
+    grpc_port = free_port()
     # MFA_TEST_SERVICE_COMMAND: run the browser tests against another server build.
     mfa = os.environ.get("MFA_TEST_SERVICE_COMMAND") or Path(sys.executable).parent / "mfa-service"
     log_path = log_dir / "demo.log"
@@ -95,13 +97,15 @@ def run_stack(log_dir: Path, *extra_args: str) -> Generator[Stack, None, None]:
         process = subprocess.Popen(
             [sys.executable, "-m", "portal_backoffice", "--temp",
              "--portal-port", str(portal_port), "--backoffice-port", str(backoffice_port),
-             "--webhook-port", str(webhook_port), "--mfa-command", str(mfa),
+             "--webhook-port", str(webhook_port), "--grpc-port", str(grpc_port),
+             "--mfa-command", str(mfa),
              "--service-log-level", "WARNING", *extra_args],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_dir,
             # Its own process group: a launcher that hangs is killed with its service.
             start_new_session=True)
     stack = Stack(f"http://localhost:{portal_port}", f"http://localhost:{backoffice_port}",
-                  f"http://127.0.0.1:{webhook_port}", process, log_path)
+                  f"http://127.0.0.1:{webhook_port}", f"127.0.0.1:{grpc_port}", process,
+                  log_path)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         _wait_http(f"http://127.0.0.1:{portal_port}/healthz", process, deadline)

@@ -1,6 +1,7 @@
 """The backoffice: honours the 2FA session passed on the portal, asks for nothing itself.
 
-It reads the shared login cookie and asks mfa-service whether the 2FA session in it is
+It reads the shared login session (the cookie's opaque id, looked up in the session store
+both apps share) and asks mfa-service whether the 2FA session token kept there is still
 valid (``CheckSession`` with ``APPLICATION_BACKOFFICE``). Valid: the page opens, saying
 where and when 2FA was passed. Not valid (no login, logged out, expired): the browser goes
 to the portal's central login with a return URL.
@@ -13,12 +14,14 @@ from typing import TYPE_CHECKING
 import grpc
 from mfa.v1 import two_factor_service_pb2 as pb
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from portal_backoffice.config import Config
-from portal_backoffice.login import LoginCookie
+from portal_backoffice.csrf import CsrfProtection
+from portal_backoffice.login import Sessions, new_sessions
 from portal_backoffice.mfa import METHOD_NAMES, READ_TIMEOUT, WRITE_TIMEOUT, fmt_time, to_error
 from portal_backoffice.web import EXCEPTION_HANDLERS, log, redirect, render
 
@@ -27,13 +30,14 @@ if TYPE_CHECKING:
 
 
 class Backoffice:
-    def __init__(self, config: Config, stub: TwoFactorServiceAsyncStub) -> None:
+    def __init__(self, config: Config, stub: TwoFactorServiceAsyncStub,
+                 sessions: Sessions | None = None) -> None:
         self.config = config
         self.stub = stub
-        self.cookie = LoginCookie(config.secret)
+        self.sessions = sessions or new_sessions(config)
 
     async def home(self, request: Request) -> Response:
-        login = self.cookie.read(request)
+        login = self.sessions.read(request)
         here = self.config.backoffice_url + "/"
         if login is None:
             return redirect(self.config.portal_url + "/login", next=here)
@@ -55,7 +59,7 @@ class Backoffice:
                       expires=fmt_time(check.expires_at), portal=self.config.portal_url)
 
     async def logout(self, request: Request) -> Response:
-        login = self.cookie.read(request)
+        login = self.sessions.read(request)
         if login is not None and login.token:
             try:
                 await self.stub.RevokeSession(pb.RevokeSessionRequest(
@@ -65,17 +69,23 @@ class Backoffice:
                             to_error(err).details.reason_name or "no answer")
         response = redirect(self.config.portal_url + "/login", n="logged-out",
                             next=self.config.backoffice_url + "/")
-        self.cookie.clear(response)
+        self.sessions.log_out(request, response)
         return response
 
     async def healthz(self, request: Request) -> Response:
         return PlainTextResponse("ok")
 
 
-def create_backoffice(config: Config, stub: TwoFactorServiceAsyncStub) -> Starlette:
-    backoffice = Backoffice(config, stub)
-    return Starlette(routes=[
+def create_backoffice(config: Config, stub: TwoFactorServiceAsyncStub,
+                      sessions: Sessions | None = None) -> Starlette:
+    """The backoffice app. ``sessions``: the store shared with the portal (the login is
+    the portal's; a new, empty store when not given)."""
+    backoffice = Backoffice(config, stub, sessions)
+    app = Starlette(routes=[
         Route("/", backoffice.home),
         Route("/healthz", backoffice.healthz),
         Route("/logout", backoffice.logout, methods=["POST"]),
-    ], exception_handlers=EXCEPTION_HANDLERS)
+    ], exception_handlers=EXCEPTION_HANDLERS, middleware=[
+        Middleware(CsrfProtection, origin=config.backoffice_url, sessions=backoffice.sessions)])
+    app.state.sessions = backoffice.sessions
+    return app

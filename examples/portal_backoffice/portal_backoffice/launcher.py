@@ -41,6 +41,7 @@ from starlette.applications import Starlette
 from portal_backoffice.backoffice import create_backoffice
 from portal_backoffice.config import Config
 from portal_backoffice.inbox import Inbox, start_smtp, webhook_app
+from portal_backoffice.login import new_sessions
 from portal_backoffice.mfa import connect
 from portal_backoffice.portal import create_portal
 from portal_backoffice.users import DEMO_PASSWORD, Users
@@ -192,8 +193,10 @@ async def run(args: argparse.Namespace) -> int:
                             portal_url=portal_url, backoffice_url=backoffice_url,
                             step_up_max_age=args.step_up_max_age)
             users = Users(data_dir / "users.json")
-            portal = _web_server(create_portal(config, stub, users, inbox))
-            backoffice = _web_server(create_backoffice(config, stub))
+            # One server-side session store for both apps: the shared login.
+            sessions = new_sessions(config)
+            portal = _web_server(create_portal(config, stub, users, inbox, sessions))
+            backoffice = _web_server(create_backoffice(config, stub, sessions))
             servers += [portal, backoffice]
             tasks += [asyncio.create_task(portal.serve(sockets=[portal_sock])),
                       asyncio.create_task(backoffice.serve(sockets=[backoffice_sock]))]

@@ -1,72 +1,158 @@
-"""The central login cookie that the portal and the backoffice share.
+"""The central login that the portal and the backoffice share: server-side sessions.
+
+The browser's cookie holds **an opaque id only**: 256 random bits, signed with the secret
+both apps know (itsdangerous, HMAC-SHA256), HttpOnly (scripts cannot read it), SameSite=Lax
+(other sites cannot make the browser send it with a POST) and Secure when the apps are
+served over https. Everything else stays on the server, in ``Sessions``, under that id: who
+passed the password step and when, the form (CSRF) token, and the mfa-service 2FA session
+token once 2FA is passed. A stolen cookie is therefore worth nothing against mfa-service
+itself (``CheckSession`` on its value answers "not valid"), and a logout deletes the
+record, so even a copy of the cookie stops working.
 
 Cookies belong to a host, not to a port, so the cookie the portal sets on
-``localhost:8080`` reaches the backoffice on ``localhost:8081`` too (in production both
-apps would sit under one parent domain and set ``Domain=``). It is signed with a secret both
-apps know (itsdangerous, HMAC-SHA256 over the payload plus a timestamp), HttpOnly (scripts
-cannot read the 2FA session token) and SameSite=Lax (other sites cannot make the browser
-send it with a POST).
+``localhost:8080`` reaches the backoffice on ``localhost:8081`` too (in production both apps
+would sit under one parent domain and set ``Domain=``); the launcher gives both apps the
+same ``Sessions`` object.
 
-It carries who passed the password step, when, and the mfa-service 2FA session token once
-2FA is passed. The token alone proves nothing to either app: each request asks
-mfa-service (CheckSession), so a logout on one app ends the session for both.
+``Sessions`` is an in-memory dict: right for this one-process demo (both apps run in one
+event loop), lost at restart (everybody logs in again). A real portal with several
+processes keeps the same records in its shared session store (Redis, its database), with
+the same expiry. A browser gets a session (without a user) the first time a page with a
+form is shown, so that the login and sign-up forms carry a CSRF token too; the id changes
+at login and again when 2FA is passed (no session fixation), and the old record is deleted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, replace
 
-from itsdangerous import BadSignature, URLSafeTimedSerializer
+from itsdangerous import BadSignature, URLSafeSerializer
 from starlette.requests import Request
 from starlette.responses import Response
+
+from portal_backoffice.config import Config
 
 COOKIE = "demo_login"
 # The password step's lifetime; the 2FA session's own limits are mfa-service's (12 h / 30 min).
 MAX_AGE = 12 * 3600
+# A session without a user (a login or sign-up form shown, nothing more).
+ANONYMOUS_MAX_AGE = 2 * 3600
+# The store never grows beyond this many records: the oldest go first.
+MAX_SESSIONS = 100_000
+
+
+def _new_id() -> str:
+    return secrets.token_urlsafe(32)  # 256 bits
 
 
 @dataclass(frozen=True)
 class Login:
-    user: str
-    password_at: float
+    """One browser's session record, kept on the server under ``id``."""
+
+    id: str = field(default_factory=_new_id)
+    #: The form token (synchronizer token) every POST must carry.
+    csrf: str = field(default_factory=_new_id)
+    created: float = field(default_factory=time.time)
+    user: str = ""  # "" until the password step is passed
+    password_at: float = 0.0
     token: str = ""  # the 2FA session token (Session.session_token), once 2FA is passed
 
+    def expired(self, now: float) -> bool:
+        if self.user:
+            return now - self.password_at > MAX_AGE
+        return now - self.created > ANONYMOUS_MAX_AGE
 
-class LoginCookie:
+
+class Sessions:
+    """Server-side sessions keyed by a random id; the cookie holds the signed id."""
+
     def __init__(self, secret: str, *, secure: bool = False) -> None:
-        self._serializer = URLSafeTimedSerializer(
-            secret, salt="portal-backoffice-login",
-            signer_kwargs={"digest_method": hashlib.sha256})
-        # Secure cookies are not sent over http://localhost by every browser; production
-        # (https) sets it.
-        self._secure = secure
+        self._signer = URLSafeSerializer(secret, salt="portal-backoffice-session",
+                                         signer_kwargs={"digest_method": hashlib.sha256})
+        # Secure cookies are not sent over http://localhost by every browser: set from the
+        # apps' URLs (https in production).
+        self.secure = secure
+        self._records: dict[str, Login] = {}
 
-    def read(self, request: Request) -> Login | None:
+    # -- the store ---------------------------------------------------------------------
+    def _get(self, session_id: str) -> Login | None:
+        record = self._records.get(session_id)
+        if record is not None and record.expired(time.time()):
+            del self._records[session_id]
+            return None
+        return record
+
+    def _put(self, record: Login) -> Login:
+        now = time.time()
+        if len(self._records) >= MAX_SESSIONS:
+            for key in [k for k, r in self._records.items() if r.expired(now)]:
+                del self._records[key]
+            while len(self._records) >= MAX_SESSIONS:  # the oldest first (insertion order)
+                del self._records[next(iter(self._records))]
+        self._records[record.id] = record
+        return record
+
+    def drop(self, session_id: str) -> None:
+        self._records.pop(session_id, None)
+
+    # -- the browser's side ------------------------------------------------------------
+    def current(self, request: Request) -> Login | None:
+        """This browser's session, with or without a user (None: no valid cookie)."""
         raw = request.cookies.get(COOKIE)
         if not raw:
             return None
         try:
-            data: dict[str, Any] = self._serializer.loads(raw, max_age=MAX_AGE)
-        except BadSignature:  # also SignatureExpired: treated as logged out
+            session_id = self._signer.loads(raw)
+        except BadSignature:
             return None
-        try:
-            return Login(str(data["u"]), float(data["p"]), str(data.get("t", "")))
-        except (KeyError, TypeError, ValueError):
-            return None
+        return self._get(session_id) if isinstance(session_id, str) else None
 
-    def write(self, response: Response, login: Login) -> None:
-        value = self._serializer.dumps({"u": login.user, "p": login.password_at,
-                                        "t": login.token})
-        response.set_cookie(COOKIE, value, max_age=MAX_AGE, path="/", httponly=True,
-                            samesite="lax", secure=self._secure)
+    def read(self, request: Request) -> Login | None:
+        """The logged-in session (the password step passed), or None."""
+        record = self.current(request)
+        return record if record is not None and record.user else None
 
-    def clear(self, response: Response) -> None:
+    def for_form(self, request: Request) -> tuple[Login, bool]:
+        """The session whose CSRF token a form carries; a new one without a user when the
+        browser has none (True: the response must set the cookie)."""
+        record = self.current(request)
+        if record is not None:
+            return record, False
+        return self._put(Login()), True
+
+    def set_cookie(self, response: Response, record: Login) -> None:
+        max_age = MAX_AGE if record.user else ANONYMOUS_MAX_AGE
+        response.set_cookie(COOKIE, self._signer.dumps(record.id), max_age=max_age, path="/",
+                            httponly=True, samesite="lax", secure=self.secure)
+
+    def log_in(self, request: Request, response: Response, user: str) -> Login:
+        """The password step passed: a new session (new id, new CSRF token) replaces
+        whatever the browser had."""
+        old = self.current(request)
+        if old is not None:
+            self.drop(old.id)
+        record = self._put(Login(user=user, password_at=time.time()))
+        self.set_cookie(response, record)
+        return record
+
+    def passed_2fa(self, response: Response, login: Login, token: str) -> Login:
+        """2FA passed: the token goes into the record, under a new id."""
+        self.drop(login.id)
+        record = self._put(replace(login, id=_new_id(), csrf=_new_id(), token=token))
+        self.set_cookie(response, record)
+        return record
+
+    def log_out(self, request: Request, response: Response) -> None:
+        old = self.current(request)
+        if old is not None:
+            self.drop(old.id)
         response.delete_cookie(COOKIE, path="/", httponly=True, samesite="lax",
-                               secure=self._secure)
+                               secure=self.secure)
 
 
-def new_login(user: str) -> Login:
-    return Login(user=user, password_at=time.time())
+def new_sessions(config: Config) -> Sessions:
+    """A store for these apps: Secure cookies when they are served over https."""
+    return Sessions(config.secret, secure=config.portal_url.startswith("https://"))

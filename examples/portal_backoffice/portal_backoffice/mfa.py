@@ -156,7 +156,8 @@ METHOD_SLUGS = {
     "passkey": pb.METHOD_PASSKEY,
 }
 STATUS_NAMES = {
-    pb.FACTOR_STATUS_PENDING: "Pending", pb.FACTOR_STATUS_ACTIVE: "On",
+    # PENDING: started, never confirmed. Nothing resumes it (see portal.profile).
+    pb.FACTOR_STATUS_PENDING: "Not finished", pb.FACTOR_STATUS_ACTIVE: "On",
     pb.FACTOR_STATUS_DISABLED: "Off",
 }
 CHANNELS = {"sms": pb.CHANNEL_SMS, "voice": pb.CHANNEL_VOICE}

@@ -22,13 +22,15 @@ import grpc
 from mfa.v1 import two_factor_service_pb2 as pb
 from mfa_client import ErrorReason
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from portal_backoffice.config import Config
+from portal_backoffice.csrf import CsrfProtection
 from portal_backoffice.inbox import Inbox
-from portal_backoffice.login import Login, LoginCookie, new_login
+from portal_backoffice.login import Login, Sessions, new_sessions
 from portal_backoffice.mfa import (
     CHANNELS,
     METHOD_NAMES,
@@ -47,6 +49,7 @@ from portal_backoffice.users import (
     DEMO_USERS,
     UserExists,
     Users,
+    account_email,
     check_new_account,
 )
 from portal_backoffice.web import (
@@ -140,12 +143,12 @@ class Seen:
 
 class Portal:
     def __init__(self, config: Config, stub: TwoFactorServiceAsyncStub, users: Users,
-                 inbox: Inbox | None = None) -> None:
+                 inbox: Inbox | None = None, sessions: Sessions | None = None) -> None:
         self.config = config
         self.stub = stub
         self.users = users
         self.inbox = inbox
-        self.cookie = LoginCookie(config.secret)
+        self.sessions = sessions or new_sessions(config)
         self.flows = FlowStore()
 
     # -- what the browser is ---------------------------------------------------------------
@@ -170,7 +173,7 @@ class Portal:
         return list(resp.factors), resp.recovery_codes_remaining
 
     async def _seen(self, request: Request) -> Seen | None:
-        login = self.cookie.read(request)
+        login = self.sessions.read(request)
         if login is None:
             return None
         (factors, codes_left), session = await asyncio.gather(self._factors(login.user),
@@ -207,12 +210,13 @@ class Portal:
     def _start_flow(self, response: Response, flow: Flow) -> Response:
         self.flows.put(flow)
         response.set_cookie(FLOW_COOKIE, flow.id, max_age=FLOW_TTL, path="/", httponly=True,
-                            samesite="lax")
+                            samesite="lax", secure=self.sessions.secure)
         return response
 
     def _end_flow(self, request: Request, response: Response) -> None:
         self.flows.drop(request.cookies.get(FLOW_COOKIE, ""))
-        response.delete_cookie(FLOW_COOKIE, path="/", httponly=True, samesite="lax")
+        response.delete_cookie(FLOW_COOKIE, path="/", httponly=True, samesite="lax",
+                               secure=self.sessions.secure)
 
     # -- pages -----------------------------------------------------------------------------
     async def home(self, request: Request) -> Response:
@@ -234,11 +238,12 @@ class Portal:
             return render(request, "login.html", status_code=401, next=next_url,
                           users=self._demo_users(), username=username,
                           error="Wrong username or password.")
-        old = self.cookie.read(request)
+        old = self.sessions.read(request)
         if old is not None and old.token:
             await self._revoke(old.token)  # a new login ends the previous 2FA session
         response = redirect("/2fa", next=next_url)
-        self.cookie.write(response, new_login(username))
+        # A new session id (and CSRF token): the id the browser had before is worthless.
+        self.sessions.log_in(request, response, username)
         self._end_flow(request, response)
         return response
 
@@ -263,11 +268,11 @@ class Portal:
         return redirect("/login", n="signed-up")
 
     async def logout(self, request: Request) -> Response:
-        login = self.cookie.read(request)
+        login = self.sessions.read(request)
         if login is not None and login.token:
             await self._revoke(login.token)
         response = redirect("/login", n="logged-out")
-        self.cookie.clear(response)
+        self.sessions.log_out(request, response)
         self._end_flow(request, response)
         return response
 
@@ -325,23 +330,26 @@ class Portal:
 
     async def _challenge(self, user: str, factor_id: str, purpose: pb.Purpose.ValueType,
                          channel: pb.Channel.ValueType, *, kind: str,
-                         next_url: str = "/profile") -> Flow:
+                         next_url: str = "/profile", session_token: str = "") -> Flow:
         try:
             resp = await self.stub.Challenge(pb.ChallengeRequest(
                 user_id=user, factor_id=factor_id, purpose=purpose, channel=channel,
-                application=pb.APPLICATION_PORTAL, request_id=uuid.uuid4().hex),
-                timeout=WRITE_TIMEOUT)
+                application=pb.APPLICATION_PORTAL, request_id=uuid.uuid4().hex,
+                # A new confirmation code (or passkey options) for a factor being added is
+                # a step of adding it: mfa-service wants the user's fresh 2FA session.
+                session_token=session_token), timeout=WRITE_TIMEOUT)
         except grpc.RpcError as err:
             raise to_error(err) from None
         return Flow(id=secrets.token_urlsafe(32), user=user, kind=kind,
                     challenge_id=resp.challenge_id, factor_id=factor_id, method=resp.method,
                     channel=resp.channel, masked=resp.masked_destination,
                     code_length=resp.code_length, next=next_url,
-                    webauthn_options=resp.webauthn_request_options)
+                    webauthn_options=(resp.webauthn_creation_options
+                                      or resp.webauthn_request_options))
 
     # -- one page for every code (or passkey) the user proves -----------------------------
     async def verify_page(self, request: Request) -> Response:
-        login = self.cookie.read(request)
+        login = self.sessions.read(request)
         if login is None:
             return redirect("/login")
         flow = self._flow(request, login)
@@ -362,7 +370,8 @@ class Portal:
             result = await self.stub.Verify(pb.VerifyRequest(
                 challenge_id=flow.challenge_id, code=code, webauthn_response=webauthn,
                 user_id=login.user, client_ip=client_ip(request),
-                user_agent=user_agent(request)), timeout=WRITE_TIMEOUT)
+                user_agent=user_agent(request), account_email=account_email(login.user)),
+                timeout=WRITE_TIMEOUT)
         except grpc.RpcError as err:
             return self._render_verify(request, flow, error=to_error(err).user_message)
         if result.result != pb.VERIFY_RESULT_APPROVED:
@@ -372,7 +381,8 @@ class Portal:
             if login.token:
                 await self._revoke(login.token)
             done = redirect(flow.next)
-            self.cookie.write(done, replace(login, token=result.session.session_token))
+            # The token stays here, on the server; the browser gets a new opaque id.
+            self.sessions.passed_2fa(done, login, result.session.session_token)
             self._end_flow(request, done)
             return done
         if flow.kind == "change_old":
@@ -397,7 +407,8 @@ class Portal:
             result = await self.stub.Disable(pb.DisableRequest(
                 user_id=flow.user, factor_id=flow.factor_id, challenge_id=flow.challenge_id,
                 code=code, webauthn_response=webauthn, client_ip=client_ip(request),
-                user_agent=user_agent(request)), timeout=WRITE_TIMEOUT)
+                user_agent=user_agent(request), account_email=account_email(flow.user)),
+                timeout=WRITE_TIMEOUT)
         except grpc.RpcError as err:
             return self._render_verify(request, flow, error=to_error(err).user_message)
         if result.result != pb.VERIFY_RESULT_APPROVED:
@@ -429,7 +440,7 @@ class Portal:
                       webauthn_json=(flow.webauthn_options or "{}").replace("<", "\\u003c"))
 
     async def resend(self, request: Request) -> Response:
-        login = self.cookie.read(request)
+        login = self.sessions.read(request)
         if login is None:
             return redirect("/login")
         flow = self._flow(request, login)
@@ -444,7 +455,9 @@ class Portal:
             return redirect("/verify")
         try:
             fresh = await self._challenge(login.user, flow.factor_id, purpose[flow.kind],
-                                          channel, kind=flow.kind, next_url=flow.next)
+                                          channel, kind=flow.kind, next_url=flow.next,
+                                          session_token=login.token
+                                          if flow.kind == "enroll" else "")
         except MfaError as err:
             return self._render_verify(request, flow, error=err.user_message)
         updated = replace(flow, challenge_id=fresh.challenge_id, channel=fresh.channel,
@@ -479,10 +492,20 @@ class Portal:
                        "at": fmt_time(seen.session.authenticated_at),
                        "app": "the portal" if seen.session.application == pb.APPLICATION_PORTAL
                        else "the backoffice"}
-        return render(request, "profile.html", user=seen.login.user,
-                      factors=[self._factor_view(f) for f in shown], can_add=can_add,
-                      codes_left=seen.codes_left, session=session,
-                      backoffice=self.config.backoffice_url)
+        response = render(request, "profile.html", user=seen.login.user,
+                          factors=[self._factor_view(f) for f in shown], can_add=can_add,
+                          codes_left=seen.codes_left, session=session,
+                          backoffice=self.config.backoffice_url)
+        # Never resume adding a factor: a user who left the confirmation page starts again
+        # (its PENDING factor stays "Not finished", without a button, and mfa-service
+        # deletes it after 15 minutes).
+        self._end_enrolment(request, seen.login, response)
+        return response
+
+    def _end_enrolment(self, request: Request, login: Login, response: Response) -> None:
+        flow = self._flow(request, login)
+        if flow is not None and flow.kind in ("enroll", "change_new"):
+            self._end_flow(request, response)
 
     async def add(self, request: Request) -> Response:
         slug = request.path_params["method"]
@@ -497,14 +520,17 @@ class Portal:
         if seen.second_factors and seen.session_age > self.config.step_up_max_age:
             return redirect("/2fa", next=here, n="step-up")
         if request.method == "GET":
-            return render(request, "add.html", slug=slug, method=METHOD_NAMES[METHOD_SLUGS[slug]])
+            page = render(request, "add.html", slug=slug, method=METHOD_NAMES[METHOD_SLUGS[slug]])
+            self._end_enrolment(request, seen.login, page)
+            return page
         form = await request.form()
         email = str(form.get("email", "")).strip()
         phone = str(form.get("phone_number", "")).replace(" ", "")
         channel = CHANNELS.get(str(form.get("channel", "")), pb.CHANNEL_UNSPECIFIED)
         req = pb.EnrollRequest(
             user_id=seen.login.user, method=METHOD_SLUGS[slug], application=pb.APPLICATION_PORTAL,
-            account_name=seen.login.user, session_token=seen.login.token)
+            account_name=seen.login.user, session_token=seen.login.token,
+            account_email=account_email(seen.login.user))
         if slug == "email":
             req.email = email
         elif slug == "phone":
@@ -578,8 +604,8 @@ class Portal:
             resp = await self.stub.Enroll(pb.EnrollRequest(
                 user_id=seen.login.user, method=pb.METHOD_PHONE, phone_number=phone,
                 channel=channel, application=pb.APPLICATION_PORTAL,
-                change_proof_challenge_id=flow.proof, session_token=seen.login.token),
-                timeout=WRITE_TIMEOUT)
+                change_proof_challenge_id=flow.proof, session_token=seen.login.token,
+                account_email=account_email(seen.login.user)), timeout=WRITE_TIMEOUT)
         except grpc.RpcError as err:
             return render(request, "phone_new.html", status_code=400, old=flow.masked,
                           error=to_error(err).user_message, phone_number=phone)
@@ -593,8 +619,10 @@ class Portal:
 
 
 def create_portal(config: Config, stub: TwoFactorServiceAsyncStub, users: Users,
-                  inbox: Inbox | None = None) -> Starlette:
-    portal = Portal(config, stub, users, inbox)
+                  inbox: Inbox | None = None, sessions: Sessions | None = None) -> Starlette:
+    """The portal app. ``sessions``: the store shared with the backoffice (a new one when
+    not given)."""
+    portal = Portal(config, stub, users, inbox, sessions)
     routes = [
         Route("/", portal.home),
         Route("/healthz", portal.healthz),
@@ -612,6 +640,8 @@ def create_portal(config: Config, stub: TwoFactorServiceAsyncStub, users: Users,
         Route("/profile/phone/new", portal.new_phone, methods=["GET", "POST"]),
         Route("/inbox", portal.inbox_page),
     ]
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, middleware=[
+        Middleware(CsrfProtection, origin=config.portal_url, sessions=portal.sessions)])
     app.state.portal = portal
+    app.state.sessions = portal.sessions
     return app

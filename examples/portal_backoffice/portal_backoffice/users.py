@@ -22,6 +22,7 @@ DEMO_PASSWORD = "correct horse battery"  # noqa: S105 - shown on the login page 
 DEMO_USERS = ("alice", "bob")
 USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{1,31}$")
 MIN_PASSWORD = 8
+ACCOUNT_EMAIL_DOMAIN = "example.org"
 
 # scrypt cost: n=2**14, r=8 is 16 MiB and ~50 ms per hash, enough for a demo login.
 _N, _R, _P = 2**14, 8, 1
@@ -87,6 +88,15 @@ class Users:
                 tmp = self._path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(data), "utf-8")
                 tmp.replace(self._path)
+
+
+def account_email(username: str) -> str:
+    """The account's own email address, which mfa-service also sends security notices to
+    (``account_email`` on Enroll, Verify, Disable), so a user whose only factor is an app or
+    a passkey hears of changes too. The demo accounts have no real mailbox: an address of
+    the reserved example.org domain, which the demo SMTP sink catches. A real portal passes
+    the address from its own user record."""
+    return f"{username}@{ACCOUNT_EMAIL_DOMAIN}"
 
 
 def check_new_account(username: str, password: str) -> str | None:

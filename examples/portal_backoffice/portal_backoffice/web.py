@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.templating import Jinja2Templates
 
-from portal_backoffice.login import COOKIE as LOGIN_COOKIE
+from portal_backoffice.login import Sessions
 from portal_backoffice.mfa import MfaError
 
 log = logging.getLogger("portal_backoffice")
@@ -30,11 +30,29 @@ NOTICES = {
 }
 
 
-def render(request: Request, name: str, status_code: int = 200, **context: Any) -> Response:
+def sessions_of(request: Request) -> Sessions:
+    """The server-side session store the app was created with (shared by both apps)."""
+    sessions: Sessions = request.app.state.sessions
+    return sessions
+
+
+def render(request: Request, name: str, status_code: int = 200, *,
+           new_session: bool = True, **context: Any) -> Response:
+    """A page. Every form on it carries the session's CSRF token (``csrf_token``); a browser
+    without a session gets one (without a user) and its cookie with this response, unless
+    ``new_session`` is False (a refused cross-site POST arrives without the cookie: a new
+    one would replace the user's login)."""
+    sessions = sessions_of(request)
+    session, fresh = (sessions.for_form(request) if new_session
+                      else (sessions.current(request), False))
     context.setdefault("notice", NOTICES.get(request.query_params.get("n", ""), ""))
     # Only decides whether "Log out" is offered; who is logged in is checked elsewhere.
-    context.setdefault("logged_in", LOGIN_COOKIE in request.cookies)
-    return templates.TemplateResponse(request, name, context, status_code=status_code)
+    context.setdefault("logged_in", bool(session and session.user))
+    context["csrf_token"] = session.csrf if session else ""
+    response = templates.TemplateResponse(request, name, context, status_code=status_code)
+    if fresh and session is not None:
+        sessions.set_cookie(response, session)
+    return response
 
 
 def redirect(path: str, **params: str) -> RedirectResponse:
