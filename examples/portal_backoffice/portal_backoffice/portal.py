@@ -529,8 +529,7 @@ class Portal:
         channel = CHANNELS.get(str(form.get("channel", "")), pb.CHANNEL_UNSPECIFIED)
         req = pb.EnrollRequest(
             user_id=seen.login.user, method=METHOD_SLUGS[slug], application=pb.APPLICATION_PORTAL,
-            account_name=seen.login.user, session_token=seen.login.token,
-            account_email=account_email(seen.login.user))
+            account_name=seen.login.user, session_token=seen.login.token)
         if slug == "email":
             req.email = email
         elif slug == "phone":

@@ -92,7 +92,7 @@ class Users:
 
 def account_email(username: str) -> str:
     """The account's own email address, which mfa-service also sends security notices to
-    (``account_email`` on Enroll, Verify, Disable), so a user whose only factor is an app or
+    (``account_email`` on Verify and Disable), so a user whose only factor is an app or
     a passkey hears of changes too. The demo accounts have no real mailbox: an address of
     the reserved example.org domain, which the demo SMTP sink catches. A real portal passes
     the address from its own user record."""
