@@ -603,8 +603,8 @@ class Portal:
             resp = await self.stub.Enroll(pb.EnrollRequest(
                 user_id=seen.login.user, method=pb.METHOD_PHONE, phone_number=phone,
                 channel=channel, application=pb.APPLICATION_PORTAL,
-                change_proof_challenge_id=flow.proof, session_token=seen.login.token,
-                account_email=account_email(seen.login.user)), timeout=WRITE_TIMEOUT)
+                change_proof_challenge_id=flow.proof, session_token=seen.login.token),
+                timeout=WRITE_TIMEOUT)
         except grpc.RpcError as err:
             return render(request, "phone_new.html", status_code=400, old=flow.masked,
                           error=to_error(err).user_message, phone_number=phone)
