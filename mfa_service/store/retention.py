@@ -1,15 +1,18 @@
 """Deleting what no longer serves anyone: ended sessions, closed challenges, settled
-outbox rows and idle lockout counters. The audit trail and factors are never deleted."""
+outbox rows and idle lockout counters. The audit trail and factors are never deleted, but
+a PENDING factor long gone (past MFA_PENDING_TTL_MINUTES, at most an hour) is marked
+DISABLED and its secret wiped: an unscanned QR code's secret serves no one."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, or_, select
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from mfa_service.store.models import challenges, outbox, sessions, user_lockouts
+from mfa_service.domain import FactorStatus
+from mfa_service.store.models import challenges, factors, outbox, sessions, user_lockouts
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,7 @@ class Retention:
     challenges: timedelta = timedelta(days=1)
     outbox: timedelta = timedelta(days=7)
     lockouts: timedelta = timedelta(hours=12)  # the quiet period that resets a count anyway
+    pending_factors: timedelta = timedelta(hours=1)  # >= the longest MFA_PENDING_TTL
 
 
 async def purge(conn: AsyncConnection, now: datetime, keep: Retention,
@@ -52,4 +56,11 @@ async def purge(conn: AsyncConnection, now: datetime, keep: Retention,
             user_lockouts.c.last_failure_at < now - keep.lockouts))).limit(batch)
     counts["lockouts"] = (await conn.execute(
         delete(user_lockouts).where(user_lockouts.c.user_id.in_(idle)))).rowcount
+    gone = select(factors.c.id).where(
+        factors.c.status == FactorStatus.PENDING.value,
+        factors.c.created_at < now - keep.pending_factors).limit(batch)
+    counts["pending_factors"] = (await conn.execute(
+        update(factors).where(factors.c.id.in_(gone)).values(
+            status=FactorStatus.DISABLED.value, disabled_at=now, secret_ciphertext=None,
+            secret_key_id=None))).rowcount
     return counts
