@@ -16,6 +16,7 @@
      └── StoreError              ERROR_REASON_INTERNAL                INTERNAL
           ├── StoreUnavailable   ERROR_REASON_STORE_UNAVAILABLE       UNAVAILABLE
           └── StoreConflict      ERROR_REASON_INTERNAL                ABORTED
+               └── GuardLost     ERROR_REASON_INTERNAL                ABORTED
 
 Messages are written for the caller and never carry a code, secret or token. Reasons are
 values of the generated ``mfa.v1.ErrorReason`` enum (the contract callers branch on), so a
@@ -156,6 +157,16 @@ class StoreConflict(StoreError):
 
     def __init__(self, message: str = "a concurrent request changed the same data, retry") -> None:
         super().__init__(message)
+
+
+class GuardLost(StoreConflict):
+    """A guarded write matched no row: a concurrent transaction changed what this one had
+    read (a TOTP step accepted, a passkey counter moved, a factor disabled). The
+    transaction rolls back; the use case runs again and now sees the winner's state."""
+
+    def __init__(self, guard: str) -> None:
+        super().__init__()
+        self.guard = guard
 
 
 class ConfigurationError(Exception):

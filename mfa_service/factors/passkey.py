@@ -425,5 +425,7 @@ class Passkey:
                              stored.transports).encode(),
             credential_aad(record.factor.factor_id, record.factor.user_id))
         # With the login's touch of the row, as one deferred UPDATE (no extra statement).
-        tx.factors.use_with_secret(record.factor.factor_id, key_id, ciphertext, now)
+        assert record.secret_ciphertext is not None
+        tx.factors.use_with_secret(record.factor.factor_id, key_id, ciphertext, now,
+                                   previous=record.secret_ciphertext)
         return Verdict(ok=True)

@@ -40,7 +40,7 @@ from mfa_service.domain import (
     Purpose,
     VerifyResult,
 )
-from mfa_service.errors import ChallengeNotFound, FailedPrecondition, InvalidArgument
+from mfa_service.errors import ChallengeNotFound, FailedPrecondition, GuardLost, InvalidArgument
 from mfa_service.factors.base import FactorMethod
 from mfa_service.service import audit, policy
 from mfa_service.service.context import (
@@ -101,6 +101,19 @@ def _proof_for(method: FactorMethod, proof: Proof) -> str:
     return proof.field_for(wanted)
 
 
+async def _again_if_guard_lost(run: Callable[[], Awaitable[VerifyOutcome]]) -> VerifyOutcome:
+    """Run a verification; once more if a guarded write lost its race (store/unit.py).
+
+    The per-user lock makes that impossible in normal operation; should anything write a
+    factor without it, the loser's transaction rolled back whole (its attempt too) and
+    the second run decides on the winner's state: a replayed TOTP step is then a wrong
+    code, counted as one. A second loss is ABORTED (retryable)."""
+    try:
+        return await run()
+    except GuardLost:
+        return await run()
+
+
 class Verification:
     def __init__(self, ctx: Context, recovery: Recovery) -> None:
         self._ctx = ctx
@@ -112,17 +125,18 @@ class Verification:
         """Check a code (or a passkey's response); ``user_id`` (optional) binds the
         challenge to the user the caller expects: another user's challenge is then "not
         found". ``account_email``: notices about the change also go there."""
-        return await self._verify(challenge_id, _as_proof(proof), who, disable=None,
-                                  expect_user=user_id, account_email=account_email)
+        return await _again_if_guard_lost(lambda: self._verify(
+            challenge_id, _as_proof(proof), who, disable=None, expect_user=user_id,
+            account_email=account_email))
 
     async def disable(self, user_id: str, factor_id: str, challenge_id: str,
                       proof: Proof | str, who: AuditContext, *,
                       account_email: str | None = None) -> VerifyOutcome:
         """Disable ``factor_id``, proven on a PURPOSE_DISABLE challenge for it (or on an
         established set of recovery codes: service/policy.py)."""
-        return await self._verify(challenge_id, _as_proof(proof), who,
-                                  disable=(user_id, factor_id), expect_user=user_id,
-                                  account_email=account_email)
+        return await _again_if_guard_lost(lambda: self._verify(
+            challenge_id, _as_proof(proof), who, disable=(user_id, factor_id),
+            expect_user=user_id, account_email=account_email))
 
     async def _verify(self, challenge_id: str, proof: Proof, who: AuditContext,
                       disable: tuple[str, str] | None,

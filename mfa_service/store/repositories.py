@@ -109,6 +109,8 @@ _TOUCH = update(factors).where(
 # touch of the row carries the re-encrypted secret (one deferred UPDATE per row).
 _TOUCH_WITH_SECRET = update(factors).where(
     factors.c.id == bindparam("factor_id"), factors.c.status == _ACTIVE,
+    # Compare and swap: only from the credential (and so the counter) that was read.
+    factors.c.secret_ciphertext == bindparam("previous", type_=LargeBinary()),
 ).values(last_used_at=_NOW, secret_key_id=bindparam("key_id", type_=String()),
          secret_ciphertext=bindparam("ciphertext", type_=LargeBinary()))
 _GET_FACTOR = select(factors).where(factors.c.id == bindparam("factor_id"))
@@ -140,8 +142,9 @@ class FactorRepository:
         # factor id -> (TOTP step to record or None, when it was used): one deferred
         # UPDATE per factor however many times the request marks it (see Unit.defer).
         self._used: dict[str, tuple[int | None, datetime]] = {}
-        # factor id -> (key id, ciphertext) to store with that same UPDATE (passkeys).
-        self._secrets: dict[str, tuple[str, bytes]] = {}
+        # factor id -> (key id, ciphertext, the ciphertext read) to store with that same
+        # UPDATE (passkeys).
+        self._secrets: dict[str, tuple[str, bytes, bytes]] = {}
 
     def _mark_used(self, factor_id: str, step: int | None, now: datetime) -> None:
         previous = self._used.get(factor_id)
@@ -153,17 +156,22 @@ class FactorRepository:
     def _write_used(self) -> None:
         used, self._used = self._used, {}
         secrets, self._secrets = self._secrets, {}
+        # Each is a guard (store/unit.py): the row must still be what was read under the
+        # user's lock, or the transaction rolls back and the use case runs again.
         for factor_id, (step, now) in used.items():
             secret = secrets.get(factor_id)
             if secret is not None:
                 self._unit.defer(_TOUCH_WITH_SECRET, {
                     "factor_id": factor_id, "now": now, "key_id": secret[0],
-                    "ciphertext": secret[1]})
+                    "ciphertext": secret[1], "previous": secret[2]},
+                    guard="passkey_counter")
             elif step is None:
-                self._unit.defer(_TOUCH, {"factor_id": factor_id, "now": now})
+                self._unit.defer(_TOUCH, {"factor_id": factor_id, "now": now},
+                                 guard="factor_active")
             else:
                 self._unit.defer(_ACCEPT_TOTP_STEP,
-                                 {"factor_id": factor_id, "step": step, "now": now})
+                                 {"factor_id": factor_id, "step": step, "now": now},
+                                 guard="totp_step")
 
     def add(self, record: FactorRecord) -> None:
         """Insert the factor before COMMIT (nothing reads it back in the transaction)."""
@@ -261,20 +269,23 @@ class FactorRepository:
             .values(**values))
 
     def use_with_secret(self, factor_id: str, key_id: str, ciphertext: bytes,
-                        now: datetime) -> None:
+                        now: datetime, previous: bytes) -> None:
         """Mark an ACTIVE factor used and store its re-encrypted secret in the same deferred
-        UPDATE (a passkey's credential with its new sign counter). Like the TOTP step, the
-        caller holds the user's lock and read the secret after taking it."""
-        self._secrets[factor_id] = (key_id, ciphertext)
+        UPDATE (a passkey's credential with its new sign counter), only if the stored one
+        is still ``previous`` (a guard: two assertions racing with one counter cannot
+        both win). Like the TOTP step, the caller holds the user's lock and read the
+        secret after taking it."""
+        self._secrets[factor_id] = (key_id, ciphertext, previous)
         self._mark_used(factor_id, None, now)
 
     def accept_totp_step(self, factor_id: str, step: int, now: datetime) -> None:
         """Record ``step`` as the factor's last accepted one (RFC 6238 section 5.2).
 
         The caller holds the user's lock and read the factor after taking it, so its
-        ``last_totp_step`` was current and the step is newer: the write cannot lose and
-        waits for COMMIT. The WHERE still refuses an older step, should anything write the
-        factor without the user's lock.
+        ``last_totp_step`` was current and the step is newer: the write waits for COMMIT.
+        It is a guard all the same: the WHERE refuses a step that is not newer, and a
+        write that matched nothing (something wrote the factor without the user's lock)
+        rolls the transaction back (GuardLost) instead of approving a replay.
         """
         self._mark_used(factor_id, step, now)
 

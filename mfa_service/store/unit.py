@@ -10,6 +10,13 @@ kept here and sent together just before COMMIT. On PostgreSQL they go as one sta
 SQLite, embedded, runs them one by one. Any immediate statement first sends what is
 deferred, so a read inside the transaction always sees the transaction's own writes.
 
+A deferred UPDATE may be a *guard*: a conditional write whose row count is the answer (the
+TOTP step only moves forward, a passkey's counter is swapped only from the value read, a
+factor is touched only while ACTIVE). Its row count is read back - on PostgreSQL the
+combined statement returns one count per guard - and a guard that matched no row raises
+``GuardLost``: the transaction rolls back, and the use case runs again on the winner's
+state. So replay safety does not rest on the per-user lock alone.
+
 Deferred UPDATEs are statements built once (module constants with bound parameters) plus
 their parameters. The combined PostgreSQL statement is built once per *shape* (which
 updates, how many rows of which tables) as a text statement with typed parameters, so it
@@ -31,6 +38,8 @@ from sqlalchemy.engine.interfaces import BindTyping
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import UpdateBase
 
+from mfa_service.errors import GuardLost
+
 # Compiles deferred UPDATEs to SQL with :named parameters, to be embedded in one WITH.
 # No casts in that text: the asyncpg dialect adds its own to the typed parameters.
 _NAMED_PG = postgresql.dialect(paramstyle="named")  # type: ignore[no-untyped-call]
@@ -43,6 +52,7 @@ class _Batch:
 
     statement: TextClause
     updates: tuple[Compiled, ...]  # each deferred UPDATE compiled, in order
+    guards: tuple[str | None, ...]  # per UPDATE: the guard it is, or None
 
 
 _BATCHES: dict[tuple[Any, ...], _Batch] = {}
@@ -55,7 +65,7 @@ class Unit:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
         self._postgres = conn.dialect.name == "postgresql"
-        self._updates: list[tuple[UpdateBase, dict[str, Any]]] = []
+        self._updates: list[tuple[UpdateBase, dict[str, Any], str | None]] = []
         self._inserts: dict[Table, list[dict[str, Any]]] = {}
         self._before_flush: list[Callable[[], None]] = []
 
@@ -74,16 +84,19 @@ class Unit:
         assert isinstance(result, CursorResult)
         return result.rowcount
 
-    def defer(self, statement: UpdateBase, params: dict[str, Any]) -> None:
-        """Send ``statement`` (a prebuilt UPDATE whose row count nobody needs) with
-        ``params`` before COMMIT.
+    def defer(self, statement: UpdateBase, params: dict[str, Any], *,
+              guard: str | None = None) -> None:
+        """Send ``statement`` (a prebuilt UPDATE) with ``params`` before COMMIT.
+
+        ``guard``: the statement must change exactly one row, else the flush raises
+        ``GuardLost(guard)`` (nobody else needs its row count).
 
         At most one deferred UPDATE per row: on PostgreSQL they run inside one statement,
         and a row updated twice by one statement keeps only one of the two changes
         (which one is not defined). A repository that may change one row twice merges
         the changes itself (see ``before_flush``).
         """
-        self._updates.append((statement, params))
+        self._updates.append((statement, params, guard))
 
     def before_flush(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` when the deferred writes are about to be sent (a repository
@@ -110,23 +123,28 @@ class Unit:
         if self._postgres and len(updates) + len(inserts) > 1:
             await self._send_as_one(updates, inserts)
             return
-        for statement, params in updates:
-            await self.conn.execute(statement, params)
+        for statement, params, guard in updates:
+            result = await self.conn.execute(statement, params)
+            assert isinstance(result, CursorResult)
+            if guard is not None and result.rowcount != 1:
+                raise GuardLost(guard)
         for table, rows in inserts.items():
             if table not in _INSERTS:
                 _INSERTS[table] = insert(table)
             await self.conn.execute(_INSERTS[table], rows)
 
-    async def _send_as_one(self, updates: Sequence[tuple[UpdateBase, dict[str, Any]]],
+    async def _send_as_one(self,
+                           updates: Sequence[tuple[UpdateBase, dict[str, Any], str | None]],
                            inserts: dict[Table, list[dict[str, Any]]]) -> None:
-        shape = (tuple(id(statement) for statement, _ in updates),
+        shape = (tuple((id(statement), guard is not None) for statement, _, guard in updates),
                  tuple((table.name, len(rows), tuple(rows[0])) for table, rows in
                        inserts.items()))
         batch = _BATCHES.get(shape)
         if batch is None:
             batch = _BATCHES[shape] = _build_batch(updates, inserts)
         params: dict[str, Any] = {}
-        for i, ((_, given), compiled) in enumerate(zip(updates, batch.updates, strict=True)):
+        for i, ((_, given, _), compiled) in enumerate(zip(updates, batch.updates,
+                                                          strict=True)):
             for name, value in (compiled.construct_params(given) or {}).items():
                 params[f"w{i}_{name}"] = value
         offset = len(updates)
@@ -134,21 +152,31 @@ class Unit:
             for r, row in enumerate(rows):
                 for column, value in row.items():
                     params[f"w{offset + k}_{r}_{column}"] = value
-        await self.conn.execute(batch.statement, params)
+        counts = (await self.conn.execute(batch.statement, params)).one()
+        guarded = [g for _, _, g in updates if g is not None]
+        for guard, count in zip(guarded, counts, strict=False):
+            if count != 1:
+                raise GuardLost(guard)
 
 
-def _build_batch(updates: Sequence[tuple[UpdateBase, dict[str, Any]]],
+def _build_batch(updates: Sequence[tuple[UpdateBase, dict[str, Any], str | None]],
                  inserts: dict[Table, list[dict[str, Any]]]) -> _Batch:
     parts: list[str] = []
     binds = []
     compiled_updates = []
-    for i, (statement, _) in enumerate(updates):
+    counted: list[str] = []
+    for i, (statement, _, guard) in enumerate(updates):
         compiled = statement.compile(dialect=_NAMED_PG)
         compiled_updates.append(compiled)
         sql = str(compiled)
         for bind, name in compiled.bind_names.items():  # name: as rendered in ``sql``
             sql = re.sub(rf":{re.escape(name)}\b", f":w{i}_{name}", sql)
             binds.append(bindparam(f"w{i}_{name}", type_=bind.type))
+        if guard is not None:
+            # A data-modifying CTE's rows are visible to the outer SELECT only through
+            # RETURNING: the count of a guard's rows is its answer.
+            sql += " RETURNING 1"
+            counted.append(f"(SELECT count(*) FROM w{i})")  # noqa: S608 - an index, no input
         parts.append(f"w{i} AS ({sql})")
     offset = len(updates)
     for k, (table, rows) in enumerate(inserts.items()):
@@ -161,5 +189,8 @@ def _build_batch(updates: Sequence[tuple[UpdateBase, dict[str, Any]]],
                      f"VALUES {values})")
         binds.extend(bindparam(f"w{n}_{r}_{c}", type_=table.c[c].type)
                      for r in range(len(rows)) for c in columns)
-    combined = text("WITH " + ", ".join(parts) + " SELECT 1").bindparams(*binds)
-    return _Batch(combined, tuple(compiled_updates))
+    # Names from our own metadata: no input in the text.
+    tail = " SELECT " + (", ".join(counted) if counted else "1")
+    combined = text("WITH " + ", ".join(parts) + tail).bindparams(*binds)
+    return _Batch(combined, tuple(compiled_updates),
+                  tuple(g for _, _, g in updates))
