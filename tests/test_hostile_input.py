@@ -7,6 +7,7 @@ traceback reaches the log. Also RevokeSession(user_id), the central "log out eve
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
@@ -167,7 +168,13 @@ async def answer(stub: Stub, challenge_id: str, response: Any) -> str:
     return "approved" if result.result == pb.VERIFY_RESULT_APPROVED else REFUSED
 
 
-def no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+async def no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """Called inside ``caplog.at_level``: the access-log line of the last call is written
+    after its answer was sent, so it may arrive a moment after the client has it."""
+    for _ in range(200):
+        if [r for r in caplog.records if r.name == "mfa_service.rpc"]:
+            break
+        await asyncio.sleep(0.01)
     assert [r for r in caplog.records if r.name == "mfa_service.rpc"], "log not captured"
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     assert "Traceback" not in caplog.text
@@ -194,7 +201,7 @@ async def test_a_hostile_webauthn_response_is_invalid_or_refused_never_internal(
             assert got in (INVALID, REFUSED, "approved")
         if got == INVALID:  # a malformed request is not a guess: the genuine one still works
             assert await answer(stub, challenge_id, genuine) == "approved"
-    no_traceback(caplog)
+        await no_traceback(caplog)
 
 
 @pytest.mark.parametrize("swap", ["registration_for_assertion", "assertion_for_registration"])
@@ -208,7 +215,7 @@ async def test_the_other_ceremony_s_json_is_refused(
         else:
             got = await answer(stub, c.enrol_challenge, c.assertion)
         assert got in (INVALID, REFUSED)
-    no_traceback(caplog)
+        await no_traceback(caplog)
 
 
 JSON = st.recursive(
@@ -236,7 +243,7 @@ async def test_any_json_value_as_webauthn_response_is_never_internal(
     sent = value if where == "whole" else setting(where, value)(genuine)
     with caplog.at_level(logging.INFO, logger="mfa_service"):
         assert await answer(stub, challenge_id, sent) in (INVALID, REFUSED, "approved")
-    no_traceback(caplog)
+        await no_traceback(caplog)
 
 
 # -- RevokeSession(user_id): the central "log out everywhere" --------------------------------
