@@ -34,6 +34,7 @@ from sqlalchemy import event
 
 from mfa_service.app import App
 from mfa_service.clock import FixedClock
+from mfa_service.store import hot
 from tests.conftest import enroll_app, login, totp_at
 from tests.rig import Rig, enroll_phone
 
@@ -67,12 +68,17 @@ def counting(app: App) -> Iterator[Statements]:
     def record(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         seen.seen.append((id(conn), statement))
 
+    def record_hot(conn: int, statement: str) -> None:  # store/hot.py: raw asyncpg
+        seen.seen.append((conn, statement))
+
     engine = app.database.engine.sync_engine
     event.listen(engine, "before_cursor_execute", record)
+    hot.observers.append(record_hot)
     try:
         yield seen
     finally:
         event.remove(engine, "before_cursor_execute", record)
+        hot.observers.remove(record_hot)
 
 
 def within(app: App, n: int, postgres: int, sqlite: int) -> bool:

@@ -189,8 +189,27 @@ async def notify_revoked(unit: Any, user_ids: set[str]) -> None:
         await unit.execute(_NOTIFY, {"user_id": user_id})
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """Whether a raw asyncpg error (store/hot.py) means the connection is gone."""
+    import asyncpg
+
+    return isinstance(exc, asyncpg.exceptions.InterfaceError | asyncpg.PostgresConnectionError
+                      | OSError | ConnectionError)
+
+
 def translate(exc: BaseException) -> StoreError | None:
     """Map a driver or SQLAlchemy error to a store error (None: not a store error)."""
+    if connection_lost(exc):  # raw asyncpg (store/hot.py)
+        return StoreUnavailable()
+    import asyncpg
+
+    if isinstance(exc, asyncpg.PostgresError):  # raw asyncpg, by SQLSTATE as below
+        sqlstate = exc.sqlstate
+        if sqlstate in _RETRYABLE_SQLSTATES:
+            return StoreConflict()
+        if sqlstate is not None and sqlstate[:2] in ("08", "53", "57"):
+            return StoreUnavailable()
+        return None
     if isinstance(exc, IntegrityError):
         return StoreConflict()
     if isinstance(exc, DBAPIError):

@@ -45,6 +45,7 @@ from mfa_service.domain import (
     Purpose,
     Session,
 )
+from mfa_service.store import hot
 from mfa_service.store.engine import lock_keys, notify_revoked, take_budget_unit
 from mfa_service.store.models import (
     UTCDateTime,
@@ -540,7 +541,13 @@ class SessionRepository:
             "idle_expires_at": s.idle_expires_at, "revoked_at": None})
 
     async def find_live(self, token_hashes: Sequence[bytes], now: datetime) -> Session | None:
-        """The live session (not revoked, neither deadline passed) with one of the hashes."""
+        """The live session (not revoked, neither deadline passed) with one of the hashes.
+
+        PostgreSQL: the hot statement on the raw asyncpg connection (store/hot.py)."""
+        if self._unit.postgres:
+            row = await self._unit.fetchrow(hot.FIND_LIVE_SESSION, list(token_hashes),
+                                            hot.naive_utc(now))
+            return hot.session_from(row) if row is not None else None
         params: dict[str, Any] = {f"h{i}": h for i, h in enumerate(token_hashes)}
         params["now"] = now
         row = (await self._unit.execute(_find_live(len(token_hashes)), params)).first()

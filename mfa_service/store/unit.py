@@ -39,6 +39,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import UpdateBase
 
 from mfa_service.errors import GuardLost
+from mfa_service.store import hot
+from mfa_service.store.engine import connection_lost
 
 # Compiles deferred UPDATEs to SQL with :named parameters, to be embedded in one WITH.
 # No casts in that text: the asyncpg dialect adds its own to the typed parameters.
@@ -65,6 +67,7 @@ class Unit:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
         self._postgres = conn.dialect.name == "postgresql"
+        self.postgres = self._postgres
         self._updates: list[tuple[UpdateBase, dict[str, Any], str | None]] = []
         self._inserts: dict[Table, list[dict[str, Any]]] = {}
         self._before_flush: list[Callable[[], None]] = []
@@ -76,6 +79,23 @@ class Unit:
         if sees_deferred:
             await self.flush()
         return await self.conn.execute(statement, params)
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any:
+        """PostgreSQL only: one row of a hot statement (store/hot.py), run with asyncpg on
+        this unit's connection (inside its transaction, if any); deferred writes first.
+
+        A connection that failed here is invalidated, so the pool does not hand it out
+        again (SQLAlchemy did not see the failure)."""
+        await self.flush()
+        raw = await self.conn.get_raw_connection()
+        for observe in hot.observers:
+            observe(id(self.conn.sync_connection), sql)
+        try:
+            return await raw.driver_connection.fetchrow(sql, *args)  # type: ignore[union-attr]
+        except Exception as exc:
+            if connection_lost(exc):
+                await self.conn.invalidate()
+            raise
 
     async def write(self, statement: Executable,
                     params: dict[str, Any] | None = None) -> int:
