@@ -71,6 +71,7 @@ def check_report_shape(report: dict[str, Any], rpcs: set[str]) -> None:
     ("mixed", {"CheckSession", "ListFactors", "Challenge", "Verify"}),
     ("login", {"Challenge", "Verify"}),
     ("enroll", {"Enroll", "Verify"}),
+    ("passkey", {"Enroll", "Verify", "Challenge"}),
 ])
 async def test_a_short_run_reports_every_rpc_without_unexpected_errors(
         app: App, clock: FixedClock, scenario: str, rpcs: set[str]) -> None:
@@ -87,7 +88,7 @@ async def test_a_short_run_reports_every_rpc_without_unexpected_errors(
     assert report["parameters"]["scenario"] == scenario
     assert report["parameters"]["connections"] == 2
     assert report["baseline"] is None and report["overall"]["vs_baseline"] is None
-    assert report["setup"]["users"] == (0 if scenario == "enroll" else 6)
+    assert report["setup"]["users"] == (0 if scenario in ("enroll", "passkey") else 6)
     if scenario == "mixed":
         assert report["rpcs"]["CheckSession"]["outcomes"] == {
             "valid": report["rpcs"]["CheckSession"]["count"]}
@@ -97,6 +98,12 @@ async def test_a_short_run_reports_every_rpc_without_unexpected_errors(
         assert report["rpcs"]["Verify"]["outcomes"] == {"VERIFY_RESULT_APPROVED": 6}
         assert report["scenarios"]["login"]["completed"] == 6
         assert report["scenarios"]["login"]["stalled_worker_seconds"] > 0
+    elif scenario == "passkey":  # a new user enrols a passkey and logs in with it
+        passkey = report["scenarios"]["passkey"]
+        assert passkey["completed"] == passkey["operations"] > 0
+        assert report["rpcs"]["Challenge"]["count"] == passkey["completed"]
+        assert report["rpcs"]["Verify"]["outcomes"] == {
+            "VERIFY_RESULT_APPROVED": 2 * passkey["completed"]}
     else:  # every operation a new user: Enroll, then the first code confirms it
         enroll = report["scenarios"]["enroll"]
         assert enroll["completed"] == enroll["operations"] == report["rpcs"]["Enroll"]["count"]

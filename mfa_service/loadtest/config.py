@@ -16,9 +16,11 @@ from pathlib import Path
 #   challenge-verify-wrong  Challenge LOGIN + Verify with a wrong code (attempts, lockout)
 #   login                   Challenge LOGIN + Verify with the right code -> a session
 #   enroll                  Enroll an authenticator app for a new user + Verify to confirm
+#   passkey                 a new user enrols a passkey (Enroll + Verify the registration),
+#                           then logs in with it (Challenge + Verify an assertion)
 #   mixed                   the production shape below
 SCENARIOS = ("mixed", "check-session", "list-factors", "challenge-verify-wrong", "login",
-             "enroll")
+             "enroll", "passkey")
 # Production shape: sessions are checked on every page, factors listed on the profile page,
 # and wrong codes are what an attacker (or a clumsy user) sends.
 MIXED: tuple[tuple[str, float], ...] = (
@@ -92,8 +94,9 @@ class LoadConfig:
                 raise LoadTestError(f"{name} must be between {low} and {high}, not {value}")
         if self.max_calls is not None and self.max_calls < 1:
             raise LoadTestError("max_calls must be at least 1")
-        if self.users_file is not None and self.scenario == "enroll":
-            raise LoadTestError("the enroll scenario makes its own users; drop --users-file")
+        if self.users_file is not None and self.scenario in ("enroll", "passkey"):
+            raise LoadTestError(f"the {self.scenario} scenario makes its own users; "
+                                "drop --users-file")
         if self.users_file is not None and not self.users_file.is_file():
             raise LoadTestError(f"--users-file {self.users_file} is not a file")
 

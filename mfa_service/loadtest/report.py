@@ -41,6 +41,7 @@ SCENARIO_RPCS: dict[str, tuple[str, ...]] = {
     "check-session": ("CheckSession",), "list-factors": ("ListFactors",),
     "challenge-verify-wrong": ("Challenge", "Verify"), "login": ("Challenge", "Verify"),
     "enroll": ("Enroll", "Verify"), "echo": ("CheckSession",),
+    "passkey": ("Enroll", "Verify", "Challenge"),
 }
 
 

@@ -34,12 +34,16 @@ from mfa.v1 import two_factor_service_pb2 as pb
 
 from mfa_service.loadtest.config import ECHO, MIXED
 from mfa_service.loadtest.recorder import RESOURCE_EXHAUSTED, Outcome, Recorder
+from mfa_service.loadtest.softauthn import SoftAuthenticator
 from mfa_service.loadtest.users import LeasePool, User, time_step
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
 
 USER_AGENT = "mfa-service-loadtest"
+# The origin the passkey scenario's authenticator claims: the server's development default
+# (settings.py DEV_ORIGINS, the reference portal).
+PASSKEY_ORIGIN = "http://localhost:8080"
 
 
 class Result(Enum):
@@ -57,6 +61,7 @@ NEEDS: dict[str, tuple[bool, bool]] = {
     # No session for login users: logging them in during setup would spend a TOTP step.
     "login": (True, False),
     "enroll": (False, False),
+    "passkey": (False, False),
     ECHO: (False, False),
 }
 
@@ -119,7 +124,7 @@ class Scenarios:
         self.table: dict[str, Operation] = {
             "check-session": self.check_session, "list-factors": self.list_factors,
             "challenge-verify-wrong": self.challenge_verify_wrong, "login": self.login,
-            "enroll": self.enroll, ECHO: self.echo,
+            "enroll": self.enroll, "passkey": self.passkey, ECHO: self.echo,
         }
 
     def pick(self, scenario: str, rng: random.Random) -> str:
@@ -225,6 +230,40 @@ class Scenarios:
             return Result.COMPLETED
         finally:
             self.login_pool.release(user, float(user.last_step))
+
+    async def passkey(self, stub: Stub, rng: random.Random) -> Result:
+        """A user never seen before enrols a passkey (a software authenticator answering
+        the server's creation options as a browser would), then logs in with it.
+
+        The origin is the first the server allows by default (the reference portal's);
+        a server configured for other origins needs ``MFA_WEBAUTHN_ORIGINS`` to list it."""
+        op = time.perf_counter()
+        user_id = f"{self._prefix}-passkey-{next(self._fresh):07d}"
+        key = SoftAuthenticator(origin=PASSKEY_ORIGIN)
+        enrolled = await self.rec.call("Enroll", lambda: stub.Enroll(pb.EnrollRequest(
+            user_id=user_id, method=pb.METHOD_PASSKEY, application=pb.APPLICATION_PORTAL),
+            **self._kw), operation_start=op)
+        if isinstance(enrolled, aio.AioRpcError):
+            return Result.FAILED
+        registered = await self.rec.call("Verify", lambda: stub.Verify(pb.VerifyRequest(
+            challenge_id=enrolled.challenge_id, client_ip="127.0.0.1", user_agent=USER_AGENT,
+            webauthn_response=key.create(enrolled.webauthn_creation_options)), **self._kw),
+            outcome=_approved_outcome, operation_start=op)
+        if isinstance(registered, aio.AioRpcError) or not _approved_outcome(registered)[1]:
+            return Result.FAILED
+        challenge = await self.rec.call("Challenge", lambda: stub.Challenge(
+            pb.ChallengeRequest(user_id=user_id, factor_id=enrolled.factor.factor_id,
+                                purpose=pb.PURPOSE_LOGIN, application=pb.APPLICATION_PORTAL),
+            **self._kw), operation_start=op)
+        if isinstance(challenge, aio.AioRpcError):
+            return Result.FAILED
+        verified = await self.rec.call("Verify", lambda: stub.Verify(pb.VerifyRequest(
+            challenge_id=challenge.challenge_id, client_ip="127.0.0.1", user_agent=USER_AGENT,
+            webauthn_response=key.get(challenge.webauthn_request_options)), **self._kw),
+            outcome=_approved_outcome, operation_start=op)
+        if isinstance(verified, aio.AioRpcError) or not _approved_outcome(verified)[1]:
+            return Result.FAILED
+        return Result.COMPLETED
 
     async def enroll(self, stub: Stub, rng: random.Random) -> Result:
         """Enroll an authenticator app for a user never seen before, then Verify the first
