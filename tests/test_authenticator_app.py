@@ -57,6 +57,26 @@ async def test_qr_code_encodes_the_otpauth_uri(stub: Stub, user_id: str) -> None
     assert resp.qr_png == expected.getvalue()
 
 
+@pytest.mark.parametrize(("asked", "svg", "png"), [
+    (pb.QR_IMAGE_SVG, True, False), (pb.QR_IMAGE_PNG, False, True),
+    (pb.QR_IMAGE_NONE, False, False)])
+async def test_only_the_qr_image_asked_for_is_drawn(
+        stub: Stub, user_id: str, asked: pb.QrImage.ValueType, svg: bool, png: bool) -> None:
+    resp = await stub.Enroll(pb.EnrollRequest(
+        user_id=user_id, method=pb.METHOD_AUTHENTICATOR_APP, application=pb.APPLICATION_PORTAL,
+        qr_image=asked))
+    assert resp.otpauth_uri and resp.totp_secret  # what the app needs is always there
+    assert bool(resp.qr_svg) == svg and bool(resp.qr_png) == png
+
+
+async def test_an_unknown_qr_image_is_invalid(stub: Stub, user_id: str) -> None:
+    with pytest.raises(aio.AioRpcError) as err:
+        await stub.Enroll(pb.EnrollRequest(
+            user_id=user_id, method=pb.METHOD_AUTHENTICATOR_APP,
+            application=pb.APPLICATION_PORTAL, qr_image=99))  # type: ignore[arg-type]
+    assert "qr_image" in rich_error(err.value).field_violations
+
+
 async def test_confirming_with_a_current_code_activates_the_factor(
         stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
     resp = await stub.Enroll(pb.EnrollRequest(

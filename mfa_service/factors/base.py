@@ -28,6 +28,8 @@ class EnrollInput:
     phone_number: str = ""
     channel: Channel | None = None
     account_name: str = ""
+    qr_svg: bool = True  # authenticator app: draw the QR code as SVG
+    qr_png: bool = True  # ... and/or as PNG
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,8 @@ class Provisioning:
 
     secret_base32: str
     otpauth_uri: str
-    qr_svg: str
-    qr_png: bytes
+    qr_svg: str  # "" when not asked for
+    qr_png: bytes  # b"" when not asked for
 
 
 @dataclass(frozen=True)

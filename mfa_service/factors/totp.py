@@ -72,17 +72,26 @@ def match_totp(secret: bytes, code: str, at: datetime, *, window: int,
     return matched
 
 
-def provisioning(secret: bytes, issuer: str, account_name: str) -> Provisioning:
-    """The otpauth:// URI (Key Uri Format) and its QR code as SVG and PNG."""
+def provisioning(secret: bytes, issuer: str, account_name: str, *, svg: bool = True,
+                 png: bool = True) -> Provisioning:
+    """The otpauth:// URI (Key Uri Format) and its QR code as SVG and/or PNG, drawn once
+    (choosing the mask pattern is most of the cost) and only when an image is asked for."""
     secret_b32 = base64.b32encode(secret).decode().rstrip("=")
     uri = pyotp.TOTP(secret_b32, digits=DIGITS, interval=PERIOD_SECONDS).provisioning_uri(
         name=account_name, issuer_name=issuer)
-    qr = segno.make_qr(uri, error="m")
-    svg, png = io.BytesIO(), io.BytesIO()
-    qr.save(svg, kind="svg", scale=4, xmldecl=False)
-    qr.save(png, kind="png", scale=5)
-    return Provisioning(secret_base32=secret_b32, otpauth_uri=uri,
-                        qr_svg=svg.getvalue().decode(), qr_png=png.getvalue())
+    qr_svg, qr_png = "", b""
+    if svg or png:
+        qr = segno.make_qr(uri, error="m")
+        if svg:
+            out = io.BytesIO()
+            qr.save(out, kind="svg", scale=4, xmldecl=False)
+            qr_svg = out.getvalue().decode()
+        if png:
+            out = io.BytesIO()
+            qr.save(out, kind="png", scale=5)
+            qr_png = out.getvalue()
+    return Provisioning(secret_base32=secret_b32, otpauth_uri=uri, qr_svg=qr_svg,
+                        qr_png=qr_png)
 
 
 class AuthenticatorApp(CodeMethod):
@@ -119,7 +128,8 @@ class AuthenticatorApp(CodeMethod):
             secret, secret_aad(request.factor_id, request.user_id))
         return EnrollmentMaterial(
             label=label, masked_destination=label, secret_ciphertext=ciphertext,
-            secret_key_id=key_id, provisioning=provisioning(secret, self._issuer, label))
+            secret_key_id=key_id, provisioning=provisioning(
+                secret, self._issuer, label, svg=request.qr_svg, png=request.qr_png))
 
     def parse_code(self, raw: str) -> str:
         return normalise_digits(raw, (DIGITS,))

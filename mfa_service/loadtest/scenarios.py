@@ -275,7 +275,8 @@ class Scenarios:
         user_id = f"{self._prefix}-enroll-{next(self._fresh):07d}"
         enrolled = await self.rec.call("Enroll", lambda: stub.Enroll(pb.EnrollRequest(
             user_id=user_id, method=pb.METHOD_AUTHENTICATOR_APP,
-            application=pb.APPLICATION_PORTAL, account_name=user_id), **self._kw),
+            application=pb.APPLICATION_PORTAL, account_name=user_id,
+            qr_image=pb.QR_IMAGE_SVG), **self._kw),  # what a portal page shows
             operation_start=op)
         if isinstance(enrolled, aio.AioRpcError):
             return Result.FAILED

@@ -49,6 +49,8 @@ class EnrollCommand:
     change_proof_challenge_id: str | None = None
     locale: str = ""
     session_token: str = ""  # step-up proof once the user has an ACTIVE factor
+    qr_svg: bool = True  # authenticator app: which QR images to draw
+    qr_png: bool = True
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,8 @@ class Enrolment:
         # opens, so no database connection waits on CPU work.
         material = method.begin_enrollment(EnrollInput(
             factor_id=factor_id, user_id=cmd.user_id, email=cmd.email,
-            phone_number=cmd.phone_number, channel=channel, account_name=cmd.account_name))
+            phone_number=cmd.phone_number, channel=channel, account_name=cmd.account_name,
+            qr_svg=cmd.qr_svg, qr_png=cmd.qr_png))
         now = ctx.clock.now()
         factor = Factor(factor_id=factor_id, user_id=cmd.user_id, method=cmd.method,
                         status=FactorStatus.PENDING,

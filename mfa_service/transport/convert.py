@@ -203,6 +203,8 @@ def enroll_command(req: pb.EnrollRequest) -> EnrollCommand:
     if req.change_proof_challenge_id:
         c.resource_id("change_proof_challenge_id", req.change_proof_challenge_id)
     c.text("session_token", req.session_token, max_len=MAX_TOKEN, required=False)
+    if req.qr_image not in pb.QrImage.values():
+        c.bad("qr_image", "must be one of QR_IMAGE_SVG, QR_IMAGE_PNG, QR_IMAGE_NONE (or unset)")
     if req.locale and (len(req.locale) > MAX_LOCALE or not LOCALE_RE.fullmatch(req.locale)):
         c.bad("locale", "must be a BCP 47 language tag such as 'en' or 'da-DK' "
                         f"(at most {MAX_LOCALE} characters)")
@@ -219,7 +221,9 @@ def enroll_command(req: pb.EnrollRequest) -> EnrollCommand:
         user_id=user_id, method=method, application=application, email=req.email,
         phone_number=req.phone_number, channel=channel, account_name=req.account_name,
         change_proof_challenge_id=req.change_proof_challenge_id or None,
-        locale=req.locale.lower(), session_token=req.session_token)
+        locale=req.locale.lower(), session_token=req.session_token,
+        qr_svg=req.qr_image in (pb.QR_IMAGE_UNSPECIFIED, pb.QR_IMAGE_SVG),
+        qr_png=req.qr_image in (pb.QR_IMAGE_UNSPECIFIED, pb.QR_IMAGE_PNG))
 
 
 def challenge_command(req: pb.ChallengeRequest) -> ChallengeCommand:

@@ -141,6 +141,37 @@ regenerating recovery codes; RegenerateRecoveryCodes consumes the approval once.
 """
 Global___Purpose: _TypeAlias = Purpose  # noqa: Y015
 
+class _QrImage:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _QrImageEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QrImage.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    QR_IMAGE_UNSPECIFIED: _QrImage.ValueType  # 0
+    """Both images, qr_svg and qr_png (what Enroll returned before this field existed)."""
+    QR_IMAGE_SVG: _QrImage.ValueType  # 1
+    """qr_svg only."""
+    QR_IMAGE_PNG: _QrImage.ValueType  # 2
+    """qr_png only."""
+    QR_IMAGE_NONE: _QrImage.ValueType  # 3
+    """Neither: the caller draws otpauth_uri itself (or shows only totp_secret)."""
+
+class QrImage(_QrImage, metaclass=_QrImageEnumTypeWrapper):
+    """Which QR image of the otpauth:// URI Enroll draws for METHOD_AUTHENTICATOR_APP.
+    Drawing one costs a few milliseconds of CPU (choosing its mask pattern): ask only for
+    the one the page shows.
+    """
+
+QR_IMAGE_UNSPECIFIED: QrImage.ValueType  # 0
+"""Both images, qr_svg and qr_png (what Enroll returned before this field existed)."""
+QR_IMAGE_SVG: QrImage.ValueType  # 1
+"""qr_svg only."""
+QR_IMAGE_PNG: QrImage.ValueType  # 2
+"""qr_png only."""
+QR_IMAGE_NONE: QrImage.ValueType  # 3
+"""Neither: the caller draws otpauth_uri itself (or shows only totp_secret)."""
+Global___QrImage: _TypeAlias = QrImage  # noqa: Y015
+
 class _Application:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -375,6 +406,7 @@ class EnrollRequest(_message.Message):
     CHANGE_PROOF_CHALLENGE_ID_FIELD_NUMBER: _builtins.int
     LOCALE_FIELD_NUMBER: _builtins.int
     SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    QR_IMAGE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user to bind the factor to (opaque id of the central login, 1-128 characters)."""
     method: Global___Method.ValueType
@@ -403,6 +435,8 @@ class EnrollRequest(_message.Message):
     an ACTIVE factor; ignored for the first factor. A phone change needs this and
     change_proof_challenge_id.
     """
+    qr_image: Global___QrImage.ValueType
+    """METHOD_AUTHENTICATOR_APP: which QR image to return (default both)."""
     def __init__(
         self,
         *,
@@ -416,10 +450,11 @@ class EnrollRequest(_message.Message):
         change_proof_challenge_id: _builtins.str = ...,
         locale: _builtins.str = ...,
         session_token: _builtins.str = ...,
+        qr_image: Global___QrImage.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_name", b"account_name", "application", b"application", "change_proof_challenge_id", b"change_proof_challenge_id", "channel", b"channel", "email", b"email", "locale", b"locale", "method", b"method", "phone_number", b"phone_number", "session_token", b"session_token", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_name", b"account_name", "application", b"application", "change_proof_challenge_id", b"change_proof_challenge_id", "channel", b"channel", "email", b"email", "locale", b"locale", "method", b"method", "phone_number", b"phone_number", "qr_image", b"qr_image", "session_token", b"session_token", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
