@@ -11,7 +11,13 @@ from sqlalchemy import Select, Table, TextClause, event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import (
+    DBAPIError,
+    EmulatedDBAPIException,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
@@ -199,6 +205,10 @@ def connection_lost(exc: BaseException) -> bool:
 
 def translate(exc: BaseException) -> StoreError | None:
     """Map a driver or SQLAlchemy error to a store error (None: not a store error)."""
+    if isinstance(exc, EmulatedDBAPIException) and exc.orig is not None:
+        # SQLAlchemy's asyncpg adapter used directly (store/hot.py: starting a
+        # transaction) wraps the driver's error without SQLAlchemy's own wrapper.
+        return translate(exc.orig)
     if connection_lost(exc):  # raw asyncpg (store/hot.py)
         return StoreUnavailable()
     import asyncpg

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from mfa_service.domain import Application, Method, Session
+from mfa_service.domain import Application, ChallengeState, Method, Session
+from mfa_service.store.models import challenges, factors, user_lockouts
 
 # Who hears of each hot statement run (connection id, SQL): they bypass SQLAlchemy's
 # events, so the statement-count tests and the SQL spans (telemetry.py) listen here.
@@ -51,3 +52,47 @@ def session_from(row: Any) -> Session:
         authenticated_at=row["authenticated_at"].replace(tzinfo=UTC),
         expires_at=row["expires_at"].replace(tzinfo=UTC),
         idle_expires_at=row["idle_expires_at"].replace(tzinfo=UTC))
+
+
+# Column lists from the schema authority (store/models.py), at import: no input in them.
+_FACTOR_COLUMNS = ", ".join(c.name for c in factors.c)
+_CHALLENGE_COLUMNS = ", ".join(c.name for c in challenges.c)
+_LOCKOUT_COLUMNS = ", ".join(c.name for c in user_lockouts.c)
+
+# The per-user lock (store/security.py): create the counter row on first use or lock the
+# existing one, and return it; ON CONFLICT DO UPDATE takes the row lock.
+LOCK_USER = (
+    "INSERT INTO user_lockouts (user_id, consecutive_failures, admin_reset_required)"
+    " VALUES ($1, 0, false)"
+    " ON CONFLICT (user_id) DO UPDATE SET user_id = excluded.user_id"
+    f" RETURNING {_LOCKOUT_COLUMNS}")
+# The same for the user who owns a challenge, found in the same statement.
+LOCK_CHALLENGE_USER = (
+    "INSERT INTO user_lockouts (user_id, consecutive_failures, admin_reset_required)"
+    " SELECT user_id, 0, false FROM challenges WHERE id = $1"
+    " ON CONFLICT (user_id) DO UPDATE SET user_id = excluded.user_id"
+    f" RETURNING {_LOCKOUT_COLUMNS}")
+GET_FACTOR = f"SELECT {_FACTOR_COLUMNS} FROM factors WHERE id = $1"
+# A challenge and its factor in one read (factor columns prefixed "f_").
+CHALLENGE_WITH_FACTOR = (
+    "SELECT " + ", ".join(f"c.{c.name}" for c in challenges.c) + ", "
+    + ", ".join(f"f.{c.name} AS f_{c.name}" for c in factors.c)
+    + " FROM challenges AS c JOIN factors AS f ON f.id = c.factor_id WHERE c.id = $1")
+# Count one attempt and close the challenge in one conditional UPDATE
+# (store/repositories.py: ChallengeRepository.settle_attempt says why). The SET
+# expressions read the row's old values.
+SETTLE_ATTEMPT = (
+    "UPDATE challenges SET attempts = attempts + 1,"
+    f" state = CASE WHEN $2 THEN '{ChallengeState.APPROVED.value}'"
+    f" WHEN attempts + 1 >= max_attempts THEN '{ChallengeState.EXHAUSTED.value}'"
+    " ELSE state END,"
+    " approved_at = CASE WHEN $2 THEN $3 ELSE approved_at END"
+    f" WHERE id = $1 AND state = '{ChallengeState.OPEN.value}' AND expires_at > $3"
+    f" AND attempts < max_attempts RETURNING {_CHALLENGE_COLUMNS}")
+
+
+def aware(row: Any) -> dict[str, Any]:
+    """An asyncpg record as a mapping with aware UTC datetimes (the columns hold naive UTC,
+    as SQLAlchemy's UTCDateTime type would have returned them)."""
+    return {k: (v.replace(tzinfo=UTC) if isinstance(v, datetime) else v)
+            for k, v in row.items()}

@@ -67,7 +67,10 @@ _DISABLED = FactorStatus.DISABLED.value
 
 
 def _factor(row: Row[Any], prefix: str = "") -> FactorRecord:
-    m = row._mapping
+    return _factor_of(row._mapping, prefix)
+
+
+def _factor_of(m: Any, prefix: str = "") -> FactorRecord:
     return FactorRecord(
         factor=Factor(
             factor_id=m[prefix + "id"], user_id=m[prefix + "user_id"],
@@ -180,6 +183,9 @@ class FactorRepository:
 
     async def get(self, factor_id: str) -> FactorRecord | None:
         """The factor (a plain read: writers serialise on the per-user lock first)."""
+        if self._unit.postgres:  # the hot statement (store/hot.py)
+            record = await self._unit.fetchrow(hot.GET_FACTOR, factor_id)
+            return _factor_of(hot.aware(record)) if record is not None else None
         row = (await self._unit.execute(_GET_FACTOR, {"factor_id": factor_id})).first()
         return _factor(row) if row else None
 
@@ -306,7 +312,10 @@ def _aware(value: Any) -> datetime | None:
 
 
 def _challenge(row: Row[Any]) -> Challenge:
-    m = row._mapping
+    return _challenge_of(row._mapping)
+
+
+def _challenge_of(m: Any) -> Challenge:
     return Challenge(
         challenge_id=m["id"], user_id=m["user_id"], factor_id=m["factor_id"],
         purpose=Purpose(m["purpose"]), application=Application(m["application"]),
@@ -381,6 +390,12 @@ class ChallengeRepository:
     async def get_with_factor(self, challenge_id: str,
                               ) -> tuple[Challenge, FactorRecord] | None:
         """The challenge and the factor it was opened on, in one read."""
+        if self._unit.postgres:  # the hot statement (store/hot.py)
+            record = await self._unit.fetchrow(hot.CHALLENGE_WITH_FACTOR, challenge_id)
+            if record is None:
+                return None
+            m = hot.aware(record)
+            return _challenge_of(m), _factor_of(m, "f_")
         row = (await self._unit.execute(_CHALLENGE_WITH_FACTOR,
                                         {"challenge_id": challenge_id})).first()
         return (_challenge(row), _factor(row, "f_")) if row else None
@@ -410,6 +425,10 @@ class ChallengeRepository:
         """
         # It touches one challenge row, which no deferred write changes (those are the
         # factor's TOTP step, new rows and the lockout): the deferred writes can wait.
+        if self._unit.postgres:  # the hot statement (store/hot.py)
+            record = await self._unit.fetchrow(hot.SETTLE_ATTEMPT, challenge_id, ok,
+                                               hot.naive_utc(now), sees_deferred=False)
+            return _challenge_of(hot.aware(record)) if record is not None else None
         row = (await self._unit.execute(
             _SETTLE_ATTEMPT, {"challenge_id": challenge_id, "ok": ok, "now": now},
             sees_deferred=False)).first()

@@ -21,6 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Row
 
+from mfa_service.store import hot
 from mfa_service.store.engine import upsert_lock
 from mfa_service.store.models import UTCDateTime, challenges, recovery_codes, user_lockouts
 from mfa_service.store.unit import Unit
@@ -58,8 +59,12 @@ def _statement(unit: Unit, name: str, source: Any) -> Any:
 
 
 def _state(row: Row[Any]) -> LockoutState:
-    return LockoutState(row.consecutive_failures, row.last_failure_at, row.locked_until,
-                        bool(row.admin_reset_required))
+    return _state_of(row._mapping)
+
+
+def _state_of(m: Any) -> LockoutState:
+    return LockoutState(m["consecutive_failures"], m["last_failure_at"], m["locked_until"],
+                        bool(m["admin_reset_required"]))
 
 
 class LockoutRepository:
@@ -80,6 +85,9 @@ class LockoutRepository:
         (PostgreSQL's ON CONFLICT DO UPDATE takes the row lock; on SQLite BEGIN
         IMMEDIATE already holds the write lock).
         """
+        if self._unit.postgres:  # the hot statement (store/hot.py)
+            record = await self._unit.fetchrow(hot.LOCK_USER, user_id)
+            return _state_of(hot.aware(record))
         statement = _statement(self._unit, "lock_user", _LOCK_USER_SOURCE)
         row = (await self._unit.execute(statement, {"user_id": user_id})).one()
         return _state(row)
@@ -88,6 +96,12 @@ class LockoutRepository:
         """Lock the user who owns ``challenge_id`` (see ``lock``) without knowing them
         yet: one statement instead of a read followed by the lock. None: no such
         challenge. Everything read after this is current for that user."""
+        if self._unit.postgres:  # the hot statement (store/hot.py)
+            record = await self._unit.fetchrow(hot.LOCK_CHALLENGE_USER, challenge_id)
+            if record is None:
+                return None
+            m = hot.aware(record)
+            return m["user_id"], _state_of(m)
         statement = _statement(self._unit, "lock_challenge_user", _LOCK_CHALLENGE_USER_SOURCE)
         row = (await self._unit.execute(statement, {"challenge_id": challenge_id})).first()
         return (row.user_id, _state(row)) if row else None

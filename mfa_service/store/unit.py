@@ -80,17 +80,25 @@ class Unit:
             await self.flush()
         return await self.conn.execute(statement, params)
 
-    async def fetchrow(self, sql: str, *args: Any) -> Any:
+    async def fetchrow(self, sql: str, *args: Any, sees_deferred: bool = True) -> Any:
         """PostgreSQL only: one row of a hot statement (store/hot.py), run with asyncpg on
         this unit's connection (inside its transaction, if any); deferred writes first.
 
         A connection that failed here is invalidated, so the pool does not hand it out
         again (SQLAlchemy did not see the failure)."""
-        await self.flush()
+        if sees_deferred:
+            await self.flush()
         raw = await self.conn.get_raw_connection()
+        adapted: Any = raw.dbapi_connection
         for observe in hot.observers:
             observe(id(self.conn.sync_connection), sql)
         try:
+            if adapted._transaction is None:
+                # SQLAlchemy's asyncpg adapter sends BEGIN lazily, before the first
+                # statement it runs itself: a hot statement first in a transaction
+                # must start it the same way, or it would run (and release its row
+                # locks) on its own. (In autocommit this does nothing.)
+                await adapted._start_transaction()
             return await raw.driver_connection.fetchrow(sql, *args)  # type: ignore[union-attr]
         except Exception as exc:
             if connection_lost(exc):
