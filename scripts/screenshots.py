@@ -53,7 +53,7 @@ def tour(page: Page, stack: Stack, out: Path) -> None:
     expect(page.locator("#session-info")).to_be_visible()
     page.click("#add-passkey")
     page.click("#start")
-    page.locator("#passkey-button, [role=alert]").first.wait_for()
+    page.locator("#passkey-button, [role=alert]:not([hidden])").first.wait_for()
     if page.locator("#passkey-button").count():
         shot("04-passkey-enrolment")
         page.click("#passkey-button")
