@@ -255,7 +255,7 @@ def describe_event(event: pb.AuditEvent, methods: dict[str, str]) -> str | None:
     if event.event == "recovery_code_used" and ok:
         return "Used a recovery code"
     if event.event == "recovery_codes_issued" and ok:
-        return "New recovery codes were made"
+        return "Recovery codes were made"
     if event.event == "session_revoked":
         scope = event.detail.get("scope", "")
         return {"logout": "Logged out", "all_sessions": "Logged out everywhere",
