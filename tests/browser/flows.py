@@ -86,8 +86,12 @@ def user_with_email(page: Page, stack: Stack, username: str) -> tuple[str, list[
     new_user(page, stack, username)
     address = enrol_email(page, stack, username)
     codes = finish_first_factor(page)
-    pass_2fa_by_email(page, stack, address)
+    # No second prompt right after the first factor: straight to the profile...
     expect(page.locator("h1")).to_have_text(f"Profile of {username}")
+    # ...but no mfa-service session yet: pass 2FA, as adding a method would ask.
+    page.goto(f"{stack.portal}/2fa?next=/profile&n=step-up")
+    pass_2fa_by_email(page, stack, address)
+    expect(page.locator("#session-info")).to_contain_text("2FA passed on the portal")
     return address, codes
 
 
@@ -121,3 +125,18 @@ def next_step_code(totp: Any) -> str:
 
 def factor_row(page: Page, slug: str) -> Any:
     return page.locator(f"#factors tr[data-method='{slug}']")
+
+
+def turn_off(page: Page, slug: str, button: str = "#confirm") -> None:
+    """Profile → "Turn off" on the method's row → the turn-off page's button."""
+    page.locator(f".disable-{slug}").first.click()
+    expect(page.locator("h1")).to_contain_text("Turn off")
+    page.click(button)
+
+
+def no_browser_error_names(page: Page) -> None:
+    """A browser's exception names are for developers: never on a page."""
+    text = page.locator("body").inner_text()
+    for name in ("NotAllowedError", "InvalidStateError", "AbortError", "SecurityError",
+                 "NotSupportedError", "ERROR_REASON", "Traceback"):
+        assert name not in text, name

@@ -10,7 +10,13 @@ from typing import Any
 from playwright.sync_api import BrowserContext, CDPSession, Page, expect
 
 from tests.browser.conftest import Shots
-from tests.browser.flows import factor_row, log_in, user_with_email
+from tests.browser.flows import (
+    factor_row,
+    log_in,
+    no_browser_error_names,
+    turn_off,
+    user_with_email,
+)
 from tests.browser.stack import Stack
 
 
@@ -25,20 +31,25 @@ def virtual_authenticator(context: BrowserContext, page: Page,
     return cdp, str(added["authenticatorId"])
 
 
-def enrol_passkey(page: Page, stack: Stack, shot: Shots | None = None) -> None:
+def enrol_passkey(page: Page, stack: Stack, shot: Shots | None = None,
+                  label: str = "") -> None:
     page.goto(f"{stack.portal}/profile")
     page.click("#add-passkey")
+    if label:
+        page.fill("#label", label)
     page.click("#start")
     # Fail fast with the portal's message when the server refuses (NOT_SUPPORTED).
-    page.locator("#passkey-button, [role=alert]").first.wait_for()
+    page.locator("#passkey-button, [role=alert]:not([hidden])").first.wait_for()
     alert = page.get_by_role("alert")
     assert alert.count() == 0, alert.inner_text()
-    expect(page.locator("h1")).to_have_text("Turn on passkey")
+    expect(page.locator("h1")).to_have_text(f"Turn on passkey “{label}”" if label
+                                            else "Turn on passkey")
     if shot is not None:
         shot("passkey-enrolment")
     page.click("#passkey-button")
-    expect(page.get_by_role("status")).to_have_text("The method is turned on.")
-    expect(factor_row(page, "passkey")).to_contain_text("On")
+    expect(page.get_by_role("status")).to_have_text(
+        f"Passkey “{label}” is turned on." if label else "Passkey is turned on.")
+    expect(factor_row(page, "passkey").last).to_contain_text("On")
 
 
 def test_enrol_a_passkey_and_log_in_with_it(page: Page, context: BrowserContext,
@@ -72,8 +83,9 @@ def test_a_passkey_without_user_verification_is_refused(
     cdp.send("WebAuthn.setUserVerified", {"authenticatorId": authenticator,
                                           "isUserVerified": False})
     page.click("#passkey-button")
-    refusal = page.locator("#passkey-error:not([hidden]), [role=alert]").first
+    refusal = page.locator("#error:not([hidden])")
     expect(refusal).to_be_visible()
+    no_browser_error_names(page)
     shot("refused")
     page.goto(f"{stack.portal}/profile")
     expect(page).to_have_url(f"{stack.portal}/2fa?next=%2Fprofile")
@@ -85,9 +97,66 @@ def test_turning_off_a_passkey_needs_the_passkey(page: Page, context: BrowserCon
     virtual_authenticator(context, page)
     user_with_email(page, stack, username)
     enrol_passkey(page, stack)
-    page.click(".disable-passkey")
+    turn_off(page, "passkey")
     expect(page.locator("h1")).to_have_text("Turn off passkey")
     shot("confirm-with-passkey")
     page.click("#passkey-button")
-    expect(page.get_by_role("status")).to_have_text("The method is turned off.")
+    expect(page.get_by_role("status")).to_have_text("Passkey is turned off.")
     expect(factor_row(page, "passkey")).to_have_count(0)
+
+
+def test_passkeys_are_told_apart_by_name_and_dates(page: Page, context: BrowserContext,
+                                                   stack: Stack, username: str,
+                                                   shot: Shots) -> None:
+    virtual_authenticator(context, page)
+    user_with_email(page, stack, username)
+    enrol_passkey(page, stack, label="Work laptop")
+    # A second passkey on another authenticator (a phone), without a name.
+    second = context.new_page()
+    virtual_authenticator(context, second)
+    enrol_passkey(second, stack)
+    second.close()
+    page.goto(f"{stack.portal}/profile")
+    rows = factor_row(page, "passkey")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_contain_text("Work laptop")
+    expect(rows.nth(0)).to_contain_text("last used")
+    expect(rows.nth(1)).to_contain_text("Passkey")
+    expect(rows.nth(0)).to_contain_text(" UTC")  # the date it was added
+    shot("two-passkeys")
+    # Rename the unnamed one.
+    rows.nth(1).locator(".rename").click()
+    expect(page.locator("h1")).to_have_text("Rename passkey")
+    page.fill("#label", "Phone")
+    page.click("#save")
+    expect(page.get_by_role("status")).to_have_text("The new name is saved.")
+    expect(factor_row(page, "passkey").nth(1)).to_contain_text("Phone")
+    # The 2FA choice page names them too: never "Passkey Passkey".
+    page.click("#logout")
+    log_in(page, stack, username)
+    choices = page.locator(".choice[data-method='passkey']")
+    expect(choices.nth(0)).to_contain_text("Work laptop")
+    expect(choices.nth(1)).to_contain_text("Phone")
+    assert "Passkey Passkey" not in page.locator("main").inner_text()
+    shot("choose-named-passkeys")
+
+
+def test_turning_off_the_passkey_that_logged_in_says_so(
+        page: Page, context: BrowserContext, stack: Stack, username: str,
+        shot: Shots) -> None:
+    virtual_authenticator(context, page)
+    user_with_email(page, stack, username)
+    enrol_passkey(page, stack)
+    page.click("#logout")
+    log_in(page, stack, username)
+    page.click(".use-passkey")
+    page.click("#passkey-button")
+    expect(page.locator("#session-info")).to_contain_text("(Passkey)")
+    turn_off(page, "passkey")
+    page.click("#passkey-button")
+    # The session it opened ended with it: a clear word, then the other method.
+    expect(page.get_by_role("status")).to_have_text(
+        "Passkey is turned off. You had logged in with it, so confirm it's you with "
+        "another method to go on.")
+    expect(page.locator("#use-email")).to_be_visible()
+    shot("turned-off-then-asked")

@@ -20,6 +20,7 @@ from tests.browser.flows import (
     next_step_code,
     pass_2fa_by_email,
     submit_code,
+    turn_off,
     unique_phone,
     user_with_email,
 )
@@ -38,10 +39,13 @@ def test_wrong_password_is_refused(page: Page, stack: Stack, username: str,
     page.fill("#password", "not the password")
     page.click("#login")
     expect(page.get_by_role("alert")).to_have_text("Wrong username or password.")
+    # Logged out: the header offers nothing that needs a login.
+    expect(page.locator("header a")).to_have_count(0)
+    expect(page.locator("header")).to_contain_text("Demo Portal")
     shot("refused")
 
 
-def test_enrol_email_shows_recovery_codes_once_then_asks_for_2fa(
+def test_enrol_email_shows_recovery_codes_once_then_no_second_prompt(
         page: Page, stack: Stack, username: str, shot: Shots) -> None:
     new_user(page, stack, username)
     shot("profile-without-2fa")
@@ -50,14 +54,25 @@ def test_enrol_email_shows_recovery_codes_once_then_asks_for_2fa(
     codes = page.locator(".recovery-code").all_inner_texts()
     assert len(codes) == 10 and len(set(codes)) == 10
     shot("recovery-codes")
+    before = stack.last_id()
     finish_first_factor(page)
-    # From now on the password alone is not enough: the portal asks for the second factor.
+    # Confirming the first factor proved it: the profile opens without a second prompt,
+    # and no other code was sent.
+    expect(page.locator("h1")).to_have_text(f"Profile of {username}")
+    expect(page.get_by_role("status")).to_have_text("Email is turned on.")
+    expect(page.locator("#session-info")).to_contain_text("not asked for it again")
+    assert stack.last_id() == before
+    shot("profile-after-first-factor")
+    # The backoffice honours mfa-service sessions only: it asks, once.
+    page.click("#to-backoffice")
     expect(page.locator("#use-email")).to_be_visible()
     shot("2fa-asked")
     before = stack.last_id()
     page.click("#use-email")
     shot("code-sent")
     submit_code(page, stack.code_for(f"{username}@example.com", before))
+    expect(page.locator("#sso")).to_contain_text("2FA passed on the portal")
+    page.goto(f"{stack.portal}/profile")
     row = factor_row(page, "email")
     expect(row).to_contain_text("@example.com")
     expect(row).to_contain_text("On")
@@ -112,7 +127,7 @@ def test_enrol_phone_by_sms_and_log_in_with_it(page: Page, stack: Stack, usernam
     user_with_email(page, stack, username)
     number = unique_phone()
     enrol_phone(page, stack, number, "sms")
-    expect(page.get_by_role("status")).to_have_text("The method is turned on.")
+    expect(page.get_by_role("status")).to_have_text("Phone is turned on.")
     expect(factor_row(page, "phone")).to_contain_text(number[-2:])
     shot("phone-on")
     page.click("#logout")
@@ -150,6 +165,9 @@ def test_enrol_authenticator_app_with_qr_code_and_log_in(page: Page, stack: Stac
     submit_code(page, totp.now())
     expect(page.locator("h1")).to_have_text("Authenticator app is turned on")
     finish_first_factor(page)
+    expect(page.get_by_role("status")).to_have_text("Authenticator app is turned on.")
+    page.click("#logout")
+    log_in(page, stack, username)
     page.click("#use-app")
     shot("app-code")
     submit_code(page, next_step_code(totp))  # the enrolment used this step's code
@@ -237,7 +255,7 @@ def test_turning_off_email_needs_an_email_code(page: Page, stack: Stack, usernam
                                                shot: Shots) -> None:
     address, _ = user_with_email(page, stack, username)
     before = stack.last_id()
-    page.click("#disable-email")
+    turn_off(page, "email")
     expect(page.locator("h1")).to_have_text("Turn off email")
     code = stack.code_for(address, before)
     submit_code(page, wrong(code))
@@ -248,7 +266,7 @@ def test_turning_off_email_needs_an_email_code(page: Page, stack: Stack, usernam
     # Back to the open step (a new code now would be refused: 30-s resend cooldown).
     page.goto(f"{stack.portal}/verify")
     submit_code(page, code)
-    expect(page.get_by_role("status")).to_have_text("The method is turned off.")
+    expect(page.get_by_role("status")).to_have_text("Email is turned off.")
     expect(factor_row(page, "email")).to_have_count(0)
     shot("turned-off")
 
@@ -259,7 +277,7 @@ def test_turning_off_the_app_needs_an_app_code(page: Page, stack: Stack, usernam
     _, totp = enrol_app(page, stack)
     submit_code(page, totp.now())
     expect(factor_row(page, "app")).to_contain_text("On")
-    page.click("#disable-app")
+    turn_off(page, "app")
     code = next_step_code(totp)
     submit_code(page, wrong(code))
     expect(page.get_by_role("alert")).to_contain_text("That code is not right.")
@@ -267,7 +285,7 @@ def test_turning_off_the_app_needs_an_app_code(page: Page, stack: Stack, usernam
     expect(factor_row(page, "app")).to_contain_text("On")
     page.goto(f"{stack.portal}/verify")
     submit_code(page, code)
-    expect(page.get_by_role("status")).to_have_text("The method is turned off.")
+    expect(page.get_by_role("status")).to_have_text("Authenticator app is turned off.")
     expect(factor_row(page, "app")).to_have_count(0)
     expect(factor_row(page, "email")).to_contain_text("On")
     shot("app-off")
@@ -290,6 +308,8 @@ def test_changing_the_phone_needs_the_old_number(page: Page, stack: Stack, usern
     page.goto(f"{stack.portal}/profile")
     before = stack.last_id()
     page.click("#change-phone")
+    expect(page.locator("h1")).to_have_text("Change phone number")
+    page.click("#change-sms")
     expect(page.locator("h1")).to_have_text("Change phone number: confirm your current number")
     old_code = stack.code_for(old, before)
     submit_code(page, wrong(old_code))
@@ -322,14 +342,16 @@ def test_turning_off_the_phone_needs_a_code_sent_to_it(page: Page, stack: Stack,
     user_with_email(page, stack, username)
     number = unique_phone()
     enrol_phone(page, stack, number)
-    page.select_option("#disable-phone-channel", "voice")
+    # One row, two labelled buttons (no unlabelled dropdowns): the way the code goes is
+    # chosen on the next page.
+    expect(factor_row(page, "phone").locator("select")).to_have_count(0)
     before = stack.last_id()
-    page.click("#disable-phone")
+    turn_off(page, "phone", "#confirm-voice")
     expect(page.locator("main")).to_contain_text("by voice call")
     code = stack.code_for(number, before, channel="voice")
     submit_code(page, wrong(code))
     expect(page.get_by_role("alert")).to_contain_text("That code is not right.")
     submit_code(page, code)
-    expect(page.get_by_role("status")).to_have_text("The method is turned off.")
+    expect(page.get_by_role("status")).to_have_text("Phone is turned off.")
     expect(factor_row(page, "phone")).to_have_count(0)
     shot("phone-off")

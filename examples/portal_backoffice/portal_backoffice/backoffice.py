@@ -88,4 +88,5 @@ def create_backoffice(config: Config, stub: TwoFactorServiceAsyncStub,
     ], exception_handlers=EXCEPTION_HANDLERS, middleware=[
         Middleware(CsrfProtection, origin=config.backoffice_url, sessions=backoffice.sessions)])
     app.state.sessions = backoffice.sessions
+    app.state.product_name = config.product_name
     return app

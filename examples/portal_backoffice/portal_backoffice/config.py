@@ -18,3 +18,7 @@ class Config:
     #: 2FA again. mfa-service accepts one for 10 minutes: ask a little before that, so the
     #: user is not sent back halfway through typing a code.
     step_up_max_age: float = 8 * 60
+    #: The product's one name: page titles and the header here, and (the launcher passes
+    #: it on) mfa-service's MFA_PRODUCT_NAME for emails, texts and calls,
+    #: MFA_TOTP_ISSUER for the authenticator app and MFA_WEBAUTHN_RP_NAME for passkeys.
+    product_name: str = "Demo Portal"

@@ -43,6 +43,7 @@ from portal_backoffice.config import Config
 from portal_backoffice.inbox import Inbox, start_smtp, webhook_app
 from portal_backoffice.login import new_sessions
 from portal_backoffice.mfa import connect
+from portal_backoffice.names import FactorNames
 from portal_backoffice.portal import create_portal
 from portal_backoffice.users import DEMO_PASSWORD, Users
 
@@ -97,10 +98,13 @@ def service_env(args: argparse.Namespace, data_dir: Path, grpc_port: int, smtp_p
         "MFA_SMTP_FROM": "no-reply@demo.localhost",
         "MFA_PHONE_PROVIDER": "webhook",
         "MFA_PHONE_WEBHOOK_URL": f"http://127.0.0.1:{webhook_port}/send",
-        "MFA_PRODUCT_NAME": "Demo Portal",
+        # One product name everywhere: the portal's pages, the emails/texts/calls, the
+        # authenticator app's entry and the passkey prompt.
+        "MFA_PRODUCT_NAME": args.product_name,
+        "MFA_TOTP_ISSUER": args.product_name,
+        "MFA_WEBAUTHN_RP_NAME": args.product_name,
         # Passkeys: the browser's origins must match exactly (scheme, host and port).
         "MFA_WEBAUTHN_RP_ID": "localhost",
-        "MFA_WEBAUTHN_RP_NAME": "Demo Portal",
         "MFA_WEBAUTHN_ORIGINS": ",".join(origins),
         # Deliver promptly: the user is waiting for the code on the inbox page.
         "MFA_OUTBOX_POLL_SECONDS": "0.2",
@@ -191,11 +195,13 @@ async def run(args: argparse.Namespace) -> int:
             channel, stub = connect(target)
             config = Config(mfa_target=target, secret=args.secret or secrets.token_urlsafe(32),
                             portal_url=portal_url, backoffice_url=backoffice_url,
-                            step_up_max_age=args.step_up_max_age)
+                            step_up_max_age=args.step_up_max_age,
+                            product_name=args.product_name)
             users = Users(data_dir / "users.json")
             # One server-side session store for both apps: the shared login.
             sessions = new_sessions(config)
-            portal = _web_server(create_portal(config, stub, users, inbox, sessions))
+            names = FactorNames(data_dir / "factor-names.json")
+            portal = _web_server(create_portal(config, stub, users, inbox, sessions, names))
             backoffice = _web_server(create_backoffice(config, stub, sessions))
             servers += [portal, backoffice]
             tasks += [asyncio.create_task(portal.serve(sockets=[portal_sock])),
@@ -260,6 +266,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--step-up-max-age", type=float, default=8 * 60, metavar="SECONDS",
                         help="before adding a factor, pass 2FA again when the session is "
                         "older than this (mfa-service's limit is 10 minutes)")
+    parser.add_argument("--product-name", default=env("DEMO_PRODUCT_NAME", "Demo Portal"),
+                        help="the product's name on the pages, in messages, in the "
+                        "authenticator app and on passkey prompts (at most 32 characters)")
     parser.add_argument("--service-log-level", default="WARNING",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)

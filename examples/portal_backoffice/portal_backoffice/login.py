@@ -40,6 +40,9 @@ COOKIE = "demo_login"
 MAX_AGE = 12 * 3600
 # A session without a user (a login or sign-up form shown, nothing more).
 ANONYMOUS_MAX_AGE = 2 * 3600
+# How long a login that has just confirmed its first factor counts as "2FA passed" for
+# the portal's own pages (mfa-service's idle timeout for a session is the same 30 minutes).
+FIRST_FACTOR_GRACE = 30 * 60
 # The store never grows beyond this many records: the oldest go first.
 MAX_SESSIONS = 100_000
 
@@ -59,6 +62,18 @@ class Login:
     user: str = ""  # "" until the password step is passed
     password_at: float = 0.0
     token: str = ""  # the 2FA session token (Session.session_token), once 2FA is passed
+    #: A public name for this record on the "Your sessions" page (never the id: the id is
+    #: what the cookie proves, so it is never put in a page).
+    handle: str = field(default_factory=lambda: secrets.token_urlsafe(12))
+    #: Where and with what the password step was passed (shown on "Your sessions").
+    ip: str = ""
+    agent: str = ""
+    seen_at: float = field(default_factory=time.time)
+    #: When this browser proved a factor by confirming the user's *first* factor (the
+    #: portal's own record: mfa-service opens no session on a confirmation). The portal
+    #: lets such a login see its own pages for FIRST_FACTOR_GRACE without asking for 2FA
+    #: again at once; anything mfa-service guards still asks (see portal.Portal.profile).
+    first_factor_at: float = 0.0
 
     def expired(self, now: float) -> bool:
         if self.user:
@@ -98,6 +113,26 @@ class Sessions:
     def drop(self, session_id: str) -> None:
         self._records.pop(session_id, None)
 
+    def update(self, record: Login) -> Login:
+        """Store a changed record under its (unchanged) id."""
+        if record.id in self._records:
+            self._records[record.id] = record
+        return record
+
+    def of_user(self, user: str) -> list[Login]:
+        """The live logins of one user, oldest first ("Your sessions"). A scan: fine for
+        the demo's dict; a real store keeps an index by user."""
+        now = time.time()
+        return sorted((r for r in self._records.values()
+                       if r.user == user and not r.expired(now)), key=lambda r: r.password_at)
+
+    def drop_user(self, user: str) -> list[Login]:
+        """Delete every login of ``user`` (log out everywhere); returns them."""
+        gone = [r for r in self._records.values() if r.user == user]
+        for record in gone:
+            del self._records[record.id]
+        return gone
+
     # -- the browser's side ------------------------------------------------------------
     def current(self, request: Request) -> Login | None:
         """This browser's session, with or without a user (None: no valid cookie)."""
@@ -113,7 +148,12 @@ class Sessions:
     def read(self, request: Request) -> Login | None:
         """The logged-in session (the password step passed), or None."""
         record = self.current(request)
-        return record if record is not None and record.user else None
+        if record is None or not record.user:
+            return None
+        now = time.time()
+        if now - record.seen_at > 60:  # "last active" on "Your sessions", to the minute
+            record = self.update(replace(record, seen_at=now))
+        return record
 
     def for_form(self, request: Request) -> tuple[Login, bool]:
         """The session whose CSRF token a form carries; a new one without a user when the
@@ -134,7 +174,10 @@ class Sessions:
         old = self.current(request)
         if old is not None:
             self.drop(old.id)
-        record = self._put(Login(user=user, password_at=time.time()))
+        client = request.scope.get("client")
+        record = self._put(Login(user=user, password_at=time.time(),
+                                 ip=client[0] if client else "",
+                                 agent=request.headers.get("user-agent", "")[:256]))
         self.set_cookie(response, record)
         return record
 

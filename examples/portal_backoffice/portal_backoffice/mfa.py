@@ -94,6 +94,13 @@ _MESSAGES: dict[int, str] = {
         "Two-factor authentication took too long to answer. Try again.",
     ErrorReason.ERROR_REASON_REQUEST_ID_REUSED:
         "That request was already made. Reload the page.",
+    ErrorReason.ERROR_REASON_PROOF_REQUIRED:
+        "First confirm it's you with one of your sign-in methods. Start again.",
+    ErrorReason.ERROR_REASON_ENROLLING_SESSION_ENDED:
+        "You logged out while adding this method, so it was not added. Start again.",
+    ErrorReason.ERROR_REASON_PHONE_BUDGET_EXHAUSTED:
+        "We cannot send text messages or calls right now. Use another method, or try "
+        "again tomorrow.",
 }
 
 
@@ -104,9 +111,9 @@ def explain(details: ErrorDetails) -> str:
         return (f"A code was sent moments ago. Please wait {_wait_text(details)} "
                 "before asking for a new one.")
     if reason == ErrorReason.ERROR_REASON_SEND_RATE_LIMITED:
-        return (f"Too many codes were sent recently. Try again in {_wait_text(details)}, "
-                "or use another method.")
-    if reason == ErrorReason.ERROR_REASON_DESTINATION_RATE_LIMITED:
+        return f"Too many codes were sent recently. Try again in {_wait_text(details)}."
+    if reason in (ErrorReason.ERROR_REASON_DESTINATION_RATE_LIMITED,
+                  ErrorReason.ERROR_REASON_PHONE_AREA_RATE_LIMITED):
         return (f"Too many codes went to that address or number recently. Try again in "
                 f"{_wait_text(details)}.")
     if reason == ErrorReason.ERROR_REASON_USER_LOCKED_OUT:
@@ -117,12 +124,17 @@ def explain(details: ErrorDetails) -> str:
                      for v in details.field_violations]
             return "Please check your input. " + "; ".join(parts) + "."
         return "Please check your input."
+    if reason == ErrorReason.ERROR_REASON_CREDENTIAL_TOO_NEW:
+        moment = _parse_time(details.metadata.get("establishedAt", ""))
+        since = f" from {fmt_day(moment)}" if moment else " in a day"
+        return ("For your security, something added in the last day cannot remove or "
+                f"replace what you had. You can do this{since}.")
     if reason in _MESSAGES:
         return _MESSAGES[reason]
     if details.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return "Two-factor authentication is unavailable right now. Try again in a moment."
-    return ("Something went wrong with two-factor authentication "
-            f"({details.reason_name or details.code.name}). Try again.")
+    # The reason name is logged (web.mfa_error_page), never shown: it means nothing to a user.
+    return "Something went wrong with two-factor authentication. Try again."
 
 
 def verify_message(result: pb.VerifyResult.ValueType, attempts_remaining: int,
@@ -170,6 +182,85 @@ def when(ts: Timestamp) -> datetime | None:
     return ts.ToDatetime(tzinfo=UTC)
 
 
+def _parse_time(text: str) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def fmt_moment(moment: datetime | None) -> str:
+    """A time as people read it: "3 May 2025, 14:05 UTC" ("—" when unknown)."""
+    if moment is None:
+        return "—"
+    moment = moment.astimezone(UTC)
+    return f"{moment.day} {moment:%B %Y, %H:%M} UTC"
+
+
+def fmt_day(moment: datetime) -> str:
+    return fmt_moment(moment)
+
+
 def fmt_time(ts: Timestamp) -> str:
-    moment = when(ts)
-    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "—"
+    return fmt_moment(when(ts))
+
+
+def fmt_epoch(seconds: float) -> str:
+    return fmt_moment(datetime.fromtimestamp(seconds, UTC)) if seconds else "—"
+
+
+def browser_name(agent: str) -> str:
+    """"Chrome on Linux" from a User-Agent header: enough for a user to recognise their
+    own devices on "Your sessions" (a real portal may use a UA parser library)."""
+    browser = next((name for key, name in (
+        ("Edg/", "Edge"), ("OPR/", "Opera"), ("Firefox/", "Firefox"), ("Chrome/", "Chrome"),
+        ("Chromium/", "Chromium"), ("Safari/", "Safari")) if key in agent), "")
+    system = next((name for key, name in (
+        ("Android", "Android"), ("iPhone", "iPhone"), ("iPad", "iPad"),
+        ("Windows", "Windows"), ("Mac OS X", "macOS"), ("CrOS", "ChromeOS"),
+        ("Linux", "Linux")) if key in agent), "")
+    if "HeadlessChrome" in agent:
+        browser = "Chrome (headless)"
+    if browser and system:
+        return f"{browser} on {system}"
+    return browser or system or "Unknown browser"
+
+
+# The security activity list (ListAuditEvents): each event the user should recognise, in
+# plain words. Events not listed here (a challenge opened, a session checked) are not shown.
+_AUDIT_METHODS = {"email": "email", "phone": "phone", "authenticator_app": "authenticator app",
+                  "recovery_code": "recovery code", "passkey": "passkey"}
+
+
+def describe_event(event: pb.AuditEvent, methods: dict[str, str]) -> str | None:
+    """One line for an audit event on the user's security activity page, or None.
+    ``methods``: the user's factor ids and their method in words (from ListFactors)."""
+    method = (_AUDIT_METHODS.get(event.detail.get("method", ""), "")
+              or methods.get(event.factor_id, ""))
+    ok = event.outcome == "ok"
+    if event.event == "session_created":
+        return f"Logged in with {method}" if method else "Logged in"
+    if event.event == "verify" and event.outcome == "failed":
+        return f"A wrong {'code' if method != 'passkey' else 'passkey'} was tried" + (
+            f" ({method})" if method and method != "passkey" else "")
+    if event.event == "factor_confirmed" and ok:
+        return f"Turned on {method}" if method else "Turned on a sign-in method"
+    if event.event == "factor_disabled" and ok:
+        return f"Turned off {method}" if method else "Turned off a sign-in method"
+    if event.event == "phone_changed" and ok:
+        return "Changed the phone number"
+    if event.event == "lockout":
+        return "Too many wrong codes: sign-in was paused"
+    if event.event == "recovery_code_used" and ok:
+        return "Used a recovery code"
+    if event.event == "recovery_codes_issued" and ok:
+        return "Recovery codes were made"
+    if event.event == "session_revoked":
+        scope = event.detail.get("scope", "")
+        return {"logout": "Logged out", "all_sessions": "Logged out everywhere",
+                "factor_removed": "Logged out: the method used to log in was turned off",
+                }.get(scope, "A session was ended")
+    if event.event == "admin_reset":
+        return "Support reset your two-factor authentication"
+    return None

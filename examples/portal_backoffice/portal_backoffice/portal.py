@@ -30,7 +30,7 @@ from starlette.routing import Route
 from portal_backoffice.config import Config
 from portal_backoffice.csrf import CsrfProtection
 from portal_backoffice.inbox import Inbox
-from portal_backoffice.login import Login, Sessions, new_sessions
+from portal_backoffice.login import FIRST_FACTOR_GRACE, Login, Sessions, new_sessions
 from portal_backoffice.mfa import (
     CHANNELS,
     METHOD_NAMES,
@@ -39,11 +39,16 @@ from portal_backoffice.mfa import (
     STATUS_NAMES,
     WRITE_TIMEOUT,
     MfaError,
+    browser_name,
+    describe_event,
+    fmt_epoch,
+    fmt_moment,
     fmt_time,
     to_error,
     verify_message,
     when,
 )
+from portal_backoffice.names import FactorNames, clean_name
 from portal_backoffice.users import (
     DEMO_PASSWORD,
     DEMO_USERS,
@@ -75,9 +80,10 @@ class Flow:
 
     id: str
     user: str
-    kind: str  # "login", "enroll", "disable", "change_old" (proof), "change_new"
+    # "login", "enroll", "disable", "change_old" (proof), "change_new", "regenerate"
+    kind: str
     challenge_id: str
-    factor_id: str
+    factor_id: str  # the factor challenged (a recovery code's, to disable a lost factor)
     method: pb.Method.ValueType
     channel: pb.Channel.ValueType = pb.CHANNEL_UNSPECIFIED
     masked: str = ""
@@ -87,7 +93,21 @@ class Flow:
     totp_secret: str = ""
     qr_data_uri: str = ""
     proof: str = ""  # change_new: the approved PURPOSE_CHANGE_PHONE challenge
+    target: str = ""  # disable: the factor to turn off (factor_id may be the recovery codes')
+    subject: str = ""  # the method acted on, in words ("Email", "Passkey “Work laptop”")
+    label: str = ""  # enroll, passkey: the name the user typed
+    recovery_ok: bool = False  # disable: the user may use a recovery code instead
+    expires_at: float = 0.0  # the challenge's end (time.time()); 0: unknown
+    dead: bool = False  # its challenge takes no more codes: never reuse it
     created: float = field(default_factory=time.monotonic)
+
+    def reusable(self, kind: str, factor_id: str, channel: pb.Channel.ValueType,
+                 target: str = "") -> bool:
+        """Whether pressing the same button again can go back to this step instead of
+        sending another code (the one sent moments ago still works)."""
+        return (self.kind == kind and self.factor_id == factor_id and self.target == target
+                and not self.dead and self.expires_at - time.time() > 30
+                and (channel == pb.CHANNEL_UNSPECIFIED or channel == self.channel))
 
 
 class FlowStore:
@@ -134,6 +154,26 @@ class Seen:
                      and f.method == pb.METHOD_RECOVERY_CODE), None)
 
     @property
+    def first_factor(self) -> bool:
+        """This login confirmed the user's first factor moments ago (see login.Login)."""
+        return (self.login.first_factor_at > 0
+                and time.time() - self.login.first_factor_at < FIRST_FACTOR_GRACE)
+
+    @property
+    def recovery_from(self) -> datetime | None:
+        """When the current recovery codes may turn off a factor (None: no codes)."""
+        f = self.recovery_factor
+        return when(f.established_at) if f is not None and self.codes_left > 0 else None
+
+    @property
+    def recovery_ready(self) -> bool:
+        since = self.recovery_from
+        return since is not None and since <= datetime.now(UTC)
+
+    def factor(self, factor_id: str) -> pb.Factor | None:
+        return next((f for f in self.factors if f.factor_id == factor_id), None)
+
+    @property
     def session_age(self) -> float:
         if self.session is None:
             return float("inf")
@@ -143,12 +183,14 @@ class Seen:
 
 class Portal:
     def __init__(self, config: Config, stub: TwoFactorServiceAsyncStub, users: Users,
-                 inbox: Inbox | None = None, sessions: Sessions | None = None) -> None:
+                 inbox: Inbox | None = None, sessions: Sessions | None = None,
+                 names: FactorNames | None = None) -> None:
         self.config = config
         self.stub = stub
         self.users = users
         self.inbox = inbox
         self.sessions = sessions or new_sessions(config)
+        self.names = names or FactorNames()
         self.flows = FlowStore()
 
     # -- what the browser is ---------------------------------------------------------------
@@ -186,7 +228,10 @@ class Portal:
         seen = await self._seen(request)
         if seen is None:
             return redirect("/login", next=here)
-        if seen.second_factors and seen.session is None:
+        # A login that confirmed its first factor moments ago has proved it (no second
+        # prompt at once); mfa-service gave it no session, so what mfa-service guards
+        # (adding a factor, the backoffice) still asks.
+        if seen.second_factors and seen.session is None and not seen.first_factor:
             return redirect("/2fa", next=here)
         return seen
 
@@ -286,7 +331,64 @@ class Portal:
             log.warning("could not revoke a 2FA session: %s",
                         to_error(err).details.reason_name or "no answer")
 
+    # -- how factors are shown ---------------------------------------------------------------
+    def _views(self, user: str, factors: list[pb.Factor]) -> list[dict[str, object]]:
+        """Factors as the pages show them: a name people recognise and the dates. A
+        passkey is called by the name the user gave it, else its authenticator's model
+        (mfa-service's masked_destination), else "Passkey"; two with the same name are
+        numbered, so no two rows read alike."""
+        names = self.names.of_user(user)
+        views = [self._factor_view(f, names.get(f.factor_id, "")) for f in factors]
+        seen: dict[str, int] = {}
+        for view in views:
+            if view["slug"] == "passkey":
+                seen[str(view["name"])] = seen.get(str(view["name"]), 0) + 1
+        counters: dict[str, int] = {}
+        for view in views:
+            name = str(view["name"])
+            if view["slug"] == "passkey" and seen.get(name, 0) > 1:
+                counters[name] = counters.get(name, 0) + 1
+                view["name"] = f"{name} {counters[name]}"
+                view["subject"] = f"Passkey “{view['name']}”"
+        return views
+
+    @staticmethod
+    def _factor_view(f: pb.Factor, label: str = "") -> dict[str, object]:
+        method = METHOD_NAMES.get(f.method, "?")
+        name, detail, subject = method, f.masked_destination, method
+        if f.method == pb.METHOD_PASSKEY:
+            model = f.masked_destination if f.masked_destination != "Passkey" else ""
+            name = label or model or "Passkey"
+            detail = "passkey" + (f" · {model}" if label and model else "")
+            if name == "Passkey":
+                detail = ""
+            subject = "Passkey" if name == "Passkey" else f"Passkey “{name}”"
+        return {"id": f.factor_id, "method": method, "name": name, "detail": detail,
+                "subject": subject, "subject_lower": subject[0].lower() + subject[1:],
+                "model": f.masked_destination if f.method == pb.METHOD_PASSKEY else "",
+                "slug": next((s for s, m in METHOD_SLUGS.items() if m == f.method), ""),
+                "status": STATUS_NAMES.get(f.status, "?"),
+                "active": f.status == pb.FACTOR_STATUS_ACTIVE,
+                "is_phone": f.method == pb.METHOD_PHONE,
+                "created": fmt_time(f.created_at),
+                "last_used": fmt_time(f.last_used_at) if f.last_used_at.seconds else "never"}
+
+    def _subject(self, request: Request, seen: Seen) -> str:
+        """The method a notice is about (``?f=<factor id>``, one of the user's own)."""
+        factor = seen.factor(request.query_params.get("f", ""))
+        if factor is None:
+            return ""
+        return str(self._views(seen.login.user, [factor])[0]["subject"])
+
     # -- the 2FA step ----------------------------------------------------------------------
+    def _choose_page(self, request: Request, seen: Seen, next_url: str,
+                     status_code: int = 200, error: str = "") -> Response:
+        return render(request, "choose.html", status_code=status_code, seen=seen,
+                      next=next_url, factors=self._views(seen.login.user, seen.second_factors),
+                      recovery=seen.recovery_factor, codes_left=seen.codes_left, error=error,
+                      can_cancel=seen.session is not None or seen.first_factor,
+                      subject=self._subject(request, seen))
+
     async def choose(self, request: Request) -> Response:
         next_url = self.safe_next(request.query_params.get("next"))
         seen = await self._seen(request)
@@ -301,9 +403,7 @@ class Portal:
             return render(request, "message.html", title="Two-factor authentication needed",
                           message="The backoffice needs two-factor authentication. Turn it "
                                   "on in your profile first.", link=("/profile", "Profile"))
-        return render(request, "choose.html", seen=seen, next=next_url,
-                      factors=[self._factor_view(f) for f in seen.second_factors],
-                      recovery=seen.recovery_factor, codes_left=seen.codes_left)
+        return self._choose_page(request, seen, next_url)
 
     async def start_login(self, request: Request) -> Response:
         seen = await self._seen(request)
@@ -318,14 +418,17 @@ class Portal:
         if factor_id not in allowed:
             return redirect("/2fa", next=next_url)
         channel = CHANNELS.get(str(form.get("channel", "")), pb.CHANNEL_UNSPECIFIED)
+        current = self._flow(request, seen.login)
+        if current is not None and current.reusable("login", factor_id, channel):
+            # The code sent moments ago still works: no second code (and no cooldown).
+            current.next = next_url
+            return redirect("/verify", n="still-valid")
         try:
             flow = await self._challenge(seen.login.user, factor_id, pb.PURPOSE_LOGIN,
                                          channel, kind="login", next_url=next_url)
         except MfaError as err:
-            return render(request, "choose.html", status_code=400, seen=seen, next=next_url,
-                          factors=[self._factor_view(f) for f in seen.second_factors],
-                          recovery=seen.recovery_factor, codes_left=seen.codes_left,
-                          error=err.user_message)
+            # The choice page again, with every other method: a way on.
+            return self._choose_page(request, seen, next_url, 400, err.user_message)
         return self._start_flow(redirect("/verify"), flow)
 
     async def _challenge(self, user: str, factor_id: str, purpose: pb.Purpose.ValueType,
@@ -340,12 +443,14 @@ class Portal:
                 session_token=session_token), timeout=WRITE_TIMEOUT)
         except grpc.RpcError as err:
             raise to_error(err) from None
+        ends = when(resp.expires_at)
         return Flow(id=secrets.token_urlsafe(32), user=user, kind=kind,
                     challenge_id=resp.challenge_id, factor_id=factor_id, method=resp.method,
                     channel=resp.channel, masked=resp.masked_destination,
                     code_length=resp.code_length, next=next_url,
                     webauthn_options=(resp.webauthn_creation_options
-                                      or resp.webauthn_request_options))
+                                      or resp.webauthn_request_options),
+                    expires_at=ends.timestamp() if ends else 0.0)
 
     # -- one page for every code (or passkey) the user proves -----------------------------
     async def verify_page(self, request: Request) -> Response:
@@ -365,7 +470,7 @@ class Portal:
         if not code and not webauthn:
             return self._render_verify(request, flow, error="Enter the code.")
         if flow.kind == "disable":
-            return await self._finish_disable(request, flow, code, webauthn)
+            return await self._finish_disable(request, login, flow, code, webauthn)
         try:
             result = await self.stub.Verify(pb.VerifyRequest(
                 challenge_id=flow.challenge_id, code=code, webauthn_response=webauthn,
@@ -375,8 +480,7 @@ class Portal:
         except grpc.RpcError as err:
             return self._render_verify(request, flow, error=to_error(err).user_message)
         if result.result != pb.VERIFY_RESULT_APPROVED:
-            return self._render_verify(request, flow, error=verify_message(
-                result.result, result.attempts_remaining, flow.method))
+            return self._refused(request, flow, result.result, result.attempts_remaining)
         if flow.kind == "login":
             if login.token:
                 await self._revoke(login.token)
@@ -390,43 +494,94 @@ class Portal:
                              proof=flow.challenge_id, created=time.monotonic())
             self.flows.drop(flow.id)
             return self._start_flow(redirect("/profile/phone/new"), change)
+        if flow.kind == "regenerate":
+            return await self._finish_regenerate(request, login, flow)
         # enroll: the factor is ACTIVE (a phone change swapped the numbers)
-        changed_phone = bool(flow.proof)
+        factor_id = result.factor.factor_id or flow.factor_id
+        if flow.label:
+            self.names.set(login.user, factor_id, flow.label)
         response: Response
         if result.recovery_codes:
+            # The user's first factor: proving it here is proof enough for the portal's
+            # own pages, so "I saved them: continue" does not ask for 2FA again at once.
+            self.sessions.update(replace(login, first_factor_at=time.time()))
             response = render(request, "recovery_codes.html", codes=list(result.recovery_codes),
-                              method=METHOD_NAMES.get(flow.method, ""))
+                              title=f"{flow.subject or 'Two-factor authentication'} is "
+                                    "turned on",
+                              method=METHOD_NAMES.get(flow.method, ""),
+                              next=f"/profile?n=enabled&f={factor_id}")
         else:
-            response = redirect("/profile", n="phone-changed" if changed_phone else "enabled")
+            response = redirect("/profile", n="phone-changed" if flow.proof else "enabled",
+                                f=factor_id)
         self._end_flow(request, response)
         return response
 
-    async def _finish_disable(self, request: Request, flow: Flow, code: str,
+    def _refused(self, request: Request, flow: Flow, result: pb.VerifyResult.ValueType,
+                 attempts_remaining: int) -> Response:
+        if result != pb.VERIFY_RESULT_INVALID_CODE or attempts_remaining <= 0:
+            flow.dead = True  # pressing the button again must open a new challenge
+        return self._render_verify(request, flow, error=verify_message(
+            result, attempts_remaining, flow.method))
+
+    async def _finish_regenerate(self, request: Request, login: Login, flow: Flow) -> Response:
+        """The proof is APPROVED: replace the recovery codes with it (consumed once)."""
+        try:
+            resp = await self.stub.RegenerateRecoveryCodes(pb.RegenerateRecoveryCodesRequest(
+                user_id=login.user, proof_challenge_id=flow.challenge_id,
+                application=pb.APPLICATION_PORTAL, client_ip=client_ip(request),
+                user_agent=user_agent(request), account_email=account_email(login.user)),
+                timeout=WRITE_TIMEOUT)
+        except grpc.RpcError as err:
+            page = render(request, "message.html", status_code=400,
+                          title="No new recovery codes", message=to_error(err).user_message,
+                          link=("/profile", "Back to your profile"))
+            self._end_flow(request, page)
+            return page
+        page = render(request, "recovery_codes.html", title="Your new recovery codes",
+                      codes=list(resp.recovery_codes), regenerated=True,
+                      next="/profile?n=codes-new")
+        self._end_flow(request, page)
+        return page
+
+    async def _finish_disable(self, request: Request, login: Login, flow: Flow, code: str,
                               webauthn: str) -> Response:
+        target = flow.target or flow.factor_id
         try:
             result = await self.stub.Disable(pb.DisableRequest(
-                user_id=flow.user, factor_id=flow.factor_id, challenge_id=flow.challenge_id,
+                user_id=flow.user, factor_id=target, challenge_id=flow.challenge_id,
                 code=code, webauthn_response=webauthn, client_ip=client_ip(request),
                 user_agent=user_agent(request), account_email=account_email(flow.user)),
                 timeout=WRITE_TIMEOUT)
         except grpc.RpcError as err:
             return self._render_verify(request, flow, error=to_error(err).user_message)
         if result.result != pb.VERIFY_RESULT_APPROVED:
-            return self._render_verify(request, flow, error=verify_message(
-                result.result, result.attempts_remaining, flow.method))
-        response = redirect("/profile", n="disabled")
+            return self._refused(request, flow, result.result, result.attempts_remaining)
+        response: Response = redirect("/profile", n="disabled", f=target)
+        # mfa-service ends the sessions that were opened with a factor it turns off. If
+        # that was this browser's, say so, and ask for another method (not a bare prompt).
+        if login.token and await self._session(login) is None:
+            factors, _ = await self._factors(login.user)
+            if any(f.status == pb.FACTOR_STATUS_ACTIVE and f.method != pb.METHOD_RECOVERY_CODE
+                   for f in factors):
+                response = redirect("/2fa", next="/profile", n="disabled-relogin", f=target)
         self._end_flow(request, response)
         return response
 
     def _render_verify(self, request: Request, flow: Flow, error: str = "") -> Response:
-        titles = {"login": "Two-factor authentication", "enroll": "Turn on "
-                  + METHOD_NAMES.get(flow.method, "").lower(),
-                  "disable": "Turn off " + METHOD_NAMES.get(flow.method, "").lower(),
-                  "change_old": "Change phone number: confirm your current number"}
+        subject = flow.subject or METHOD_NAMES.get(flow.method, "")
+        lower = subject[:1].lower() + subject[1:]
+        titles = {"login": "Two-factor authentication", "enroll": "Turn on " + lower,
+                  "disable": "Turn off " + lower,
+                  "change_old": "Change phone number: confirm your current number",
+                  "regenerate": "Make new recovery codes: confirm it's you"}
         if flow.kind == "enroll" and flow.proof:
             titles["enroll"] = "Change phone number: confirm the new number"
+        lost = ""
+        if flow.kind == "disable" and flow.method != pb.METHOD_RECOVERY_CODE and flow.recovery_ok:
+            lost = ("Lost it, or no code arrives?" if flow.method != pb.METHOD_PASSKEY
+                    else "Lost this passkey?")
         return render(request, "verify.html", status_code=400 if error else 200, flow=flow,
-                      title=titles.get(flow.kind, ""), error=error,
+                      title=titles.get(flow.kind, ""), error=error, lost_link=lost,
                       method=METHOD_NAMES.get(flow.method, ""),
                       is_passkey=flow.method == pb.METHOD_PASSKEY,
                       is_app=flow.method == pb.METHOD_AUTHENTICATOR_APP,
@@ -450,7 +605,8 @@ class Portal:
         channel = CHANNELS.get(str(form.get("channel", "")), flow.channel
                                if flow.method == pb.METHOD_PHONE else pb.CHANNEL_UNSPECIFIED)
         purpose = {"login": pb.PURPOSE_LOGIN, "enroll": pb.PURPOSE_CONFIRM_ENROLLMENT,
-                   "disable": pb.PURPOSE_DISABLE, "change_old": pb.PURPOSE_CHANGE_PHONE}
+                   "disable": pb.PURPOSE_DISABLE, "change_old": pb.PURPOSE_CHANGE_PHONE,
+                   "regenerate": pb.PURPOSE_REGENERATE_RECOVERY_CODES}
         if flow.kind not in purpose:
             return redirect("/verify")
         try:
@@ -461,20 +617,13 @@ class Portal:
         except MfaError as err:
             return self._render_verify(request, flow, error=err.user_message)
         updated = replace(flow, challenge_id=fresh.challenge_id, channel=fresh.channel,
-                          masked=fresh.masked or flow.masked,
+                          masked=fresh.masked or flow.masked, dead=False,
+                          expires_at=fresh.expires_at,
                           webauthn_options=fresh.webauthn_options or flow.webauthn_options)
         self.flows.put(updated)
         return redirect("/verify", n="resent")
 
     # -- the profile -----------------------------------------------------------------------
-    def _factor_view(self, f: pb.Factor) -> dict[str, object]:
-        return {"id": f.factor_id, "method": METHOD_NAMES.get(f.method, "?"),
-                "slug": next((s for s, m in METHOD_SLUGS.items() if m == f.method), ""),
-                "destination": f.masked_destination, "status": STATUS_NAMES.get(f.status, "?"),
-                "active": f.status == pb.FACTOR_STATUS_ACTIVE,
-                "is_phone": f.method == pb.METHOD_PHONE,
-                "created": fmt_time(f.created_at), "last_used": fmt_time(f.last_used_at)}
-
     async def profile(self, request: Request) -> Response:
         seen = await self._full_login(request)
         if isinstance(seen, Response):
@@ -493,9 +642,12 @@ class Portal:
                        "app": "the portal" if seen.session.application == pb.APPLICATION_PORTAL
                        else "the backoffice"}
         response = render(request, "profile.html", user=seen.login.user,
-                          factors=[self._factor_view(f) for f in shown], can_add=can_add,
+                          factors=self._views(seen.login.user, shown), can_add=can_add,
                           codes_left=seen.codes_left, session=session,
-                          backoffice=self.config.backoffice_url)
+                          first_factor=seen.first_factor,
+                          has_factor=bool(seen.second_factors),
+                          backoffice=self.config.backoffice_url,
+                          subject=self._subject(request, seen))
         # Never resume adding a factor: a user who left the confirmation page starts again
         # (its PENDING factor stays "Not finished", without a button, and mfa-service
         # deletes it after 15 minutes).
@@ -526,6 +678,7 @@ class Portal:
         form = await request.form()
         email = str(form.get("email", "")).strip()
         phone = str(form.get("phone_number", "")).replace(" ", "")
+        label = clean_name(str(form.get("label", "")))
         channel = CHANNELS.get(str(form.get("channel", "")), pb.CHANNEL_UNSPECIFIED)
         req = pb.EnrollRequest(
             user_id=seen.login.user, method=METHOD_SLUGS[slug], application=pb.APPLICATION_PORTAL,
@@ -542,8 +695,12 @@ class Portal:
                 return redirect("/2fa", next=here, n="step-up")
             return render(request, "add.html", status_code=400, slug=slug,
                           method=METHOD_NAMES[METHOD_SLUGS[slug]], error=error.user_message,
-                          email=email, phone_number=phone)
-        return self._start_flow(redirect("/verify"), self._enrolment(seen.login.user, resp))
+                          email=email, phone_number=phone, label=label)
+        flow = self._enrolment(seen.login.user, resp)
+        if slug == "passkey":
+            flow.label = label
+            flow.subject = f"Passkey “{label}”" if label else "Passkey"
+        return self._start_flow(redirect("/verify"), flow)
 
     def _enrolment(self, user: str, resp: pb.EnrollResponse, proof: str = "") -> Flow:
         qr = ""
@@ -557,7 +714,28 @@ class Portal:
                     method=resp.factor.method, channel=channel,
                     masked=resp.factor.masked_destination, code_length=resp.code_length,
                     webauthn_options=resp.webauthn_creation_options,
-                    totp_secret=resp.totp_secret, qr_data_uri=qr, proof=proof)
+                    totp_secret=resp.totp_secret, qr_data_uri=qr, proof=proof,
+                    subject=METHOD_NAMES.get(resp.factor.method, ""))
+
+    # -- turning a factor off (with it, or with a recovery code when it is lost) -----------
+    def _turn_off_page(self, request: Request, seen: Seen, factor: pb.Factor,
+                       status_code: int = 200, error: str = "") -> Response:
+        view = self._views(seen.login.user, [factor])[0]
+        since = seen.recovery_from
+        return render(request, "turn_off.html", status_code=status_code, f=view,
+                      title=f"Turn off {view['subject_lower']}", error=error,
+                      recovery_ready=seen.recovery_ready,
+                      recovery_from=fmt_moment(since) if since else "")
+
+    async def turn_off(self, request: Request) -> Response:
+        seen = await self._full_login(request)
+        if isinstance(seen, Response):
+            return seen
+        factor = next((f for f in seen.second_factors
+                       if f.factor_id == request.path_params["factor_id"]), None)
+        if factor is None:
+            return redirect("/profile")
+        return self._turn_off_page(request, seen, factor)
 
     async def disable(self, request: Request) -> Response:
         seen = await self._full_login(request)
@@ -565,26 +743,54 @@ class Portal:
             return seen
         form = await request.form()
         factor_id = str(form.get("factor_id", ""))
-        if factor_id not in {f.factor_id for f in seen.second_factors}:
+        factor = next((f for f in seen.second_factors if f.factor_id == factor_id), None)
+        if factor is None:
             return redirect("/profile")
         channel = CHANNELS.get(str(form.get("channel", "")), pb.CHANNEL_UNSPECIFIED)
-        flow = await self._challenge(seen.login.user, factor_id, pb.PURPOSE_DISABLE, channel,
-                                     kind="disable")
+        with_recovery = str(form.get("proof", "")) == "recovery"
+        recovery = seen.recovery_factor
+        if with_recovery and (recovery is None or not seen.recovery_ready):
+            return self._turn_off_page(request, seen, factor)
+        # With a recovery code: the challenge is on the recovery codes, the target stays.
+        challenged = recovery.factor_id if with_recovery and recovery else factor_id
+        current = self._flow(request, seen.login)
+        if current is not None and current.reusable("disable", challenged, channel, factor_id):
+            return redirect("/verify", n="still-valid")  # the code sent still works
+        try:
+            flow = await self._challenge(seen.login.user, challenged, pb.PURPOSE_DISABLE,
+                                         channel, kind="disable")
+        except MfaError as err:
+            # Back on the turn-off page, which also offers the recovery code.
+            return self._turn_off_page(request, seen, factor, 400, err.user_message)
+        flow.target = factor_id
+        flow.subject = str(self._views(seen.login.user, [factor])[0]["subject"])
+        flow.recovery_ok = seen.recovery_ready
         return self._start_flow(redirect("/verify"), flow)
 
+    # -- changing the phone number --------------------------------------------------------
     async def change_phone(self, request: Request) -> Response:
         seen = await self._full_login(request)
         if isinstance(seen, Response):
             return seen
         if seen.session_age > self.config.step_up_max_age:
-            return redirect("/2fa", next="/profile", n="step-up")
-        form = await request.form()
+            return redirect("/2fa", next="/profile/phone/change", n="step-up")
         phone = next((f for f in seen.second_factors if f.method == pb.METHOD_PHONE), None)
         if phone is None:
             return redirect("/profile")
+        view = self._views(seen.login.user, [phone])[0]
+        if request.method == "GET":
+            return render(request, "phone_change.html", f=view)
+        form = await request.form()
         channel = CHANNELS.get(str(form.get("channel", "")), pb.CHANNEL_UNSPECIFIED)
-        flow = await self._challenge(seen.login.user, phone.factor_id, pb.PURPOSE_CHANGE_PHONE,
-                                     channel, kind="change_old")
+        current = self._flow(request, seen.login)
+        if current is not None and current.reusable("change_old", phone.factor_id, channel):
+            return redirect("/verify", n="still-valid")
+        try:
+            flow = await self._challenge(seen.login.user, phone.factor_id,
+                                         pb.PURPOSE_CHANGE_PHONE, channel, kind="change_old")
+        except MfaError as err:
+            return render(request, "phone_change.html", status_code=400, f=view,
+                          error=err.user_message)
         return self._start_flow(redirect("/verify"), flow)
 
     async def new_phone(self, request: Request) -> Response:
@@ -612,16 +818,155 @@ class Portal:
         return self._start_flow(redirect("/verify"),
                                 self._enrolment(seen.login.user, resp, proof=flow.proof))
 
+    # -- new recovery codes -----------------------------------------------------------------
+    def _regenerate_page(self, request: Request, seen: Seen, status_code: int = 200,
+                         error: str = "") -> Response:
+        """Only established factors can prove it (mfa-service's rule): list those, and
+        say from when the others can."""
+        now = datetime.now(UTC)
+        ready = [f for f in seen.second_factors
+                 if (since := when(f.established_at)) is not None and since <= now]
+        later = [f for f in seen.second_factors if f not in ready]
+        starts = [since for f in later if (since := when(f.established_at)) is not None]
+        return render(request, "regenerate.html", status_code=status_code, error=error,
+                      factors=self._views(seen.login.user, ready),
+                      waiting=[str(v["name"]) for v in self._views(seen.login.user, later)],
+                      from_when=fmt_moment(min(starts)) if starts else "")
+
+    async def regenerate(self, request: Request) -> Response:
+        seen = await self._full_login(request)
+        if isinstance(seen, Response):
+            return seen
+        if not seen.second_factors:
+            return redirect("/profile")
+        if request.method == "GET":
+            return self._regenerate_page(request, seen)
+        form = await request.form()
+        factor_id = str(form.get("factor_id", ""))
+        factor = next((f for f in seen.second_factors if f.factor_id == factor_id), None)
+        if factor is None:
+            return self._regenerate_page(request, seen)
+        channel = CHANNELS.get(str(form.get("channel", "")), pb.CHANNEL_UNSPECIFIED)
+        current = self._flow(request, seen.login)
+        if current is not None and current.reusable("regenerate", factor_id, channel):
+            return redirect("/verify", n="still-valid")
+        try:
+            flow = await self._challenge(seen.login.user, factor_id,
+                                         pb.PURPOSE_REGENERATE_RECOVERY_CODES, channel,
+                                         kind="regenerate")
+        except MfaError as err:
+            return self._regenerate_page(request, seen, 400, err.user_message)
+        flow.subject = str(self._views(seen.login.user, [factor])[0]["subject"])
+        return self._start_flow(redirect("/verify"), flow)
+
+    # -- passkey names ----------------------------------------------------------------------
+    async def rename(self, request: Request) -> Response:
+        seen = await self._full_login(request)
+        if isinstance(seen, Response):
+            return seen
+        factor = next((f for f in seen.second_factors if f.method == pb.METHOD_PASSKEY
+                       and f.factor_id == request.path_params["factor_id"]), None)
+        if factor is None:
+            return redirect("/profile")
+        view = self._views(seen.login.user, [factor])[0]
+        if request.method == "GET":
+            label = self.names.of_user(seen.login.user).get(factor.factor_id, "")
+            return render(request, "rename.html", f=view, label=label or view["name"])
+        form = await request.form()
+        self.names.set(seen.login.user, factor.factor_id, str(form.get("label", "")))
+        return redirect("/profile", n="renamed")
+
+    # -- your sessions and security activity -------------------------------------------
+    async def sessions_page(self, request: Request) -> Response:
+        seen = await self._full_login(request)
+        if isinstance(seen, Response):
+            return seen
+        logins = self.sessions.of_user(seen.login.user)
+        checks = await asyncio.gather(*(self._session(r) for r in logins),
+                                      return_exceptions=True)
+        rows = []
+        for record, check in zip(logins, checks, strict=True):
+            second = ""
+            if isinstance(check, pb.CheckSessionResponse):
+                second = f"passed with {METHOD_NAMES.get(check.method, '?').lower()}"
+            elif record.first_factor_at:
+                second = "turned on in this session"
+            elif not isinstance(check, BaseException):
+                second = "not passed"
+            rows.append({"handle": record.handle, "current": record.id == seen.login.id,
+                         "browser": browser_name(record.agent), "ip": record.ip,
+                         "at": fmt_epoch(record.password_at), "seen": fmt_epoch(record.seen_at),
+                         "second": second})
+        return render(request, "sessions.html", rows=rows)
+
+    async def end_session(self, request: Request) -> Response:
+        seen = await self._full_login(request)
+        if isinstance(seen, Response):
+            return seen
+        form = await request.form()
+        handle = str(form.get("handle", ""))
+        for record in self.sessions.of_user(seen.login.user):
+            if record.handle == handle and record.id != seen.login.id:
+                self.sessions.drop(record.id)  # that browser's cookie now opens nothing
+                if record.token:
+                    await self._revoke(record.token)
+        return redirect("/profile/sessions", n="session-ended")
+
+    async def end_all_sessions(self, request: Request) -> Response:
+        seen = await self._full_login(request)
+        if isinstance(seen, Response):
+            return seen
+        # mfa-service's central "log out everywhere": every 2FA session of the user, in
+        # both applications (and any other that shares the login), not only those listed.
+        try:
+            await self.stub.RevokeSession(pb.RevokeSessionRequest(user_id=seen.login.user),
+                                          timeout=WRITE_TIMEOUT)
+        except grpc.RpcError as err:
+            raise to_error(err) from None
+        self.sessions.drop_user(seen.login.user)
+        response = redirect("/login", n="everywhere")
+        self.sessions.log_out(request, response)
+        self._end_flow(request, response)
+        return response
+
+    async def activity(self, request: Request) -> Response:
+        seen = await self._full_login(request)
+        if isinstance(seen, Response):
+            return seen
+        try:
+            resp = await self.stub.ListAuditEvents(pb.ListAuditEventsRequest(
+                user_id=seen.login.user, page_size=100), timeout=READ_TIMEOUT)
+        except grpc.RpcError as err:
+            # A portal whose caller may not read the audit trail (PERMISSION_DENIED).
+            log.warning("no security activity: %s", to_error(err).details.reason_name
+                        or to_error(err).details.code.name)
+            return render(request, "activity.html", available=False, events=[])
+        methods = {f.factor_id: METHOD_NAMES.get(f.method, "").lower() for f in seen.factors}
+        events: list[dict[str, str]] = []
+        for event in resp.events:
+            what = describe_event(event, methods)
+            if what is None:
+                continue
+            row = {"at": fmt_time(event.occurred_at), "what": what,
+                   "where": ", ".join(filter(None, [
+                       browser_name(event.user_agent) if event.user_agent else "",
+                       event.client_ip]))}
+            if events and events[-1] == row:  # "log out everywhere": one line, not one per session
+                continue
+            events.append(row)
+        return render(request, "activity.html", available=True, events=events[:40])
+
     async def inbox_page(self, request: Request) -> Response:
         messages = list(reversed(self.inbox.messages()))[:INBOX_SHOWN] if self.inbox else []
         return render(request, "inbox.html", messages=messages, running=self.inbox is not None)
 
 
 def create_portal(config: Config, stub: TwoFactorServiceAsyncStub, users: Users,
-                  inbox: Inbox | None = None, sessions: Sessions | None = None) -> Starlette:
+                  inbox: Inbox | None = None, sessions: Sessions | None = None,
+                  names: FactorNames | None = None) -> Starlette:
     """The portal app. ``sessions``: the store shared with the backoffice (a new one when
-    not given)."""
-    portal = Portal(config, stub, users, inbox, sessions)
+    not given); ``names``: the passkey names users typed (in memory when not given)."""
+    portal = Portal(config, stub, users, inbox, sessions, names)
     routes = [
         Route("/", portal.home),
         Route("/healthz", portal.healthz),
@@ -634,13 +979,21 @@ def create_portal(config: Config, stub: TwoFactorServiceAsyncStub, users: Users,
         Route("/verify/resend", portal.resend, methods=["POST"]),
         Route("/profile", portal.profile),
         Route("/profile/add/{method}", portal.add, methods=["GET", "POST"]),
+        Route("/profile/turn-off/{factor_id}", portal.turn_off),
         Route("/profile/disable", portal.disable, methods=["POST"]),
-        Route("/profile/phone/change", portal.change_phone, methods=["POST"]),
+        Route("/profile/phone/change", portal.change_phone, methods=["GET", "POST"]),
         Route("/profile/phone/new", portal.new_phone, methods=["GET", "POST"]),
+        Route("/profile/recovery-codes", portal.regenerate, methods=["GET", "POST"]),
+        Route("/profile/rename/{factor_id}", portal.rename, methods=["GET", "POST"]),
+        Route("/profile/sessions", portal.sessions_page),
+        Route("/profile/sessions/end", portal.end_session, methods=["POST"]),
+        Route("/profile/sessions/end-all", portal.end_all_sessions, methods=["POST"]),
+        Route("/profile/activity", portal.activity),
         Route("/inbox", portal.inbox_page),
     ]
     app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, middleware=[
         Middleware(CsrfProtection, origin=config.portal_url, sessions=portal.sessions)])
     app.state.portal = portal
     app.state.sessions = portal.sessions
+    app.state.product_name = config.product_name
     return app

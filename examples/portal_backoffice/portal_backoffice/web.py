@@ -19,13 +19,22 @@ log = logging.getLogger("portal_backoffice")
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 
 # Notices shown after a redirect, chosen by key: the page never echoes text from the URL.
+# "{name}" is the method the notice is about ("Email", "Passkey “Work laptop”"), looked up
+# by the page from the user's own factors (``?f=<factor id>``), never taken from the URL.
 NOTICES = {
     "logged-out": "You are logged out.",
     "signed-up": "Your demo account is ready. Log in with it.",
     "resent": "A new code is on its way.",
-    "enabled": "The method is turned on.",
-    "disabled": "The method is turned off.",
+    "still-valid": "We sent you a code moments ago, and it still works: type it below.",
+    "enabled": "{name} is turned on.",
+    "disabled": "{name} is turned off.",
+    "disabled-relogin": "{name} is turned off. You had logged in with it, so confirm it's "
+                        "you with another method to go on.",
     "phone-changed": "Your phone number is changed.",
+    "codes-new": "Your new recovery codes are ready. The old ones no longer work.",
+    "renamed": "The new name is saved.",
+    "session-ended": "That session is signed out.",
+    "everywhere": "You are signed out everywhere: every browser, and the backoffice too.",
     "step-up": "For your security, confirm it's you with two-factor authentication first.",
 }
 
@@ -45,9 +54,16 @@ def render(request: Request, name: str, status_code: int = 200, *,
     sessions = sessions_of(request)
     session, fresh = (sessions.for_form(request) if new_session
                       else (sessions.current(request), False))
-    context.setdefault("notice", NOTICES.get(request.query_params.get("n", ""), ""))
-    # Only decides whether "Log out" is offered; who is logged in is checked elsewhere.
+    subject = str(context.pop("subject", "") or "The method")
+    context.setdefault("notice", NOTICES.get(request.query_params.get("n", ""), "")
+                       .replace("{name}", subject))
+    # Only decides which links the header offers; who is logged in is checked elsewhere.
     context.setdefault("logged_in", bool(session and session.user))
+    context.setdefault("product_name", getattr(request.app.state, "product_name", "Portal"))
+    # Every page has a way on: a message page without its own link gets one.
+    if name == "message.html" and not context.get("link"):
+        context["link"] = (("/profile", "Back to your profile") if context["logged_in"]
+                           else ("/login", "Go to the login page"))
     context["csrf_token"] = session.csrf if session else ""
     response = templates.TemplateResponse(request, name, context, status_code=status_code)
     if fresh and session is not None:
@@ -74,7 +90,7 @@ async def mfa_error_page(request: Request, exc: Exception) -> Response:
     log.warning("mfa-service error on %s: %s", request.url.path, exc.details.reason_name
                 or exc.details.code.name)
     return render(request, "message.html", status_code=503 if exc.details.code.name in (
-        "UNAVAILABLE", "DEADLINE_EXCEEDED") else 400, title="Two-factor authentication",
+        "UNAVAILABLE", "DEADLINE_EXCEEDED") else 400, title="That did not work",
         message=exc.user_message)
 
 
