@@ -76,7 +76,7 @@ def _webauthn_problems(rp_id: str, origins: tuple[str, ...], *, production: bool
 
 
 class Settings(BaseSettings):
-    """Every knob of the service; see the README's configuration table."""
+    """Every knob of the service; see the configuration table in docs/OPERATIONS.md."""
 
     model_config = SettingsConfigDict(
         env_prefix="MFA_", env_file=".env", env_file_encoding="utf-8", extra="ignore",

@@ -9,6 +9,7 @@ outside.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -52,3 +53,37 @@ def test_no_file_names_a_file_outside_the_repository() -> None:
             if hits:
                 found.append(f"{name}:{number}: {', '.join(hits)}: {line.strip()[:120]}")
     assert not found, "references outside the repository:\n" + "\n".join(found)
+
+
+MARKDOWN = ["README.md", "docs/API.md", "docs/OPERATIONS.md", "docs/SECURITY.md",
+            "docs/ARCHITECTURE.md", "docs/BENCHMARKS.md", "examples/portal_backoffice/README.md"]
+LINK = re.compile(r"\]\((?!https?://|mailto:)([^)\s]+)\)")
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to dashes."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_the_readme_fits_on_a_screen_or_four() -> None:
+    lines = (REPO / "README.md").read_text("utf-8").splitlines()
+    assert len(lines) <= 220, f"README.md has {len(lines)} lines: move detail into docs/"
+
+
+@pytest.mark.parametrize("name", MARKDOWN)
+def test_relative_links_lead_to_files_and_headings_that_exist(name: str) -> None:
+    source = REPO / name
+    broken: list[str] = []
+    for target in LINK.findall(source.read_text("utf-8")):
+        path, _, anchor = target.partition("#")
+        file = (source.parent / path).resolve() if path else source
+        if not file.exists():
+            broken.append(target)
+            continue
+        if anchor and file.suffix == ".md":
+            headings = {_anchor(line.lstrip("#")) for line in
+                        file.read_text("utf-8").splitlines() if line.startswith("#")}
+            if anchor not in headings:
+                broken.append(target)
+    assert not broken, f"{name}: broken links {broken}"
