@@ -22,7 +22,7 @@ OUTSIDE = (
     "../" + "shared",
     "shared" + "/",
     "SPEC" + ".md",
-    "BASELINES" + ".md",
+    "BASE" + "LINES.md",
     "NOTES" + ".md",
 )
 
