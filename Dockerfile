@@ -36,7 +36,7 @@ RUN groupadd --system --gid 10001 mfa \
  && mkdir -p /data && chown mfa:mfa /data
 COPY --from=build /opt/venv /opt/venv
 # Production by default: the server then refuses to start without TLS, a callers file,
-# MFA_KEYRING and real email/phone providers (see the README's Configuration). The
+# MFA_KEYRING and real email/phone providers (docs/OPERATIONS.md, Configuration). The
 # SQLite default in /data serves a single container; set MFA_DATABASE_URL for PostgreSQL.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -317,7 +317,7 @@ def _register_reflection_v1_descriptor() -> None:
 
 
 def connection_options(settings: Settings) -> list[tuple[str, int]]:
-    """Keepalive and connection age (docs: README "Processes and connections").
+    """Keepalive and connection age (docs/OPERATIONS.md, "Processes and connections").
 
     The kernel (SO_REUSEPORT) and a Kubernetes Service balance connections, not calls: a
     client that keeps one HTTP/2 connection sends every call to one process for good.

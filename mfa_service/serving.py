@@ -26,7 +26,7 @@ async def serve(settings: Settings) -> None:
 
 
 def run(settings: Settings) -> None:
-    """Serve on uvloop when it is installed (+6-12 %, shared/BASELINES.md)."""
+    """Serve on uvloop when it is installed (+6-12 %, docs/BENCHMARKS.md)."""
     try:
         import uvloop
     except ImportError:

@@ -1,7 +1,8 @@
 """Typed settings, read once from ``MFA_*`` environment variables (and an optional .env).
 
 Nothing below the entry point reads ``os.environ``: ``cli`` builds one ``Settings`` and
-hands it to ``app.create_server``. Bounds come from SPEC.md (NIST SP 800-63B, RFC 6238).
+hands it to ``app.create_server``. Bounds come from NIST SP 800-63B and RFC 6238
+(docs/API.md, "Codes, limits and delivery").
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def _webauthn_problems(rp_id: str, origins: tuple[str, ...], *, production: bool
 
 
 class Settings(BaseSettings):
-    """Every knob of the service; see the README's configuration table."""
+    """Every knob of the service; see the configuration table in docs/OPERATIONS.md."""
 
     model_config = SettingsConfigDict(
         env_prefix="MFA_", env_file=".env", env_file_encoding="utf-8", extra="ignore",

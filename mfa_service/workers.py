@@ -2,7 +2,7 @@
 
 One Python process uses one core (docs/BENCHMARKS.md). With SO_REUSEPORT the kernel
 spreads *connections* (not calls) over the workers, so clients should open several
-connections (shared/BASELINES.md). The parent prepares what the workers would race on
+connections (docs/BENCHMARKS.md, "Baselines"). The parent prepares what the workers would race on
 (the SQLite migration, the development key file), starts the workers, forwards SIGTERM /
 SIGINT to them, and, if one dies, stops the others and exits non-zero so the supervisor
 (systemd, Kubernetes) restarts the whole set.

@@ -10,14 +10,18 @@ one past it.
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import grpc
 import pytest
 from grpc import aio
 from mfa.v1 import two_factor_service_pb2 as pb
+from sqlalchemy import select
 
+from mfa_service.app import App
 from mfa_service.clock import FixedClock
+from mfa_service.store.models import challenges, factors
 from tests.conftest import challenge, enroll_app, rich_error
 
 if TYPE_CHECKING:
@@ -52,15 +56,23 @@ async def test_an_email_address_of_the_longest_accepted_length_is_kept(
         application=pb.APPLICATION_PORTAL)), "email")
 
 
+async def factor_row(app: App, factor_id: str) -> Any:
+    async with app.database.engine.connect() as conn:
+        return (await conn.execute(select(factors).where(factors.c.id == factor_id))).one()
+
+
 async def test_a_locale_of_the_longest_accepted_length_is_kept(
-        stub: Stub, user_id: str) -> None:
+        app: App, stub: Stub, user_id: str) -> None:
     locale = "abc-abcdef-abcde"  # 16
-    await stub.Enroll(pb.EnrollRequest(
+    enrolled = await stub.Enroll(pb.EnrollRequest(
         user_id=user_id, method=pb.METHOD_AUTHENTICATOR_APP, application=pb.APPLICATION_PORTAL,
         locale=locale))
+    assert (await factor_row(app, enrolled.factor.factor_id)).locale == locale
     await expect_invalid(stub.Enroll(pb.EnrollRequest(
         user_id=f"{user_id}-2", method=pb.METHOD_AUTHENTICATOR_APP,
         application=pb.APPLICATION_PORTAL, locale="abc-abcdefg-abcde")), "locale")
+    listed = await stub.ListFactors(pb.ListFactorsRequest(user_id=f"{user_id}-2"))
+    assert list(listed.factors) == []
 
 
 @pytest.mark.parametrize(("client_ip", "accepted"), [
@@ -85,14 +97,34 @@ async def test_client_ip_is_an_address_the_audit_trail_can_hold(
 
 
 async def test_the_other_stored_fields_at_their_limits(
-        stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+        app: App, stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    """user_id (128), account_name (128) and request_id (64) are stored whole, and one
+    character more is INVALID_ARGUMENT on that field."""
     long_user = (user_id + "-" + "u" * 128)[:128]
     enrolled = await stub.Enroll(pb.EnrollRequest(
         user_id=long_user, method=pb.METHOD_AUTHENTICATOR_APP,
         application=pb.APPLICATION_PORTAL, account_name="a" * 128))
     assert enrolled.factor.user_id == long_user
+    row = await factor_row(app, enrolled.factor.factor_id)
+    assert (row.user_id, row.label) == (long_user, "a" * 128)
+    assert "a" * 128 in unquote(enrolled.otpauth_uri)
+    await expect_invalid(stub.Enroll(pb.EnrollRequest(
+        user_id=long_user + "u", method=pb.METHOD_AUTHENTICATOR_APP,
+        application=pb.APPLICATION_PORTAL)), "user_id")
+    await expect_invalid(stub.Enroll(pb.EnrollRequest(
+        user_id=f"{user_id}-3", method=pb.METHOD_AUTHENTICATOR_APP,
+        application=pb.APPLICATION_PORTAL, account_name="a" * 129)), "account_name")
+
     factor = await enroll_app(stub, user_id, fresh_clock)
-    opened = await stub.Challenge(pb.ChallengeRequest(
+    request = pb.ChallengeRequest(
         user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
-        application=pb.APPLICATION_PORTAL, request_id="r" * 64))
-    assert opened.challenge_id
+        application=pb.APPLICATION_PORTAL, request_id="r" * 64)
+    opened = await stub.Challenge(request)
+    async with app.database.engine.connect() as conn:
+        stored = await conn.scalar(select(challenges.c.request_id).where(
+            challenges.c.id == opened.challenge_id))
+    assert stored == "r" * 64
+    # The retry that the whole id exists for finds the same challenge.
+    assert (await stub.Challenge(request)).challenge_id == opened.challenge_id
+    request.request_id = "r" * 65
+    await expect_invalid(stub.Challenge(request), "request_id")

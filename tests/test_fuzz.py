@@ -353,10 +353,28 @@ async def test_a_request_beyond_the_receive_limit_is_resource_exhausted(
     await _assert_healthy(channel)
 
 
-def test_zz_fuzzed_examples_per_rpc() -> None:
-    """Prints what the fuzzing above saw (run with -s), for the record."""
+def test_zz_every_fuzzed_rpc_got_past_validation(request: pytest.FixtureRequest) -> None:
+    """Runs after the fuzzing above (file order): every RPC it was selected for recorded
+    its examples, and for each some examples got past request validation into the
+    service (an answer other than INVALID_ARGUMENT). A strategy that only ever produces
+    malformed requests fuzzes the validator alone, and fails here. Run with -s to see
+    the counts."""
+    fuzz = test_any_request_gets_a_status_of_the_contract.__name__
+    fuzzed: set[str] = set()
+    for item in request.session.items:
+        if isinstance(item, pytest.Function) and item.originalname == fuzz:
+            method = item.callspec.params["method"]
+            assert isinstance(method, MethodDescriptor)
+            fuzzed.add(method.name)
+    if not fuzzed:
+        pytest.skip("the fuzzing test was not selected")
     for name, seen in sorted(SEEN.items()):
         print(f"fuzzed {name}: {sum(seen.values())} examples, {seen}")
+    assert set(SEEN) == fuzzed, "an RPC selected for fuzzing recorded no examples"
+    for name in sorted(fuzzed):
+        assert sum(SEEN[name].values()) >= 10, (name, SEEN[name])
+        past = {code for code in SEEN[name] if code != "INVALID_ARGUMENT"}
+        assert past, f"{name}: every fuzzed request was INVALID_ARGUMENT: {SEEN[name]}"
 
 
 def test_every_request_type_gets_a_strategy() -> None:

@@ -9,12 +9,14 @@ import json
 import random
 import sqlite3
 import stat
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyotp
 import pytest
 from mfa.v1 import two_factor_service_pb2 as pb
+from sqlalchemy import select
 
 from mfa_service.app import App
 from mfa_service.clock import FixedClock
@@ -30,6 +32,7 @@ from mfa_service.loadtest import (
 )
 from mfa_service.loadtest.report import summary
 from mfa_service.loadtest.users import read_users_file, time_step
+from mfa_service.store.models import factors
 from tests.conftest import TEST_KEYRING, make_settings
 
 if TYPE_CHECKING:
@@ -202,6 +205,47 @@ async def test_seeded_users_and_sessions_are_accepted_by_a_server_on_that_databa
     assert [u.last_step for u in after] == [time_step(clock.now()) + 1] * 6 + [
         time_step(clock.now())]
     assert [(u.user_id, u.token) for u in after] == [(u.user_id, u.token) for u in users]
+
+
+async def test_seeded_rows_are_the_rows_a_real_enrolment_leaves(
+        app: App, stub: Stub, fresh_clock: FixedClock, database_url: str,
+        tmp_path: Path) -> None:
+    """seed writes the tables itself (COPY), not through the repositories: this catches a
+    column the service starts filling (``established_at`` was one) that seed would leave
+    out. Per method, the same columns are set, and the same values where no id, secret or
+    time is involved."""
+    result = await seed(make_settings(database_url), Keyring.parse(TEST_KEYRING),
+                        SeedConfig(users=1, sessions=0, out=tmp_path / "u.jsonl"),
+                        now=fresh_clock.now())
+    (seeded,) = read_users_file(tmp_path / "u.jsonl")
+    real = f"real-{uuid.uuid4().hex[:10]}"
+    enrolled = await stub.Enroll(pb.EnrollRequest(
+        user_id=real, method=pb.METHOD_AUTHENTICATOR_APP, application=pb.APPLICATION_PORTAL))
+    confirmed = await stub.Verify(pb.VerifyRequest(
+        challenge_id=enrolled.challenge_id,
+        code=pyotp.TOTP(enrolled.totp_secret).at(fresh_clock.now())))
+    assert confirmed.result == pb.VERIFY_RESULT_APPROVED and result.users == 1
+
+    async def rows(user_id: str) -> dict[str, dict[str, Any]]:
+        async with app.database.engine.connect() as conn:
+            found = (await conn.execute(select(factors).where(
+                factors.c.user_id == user_id, factors.c.status == "active"))).mappings()
+            return {row["method"]: dict(row) for row in found}
+
+    def shape(row: dict[str, Any]) -> dict[str, Any]:
+        varying = {"id", "user_id", "label", "masked_destination", "secret_ciphertext",
+                   "last_totp_step", "created_at", "confirmed_at", "last_used_at",
+                   "established_at"}
+        return {k: (v is not None) if k in varying else v for k, v in row.items()}
+
+    mine, theirs = await rows(seeded.user_id), await rows(real)
+    assert set(mine) == set(theirs) == {"authenticator_app", "recovery_code"}
+    for method in mine:
+        assert shape(mine[method]) == shape(theirs[method]), method
+    # An app enrolled without an account name is labelled with the user id.
+    app_row = mine["authenticator_app"]
+    assert app_row["label"] == app_row["masked_destination"] == seeded.user_id
+    assert theirs["authenticator_app"]["label"] == real
 
 
 def test_seed_command_fills_sqlite_with_the_servers_keyring(

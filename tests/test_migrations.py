@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import text
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, make_url
 
+from mfa_service import cli
 from mfa_service.app import create_server
 from mfa_service.crypto import Keyring
 from mfa_service.errors import ConfigurationError
@@ -38,20 +39,31 @@ async def test_serve_refuses_an_unmigrated_postgres(empty_postgres: str) -> None
 
 
 async def test_serve_refuses_an_outdated_schema_then_migrate_fixes_it(
-        empty_postgres: str) -> None:
+        empty_postgres: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A database one revision behind this build: serve refuses it and names the
+    revisions; `mfa-service migrate` (the command, in-process) brings it to head, and
+    serve then starts."""
+    head = migrate.head_revision()
+    previous = ScriptDirectory.from_config(migrate.alembic_config()).get_revision(
+        head).down_revision
+    assert isinstance(previous, str)
     engine = create_engine(make_url(empty_postgres))
     try:
-        await migrate.upgrade(engine)
-        async with engine.begin() as conn:
-            await conn.execute(text("UPDATE alembic_version SET version_num = '0000'"))
-        with pytest.raises(ConfigurationError, match="at revision 0000, this build needs"):
+        await migrate.upgrade(engine, previous)
+        with pytest.raises(ConfigurationError,
+                           match=f"at revision {previous}, this build needs {head}"):
             await create_server(make_settings(empty_postgres),
                                 keyring=Keyring.parse(TEST_KEYRING))
-        async with engine.begin() as conn:
-            await conn.execute(text("UPDATE alembic_version SET version_num = :v"),
-                               {"v": migrate.head_revision()})
-        app = await create_server(make_settings(empty_postgres),
-                                  keyring=Keyring.parse(TEST_KEYRING))
+
+        settings = make_settings(empty_postgres)
+        await cli._migrate(settings)
+        assert f"schema at revision {head} (was {previous})" in capsys.readouterr().out
+        assert await migrate.current_revision(engine) == head
+        async with engine.connect() as conn:  # the last revision's DDL ran, not just its stamp
+            assert await conn.run_sync(
+                lambda sync: list(compare_metadata(MigrationContext.configure(sync),
+                                                   Base.metadata))) == []
+        app = await create_server(settings, keyring=Keyring.parse(TEST_KEYRING))
         await app.stop(0)
     finally:
         await engine.dispose()

@@ -318,13 +318,36 @@ async def test_webhook_posts_json_with_idempotency_key(http_server: HttpServer) 
     assert voice.headers["idempotency-key"] == "m-43"
 
 
-async def test_webhook_accepts_any_2xx(http_server: HttpServer) -> None:
-    http_server.status = 202
+@pytest.mark.parametrize("status", [200, 201, 202, 204])
+async def test_webhook_accepts_any_2xx(http_server: HttpServer, status: int) -> None:
+    """A gateway that queues the message answers 202 (or 201, or 204 with no body): sent,
+    no error, and exactly one request (a success is never retried)."""
+    http_server.status = status
+    http_server.body = b"" if status == 204 else b"{}"
     sender = WebhookSender(http_server.url())
     try:
-        await sender.send(phone_message())
+        await sender.send(phone_message(message_id="m-2xx"))  # raises on failure
     finally:
         await sender.aclose()
+    (request,) = http_server.requests
+    assert request.headers["idempotency-key"] == "m-2xx"
+
+
+@pytest.mark.parametrize("status", [301, 302, 304])
+async def test_webhook_does_not_take_a_redirect_for_success(
+        http_server: HttpServer, status: int) -> None:
+    """Just outside 2xx: a redirect is not a delivery (httpx does not follow it), and
+    resending will not change it."""
+    http_server.status = status
+    http_server.body = b""
+    sender = WebhookSender(http_server.url())
+    try:
+        with pytest.raises(DeliveryError) as caught:
+            await sender.send(phone_message())
+    finally:
+        await sender.aclose()
+    assert caught.value.retryable is False and f"HTTP {status}" in str(caught.value)
+    assert len(http_server.requests) == 1
 
 
 @pytest.mark.parametrize(("status", "retryable"), [

@@ -1,7 +1,7 @@
 """The store contract: how many statements each RPC sends to the database.
 
 Statements are what a request pays for on PostgreSQL (a round trip each, and several times
-the database's own work in client CPU: shared/BASELINES.md). Each hot path has a budget,
+the database's own work in client CPU: docs/BENCHMARKS.md, "Baselines"). Each hot path has a budget,
 asserted exactly here on both databases so it cannot grow back silently:
 
 - CheckSession: 1 (the idle deadline is written at most once a minute per session: 2);

@@ -7,7 +7,8 @@ constant ``CheckSessionResponse(valid=true)``: no database, no interceptors, no 
 parsing on the server. The load generator drives it with the very stubs, channels and
 concurrency of the real run (the ``echo`` scenario is check-session's call with a random
 token), so "0.6x baseline" reads as "what the service costs over gRPC itself", the way
-shared/BASELINES.md compares servers. It runs on uvloop when available, as ``serve`` does.
+the baselines of docs/BENCHMARKS.md compare servers. It runs on uvloop when available, as
+``serve`` does.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ T = TypeVar("T")
 def _event_loop_runner() -> Callable[[Coroutine[Any, Any, T]], T]:
     run: Callable[[Coroutine[Any, Any, T]], T] = asyncio.run
     with contextlib.suppress(ImportError):
-        import uvloop  # the client is CPU-bound too (BASELINES: ~0.7 core at 4-5k RPS)
+        import uvloop  # the client is CPU-bound too (~0.7 core at 4-5k RPS: docs/BENCHMARKS.md)
 
         run = uvloop.run
     return run

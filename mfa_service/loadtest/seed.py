@@ -9,16 +9,16 @@ asyncpg's ``copy_records_to_table``; SQLite: executemany), one transaction per b
   keyring's primary key with the service's associated data (``factors.totp.secret_aad``:
   factor id and user id), ``last_totp_step`` = the step of the seeding time (as if the
   first code had just confirmed it);
-- the recovery-code factor, ACTIVE: ``_issue_first_recovery_codes`` creates it with the
-  first active factor, and the service relies on it being there once a real factor is
+- the recovery-code factor, ACTIVE: ``service.recovery.Recovery.issue_first`` creates it
+  with the first active factor, and the service relies on it being there once a real factor is
   ACTIVE (RegenerateRecoveryCodes, the retirement when the last factor is disabled, and no
   second issue of codes when another factor is confirmed). Its 10 codes are optional
   (``--recovery-codes``): they are 10 extra rows and HMACs per user that no load scenario
   reads, and the codes could never be used anyway (nobody was shown them). Without them
   the user is in the state of one who has used all ten: a state the service produces.
 - for the first M users, one live session each, its 256-bit token stored as the service
-  stores it (HMAC-SHA256 of ``service.sessions._token_message(token)`` under the primary
-  key), alternately opened on the portal and the backoffice, with the server's lifetimes
+  stores it (``service.sessions.token_hash``: HMAC-SHA256 under the primary key),
+  alternately opened on the portal and the backoffice, with the server's lifetimes
   (MFA_SESSION_TTL_SECONDS, MFA_SESSION_IDLE_SECONDS: seeded sessions idle out after 30
   minutes by default unless checked).
 
@@ -49,7 +49,7 @@ from mfa_service.factors.recovery import generate_codes, hash_codes
 from mfa_service.factors.totp import SECRET_BYTES, secret_aad
 from mfa_service.loadtest.config import LoadTestError, SeedConfig
 from mfa_service.loadtest.users import time_step
-from mfa_service.service.sessions import _token_message as session_token_message
+from mfa_service.service.sessions import token_hash
 from mfa_service.settings import Settings
 from mfa_service.store import migrate
 from mfa_service.store.engine import create_engine, database_url
@@ -60,7 +60,7 @@ RECOVERY_LABEL = "recovery codes"  # as service/recovery.py labels that factor
 
 FACTOR_COLUMNS = ("id", "user_id", "method", "status", "label", "masked_destination",
                   "secret_ciphertext", "secret_key_id", "last_totp_step", "created_at",
-                  "confirmed_at", "last_used_at")
+                  "confirmed_at", "last_used_at", "established_at")
 SESSION_COLUMNS = ("id", "token_hash", "token_key_id", "user_id", "factor_id", "method",
                    "application", "caller", "authenticated_at", "expires_at",
                    "idle_expires_at")
@@ -140,14 +140,16 @@ class Population:
             key_id, ciphertext = self._keyring.encrypt(secret, secret_aad(factor_id, user_id))
             # The label and masked destination the service gives an app enrolled without
             # an account name: the user id (ours have no ':').
+            # A first factor and the codes issued with it are established at once
+            # (service/policy.py): they may disable a factor or regenerate codes.
             out.factors.append((factor_id, user_id, app, active, user_id, user_id, ciphertext,
-                                key_id, step, now, now, now))
+                                key_id, step, now, now, now, now))
             out.factors.append((recovery_id, user_id, recovery, active, RECOVERY_LABEL,
-                                RECOVERY_LABEL, None, None, None, now, now, now))
+                                RECOVERY_LABEL, None, None, None, now, now, now, now))
             token: str | None = None
             if index < self._sessions:
                 token = new_token()
-                mac_id, digest = self._keyring.mac(session_token_message(token))
+                mac_id, digest = token_hash(self._keyring, token)
                 application = (Application.PORTAL if index % 2 == 0
                                else Application.BACKOFFICE).value
                 out.sessions.append((session_id, digest, mac_id, user_id, factor_id, app,

@@ -43,7 +43,7 @@ log = logging.getLogger("mfa_service.limits")
 
 @dataclass(frozen=True)
 class Rules:
-    """The limits of SPEC.md, already bounded by Settings."""
+    """The limits (docs/API.md, docs/SECURITY.md), already bounded by Settings."""
 
     code_ttl: timedelta = timedelta(minutes=5)
     max_attempts: int = 5

@@ -1,9 +1,9 @@
 """The limits: the per-user lockout (pure rules over the counter the store keeps and
 locks) and the send quota (codes per factor, user and destination).
 
-SPEC.md: after 5 consecutive failed verifications (all factors, all callers) the user
-waits 1 minute, doubling with every further 5 failures up to 15 minutes; a success or
-12 quiet hours reset the count.
+The lockout (docs/SECURITY.md, "Guessing"): after 5 consecutive failed verifications
+(all factors, all callers) the user waits 1 minute, doubling with every further 5
+failures up to 15 minutes; a success or 12 quiet hours reset the count.
 
 At 100 consecutive failures (NIST SP 800-63B 5.2.2: at most 100 consecutive failed
 attempts on one account) the user's codes, apps and passkeys are refused until the user
@@ -97,7 +97,7 @@ class PhoneSendRefused(ResourceExhausted):
 
 @dataclass(frozen=True)
 class SendQuota:
-    """The send limits of SPEC.md, decided in the transaction that will send.
+    """The send limits (docs/API.md), decided in the transaction that will send.
 
     - cooldown: after a code that is still waiting to be used (an OPEN challenge), on the
       factor, or for Enroll on the user's factors of the method (a re-enrolment is a

@@ -33,6 +33,11 @@ def _token_message(token: str) -> bytes:
     return b"mfa-service/v1/session/" + token.encode()
 
 
+def token_hash(keyring: Keyring, token: str) -> tuple[str, bytes]:
+    """(key id, HMAC) of a session token under the primary key: what a session row stores."""
+    return keyring.mac(_token_message(token))
+
+
 class SessionService:
     def __init__(self, db: Database, keyring: Keyring, clock: Clock, *,
                  ttl: timedelta, idle: timedelta, cache: SessionCache | None = None) -> None:
@@ -49,14 +54,14 @@ class SessionService:
         """Create a session inside the caller's transaction (the one approving the login);
         its row is written with the transaction's deferred writes, before COMMIT."""
         token = new_token()
-        key_id, token_hash = self._keyring.mac(_token_message(token))
+        key_id, digest = token_hash(self._keyring, token)
         expires = now + self._ttl
         session = Session(
             session_id=str(uuid.uuid4()), user_id=record.factor.user_id,
             factor_id=record.factor.factor_id, method=record.factor.method,
             application=application, authenticated_at=now, expires_at=expires,
             idle_expires_at=min(now + self._idle, expires))
-        tx.sessions.add(session, token_hash, key_id, who.caller)
+        tx.sessions.add(session, digest, key_id, who.caller)
         audit.record(tx, now, audit.Event.SESSION_CREATED, audit.Outcome.OK, who,
                            user_id=session.user_id, factor_id=session.factor_id,
                            session_id=session.session_id, application=application)

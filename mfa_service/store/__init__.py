@@ -2,7 +2,7 @@
 
 SQLAlchemy is the schema authority (Alembic migrations in mfa_service/migrations).
 Repositories speak SQLAlchemy Core on an AsyncConnection rather than the ORM: on this
-machine Core costs roughly half the CPU of the ORM per statement (shared/BASELINES.md),
+machine Core costs roughly half the CPU of the ORM per statement (docs/BENCHMARKS.md, "Baselines"),
 and the hot paths (Verify, CheckSession) are a handful of statements each.
 """
 

@@ -1,4 +1,28 @@
-"""The engine, and every difference between SQLite and PostgreSQL, in one place."""
+"""The engine, and the SQL that differs between SQLite and PostgreSQL.
+
+Here: the engine options (asyncpg statement caches and names behind PgBouncer, SQLite's
+``BEGIN IMMEDIATE`` and busy timeout), the dialect-specific statements (``INSERT … ON
+CONFLICT``, the user-lock upsert, the phone budget, advisory locks, ``NOTIFY``) and the
+mapping of driver errors to store errors.
+
+Not here, because they are about how a transaction runs or when a process migrates, not
+about SQL text:
+
+- ``store/database.py``: on SQLite writing transactions queue on an in-process lock and
+  read-only ones are marked so that their ``BEGIN`` (below) is deferred; on PostgreSQL
+  reads autocommit (except behind PgBouncer); SQLite's busy timeout running out becomes
+  DEADLINE_EXCEEDED;
+- ``store/unit.py``: PostgreSQL sends a request's deferred writes as one ``WITH``
+  statement, SQLite one by one;
+- ``store/security.py``: caches the lock statements built here per dialect;
+- ``store/models.py``: partial unique indexes spelled for both, ``BigID`` an INTEGER on
+  SQLite; ``store/outbox.py``: ``FOR UPDATE SKIP LOCKED`` (SQLite ignores it: its write
+  lock already excludes other claimants); ``migrations/env.py``: batch mode on SQLite;
+- ``app.py``, ``workers.py``, ``cli_admin.py`` and ``loadtest/seed.py``: the embedded
+  SQLite default migrates itself at start-up, PostgreSQL refuses an outdated schema; only
+  PostgreSQL gets the CheckSession cache and its ``LISTEN`` (``app.py``); seed writes with
+  COPY on PostgreSQL, executemany on SQLite.
+"""
 
 from __future__ import annotations
 
@@ -67,7 +91,7 @@ def create_engine(url: URL, *, pool_size: int = 5, timeout: float = 5.0,
     # include hashes and ciphertexts; nothing of that may reach a log line.
     return create_async_engine(
         url, echo=echo, hide_parameters=True,
-        # Small pools: on 2 cores 64 connections were slower than 16 (shared/BASELINES.md).
+        # Small pools: on 2 cores 64 connections were slower than 16 (docs/BENCHMARKS.md).
         # A fixed pool, no overflow: an overflow connection is closed when it is returned,
         # so under load every request above pool_size paid a new connection (TCP, auth,
         # and the driver's prepared statements lost with it); the profile showed it.

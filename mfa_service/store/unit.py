@@ -1,14 +1,15 @@
 """What repositories execute through: one connection in one transaction, plus the writes
 that may wait until the transaction ends.
 
-Round trips are what a request pays for on PostgreSQL (shared/BASELINES.md: the Python side
-of each statement costs several times the database's work). Many writes of a request are
-never read back inside it: the audit rows, the new session, the new challenge and its outbox
-message, the TOTP step of the factor once the user's lock is held. Those are *deferred*:
-kept here and sent together just before COMMIT. On PostgreSQL they go as one statement (a
-``WITH`` of data-modifying CTEs, all on one snapshot; constraints are checked at its end);
-SQLite, embedded, runs them one by one. Any immediate statement first sends what is
-deferred, so a read inside the transaction always sees the transaction's own writes.
+Round trips are what a request pays for on PostgreSQL (docs/BENCHMARKS.md, "Baselines":
+the Python side of each statement costs several times the database's work). Many writes
+of a request are never read back inside it: the audit rows, the new session, the new
+challenge and its outbox message, the TOTP step of the factor once the user's lock is
+held. Those are *deferred*: kept here and sent together just before COMMIT. On
+PostgreSQL they go as one statement (a ``WITH`` of data-modifying CTEs, all on one
+snapshot; constraints are checked at its end); SQLite, embedded, runs them one by one.
+Any immediate statement first sends what is deferred, so a read inside the transaction
+always sees the transaction's own writes.
 
 A deferred UPDATE may be a *guard*: a conditional write whose row count is the answer (the
 TOTP step only moves forward, a passkey's counter is swapped only from the value read, a

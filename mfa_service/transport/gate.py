@@ -7,8 +7,8 @@ bounds its work by it (store/database.py).
 Why calls are *held* at the end of a shutdown: grpc.aio's ``server.stop()`` ends every
 call that the gRPC core has received but not yet handed to the application with
 CANCELLED, and so does any call that reaches the core once the stop has begun
-(shared/NOTES.md: 48 such calls under load). A call cannot be refused before it reaches
-the application, so the gate makes sure none is waiting when the stop begins:
+(48 such calls under load: docs/BENCHMARKS.md, "Baselines"). A call cannot be refused
+before it reaches the application, so the gate makes sure none is waiting when the stop begins:
 
 1. drain (``MFA_SHUTDOWN_DRAIN_SECONDS``): health says NOT_SERVING, every call is served;
    load balancers and clients move away;

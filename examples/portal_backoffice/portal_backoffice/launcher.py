@@ -223,6 +223,10 @@ async def run(args: argparse.Namespace) -> int:
             await asyncio.wait([*waiters, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
                 waiter.cancel()
+            if stop.is_set():
+                # Stopping takes a few seconds (the service drains): say so at once.
+                print("\nStopping the demo: web apps, then mfa-service (it drains for a "
+                      "few seconds)...", flush=True)
             if process is not None and process.returncode is not None:
                 log.error("mfa-service exited with status %s", process.returncode)
             await channel.close()
@@ -240,6 +244,8 @@ async def run(args: argparse.Namespace) -> int:
                     await process.wait()
             smtp_server.close()
             await smtp_server.wait_closed()
+            if stop.is_set():
+                print("Demo stopped.", flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -277,4 +283,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # aiosmtpd logs every SMTP session at INFO ("Peer", "handling connection", "connection
+    # lost" after each mail): routine for a sink, alarming in a demo log. Its warnings stay.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
     return asyncio.run(run(args))
