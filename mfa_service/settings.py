@@ -137,7 +137,13 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=5, ge=1, le=10)
     max_factors_per_user: int = Field(default=20, ge=1, le=100)
     resend_cooldown_seconds: int = Field(default=30, ge=0, le=300)
-    max_sends_per_window: int = Field(default=5, ge=1, le=50)
+    # Codes per user and method per send window. 10, not 5: a normal user's phone day
+    # (enrol, log in by text, switch to a call, change the number - a code to each number
+    # - and log in on the new one) is six codes in ten minutes. What this cap stops is an
+    # account rotating destinations; the per-destination cap (5: no one number or inbox
+    # gets more than a factor's share), the per-range and per-country caps and the daily
+    # budget stop pumping and flooding whatever this one allows.
+    max_sends_per_window: int = Field(default=10, ge=1, le=50)
     send_window_seconds: int = Field(default=600, ge=60, le=86400)
     # Codes to one address or number per send window, whichever users asked
     # (SMS pumping / toll fraud); notices do not count.

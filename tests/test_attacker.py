@@ -249,7 +249,7 @@ def machine(w: World, stolen_session: bool) -> type[RuleBasedStateMachine]:
                 return str(uuid.uuid4())
             return data.draw(st.sampled_from(self.me.known), label="factor")
 
-        def proof(self, c: Seen, kind: str, data: st.DataObject) -> dict[str, str]:
+        def proof(self, c: Seen, kind: str, data: st.DataObject) -> dict[str, Any]:
             """The attacker's best answer of ``kind`` to challenge ``c``."""
             me = self.me
             if kind == "own":

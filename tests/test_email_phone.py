@@ -137,7 +137,8 @@ async def test_resend_kills_the_old_code_and_is_rate_limited(rig: Rig, user_id: 
     new = await rig.stub.Verify(pb.VerifyRequest(challenge_id=second.challenge_id,
                                                  code=code_in(phone_text(second_sms))))
     assert new.result == pb.VERIFY_RESULT_APPROVED
-    # Sends so far in this window: enrolment, first, second. Two more are allowed...
+    # Sends so far in this window: enrolment, first, second. Two more are allowed: no
+    # number gets more than 5 codes in 10 minutes, whichever users ask...
     for _ in range(2):
         rig.clock.advance(30)
         await rig.stub.Challenge(login)
@@ -146,7 +147,7 @@ async def test_resend_kills_the_old_code_and_is_rate_limited(rig: Rig, user_id: 
         await rig.stub.Challenge(login)
     e = rich_error(err.value)
     assert (e.code, e.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  "ERROR_REASON_SEND_RATE_LIMITED")
+                                  "ERROR_REASON_DESTINATION_RATE_LIMITED")
     assert e.retry_seconds is not None and 0 < e.retry_seconds <= 600
     rig.clock.advance(e.retry_seconds)
     await delivered_all(rig, user_id)

@@ -333,7 +333,7 @@ async def test_a_retried_challenge_gets_the_same_browser_options(
     ({"code": "123456", "webauthn_response": "{}"}, "webauthn_response"),
 ])
 async def test_a_malformed_proof_is_invalid_argument_and_costs_no_attempt(
-        stub: Stub, user_id: str, fresh_clock: FixedClock, fields: dict[str, str],
+        stub: Stub, user_id: str, fresh_clock: FixedClock, fields: dict[str, Any],
         field: str) -> None:
     key = SoftAuthenticator()
     enrolled, _ = await enroll_passkey(stub, user_id, key)

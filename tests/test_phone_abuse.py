@@ -30,7 +30,7 @@ from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
 from mfa_service.store.models import phone_budget_days
 from tests.conftest import TEST_KEYRING, enroll_app, make_settings, rich_error
-from tests.rig import Rig, code_in, enroll_phone, eventually, phone_text
+from tests.rig import Rig, code_in, enroll_phone, eventually, phone_text, unique_phone
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
@@ -342,6 +342,30 @@ async def test_defaults_let_a_user_enrol_log_in_by_text_and_voice_and_change_num
     new_id, _ = await enroll_phone(rig, user, new_number, proof=proof.challenge_id)
     rig.clock.advance(5 * 60)
     await phone_login(rig, user, new_id, new_number, pb.CHANNEL_VOICE)
+
+
+async def test_defaults_let_a_normal_phone_day_pass_within_ten_minutes(rig: Rig) -> None:
+    """Enrol a phone, log in by text, switch to a call, change the number (a code to the
+    old one, then one to the new), log in on the new number: six codes in ten minutes,
+    none refused by any limit (per user, destination, range, country, budget)."""
+    user = new_user()
+    factor_id, number = await enroll_phone(rig, user)  # 1: to the old number
+    await phone_login(rig, user, factor_id, number, pb.CHANNEL_SMS)  # 2
+    rig.clock.advance(31)
+    await phone_login(rig, user, factor_id, number, pb.CHANNEL_VOICE)  # 3
+    rig.clock.advance(31)
+    before = len(rig.calls_to(number))
+    proof = await rig.stub.Challenge(pb.ChallengeRequest(  # 4: the old number consents
+        user_id=user, factor_id=factor_id, purpose=pb.PURPOSE_CHANGE_PHONE,
+        application=pb.APPLICATION_PORTAL))
+    sms = (await eventually(lambda: rig.calls_to(number)[before:]))[-1]
+    assert (await rig.stub.Verify(pb.VerifyRequest(
+        challenge_id=proof.challenge_id, code=code_in(phone_text(sms))))).result == \
+        pb.VERIFY_RESULT_APPROVED
+    rig.clock.advance(31)
+    new_id, new_number = await enroll_phone(rig, user, unique_phone(),  # 5: to the new one
+                                            proof=proof.challenge_id)
+    await phone_login(rig, user, new_id, new_number, pb.CHANNEL_SMS)  # 6
 
 
 async def test_defaults_let_a_team_on_one_number_block_log_in_within_the_hour(

@@ -375,3 +375,27 @@ async def test_account_email_hears_of_changes_to_a_user_with_only_an_app(
     code, _ = await refused(stub.Verify(pb.VerifyRequest(
         challenge_id=resp.challenge_id, code="123456", account_email="not an address")))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_confirming_the_first_factor_may_open_the_session_and_only_the_first(
+        stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    resp = await stub.Enroll(pb.EnrollRequest(
+        user_id=user_id, method=pb.METHOD_AUTHENTICATOR_APP, application=PORTAL))
+    ok = await stub.Verify(pb.VerifyRequest(
+        challenge_id=resp.challenge_id, code=totp_at(resp.totp_secret, fresh_clock),
+        open_session=True))
+    assert ok.result == pb.VERIFY_RESULT_APPROVED and ok.recovery_codes
+    check = await stub.CheckSession(pb.CheckSessionRequest(
+        session_token=ok.session.session_token, application=pb.APPLICATION_BACKOFFICE))
+    assert check.valid and check.user_id == user_id
+    assert check.method == pb.METHOD_AUTHENTICATOR_APP
+    # A later factor keeps the normal flow: no session from its confirmation.
+    fresh_clock.advance(30)
+    added = await stub.Enroll(pb.EnrollRequest(
+        user_id=user_id, method=pb.METHOD_PASSKEY, application=PORTAL,
+        session_token=ok.session.session_token))
+    confirmed = await stub.Verify(pb.VerifyRequest(
+        challenge_id=added.challenge_id, open_session=True,
+        webauthn_response=SoftAuthenticator().create(added.webauthn_creation_options)))
+    assert confirmed.result == pb.VERIFY_RESULT_APPROVED
+    assert not confirmed.HasField("session")

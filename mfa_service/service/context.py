@@ -49,7 +49,7 @@ class Rules:
     max_attempts: int = 5
     max_factors_per_user: int = 20
     resend_cooldown: timedelta = timedelta(seconds=30)
-    max_sends: int = 5
+    max_sends: int = 10
     send_window: timedelta = timedelta(minutes=10)
     max_sends_per_destination: int = 5
     # Phone codes across users (SMS pumping, toll fraud; settings.py says why these).

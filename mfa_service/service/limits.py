@@ -127,7 +127,7 @@ class SendQuota:
 
     cooldown: timedelta = timedelta(seconds=30)
     window: timedelta = timedelta(minutes=10)
-    per_user_method: int = 5
+    per_user_method: int = 10
     per_destination: int = 5
     area_window: timedelta = timedelta(hours=1)
     per_phone_prefix: int = 30

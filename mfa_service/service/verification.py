@@ -79,6 +79,7 @@ class _Approved:
     who: AuditContext
     now: datetime
     account_email: str | None = None  # notices go here too (the account's own address)
+    open_session: bool = False  # confirming a first factor: also log in
 
 
 Handler = Callable[["Verification", _Approved], Awaitable[VerifyOutcome]]
@@ -120,14 +121,15 @@ class Verification:
         self._recovery = recovery
 
     async def verify(self, challenge_id: str, proof: Proof | str, who: AuditContext, *,
-                     user_id: str | None = None,
-                     account_email: str | None = None) -> VerifyOutcome:
+                     user_id: str | None = None, account_email: str | None = None,
+                     open_session: bool = False) -> VerifyOutcome:
         """Check a code (or a passkey's response); ``user_id`` (optional) binds the
         challenge to the user the caller expects: another user's challenge is then "not
-        found". ``account_email``: notices about the change also go there."""
+        found". ``account_email``: notices about the change also go there.
+        ``open_session``: confirming the user's first factor also opens a session."""
         return await _again_if_guard_lost(lambda: self._verify(
             challenge_id, _as_proof(proof), who, disable=None, expect_user=user_id,
-            account_email=account_email))
+            account_email=account_email, open_session=open_session))
 
     async def disable(self, user_id: str, factor_id: str, challenge_id: str,
                       proof: Proof | str, who: AuditContext, *,
@@ -141,7 +143,8 @@ class Verification:
     async def _verify(self, challenge_id: str, proof: Proof, who: AuditContext,
                       disable: tuple[str, str] | None,
                       expect_user: str | None,
-                      account_email: str | None = None) -> VerifyOutcome:
+                      account_email: str | None = None,
+                      open_session: bool = False) -> VerifyOutcome:
         ctx = self._ctx
         now = ctx.clock.now()
         async with ctx.db.transaction() as tx:
@@ -213,7 +216,7 @@ class Verification:
                 await self._recovery_code_used(tx, settled, record, who, now, account_email)
             handler = _PURPOSES[settled.purpose]
             return await handler(self, _Approved(tx, settled, record, target, remaining,
-                                                 who, now, account_email))
+                                                 who, now, account_email, open_session))
 
     async def _ask_policy(self, tx: Transaction, challenge: Challenge, record: FactorRecord,
                           target: FactorRecord, now: datetime) -> None:
@@ -304,8 +307,15 @@ class Verification:
         codes = await self._recovery.issue_first(tx, factor.user_id, a.who, now)
         active = replace(factor, status=FactorStatus.ACTIVE, confirmed_at=now, last_used_at=now,
                          established_at=established_at)
-        return VerifyOutcome(VerifyResult.APPROVED, a.remaining, factor=active,
-                             recovery_codes=tuple(codes))
+        session = None
+        if a.open_session and first:
+            # The code just proved the user's first (now ACTIVE) factor: what a login
+            # needs (service/policy.py), so the caller need not ask for a second code.
+            policy.require(Change.LOG_IN, {Evidence.PROOF_WITH_ACTIVE})
+            session = ctx.sessions.open(tx, replace(a.record, factor=active),
+                                        a.challenge.application, a.who, now)
+        return VerifyOutcome(VerifyResult.APPROVED, a.remaining, session=session,
+                             factor=active, recovery_codes=tuple(codes))
 
     async def _disable(self, a: _Approved) -> VerifyOutcome:
         ctx, tx, now, factor = self._ctx, a.tx, a.now, a.target.factor

@@ -262,6 +262,7 @@ class VerifyArgs:
     proof: domain.Proof
     user_id: str | None  # the user the caller expects, or None
     account_email: str | None
+    open_session: bool = False
 
 
 def verify_args(req: pb.VerifyRequest) -> VerifyArgs:
@@ -272,7 +273,7 @@ def verify_args(req: pb.VerifyRequest) -> VerifyArgs:
     c.audit_fields(req.client_ip, req.user_agent)
     account_email = c.account_email(req.account_email)
     c.done()
-    return VerifyArgs(challenge_id, proof, user_id, account_email)
+    return VerifyArgs(challenge_id, proof, user_id, account_email, req.open_session)
 
 
 @dataclass(frozen=True)

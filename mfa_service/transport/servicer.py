@@ -45,7 +45,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         a = convert.verify_args(request)
         outcome = await self._s.verification.verify(
             a.challenge_id, a.proof, _who(request.client_ip, request.user_agent),
-            user_id=a.user_id, account_email=a.account_email)
+            user_id=a.user_id, account_email=a.account_email, open_session=a.open_session)
         return convert.verify_response(outcome)
 
     async def Disable(self, request: pb.DisableRequest, context: Context) -> pb.DisableResponse:

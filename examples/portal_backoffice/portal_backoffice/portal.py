@@ -475,7 +475,10 @@ class Portal:
             result = await self.stub.Verify(pb.VerifyRequest(
                 challenge_id=flow.challenge_id, code=code, webauthn_response=webauthn,
                 user_id=login.user, client_ip=client_ip(request),
-                user_agent=user_agent(request), account_email=account_email(login.user)),
+                user_agent=user_agent(request), account_email=account_email(login.user),
+                # Confirming the user's first factor logs them in too (the code just
+                # proved it): no second prompt at once. Later factors: ignored.
+                open_session=flow.kind != "login"),
                 timeout=WRITE_TIMEOUT)
         except grpc.RpcError as err:
             return self._render_verify(request, flow, error=to_error(err).user_message)
@@ -502,14 +505,18 @@ class Portal:
             self.names.set(login.user, factor_id, flow.label)
         response: Response
         if result.recovery_codes:
-            # The user's first factor: proving it here is proof enough for the portal's
-            # own pages, so "I saved them: continue" does not ask for 2FA again at once.
-            self.sessions.update(replace(login, first_factor_at=time.time()))
             response = render(request, "recovery_codes.html", codes=list(result.recovery_codes),
                               title=f"{flow.subject or 'Two-factor authentication'} is "
                                     "turned on",
                               method=METHOD_NAMES.get(flow.method, ""),
                               next=f"/profile?n=enabled&f={factor_id}")
+            if result.session.session_token:
+                # The user's first factor, and mfa-service opened the session with it
+                # (open_session): a real 2FA session, honoured by the backoffice too, so
+                # "I saved them: continue" does not ask for 2FA again at once.
+                self.sessions.passed_2fa(response, login, result.session.session_token)
+            else:  # a server without open_session: the portal's own, narrower grace
+                self.sessions.update(replace(login, first_factor_at=time.time()))
         else:
             response = redirect("/profile", n="phone-changed" if flow.proof else "enabled",
                                 f=factor_id)

@@ -657,6 +657,7 @@ class VerifyRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     WEBAUTHN_RESPONSE_FIELD_NUMBER: _builtins.int
     ACCOUNT_EMAIL_FIELD_NUMBER: _builtins.int
+    OPEN_SESSION_FIELD_NUMBER: _builtins.int
     challenge_id: _builtins.str
     """The challenge to check the code against."""
     code: _builtins.str
@@ -681,6 +682,12 @@ class VerifyRequest(_message.Message):
     verification makes (a factor confirmed, a phone changed, a recovery code used, a
     lockout) go to it as well as to every ACTIVE email and phone factor.
     """
+    open_session: _builtins.bool
+    """PURPOSE_CONFIRM_ENROLLMENT of the user's *first* factor only: also open a 2FA session
+    for the challenge's application (VerifyResponse.session), as a LOGIN would; the code
+    just proved the factor, so the user is not asked again at once. Ignored for any
+    later factor, which keeps the normal flow.
+    """
     def __init__(
         self,
         *,
@@ -691,10 +698,11 @@ class VerifyRequest(_message.Message):
         user_id: _builtins.str = ...,
         webauthn_response: _builtins.str = ...,
         account_email: _builtins.str = ...,
+        open_session: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_email", b"account_email", "challenge_id", b"challenge_id", "client_ip", b"client_ip", "code", b"code", "user_agent", b"user_agent", "user_id", b"user_id", "webauthn_response", b"webauthn_response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_email", b"account_email", "challenge_id", b"challenge_id", "client_ip", b"client_ip", "code", b"code", "open_session", b"open_session", "user_agent", b"user_agent", "user_id", b"user_id", "webauthn_response", b"webauthn_response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -717,7 +725,9 @@ class VerifyResponse(_message.Message):
     """Wrong codes the challenge still accepts before it closes."""
     @_builtins.property
     def session(self) -> Global___Session:
-        """PURPOSE_LOGIN, when approved: the new 2FA session (its token is returned only here)."""
+        """PURPOSE_LOGIN, when approved (and PURPOSE_CONFIRM_ENROLLMENT of a first factor with
+        open_session): the new 2FA session (its token is returned only here).
+        """
 
     @_builtins.property
     def factor(self) -> Global___Factor:
