@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 
 import pytest
+from asyncpg.exceptions import TargetServerAttributeNotMatched
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
@@ -28,7 +30,7 @@ from mfa_service.domain import Channel, MessageKind, Outgoing
 from mfa_service.errors import StoreUnavailable
 from mfa_service.settings import Settings
 from mfa_service.store.database import Database
-from mfa_service.store.engine import create_engine
+from mfa_service.store.engine import create_engine, translate
 from mfa_service.store.models import outbox
 from mfa_service.store.outbox import OutboxRepository
 from tests.conftest import T0, TEST_KEYRING
@@ -228,3 +230,23 @@ def test_the_lease_must_outlast_a_send_and_its_settle() -> None:
         Settings.model_validate({"keyring": TEST_KEYRING, "outbox_lease_seconds": 15,
                                  "provider_timeout_seconds": 20})
     assert Settings.model_validate({"keyring": TEST_KEYRING}).outbox_lease_seconds == 90
+
+
+# -- no primary among the hosts ------------------------------------------------------------
+class _DriverError(Exception):
+    def __init__(self, sqlstate: str | None = None) -> None:
+        super().__init__("driver error")
+        self.sqlstate = sqlstate
+
+
+def test_no_primary_among_the_hosts_is_unavailable_not_internal() -> None:
+    """Every host answered and none takes writes (only standbys, mid-failover)."""
+    orig = _DriverError()
+    orig.__cause__ = TargetServerAttributeNotMatched("no host is read-write")
+    assert isinstance(translate(DBAPIError("connect", None, orig)), StoreUnavailable)
+
+
+def test_a_write_that_reached_a_standby_is_unavailable_not_internal() -> None:
+    orig = _DriverError("25006")  # read_only_sql_transaction
+    assert isinstance(translate(DBAPIError("UPDATE", None, orig)), StoreUnavailable)
+    assert translate(DBAPIError("UPDATE", None, _DriverError("22001"))) is None
