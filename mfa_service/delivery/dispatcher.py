@@ -183,9 +183,8 @@ class Dispatcher:
     async def _process(self, m: OutboxMessage, lease_end: float) -> None:
         sent = self._unsettled.get(m.message_id)
         if sent is not None:
-            # This process sent it already; only its settle was lost. Never again to the
-            # provider, and SENT even if its code has expired since.
-            self._outcome(m, "settled")
+            # This process sent it already (counted then); only its settle was lost. Never
+            # again to the provider, and SENT even if its code has expired since.
             sent.lease_end = lease_end
             await self._settle_sent(m.message_id, sent)
             return
