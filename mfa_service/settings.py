@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 
 class Environment(StrEnum):
@@ -43,6 +44,88 @@ def _is_safe_url(url: str) -> bool:
     if parsed.scheme == "https":
         return True
     return parsed.scheme == "http" and is_loopback_host(parsed.hostname or "")
+
+
+MULTI_HOST_EXAMPLE = ("postgresql+asyncpg://USER@/DB?host=HOST1:PORT1&host=HOST2:PORT2"
+                      "&target_session_attrs=read-write")
+# What asyncpg may connect to when several hosts are listed: only the primary will do
+# (a standby refuses every write).
+PRIMARY_SESSION_ATTRS = ("read-write", "primary")
+
+
+def _split_netloc(value: str) -> tuple[str, str, str, str, str] | None:
+    """scheme, user (no password), host part, path and query of a URL, by hand: the
+    spelling SQLAlchemy cannot parse must still be explained. None: no ``://``."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return None
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, hostpart = netloc.rpartition("@")
+    user = userinfo.partition(":")[0] if at else ""
+    path, _, query = tail.partition("?")
+    return scheme, user, hostpart, path, query
+
+
+def _multi_host_spelling(scheme: str, user: str, hosts: list[str], path: str,
+                         query: str) -> str:
+    """The working spelling of a multi-host URL (no password: MFA_DATABASE_PASSWORD)."""
+    params = [f"host={h}" for h in hosts]
+    kept = [q for q in query.split("&") if q and not q.startswith("target_session_attrs=")]
+    params += [*kept, "target_session_attrs=read-write"]
+    return f"{scheme}://{user + '@' if user else ''}{path or '/DB'}?{'&'.join(params)}"
+
+
+def database_url_problem(value: str) -> str | None:
+    """What is wrong with MFA_DATABASE_URL, in words that never repeat its password.
+
+    Several PostgreSQL hosts (a primary and its standbys) are spelled
+    ``?host=h1:p1&host=h2:p2&target_session_attrs=read-write``: asyncpg tries them in
+    order and keeps the one that accepts writes, so the service follows a failover. The
+    libpq spelling ``h1:p1,h2:p2`` in the host part fails inside SQLAlchemy (``invalid
+    literal for int()``) at the first connection; it is refused here, with the spelling
+    that works.
+    """
+    parts = _split_netloc(value)
+    if parts is not None and "," in parts[2]:
+        scheme, user, hostpart, path, query = parts
+        hosts = [h.strip() for h in hostpart.split(",") if h.strip()]
+        return ("MFA_DATABASE_URL lists several hosts in its host part (h1:p1,h2:p2), which "
+                "SQLAlchemy cannot parse; write them as query parameters: "
+                f"{_multi_host_spelling(scheme, user, hosts, path, query)}")
+    try:
+        url = make_url(value)
+    except (ValueError, ArgumentError):
+        return ("MFA_DATABASE_URL cannot be parsed; use sqlite+aiosqlite:///PATH, "
+                "postgresql+asyncpg://USER@HOST:PORT/DB or, with standbys, "
+                + MULTI_HOST_EXAMPLE)
+    if url.drivername not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
+        return "use sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB"
+    if url.drivername == "postgresql+asyncpg":
+        return _postgres_hosts_problem(url)
+    return None
+
+
+def _postgres_hosts_problem(url: URL) -> str | None:
+    listed = url.query.get("host")
+    if listed is not None and url.host:
+        return ("MFA_DATABASE_URL names a host both before the path and in ?host=: "
+                "SQLAlchemy would ignore the first; list every host as ?host=, e.g. "
+                + MULTI_HOST_EXAMPLE)
+    try:
+        # What create_engine does with it at the first connection, done now.
+        _, args = url.get_dialect()().create_connect_args(url)
+    except (ValueError, ArgumentError):
+        return ("MFA_DATABASE_URL: the hosts and ports in ?host= cannot be parsed; "
+                f"write each as host=NAME:PORT, e.g. {MULTI_HOST_EXAMPLE}")
+    hosts = args.get("host")
+    if isinstance(hosts, list) and len(hosts) > 1:
+        attrs = url.query.get("target_session_attrs")
+        if attrs not in PRIMARY_SESSION_ATTRS:
+            return ("MFA_DATABASE_URL lists several hosts: add target_session_attrs="
+                    "read-write, or writes may reach a standby (which refuses them) "
+                    f"after a failover, e.g. {MULTI_HOST_EXAMPLE}")
+    return None
 
 
 DEV_RP_ID = "localhost"
@@ -81,6 +164,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MFA_", env_file=".env", env_file_encoding="utf-8", extra="ignore",
         frozen=True,
+        # A refused value is not repeated in the error: MFA_DATABASE_URL may carry a
+        # password, and the cli prints the error.
+        hide_input_in_errors=True,
     )
 
     env: Environment = Environment.DEVELOPMENT
@@ -206,7 +292,15 @@ class Settings(BaseSettings):
     # The outbox dispatcher (off: this process only enqueues; another one sends).
     outbox_dispatcher: bool = True
     outbox_poll_seconds: float = Field(default=1.0, gt=0, le=60)
-    outbox_lease_seconds: int = Field(default=60, ge=15, le=3600)
+    # A claimed message is this process's alone for the lease; a message the provider
+    # accepted is settled (retried while the database is away) within it, so it must
+    # outlast a send plus a failover. 90: Patroni's defaults (ttl 30 s, loop_wait 10 s)
+    # promote a standby ~45 s after the primary died at worst, CloudNativePG within a
+    # few probe periods (~30 s); plus a send that was under way (provider timeout, 10 s)
+    # and one settle attempt still waiting on the dead host (database timeout, 5 s):
+    # ~60 s, and a margin. The cost: a message claimed by a process that then crashed
+    # waits this long before another one sends it, well inside a code's default 5 min.
+    outbox_lease_seconds: int = Field(default=90, ge=15, le=3600)
     outbox_backoff_max_seconds: float = Field(default=120.0, ge=1, le=3600)
     notice_ttl_seconds: int = Field(default=24 * 3600, ge=300, le=7 * 86400)
 
@@ -294,9 +388,9 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
-        url = make_url(value)
-        if url.drivername not in ("sqlite+aiosqlite", "postgresql+asyncpg"):
-            raise ValueError("use sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB")
+        problem = database_url_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @model_validator(mode="after")
@@ -348,6 +442,12 @@ class Settings(BaseSettings):
                                 "one of MFA_LISTEN_ADDR")
         if self.workers > 1 and self.listen_addr.endswith(":0"):
             problems.append("MFA_WORKERS > 1 needs a fixed port in MFA_LISTEN_ADDR")
+        slowest_send = max(self.smtp_timeout_seconds, self.provider_timeout_seconds)
+        if self.outbox_lease_seconds <= slowest_send + self.database_timeout_seconds:
+            problems.append("MFA_OUTBOX_LEASE_SECONDS must exceed the slowest provider "
+                            "timeout plus MFA_DATABASE_TIMEOUT_SECONDS (a send and its "
+                            "settle), or a message still being sent could be claimed and "
+                            "sent again")
         if self.phone_provider == "webhook" and not self.phone_webhook_url:
             problems.append("MFA_PHONE_PROVIDER=webhook needs MFA_PHONE_WEBHOOK_URL")
         if self.phone_provider == "twilio" and not (

@@ -31,6 +31,7 @@ import uuid
 from datetime import date
 from typing import Any
 
+from asyncpg.exceptions import TargetServerAttributeNotMatched
 from sqlalchemy import Select, Table, TextClause, event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -51,6 +52,9 @@ from mfa_service.store.models import phone_budget_days, user_lockouts
 
 # SQLSTATEs that mean "another transaction won, try again" (PostgreSQL appendix A).
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
+# read_only_sql_transaction: the server reached is (no longer) the primary, e.g. a
+# connection that outlived a switchover. The primary is elsewhere: UNAVAILABLE, retry.
+_NOT_PRIMARY_SQLSTATES = {"25006"}
 
 
 def database_url(url: str, password: str | None) -> URL:
@@ -227,6 +231,13 @@ def connection_lost(exc: BaseException) -> bool:
                       | OSError | ConnectionError)
 
 
+def _no_primary(orig: BaseException | None) -> bool:
+    """asyncpg reached every host of a multi-host URL and none accepts writes
+    (``target_session_attrs=read-write``: only standbys answer, mid-failover). The driver
+    calls it an internal client error; for callers it is a database that is not there."""
+    return orig is not None and isinstance(orig.__cause__, TargetServerAttributeNotMatched)
+
+
 def translate(exc: BaseException) -> StoreError | None:
     """Map a driver or SQLAlchemy error to a store error (None: not a store error)."""
     if isinstance(exc, EmulatedDBAPIException) and exc.orig is not None:
@@ -241,7 +252,8 @@ def translate(exc: BaseException) -> StoreError | None:
         sqlstate = exc.sqlstate
         if sqlstate in _RETRYABLE_SQLSTATES:
             return StoreConflict()
-        if sqlstate is not None and sqlstate[:2] in ("08", "53", "57"):
+        if sqlstate in _NOT_PRIMARY_SQLSTATES or (
+                sqlstate is not None and sqlstate[:2] in ("08", "53", "57")):
             return StoreUnavailable()
         return None
     if isinstance(exc, IntegrityError):
@@ -250,6 +262,8 @@ def translate(exc: BaseException) -> StoreError | None:
         sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
         if sqlstate in _RETRYABLE_SQLSTATES:
             return StoreConflict()
+        if sqlstate in _NOT_PRIMARY_SQLSTATES or _no_primary(exc.orig):
+            return StoreUnavailable()
         if isinstance(exc, OperationalError | InterfaceError) or exc.connection_invalidated:
             if "locked" in str(exc.orig):  # SQLite: busy_timeout ran out
                 return StoreConflict("the database is busy, retry")

@@ -107,6 +107,22 @@ class OutboxRepository:
             .values(**values))
         return result.rowcount == 1
 
+    async def mark_sent(self, message_id: str, sent_at: datetime) -> bool:
+        """A provider accepted the message: SENT, whoever holds the claim now.
+
+        The one settle that does not need the claim: the message is out, so the row must
+        stop being due. The claim may be gone by the time this succeeds (the database
+        was away for longer than the lease and the row was claimed again): another
+        claimant's later settle or retry then matches nothing, and the row is not sent a
+        third time. False: it was no longer PENDING (already settled, e.g. a COMMIT that
+        succeeded although its answer was lost).
+        """
+        result = await self._conn.execute(
+            update(outbox).where(outbox.c.id == message_id, outbox.c.state == PENDING)
+            .values(state=SENT.value, sent_at=sent_at, claimed_until=None, claim_token=None,
+                    payload_ciphertext=None, last_error=None))
+        return result.rowcount == 1
+
     async def retry_later(self, message_id: str, claim_token: str, when: datetime,
                           error: str) -> bool:
         result = await self._conn.execute(

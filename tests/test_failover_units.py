@@ -1,0 +1,252 @@
+"""The pieces of a failover that need no second database: a sent message whose settle
+fails is never sent again by this process, and multi-host database URLs are checked at
+start-up (the real primary-and-standby run is tests/test_failover.py).
+
+The database "blinks" here by making the settle statement fail (StoreUnavailable, what
+a dead primary gives) while everything else still works: the harshest case for the
+dispatcher, which then even claims the row again once the lease has run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+
+import pytest
+from asyncpg.exceptions import TargetServerAttributeNotMatched
+from pydantic import ValidationError
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from mfa_service.clock import FixedClock
+from mfa_service.crypto import Keyring
+from mfa_service.delivery.dispatcher import Dispatcher
+from mfa_service.delivery.messages import OutgoingMessage
+from mfa_service.delivery.outbox import enqueue
+from mfa_service.domain import Channel, MessageKind, Outgoing
+from mfa_service.errors import StoreUnavailable
+from mfa_service.settings import Settings
+from mfa_service.store.database import Database
+from mfa_service.store.engine import create_engine, translate
+from mfa_service.store.models import outbox
+from mfa_service.store.outbox import OutboxRepository
+from tests.conftest import T0, TEST_KEYRING
+
+KEYRING = Keyring.parse(TEST_KEYRING)
+
+
+class RecordingSender:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def send(self, message: OutgoingMessage) -> None:
+        self.sent.append(message.message_id)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Blink:
+    """Makes ``OutboxRepository.mark_sent`` fail while ``down`` (a dead primary)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.down = False
+        self.failed = 0
+        real = OutboxRepository.mark_sent
+
+        async def mark_sent(repo: OutboxRepository, message_id: str,
+                            sent_at: datetime) -> bool:
+            if self.down:
+                self.failed += 1
+                raise StoreUnavailable()
+            return await real(repo, message_id, sent_at)
+
+        monkeypatch.setattr(OutboxRepository, "mark_sent", mark_sent)
+
+
+@pytest.fixture
+async def database(sqlite_url: str) -> AsyncIterator[Database]:
+    db = Database(create_engine(make_url(sqlite_url)))
+    try:
+        yield db
+    finally:
+        await db.dispose()
+
+
+async def _queue(db: Database, clock: FixedClock) -> str:
+    user = f"user-{uuid.uuid4().hex[:10]}"
+    async with db.transaction() as tx:
+        return enqueue(tx, KEYRING, Outgoing(
+            kind=MessageKind.NOTICE, channel=Channel.EMAIL, destination=f"{user}@example.com",
+            user_id=user, subject="notice", text="something changed",
+            not_after=clock.now() + timedelta(hours=1)), clock.now())
+
+
+async def _row(db: Database, message_id: str) -> tuple[str, int, bool]:
+    async with db.transaction(readonly=True) as tx:
+        row = (await tx.conn.execute(select(outbox).where(outbox.c.id == message_id))).one()
+    return row.state, row.attempts, row.payload_ciphertext is None
+
+
+def _dispatcher(db: Database, clock: FixedClock, sender: RecordingSender,
+                lease: float) -> Dispatcher:
+    # Every channel: the SQLite file is shared with other tests' messages.
+    return Dispatcher(db, KEYRING, clock, dict.fromkeys(Channel, sender),
+                      lease=timedelta(seconds=lease), batch=100)
+
+
+async def _drain(dispatcher: Dispatcher) -> None:
+    while await dispatcher.run_once():
+        pass
+
+
+async def test_a_settle_that_fails_is_retried_until_the_database_answers(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FixedClock(T0 + timedelta(days=400))
+    sender, blink = RecordingSender(), Blink(monkeypatch)
+    dispatcher = _dispatcher(database, clock, sender, lease=30)
+    await _drain(dispatcher)  # other tests' rows in the shared file
+    message_id = await _queue(database, clock)
+    sender.sent.clear()
+
+    blink.down = True
+    pass_ = asyncio.create_task(dispatcher.run_once())
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while blink.failed < 3:  # sent, and the settle failing with backoff
+        assert loop.time() - start < 5
+        await asyncio.sleep(0.01)
+    assert sender.sent == [message_id] and dispatcher.unsettled == {message_id}
+    assert not pass_.done()  # still retrying, within the lease
+    blink.down = False
+    await asyncio.wait_for(pass_, timeout=5)  # the next attempt lands
+
+    assert await _row(database, message_id) == ("sent", 1, True)
+    assert dispatcher.unsettled == frozenset()
+    clock.advance(3600)
+    await _drain(dispatcher)
+    assert sender.sent == [message_id]
+
+
+async def test_past_the_lease_the_same_process_claims_it_again_but_never_resends(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FixedClock(T0 + timedelta(days=401))
+    sender, blink = RecordingSender(), Blink(monkeypatch)
+    dispatcher = _dispatcher(database, clock, sender, lease=0.3)
+    await _drain(dispatcher)
+    message_id = await _queue(database, clock)
+    sender.sent.clear()
+
+    blink.down = True
+    await asyncio.wait_for(dispatcher.run_once(), timeout=5)  # gives up at the lease's end
+    assert sender.sent == [message_id] and dispatcher.unsettled == {message_id}
+    assert (await _row(database, message_id))[0] == "pending"
+
+    clock.advance(10)  # the lease has run out: the row is due again
+    # The retried settle fails again, the row is claimed again: not sent, settled.
+    assert await asyncio.wait_for(dispatcher.run_once(), timeout=5) == 1
+    assert sender.sent == [message_id]
+    assert (await _row(database, message_id))[:2] == ("pending", 2)
+
+    blink.down = False
+    assert await dispatcher.run_once() == 0  # the retried settle, first
+    assert await _row(database, message_id) == ("sent", 2, True)
+    assert dispatcher.unsettled == frozenset() and sender.sent == [message_id]
+
+
+async def test_a_late_settle_wins_over_a_claim_that_another_process_took(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our lease ran out while the database was away, another dispatcher claimed the row
+    and its provider failed: our settle still marks it SENT, so nobody sends it again."""
+    clock = FixedClock(T0 + timedelta(days=402))
+    ours, theirs, blink = RecordingSender(), RecordingSender(), Blink(monkeypatch)
+    first = _dispatcher(database, clock, ours, lease=0.3)
+    await _drain(first)
+    message_id = await _queue(database, clock)
+    ours.sent.clear()
+    blink.down = True
+    await asyncio.wait_for(first.run_once(), timeout=5)
+    clock.advance(10)
+    async with database.transaction() as tx:  # the other process's claim
+        [claimed] = await tx.outbox.claim_due(clock.now(), timedelta(seconds=60), 10)
+    assert claimed.message_id == message_id
+    blink.down = False
+    await first.run_once()
+    assert await _row(database, message_id) == ("sent", 2, True)
+    async with database.transaction() as tx:  # the other one's retry matches nothing
+        assert not await tx.outbox.retry_later(message_id, claimed.claim_token,
+                                               clock.now(), "provider down")
+        assert await tx.outbox.claim_due(clock.now() + timedelta(hours=1),
+                                         timedelta(seconds=60), 10) == []
+    assert ours.sent == [message_id] and theirs.sent == []
+
+
+# -- multi-host database URLs --------------------------------------------------------------
+def _settings(url: str) -> Settings:
+    return Settings.model_validate({"database_url": url, "keyring": TEST_KEYRING})
+
+
+def test_the_multi_host_query_spelling_is_accepted() -> None:
+    url = ("postgresql+asyncpg://postgres@/mfa?host=10.0.0.1:5432&host=10.0.0.2:5433"
+           "&target_session_attrs=read-write")
+    assert _settings(url).database_url == url
+    _, args = make_url(url).get_dialect()().create_connect_args(make_url(url))
+    assert (args["host"], args["port"]) == (["10.0.0.1", "10.0.0.2"], [5432, 5433])
+
+
+def test_the_comma_spelling_is_refused_with_the_working_one_and_no_password() -> None:
+    with pytest.raises(ValidationError) as err:
+        _settings("postgresql+asyncpg://mfa:s3cret-pw@db1:5432,db2:5433/mfa?ssl=require")
+    text = str(err.value)
+    assert "s3cret-pw" not in text
+    assert ("postgresql+asyncpg://mfa@/mfa?host=db1:5432&host=db2:5433&ssl=require"
+            "&target_session_attrs=read-write") in text
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("postgresql+asyncpg://mfa:s3cret-pw@/mfa?host=db1:5432&host=db2:5433",
+     "target_session_attrs=read-write"),
+    ("postgresql+asyncpg://mfa:s3cret-pw@/mfa?host=db1:5432&host=db2:5433"
+     "&target_session_attrs=any", "target_session_attrs=read-write"),
+    ("postgresql+asyncpg://mfa:s3cret-pw@db0/mfa?host=db1:5432&host=db2:5433"
+     "&target_session_attrs=read-write", "both before the path and in ?host="),
+    ("postgresql+asyncpg://mfa:s3cret-pw@/mfa?host=db1:x&host=db2:5433"
+     "&target_session_attrs=read-write", "host=NAME:PORT"),
+    ("postgresql+asyncpg://mfa:s3cret-pw@db1:port/mfa", "cannot be parsed"),
+    ("mysql://mfa:s3cret-pw@db1/mfa", "use sqlite+aiosqlite"),
+])
+def test_other_bad_database_urls_are_refused_without_the_password(url: str,
+                                                                   says: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        _settings(url)
+    assert says in str(err.value) and "s3cret-pw" not in str(err.value)
+
+
+def test_the_lease_must_outlast_a_send_and_its_settle() -> None:
+    with pytest.raises(ValidationError, match="MFA_OUTBOX_LEASE_SECONDS"):
+        Settings.model_validate({"keyring": TEST_KEYRING, "outbox_lease_seconds": 15,
+                                 "provider_timeout_seconds": 20})
+    assert Settings.model_validate({"keyring": TEST_KEYRING}).outbox_lease_seconds == 90
+
+
+# -- no primary among the hosts ------------------------------------------------------------
+class _DriverError(Exception):
+    def __init__(self, sqlstate: str | None = None) -> None:
+        super().__init__("driver error")
+        self.sqlstate = sqlstate
+
+
+def test_no_primary_among_the_hosts_is_unavailable_not_internal() -> None:
+    """Every host answered and none takes writes (only standbys, mid-failover)."""
+    orig = _DriverError()
+    orig.__cause__ = TargetServerAttributeNotMatched("no host is read-write")
+    assert isinstance(translate(DBAPIError("connect", None, orig)), StoreUnavailable)
+
+
+def test_a_write_that_reached_a_standby_is_unavailable_not_internal() -> None:
+    orig = _DriverError("25006")  # read_only_sql_transaction
+    assert isinstance(translate(DBAPIError("UPDATE", None, orig)), StoreUnavailable)
+    assert translate(DBAPIError("UPDATE", None, _DriverError("22001"))) is None
