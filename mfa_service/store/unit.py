@@ -103,7 +103,11 @@ class Unit:
             return await raw.driver_connection.fetchrow(sql, *args)  # type: ignore[union-attr]
         except Exception as exc:
             if connection_lost(exc):
+                # As SQLAlchemy does when it sees a disconnect: this connection, and
+                # every other one the pool holds (the server they all went to is gone,
+                # as after a failover), is replaced before it is handed out again.
                 await self.conn.invalidate()
+                await self.conn.engine.dispose(close=False)
             raise
 
     async def write(self, statement: Executable,
