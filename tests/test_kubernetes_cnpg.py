@@ -15,7 +15,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-import jsonschema  # type: ignore[import-untyped]  # (kubernetes-validate's own dependency)
+import jsonschema  # type: ignore[import-untyped]  # no type stubs
 import pytest
 import yaml
 
