@@ -29,7 +29,9 @@ export MFA_DATABASE_URL="postgresql+asyncpg://postgres@127.0.0.1:5432/$DB"
 until "$VENV/mfa-service" health >/dev/null 2>&1; do sleep 0.2; done
 CONNECTIONS=8; [ "$MFA_WORKERS" -gt 1 ] && CONNECTIONS=16
 for S in "${SCENARIOS[@]}"; do
-  "$VENV/mfa-service" loadtest --target "127.0.0.1:$PORT" --plaintext --users-file users.jsonl \
+  USERS_FILE=(--users-file users.jsonl)
+  case "$S" in enroll|passkey) USERS_FILE=();; esac  # these make their own users
+  "$VENV/mfa-service" loadtest --target "127.0.0.1:$PORT" --plaintext "${USERS_FILE[@]}" \
       --scenario "$S" --concurrency 64 --connections "$CONNECTIONS" --baseline ${LOADTEST_ARGS:-} \
       --report "$S.json" > "$S.out" 2>&1 &
   LOAD=$!

@@ -43,6 +43,8 @@ CHANNEL = "mfa_session_revoked"
 # NOTIFY is lost is served from the cache for at most about that long.
 HEARTBEAT_SECONDS = 1.0
 MISS_SECONDS = 1.5
+# Misses in a row after which a silent listening connection is replaced.
+RECONNECT_AFTER = 4
 # TCP keepalives on the listening connection: a backstop under the heartbeat, so the
 # kernel also ends a dead connection (about 11 s of silence).
 KEEPALIVE_IDLE = 5
@@ -202,8 +204,13 @@ class RevocationListener:
             last = loop.time()  # the first heartbeat is sent now
             while True:
                 beat = asyncio.ensure_future(self._beat.wait())
+                # Cache on: one miss turns it off. Off: a late heartbeat on the same
+                # connection turns it back on (notifications arrive in commit order, so
+                # every revocation sent before it has arrived too: a busy process, not a
+                # dead connection); none for RECONNECT_AFTER misses: connect anew.
+                wait = self._miss if self._cache.enabled else self._miss * RECONNECT_AFTER
                 done, _ = await asyncio.wait(
-                    {beat, stop, lost, beating}, timeout=max(0.0, last + self._miss - loop.time()),
+                    {beat, stop, lost, beating}, timeout=max(0.0, last + wait - loop.time()),
                     return_when=asyncio.FIRST_COMPLETED)
                 beat.cancel()
                 if stop in done:
@@ -212,9 +219,14 @@ class RevocationListener:
                     log.warning("session cache off: revocation listener lost")
                     return
                 if beat not in done:
+                    if not self._cache.enabled:
+                        log.warning("revocation listener silent: connecting anew")
+                        return
+                    self._cache.enabled = False
+                    self._cache.clear()
                     log.warning("session cache off: revocation heartbeat missed",
                                 extra={"miss_seconds": self._miss})
-                    return
+                    continue
                 self._beat.clear()
                 last = loop.time()
                 if not self._cache.enabled:
