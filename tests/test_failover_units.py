@@ -250,3 +250,33 @@ def test_a_write_that_reached_a_standby_is_unavailable_not_internal() -> None:
     orig = _DriverError("25006")  # read_only_sql_transaction
     assert isinstance(translate(DBAPIError("UPDATE", None, orig)), StoreUnavailable)
     assert translate(DBAPIError("UPDATE", None, _DriverError("22001"))) is None
+
+
+async def test_a_claim_whose_commit_answer_was_lost_is_sent_without_waiting_the_lease(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The primary dies between a claim's COMMIT and its answer: the rows are claimed (for
+    the lease), but the dispatcher heard StoreUnavailable. It remembers the claim token
+    and finds those rows again on its next pass, instead of leaving them for the lease."""
+    clock = FixedClock(T0 + timedelta(days=500))
+    sender = RecordingSender()
+    dispatcher = _dispatcher(database, clock, sender, lease=90)
+    await _drain(dispatcher)  # other tests' rows in the shared file
+    message_id = await _queue(database, clock)
+    sender.sent.clear()
+    real = OutboxRepository.claim_due
+    lost = {"once": True}
+
+    async def claim_then_lose_the_answer(repo: OutboxRepository, *args: object) -> object:
+        claimed = await real(repo, *args)  # type: ignore[arg-type]
+        if lost.pop("once", False):
+            await repo._conn.commit()  # the COMMIT lands...
+            raise StoreUnavailable()  # ...and its answer is lost
+        return claimed
+
+    monkeypatch.setattr(OutboxRepository, "claim_due", claim_then_lose_the_answer)
+    with pytest.raises(StoreUnavailable):
+        await dispatcher.run_once()
+    assert await _row(database, message_id) == ("pending", 1, False)  # claimed for 90 s
+    await dispatcher.run_once()  # the same clock: the lease has not run out
+    assert sender.sent == [message_id]
+    assert await _row(database, message_id) == ("sent", 1, True)

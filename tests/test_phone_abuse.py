@@ -315,6 +315,20 @@ async def phone_login(rig: Rig, user: str, factor_id: str, number: str,
     assert ok.result == pb.VERIFY_RESULT_APPROVED
 
 
+async def old_number_consents(rig: Rig, user: str, factor_id: str, number: str) -> str:
+    """A PURPOSE_CHANGE_PHONE challenge on the old number, approved with the code texted
+    to it: the proof a number change consumes (its id)."""
+    before = len(rig.calls_to(number))
+    proof = await rig.stub.Challenge(pb.ChallengeRequest(
+        user_id=user, factor_id=factor_id, purpose=pb.PURPOSE_CHANGE_PHONE,
+        application=pb.APPLICATION_PORTAL))
+    sms = (await eventually(lambda: rig.calls_to(number)[before:]))[-1]
+    assert (await rig.stub.Verify(pb.VerifyRequest(
+        challenge_id=proof.challenge_id, code=code_in(phone_text(sms))))).result == \
+        pb.VERIFY_RESULT_APPROVED
+    return proof.challenge_id
+
+
 async def test_defaults_let_a_user_enrol_log_in_by_text_and_voice_and_change_number(
         rig: Rig) -> None:
     user = new_user()
@@ -329,17 +343,10 @@ async def test_defaults_let_a_user_enrol_log_in_by_text_and_voice_and_change_num
     await phone_login(rig, user, factor_id, number)
     # A new number, in the same range as the old one (same operator block).
     rig.clock.advance(5 * 60)
-    before = len(rig.calls_to(number))
-    proof = await rig.stub.Challenge(pb.ChallengeRequest(
-        user_id=user, factor_id=factor_id, purpose=pb.PURPOSE_CHANGE_PHONE,
-        application=pb.APPLICATION_PORTAL))
-    sms = (await eventually(lambda: rig.calls_to(number)[before:]))[-1]
-    assert (await rig.stub.Verify(pb.VerifyRequest(
-        challenge_id=proof.challenge_id, code=code_in(phone_text(sms))))).result == \
-        pb.VERIFY_RESULT_APPROVED
+    proof = await old_number_consents(rig, user, factor_id, number)
     rig.clock.advance(5 * 60)
     new_number = number[:-4] + f"{(int(number[-4:]) + 1) % 10_000:04d}"
-    new_id, _ = await enroll_phone(rig, user, new_number, proof=proof.challenge_id)
+    new_id, _ = await enroll_phone(rig, user, new_number, proof=proof)
     rig.clock.advance(5 * 60)
     await phone_login(rig, user, new_id, new_number, pb.CHANNEL_VOICE)
 
@@ -354,17 +361,10 @@ async def test_defaults_let_a_normal_phone_day_pass_within_ten_minutes(rig: Rig)
     rig.clock.advance(31)
     await phone_login(rig, user, factor_id, number, pb.CHANNEL_VOICE)  # 3
     rig.clock.advance(31)
-    before = len(rig.calls_to(number))
-    proof = await rig.stub.Challenge(pb.ChallengeRequest(  # 4: the old number consents
-        user_id=user, factor_id=factor_id, purpose=pb.PURPOSE_CHANGE_PHONE,
-        application=pb.APPLICATION_PORTAL))
-    sms = (await eventually(lambda: rig.calls_to(number)[before:]))[-1]
-    assert (await rig.stub.Verify(pb.VerifyRequest(
-        challenge_id=proof.challenge_id, code=code_in(phone_text(sms))))).result == \
-        pb.VERIFY_RESULT_APPROVED
+    proof = await old_number_consents(rig, user, factor_id, number)  # 4
     rig.clock.advance(31)
     new_id, new_number = await enroll_phone(rig, user, unique_phone(),  # 5: to the new one
-                                            proof=proof.challenge_id)
+                                            proof=proof)
     await phone_login(rig, user, new_id, new_number, pb.CHANNEL_SMS)  # 6
 
 

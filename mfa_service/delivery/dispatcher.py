@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -98,6 +99,8 @@ class Dispatcher:
         # Messages being processed now: a claim that came round again (its lease ran out
         # mid-send) is left to the task that already has it.
         self._in_hand: set[str] = set()
+        # Claim tokens whose COMMIT's answer was lost (reclaimed on the next pass).
+        self._doubtful: set[str] = set()
 
     @property
     def unsettled(self) -> frozenset[str]:
@@ -136,12 +139,29 @@ class Dispatcher:
         await self._settle_unsettled()
         now = self._clock.now()
         lease_end = asyncio.get_running_loop().time() + self._lease.total_seconds()
-        async with self._db.transaction() as tx:
-            claimed = await tx.outbox.claim_due(now, self._lease, self._batch)
+        claimed = await self._reclaim_doubtful(now)
+        token = str(uuid.uuid4())
+        try:
+            async with self._db.transaction() as tx:
+                claimed += await tx.outbox.claim_due(now, self._lease, self._batch, token)
+        except (StoreError, DeadlineExceeded):
+            # The COMMIT may have landed with its answer lost (the primary died between):
+            # then the rows are ours for the lease, and nobody else may send them.
+            self._doubtful.add(token)
+            raise
         fresh = [m for m in claimed if m.message_id not in self._in_hand]
         if fresh:
             await asyncio.gather(*(self._traced(m, lease_end) for m in fresh))
         return len(claimed)
+
+    async def _reclaim_doubtful(self, now: datetime) -> list[OutboxMessage]:
+        """Messages of claims whose outcome was unknown, found again by their token."""
+        found: list[OutboxMessage] = []
+        for token in list(self._doubtful):
+            async with self._db.transaction() as tx:
+                found += await tx.outbox.reclaim(token, now, self._lease)
+            self._doubtful.discard(token)
+        return found
 
     async def _settle_unsettled(self) -> None:
         """One attempt per message sent but not settled; a database still away ends the

@@ -66,8 +66,10 @@ class OutboxRepository:
             "next_attempt_at": now, "not_after": not_after, "claimed_until": None,
             "claim_token": None, "sent_at": None, "last_error": None})
 
-    async def claim_due(self, now: datetime, lease: timedelta, limit: int) -> list[OutboxMessage]:
-        """Claim up to ``limit`` due messages for ``lease``.
+    async def claim_due(self, now: datetime, lease: timedelta, limit: int,
+                        token: str | None = None) -> list[OutboxMessage]:
+        """Claim up to ``limit`` due messages for ``lease``, under ``token`` (the caller's,
+        so that it can find its claim again if the COMMIT's answer is lost: ``reclaim``).
 
         PostgreSQL: ``FOR UPDATE SKIP LOCKED`` lets several dispatchers claim disjoint rows
         without waiting on each other. SQLite: the writing transaction (BEGIN IMMEDIATE)
@@ -82,15 +84,29 @@ class OutboxRepository:
         ids = list((await self._conn.execute(due)).scalars())
         if not ids:
             return []
-        token = str(uuid.uuid4())
+        token = token or str(uuid.uuid4())
         await self._conn.execute(
             update(outbox).where(outbox.c.id.in_(ids))
             .values(claimed_until=now + lease, claim_token=token,
                     attempts=outbox.c.attempts + 1))
+        return await self._claimed(outbox.c.id.in_(ids), token)
+
+    async def reclaim(self, token: str, now: datetime, lease: timedelta) -> list[OutboxMessage]:
+        """The PENDING messages still claimed under ``token``, their lease renewed: a claim
+        whose COMMIT may have landed although its answer was lost (the primary died
+        between the two). Without this they would wait out the whole lease."""
+        claimed = and_(outbox.c.claim_token == token, outbox.c.state == PENDING,
+                       outbox.c.claimed_until > now)
+        await self._conn.execute(update(outbox).where(claimed).values(
+            claimed_until=now + lease))
+        return await self._claimed(and_(outbox.c.claim_token == token,
+                                        outbox.c.state == PENDING), token)
+
+    async def _claimed(self, condition: Any, token: str) -> list[OutboxMessage]:
         rows = await self._conn.execute(
             select(outbox, challenges.c.state.label("challenge_state"))
             .select_from(outbox.outerjoin(challenges, challenges.c.id == outbox.c.challenge_id))
-            .where(outbox.c.id.in_(ids)))
+            .where(condition))
         return [_message(r, token) for r in rows]
 
     async def settle(self, message_id: str, claim_token: str, state: OutboxState,
