@@ -392,7 +392,11 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
     try:
         await database.ping()
         if settings.is_sqlite:
-            await migrate.upgrade(engine)  # the embedded default migrates itself
+            # The embedded default migrates itself; only when behind, so that a server
+            # starting on a file already at head takes no write lock (another process
+            # or server on the same file may be writing).
+            if await migrate.current_revision(engine) != migrate.head_revision():
+                await migrate.upgrade(engine)
         else:
             await migrate.require_current_schema(engine)
     except BaseException:
