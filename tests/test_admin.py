@@ -134,7 +134,7 @@ async def add_factor(db: Database, keyring: Keyring, user_id: str, now: datetime
     factor_id = str(uuid.uuid4())
     key_id, blob = keyring.encrypt(secret, secret_aad(factor_id, user_id))
     async with db.transaction() as tx:
-        tx.factors.add(FactorRecord(
+        tx.later.factors.add(FactorRecord(
             factor=Factor(factor_id=factor_id, user_id=user_id,
                           method=Method.AUTHENTICATOR_APP, status=FactorStatus.ACTIVE,
                           masked_destination=user_id, created_at=now, confirmed_at=now),

@@ -47,7 +47,7 @@ async def test_a_guard_that_matches_no_row_rolls_the_transaction_back(
     now = fresh_clock.now()
 
     def old_step(tx: Transaction) -> None:
-        tx.factors.accept_totp_step(factor.factor_id, 1, now)  # step 1: long past
+        tx.later.factors.accept_totp_step(factor.factor_id, 1, now)  # step 1: long past
 
     def old_step_and_audit(tx: Transaction) -> None:
         old_step(tx)  # PostgreSQL: now inside the combined WITH, not a lone UPDATE
@@ -55,7 +55,7 @@ async def test_a_guard_that_matches_no_row_rolls_the_transaction_back(
                      user_id=user_id, detail={"test": "guard"})
 
     def stale_counter(tx: Transaction) -> None:
-        tx.factors.use_with_secret(factor.factor_id, "k", b"new", now, previous=b"not it")
+        tx.later.factors.use_with_secret(factor.factor_id, "k", b"new", now, previous=b"not it")
 
     assert await _lost(app, old_step) == "totp_step"
     assert await _lost(app, old_step_and_audit) == "totp_step"
@@ -65,11 +65,11 @@ async def test_a_guard_that_matches_no_row_rolls_the_transaction_back(
         events = await tx.audit.page(user_id, start=now - timedelta(seconds=1))
     assert not [e for e in events if e.detail.get("test") == "guard"]
     # A guard that holds passes (a step after the recorded one).
-    await _run(app, lambda tx: tx.factors.accept_totp_step(factor.factor_id, 10**9, now))
+    await _run(app, lambda tx: tx.later.factors.accept_totp_step(factor.factor_id, 10**9, now))
     # A factor disabled meanwhile is touched by nobody.
     async with app.database.transaction() as tx:
         await tx.factors.disable(factor.factor_id, now)
-    assert await _lost(app, lambda tx: tx.factors.touch(factor.factor_id, now)) == (
+    assert await _lost(app, lambda tx: tx.later.factors.touch(factor.factor_id, now)) == (
         "factor_active")
 
 

@@ -36,7 +36,7 @@ def enqueue(tx: Transaction, keyring: Keyring, message: Outgoing, now: datetime)
     transaction's other deferred writes); returns its id."""
     message_id = str(uuid.uuid4())
     key_id, blob = encode_payload(keyring, message_id, message.subject, message.text)
-    tx.outbox.add(
+    tx.later.outbox.add(
         message_id=message_id, now=now, kind=message.kind.value, channel=message.channel,
         destination=message.destination, user_id=message.user_id,
         factor_id=message.factor_id, challenge_id=message.challenge_id,

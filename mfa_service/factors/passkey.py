@@ -426,6 +426,6 @@ class Passkey:
             credential_aad(record.factor.factor_id, record.factor.user_id))
         # With the login's touch of the row, as one deferred UPDATE (no extra statement).
         assert record.secret_ciphertext is not None
-        tx.factors.use_with_secret(record.factor.factor_id, key_id, ciphertext, now,
+        tx.later.factors.use_with_secret(record.factor.factor_id, key_id, ciphertext, now,
                                    previous=record.secret_ciphertext)
         return Verdict(ok=True)

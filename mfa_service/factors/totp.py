@@ -148,5 +148,5 @@ class AuthenticatorApp(CodeMethod):
         if step is None:
             return FAIL
         # RFC 6238 5.2: this step, and every older one, is used from now on.
-        tx.factors.accept_totp_step(record.factor.factor_id, step, now)
+        tx.later.factors.accept_totp_step(record.factor.factor_id, step, now)
         return PASS

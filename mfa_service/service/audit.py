@@ -48,7 +48,7 @@ def record(tx: Transaction, now: datetime, event: Event, outcome: Outcome, who: 
            detail: dict[str, str | int] | None = None) -> None:
     """Append one event (written with the transaction's other deferred writes, before
     COMMIT). ``detail`` holds non-secret facts only (a result, a purpose)."""
-    tx.audit.record(
+    tx.later.audit.record(
         occurred_at=now, event=event.value, outcome=outcome.value, user_id=user_id,
         factor_id=factor_id, challenge_id=challenge_id, session_id=session_id,
         caller=who.caller, application=application.value if application else None,

@@ -88,9 +88,9 @@ def open_challenge(ctx: Context, tx: Transaction, method: FactorMethod, record: 
         created_at=now, expires_at=now + ttl, code_hash=code_hash,
         code_key_id=code_key_id, request_id=request_id,
         destination_key=permit.destination_key if code is not None and permit else None)
-    tx.challenges.supersede_open(factor.factor_id, purpose)
+    tx.later.challenges.supersede_open(factor.factor_id, purpose)
     sent = permit if code is not None else None
-    tx.challenges.add(challenge, who.caller,
+    tx.later.challenges.add(challenge, who.caller,
                       phone_prefix_key=sent.phone_prefix_key if sent else None,
                       phone_region=sent.phone_region if sent else None)
     if code is not None:

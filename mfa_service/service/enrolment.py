@@ -118,7 +118,7 @@ class Enrolment:
                 secret_key_id=material.secret_key_id, last_totp_step=None,
                 locale=cmd.locale or ctx.rules.default_locale, replaces_factor_id=replaces,
                 enrolled_session_id=enrolled_by)
-            tx.factors.add(record)
+            tx.later.factors.add(record)
             challenge = open_challenge(ctx, tx, method, record, Purpose.CONFIRM_ENROLLMENT,
                                        cmd.application, channel, None, who, now, permit)
             options = await method.browser_options(tx, record, challenge)

@@ -42,7 +42,7 @@ class Recovery:
         if await tx.factors.active_of_method(user_id, Method.RECOVERY_CODE) is not None:
             return []
         factor_id = ctx.new_id()
-        tx.factors.add(FactorRecord(
+        tx.later.factors.add(FactorRecord(
             factor=Factor(factor_id=factor_id, user_id=user_id, method=Method.RECOVERY_CODE,
                           status=FactorStatus.ACTIVE, masked_destination="recovery codes",
                           created_at=now, confirmed_at=now, last_used_at=now,
@@ -51,7 +51,8 @@ class Recovery:
             label="recovery codes", destination=None, secret_ciphertext=None,
             secret_key_id=None, last_totp_step=None))
         codes = generate_codes()
-        await tx.recovery.replace(user_id, hash_codes(ctx.keyring, user_id, codes), now)
+        await tx.recovery.retire(user_id, now)
+        tx.later.recovery.add(user_id, hash_codes(ctx.keyring, user_id, codes), now)
         audit.record(tx, now, audit.Event.RECOVERY_CODES_ISSUED, audit.Outcome.OK, who,
                      user_id=user_id, factor_id=factor_id, detail={"count": len(codes)})
         return codes
@@ -104,7 +105,8 @@ class Recovery:
                 raise FailedPrecondition("the user has no active factor, so no recovery codes",
                                          reason=ErrorReason.ERROR_REASON_FACTOR_STATUS_FORBIDS)
             codes = generate_codes()
-            await tx.recovery.replace(user_id, hash_codes(ctx.keyring, user_id, codes), now)
+            await tx.recovery.retire(user_id, now)
+            tx.later.recovery.add(user_id, hash_codes(ctx.keyring, user_id, codes), now)
             await tx.factors.set_established(recovery.factor.factor_id,
                                              ctx.established_at(now, first=False))
             audit.record(tx, now, audit.Event.RECOVERY_CODES_ISSUED, audit.Outcome.OK, who,

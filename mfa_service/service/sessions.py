@@ -61,7 +61,7 @@ class SessionService:
             factor_id=record.factor.factor_id, method=record.factor.method,
             application=application, authenticated_at=now, expires_at=expires,
             idle_expires_at=min(now + self._idle, expires))
-        tx.sessions.add(session, digest, key_id, who.caller)
+        tx.later.sessions.add(session, digest, key_id, who.caller)
         audit.record(tx, now, audit.Event.SESSION_CREATED, audit.Outcome.OK, who,
                            user_id=session.user_id, factor_id=session.factor_id,
                            session_id=session.session_id, application=application)

@@ -211,7 +211,7 @@ class Verification:
                 await self._count_failure(tx, lockout, settled, who, now, account_email)
                 return VerifyOutcome(result, remaining)
             if lockout != ctx.lockout.after_success():  # no write when already clear
-                tx.lockouts.save(settled.user_id, ctx.lockout.after_success())
+                tx.later.lockouts.save(settled.user_id, ctx.lockout.after_success())
             if record.factor.method is Method.RECOVERY_CODE:
                 await self._recovery_code_used(tx, settled, record, who, now, account_email)
             handler = _PURPOSES[settled.purpose]
@@ -253,7 +253,7 @@ class Verification:
 
     # -- the purposes ------------------------------------------------------------------------
     async def _login(self, a: _Approved) -> VerifyOutcome:
-        a.tx.factors.touch(a.record.factor.factor_id, a.now)
+        a.tx.later.factors.touch(a.record.factor.factor_id, a.now)
         session = self._ctx.sessions.open(a.tx, a.record, a.challenge.application, a.who,
                                           a.now)
         self._audit_verify(a.tx, a.now, a.who, a.challenge, VerifyResult.APPROVED,
@@ -340,7 +340,7 @@ class Verification:
     async def _proof_only(self, a: _Approved) -> VerifyOutcome:
         # The approval itself is the proof a later call consumes once: Enroll(METHOD_PHONE)
         # for a phone change, RegenerateRecoveryCodes for new codes.
-        a.tx.factors.touch(a.record.factor.factor_id, a.now)
+        a.tx.later.factors.touch(a.record.factor.factor_id, a.now)
         self._audit_verify(a.tx, a.now, a.who, a.challenge, VerifyResult.APPROVED,
                            a.record.factor.method)
         return VerifyOutcome(VerifyResult.APPROVED, a.remaining,
@@ -373,7 +373,7 @@ class Verification:
         """Count a wrong code against the user; at a lock, audit it and tell the user."""
         ctx = self._ctx
         new_state, locked = ctx.lockout.after_failure(state, now)
-        tx.lockouts.save(challenge.user_id, new_state)
+        tx.later.lockouts.save(challenge.user_id, new_state)
         if not locked:
             return
         detail: dict[str, str | int] = {"failures": new_state.consecutive_failures}
@@ -391,7 +391,7 @@ class Verification:
                                   record: FactorRecord, who: AuditContext,
                                   now: datetime, account_email: str | None) -> None:
         user_id = record.factor.user_id
-        tx.factors.touch(record.factor.factor_id, now)
+        tx.later.factors.touch(record.factor.factor_id, now)
         left = await tx.recovery.remaining(user_id)
         audit.record(tx, now, audit.Event.RECOVERY_CODE_USED, audit.Outcome.OK, who,
                      user_id=user_id, factor_id=record.factor.factor_id,

@@ -15,19 +15,64 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from mfa_service import deadline
 from mfa_service.errors import DeadlineExceeded, MfaError, StoreConflict, StoreUnavailable
 from mfa_service.store.engine import translate
-from mfa_service.store.outbox import OutboxRepository
+from mfa_service.store.outbox import OutboxRepository, OutboxWrites
 from mfa_service.store.repositories import (
     AuditRepository,
+    AuditWrites,
     ChallengeRepository,
+    ChallengeWrites,
     FactorRepository,
+    FactorWrites,
     SessionRepository,
+    SessionWrites,
 )
-from mfa_service.store.security import LockoutRepository, RecoveryCodeRepository
+from mfa_service.store.security import (
+    LockoutRepository,
+    LockoutWrites,
+    RecoveryCodeRepository,
+    RecoveryCodeWrites,
+)
 from mfa_service.store.unit import Unit
 
 # SQLite's busy handler sleeps in steps: "database is locked" this close to the deadline
 # means the deadline ended the wait.
 SQLITE_BUSY_SLACK = 0.05
+
+
+class Later:
+    """``tx.later``: the deferred writes of each aggregate (nothing reads them back in
+    the transaction; they go as one statement before COMMIT on PostgreSQL)."""
+
+    def __init__(self, unit: Unit) -> None:
+        self._unit = unit
+
+    @cached_property
+    def factors(self) -> FactorWrites:
+        return FactorWrites(self._unit)
+
+    @cached_property
+    def challenges(self) -> ChallengeWrites:
+        return ChallengeWrites(self._unit)
+
+    @cached_property
+    def sessions(self) -> SessionWrites:
+        return SessionWrites(self._unit)
+
+    @cached_property
+    def audit(self) -> AuditWrites:
+        return AuditWrites(self._unit)
+
+    @cached_property
+    def outbox(self) -> OutboxWrites:
+        return OutboxWrites(self._unit)
+
+    @cached_property
+    def lockouts(self) -> LockoutWrites:
+        return LockoutWrites(self._unit)
+
+    @cached_property
+    def recovery(self) -> RecoveryCodeWrites:
+        return RecoveryCodeWrites(self._unit)
 
 
 class Transaction(Unit):
@@ -71,6 +116,13 @@ class Transaction(Unit):
         never looked for)."""
         for listener in self._database.outbox_listeners:
             listener()
+
+    @cached_property
+    def later(self) -> Later:
+        """The writes that wait for COMMIT: everything reached through it is sent with
+        the transaction's deferred writes (store/unit.py), nothing earlier; what is
+        reached directly on the transaction runs when awaited."""
+        return Later(self)
 
     @cached_property
     def factors(self) -> FactorRepository:

@@ -48,10 +48,12 @@ class OutboxMessage:
     claim_token: str
 
 
-class OutboxRepository:
+class OutboxWrites:
+    """Messages queued at COMMIT, with the change that decided to send them
+    (``tx.later.outbox``)."""
+
     def __init__(self, unit: Unit) -> None:
         self._unit = unit
-        self._conn = unit.conn  # the dispatcher's statements run at once, in order
 
     def add(self, *, message_id: str, now: datetime, kind: str, channel: Channel,
                   destination: str, user_id: str, factor_id: str | None,
@@ -65,6 +67,12 @@ class OutboxRepository:
             "payload_key_id": payload_key_id, "state": PENDING, "attempts": 0,
             "next_attempt_at": now, "not_after": not_after, "claimed_until": None,
             "claim_token": None, "sent_at": None, "last_error": None})
+
+
+class OutboxRepository:
+    def __init__(self, unit: Unit) -> None:
+        self._unit = unit
+        self._conn = unit.conn  # the dispatcher's statements run at once, in order
 
     async def claim_due(self, now: datetime, lease: timedelta, limit: int,
                         token: str | None = None) -> list[OutboxMessage]:

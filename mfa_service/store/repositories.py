@@ -141,45 +141,10 @@ class UserFactors:
 
 
 class FactorRepository:
+    """Reads and immediate writes of factors (their deferred writes: ``FactorWrites``)."""
+
     def __init__(self, unit: Unit) -> None:
         self._unit = unit
-        # factor id -> (TOTP step to record or None, when it was used): one deferred
-        # UPDATE per factor however many times the request marks it (see Unit.defer).
-        self._used: dict[str, tuple[int | None, datetime]] = {}
-        # factor id -> (key id, ciphertext, the ciphertext read) to store with that same
-        # UPDATE (passkeys).
-        self._secrets: dict[str, tuple[str, bytes, bytes]] = {}
-
-    def _mark_used(self, factor_id: str, step: int | None, now: datetime) -> None:
-        previous = self._used.get(factor_id)
-        if previous is not None and previous[0] is not None:
-            step = previous[0] if step is None else max(step, previous[0])
-        self._used[factor_id] = (step, now)
-        self._unit.before_flush(self._write_used)
-
-    def _write_used(self) -> None:
-        used, self._used = self._used, {}
-        secrets, self._secrets = self._secrets, {}
-        # Each is a guard (store/unit.py): the row must still be what was read under the
-        # user's lock, or the transaction rolls back and the use case runs again.
-        for factor_id, (step, now) in used.items():
-            secret = secrets.get(factor_id)
-            if secret is not None:
-                self._unit.defer(_TOUCH_WITH_SECRET, {
-                    "factor_id": factor_id, "now": now, "key_id": secret[0],
-                    "ciphertext": secret[1], "previous": secret[2]},
-                    guard="passkey_counter")
-            elif step is None:
-                self._unit.defer(_TOUCH, {"factor_id": factor_id, "now": now},
-                                 guard="factor_active")
-            else:
-                self._unit.defer(_ACCEPT_TOTP_STEP,
-                                 {"factor_id": factor_id, "step": step, "now": now},
-                                 guard="totp_step")
-
-    def add(self, record: FactorRecord) -> None:
-        """Insert the factor before COMMIT (nothing reads it back in the transaction)."""
-        self._unit.insert_later(factors, _factor_row(record))
 
     async def get(self, factor_id: str) -> FactorRecord | None:
         """The factor (a plain read: writers serialise on the per-user lock first)."""
@@ -274,6 +239,50 @@ class FactorRepository:
         await self._unit.write(
             update(factors).where(factors.c.id == factor_id, factors.c.status != _DISABLED)
             .values(**values))
+
+class FactorWrites:
+    """Factor writes that wait for COMMIT (``tx.later.factors``): nothing in the
+    transaction reads them back."""
+
+    def __init__(self, unit: Unit) -> None:
+        self._unit = unit
+        # factor id -> (TOTP step to record or None, when it was used): one deferred
+        # UPDATE per factor however many times the request marks it (see Unit.defer).
+        self._used: dict[str, tuple[int | None, datetime]] = {}
+        # factor id -> (key id, ciphertext, the ciphertext read) to store with that same
+        # UPDATE (passkeys).
+        self._secrets: dict[str, tuple[str, bytes, bytes]] = {}
+
+    def _mark_used(self, factor_id: str, step: int | None, now: datetime) -> None:
+        previous = self._used.get(factor_id)
+        if previous is not None and previous[0] is not None:
+            step = previous[0] if step is None else max(step, previous[0])
+        self._used[factor_id] = (step, now)
+        self._unit.before_flush(self._write_used)
+
+    def _write_used(self) -> None:
+        used, self._used = self._used, {}
+        secrets, self._secrets = self._secrets, {}
+        # Each is a guard (store/unit.py): the row must still be what was read under the
+        # user's lock, or the transaction rolls back and the use case runs again.
+        for factor_id, (step, now) in used.items():
+            secret = secrets.get(factor_id)
+            if secret is not None:
+                self._unit.defer(_TOUCH_WITH_SECRET, {
+                    "factor_id": factor_id, "now": now, "key_id": secret[0],
+                    "ciphertext": secret[1], "previous": secret[2]},
+                    guard="passkey_counter")
+            elif step is None:
+                self._unit.defer(_TOUCH, {"factor_id": factor_id, "now": now},
+                                 guard="factor_active")
+            else:
+                self._unit.defer(_ACCEPT_TOTP_STEP,
+                                 {"factor_id": factor_id, "step": step, "now": now},
+                                 guard="totp_step")
+
+    def add(self, record: FactorRecord) -> None:
+        """Insert the factor before COMMIT (nothing reads it back in the transaction)."""
+        self._unit.insert_later(factors, _factor_row(record))
 
     def use_with_secret(self, factor_id: str, key_id: str, ciphertext: bytes,
                         now: datetime, previous: bytes) -> None:
@@ -370,7 +379,9 @@ class SendCounts:
     region_earliest: datetime | None = None
 
 
-class ChallengeRepository:
+class ChallengeWrites:
+    """Challenge writes that wait for COMMIT (``tx.later.challenges``)."""
+
     def __init__(self, unit: Unit) -> None:
         self._unit = unit
 
@@ -386,6 +397,18 @@ class ChallengeRepository:
             "created_at": c.created_at, "expires_at": c.expires_at, "approved_at": None,
             "consumed_at": None, "destination_key": c.destination_key,
             "phone_prefix_key": phone_prefix_key, "phone_region": phone_region})
+
+    def supersede_open(self, factor_id: str, purpose: Purpose) -> None:
+        """Close the factor's open challenges for ``purpose`` (before COMMIT, before the
+        new one is inserted): a new one replaces them, so an old code dies and attempts
+        cannot be pooled across challenges."""
+        self._unit.defer(_SUPERSEDE_OPEN, {"b_factor_id": factor_id,
+                                           "b_purpose": purpose.value})
+
+
+class ChallengeRepository:
+    def __init__(self, unit: Unit) -> None:
+        self._unit = unit
 
     async def get_with_factor(self, challenge_id: str,
                               ) -> tuple[Challenge, FactorRecord] | None:
@@ -404,13 +427,6 @@ class ChallengeRepository:
         row = (await self._unit.execute(
             _BY_REQUEST_ID, {"factor_id": factor_id, "request_id": request_id})).first()
         return _challenge(row) if row else None
-
-    def supersede_open(self, factor_id: str, purpose: Purpose) -> None:
-        """Close the factor's open challenges for ``purpose`` (before COMMIT, before the
-        new one is inserted): a new one replaces them, so an old code dies and attempts
-        cannot be pooled across challenges."""
-        self._unit.defer(_SUPERSEDE_OPEN, {"b_factor_id": factor_id,
-                                           "b_purpose": purpose.value})
 
     async def settle_attempt(self, challenge_id: str, ok: bool,
                              now: datetime) -> Challenge | None:
@@ -546,7 +562,9 @@ _TOUCH_LIVE = update(sessions).where(sessions.c.token_hash.in_(_HASHES), _LIVE).
                          else_=_IDLE_UNTIL)).returning(*sessions.c)
 
 
-class SessionRepository:
+class SessionWrites:
+    """Session writes that wait for COMMIT (``tx.later.sessions``)."""
+
     def __init__(self, unit: Unit) -> None:
         self._unit = unit
 
@@ -558,6 +576,11 @@ class SessionRepository:
             "application": s.application.value, "caller": caller,
             "authenticated_at": s.authenticated_at, "expires_at": s.expires_at,
             "idle_expires_at": s.idle_expires_at, "revoked_at": None})
+
+
+class SessionRepository:
+    def __init__(self, unit: Unit) -> None:
+        self._unit = unit
 
     async def find_live(self, token_hashes: Sequence[bytes], now: datetime) -> Session | None:
         """The live session (not revoked, neither deadline passed) with one of the hashes.
@@ -611,13 +634,20 @@ class SessionRepository:
         return await self._revoke(sessions.c.user_id == user_id, now)
 
 
-class AuditRepository:
+class AuditWrites:
+    """The audit trail's appends, which wait for COMMIT (``tx.later.audit``)."""
+
     def __init__(self, unit: Unit) -> None:
         self._unit = unit
 
     def record(self, **values: Any) -> None:
         """Append an event before COMMIT (a request's events go as one multi-row INSERT)."""
         self._unit.insert_later(audit_events, values)
+
+
+class AuditRepository:
+    def __init__(self, unit: Unit) -> None:
+        self._unit = unit
 
     async def page(self, user_id: str, *, start: datetime | None = None,
                    end: datetime | None = None, before_id: int | None = None,

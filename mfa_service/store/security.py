@@ -106,6 +106,14 @@ class LockoutRepository:
         row = (await self._unit.execute(statement, {"challenge_id": challenge_id})).first()
         return (row.user_id, _state(row)) if row else None
 
+
+
+class LockoutWrites:
+    """The lockout counter's write, which waits for COMMIT (``tx.later.lockouts``)."""
+
+    def __init__(self, unit: Unit) -> None:
+        self._unit = unit
+
     def save(self, user_id: str, state: LockoutState) -> None:
         """Write the counter before COMMIT (the row is locked by this transaction)."""
         self._unit.defer(_SAVE, {
@@ -114,18 +122,24 @@ class LockoutRepository:
             "admin": state.admin_reset_required})
 
 
-class RecoveryCodeRepository:
+class RecoveryCodeWrites:
+    """New recovery codes, inserted at COMMIT (``tx.later.recovery``)."""
+
     def __init__(self, unit: Unit) -> None:
         self._unit = unit
 
-    async def replace(self, user_id: str, hashes: Sequence[tuple[str, bytes]],
-                      now: datetime) -> None:
-        """Retire the user's unused codes and store new ones (key id, HMAC)."""
-        await self.retire(user_id, now)
+    def add(self, user_id: str, hashes: Sequence[tuple[str, bytes]], now: datetime) -> None:
+        """Store new codes (key id, HMAC); retire the old ones first
+        (``RecoveryCodeRepository.retire``, immediate)."""
         for key_id, digest in hashes:
             self._unit.insert_later(recovery_codes, {
                 "id": str(uuid.uuid4()), "user_id": user_id, "code_hash": digest,
                 "key_id": key_id, "created_at": now, "used_at": None})
+
+
+class RecoveryCodeRepository:
+    def __init__(self, unit: Unit) -> None:
+        self._unit = unit
 
     async def retire(self, user_id: str, now: datetime) -> int:
         return await self._unit.write(
