@@ -37,6 +37,38 @@ class Purpose(StrEnum):
     REGENERATE_RECOVERY_CODES = "regenerate_recovery_codes"
 
 
+class ProofField(StrEnum):
+    """Which request field carries the proof a factor's method reads."""
+
+    CODE = "code"
+    WEBAUTHN_RESPONSE = "webauthn_response"
+
+
+class RevokeScope(StrEnum):
+    """Why sessions ended (the audit row's ``scope``)."""
+
+    FACTOR_REMOVED = "factor_removed"  # the factor that created them was disabled/replaced
+    LOGOUT = "logout"  # one session, by its token
+    ALL_SESSIONS = "all_sessions"  # every session of the user: log out everywhere
+
+
+class RevokeTarget(StrEnum):
+    """What RevokeSession names: one session by its token, or a user."""
+
+    SESSION_TOKEN = "session_token"  # noqa: S105 - a field name, not a token
+    USER_ID = "user_id"
+
+
+class DeliveryOutcome(StrEnum):
+    """What became of one attempt to send an outbox message (the delivery metric)."""
+
+    SENT = "sent"
+    SUPERSEDED = "superseded"  # its challenge closed before it went
+    EXPIRED = "expired"  # its code's life ended before it went
+    FAILED = "failed"  # the provider refused it for good
+    RETRY = "retry"  # the provider failed; tried again later
+
+
 class MessageKind(StrEnum):
     """What an outbox message carries."""
 
@@ -152,9 +184,9 @@ class Proof:
     code: str = field(default="", repr=False)
     webauthn_response: str = field(default="", repr=False)
 
-    def field_for(self, wanted: str) -> str:
-        """The proof in the field ``wanted`` ("code" or "webauthn_response")."""
-        return self.webauthn_response if wanted == "webauthn_response" else self.code
+    def field_for(self, wanted: ProofField) -> str:
+        """The proof in the field ``wanted``."""
+        return self.webauthn_response if wanted is ProofField.WEBAUTHN_RESPONSE else self.code
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from mfa_service.crypto import DecryptionError, Keyring
 from mfa_service.delivery.messages import DeliveryError, OutgoingMessage
 from mfa_service.delivery.outbox import decode_payload
 from mfa_service.delivery.senders import Sender
-from mfa_service.domain import Channel
+from mfa_service.domain import Channel, DeliveryOutcome, MessageKind
 from mfa_service.errors import DeadlineExceeded, StoreError
 from mfa_service.store.database import Database
 from mfa_service.store.outbox import (
@@ -191,13 +191,14 @@ class Dispatcher:
         finally:
             self._in_hand.discard(m.message_id)
 
-    def _outcome(self, m: OutboxMessage, outcome: str) -> None:
+    def _outcome(self, m: OutboxMessage, outcome: DeliveryOutcome) -> None:
         if self._metrics is not None:
-            self._metrics.delivery(m.channel.value, m.kind, outcome)
+            self._metrics.delivery(m.channel.value, m.kind.value, outcome.value)
         if self._tracer is not None:
             span = trace.get_current_span()
             span.set_attribute("mfa.outcome", outcome)
-            if outcome not in ("sent", "superseded", "expired"):
+            if outcome not in (DeliveryOutcome.SENT, DeliveryOutcome.SUPERSEDED,
+                               DeliveryOutcome.EXPIRED):
                 span.set_status(Status(StatusCode.ERROR, outcome))
 
     async def _process(self, m: OutboxMessage, lease_end: float) -> None:
@@ -210,11 +211,11 @@ class Dispatcher:
             return
         now = self._clock.now()
         if now >= m.not_after:
-            self._outcome(m, "expired")
+            self._outcome(m, DeliveryOutcome.EXPIRED)
             await self._settle(m, EXPIRED, "expired before it could be sent")
             return
-        if m.kind == "code" and not m.challenge_open:
-            self._outcome(m, "superseded")
+        if m.kind is MessageKind.CODE and not m.challenge_open:
+            self._outcome(m, DeliveryOutcome.SUPERSEDED)
             await self._settle(m, SUPERSEDED, "challenge closed before sending")
             return
         try:
@@ -224,7 +225,7 @@ class Dispatcher:
                                            m.payload_ciphertext)
         except (DecryptionError, ValueError, KeyError):
             log.error("outbox message cannot be decrypted", extra={"message_id": m.message_id})
-            self._outcome(m, "failed")
+            self._outcome(m, DeliveryOutcome.FAILED)
             await self._settle(m, FAILED, "payload cannot be decrypted")
             return
         sender = self._senders[m.channel]
@@ -235,7 +236,7 @@ class Dispatcher:
             if exc.retryable:
                 await self._retry(m, str(exc), exc.retry_after_seconds)
             else:
-                self._outcome(m, "failed")
+                self._outcome(m, DeliveryOutcome.FAILED)
                 log.warning("message refused by provider", extra={
                     "message_id": m.message_id, "channel": m.channel.value, "error": str(exc)})
                 await self._settle(m, FAILED, str(exc))
@@ -246,7 +247,7 @@ class Dispatcher:
             return
         # Recorded before anything can fail: from here on this process never sends it again.
         sent = self._unsettled[m.message_id] = _Sent(self._clock.now(), lease_end)
-        self._outcome(m, "sent")
+        self._outcome(m, DeliveryOutcome.SENT)
         log.info("message sent", extra={"message_id": m.message_id, "channel": m.channel.value,
                                         "attempt": m.attempts})
         await self._settle_sent(m.message_id, sent)
@@ -305,11 +306,12 @@ class Dispatcher:
     async def _retry(self, m: OutboxMessage, error: str, hint: float | None) -> None:
         when = self._clock.now() + timedelta(seconds=self.backoff(m.attempts, hint))
         if when >= m.not_after:
-            self._outcome(m, "expired" if m.kind == "code" else "failed")
-            await self._settle(m, EXPIRED if m.kind == "code" else FAILED,
+            self._outcome(m, DeliveryOutcome.EXPIRED if m.kind is MessageKind.CODE
+                          else DeliveryOutcome.FAILED)
+            await self._settle(m, EXPIRED if m.kind is MessageKind.CODE else FAILED,
                                f"gave up: {error}")
             return
-        self._outcome(m, "retry")
+        self._outcome(m, DeliveryOutcome.RETRY)
         log.warning("delivery failed, will retry", extra={
             "message_id": m.message_id, "channel": m.channel.value, "attempt": m.attempts,
             "retry_at": when.isoformat(), "error": error})

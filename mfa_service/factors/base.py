@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from mfa_service.domain import Challenge, Channel, FactorRecord, Method
+from mfa_service.domain import Challenge, Channel, FactorRecord, Method, ProofField
 
 if TYPE_CHECKING:
     from mfa_service.store.database import Transaction
@@ -88,7 +88,7 @@ class FactorMethod(Protocol):
     sends_code: bool  # True: the service sends a code (email, phone); False: the user has it
     # The request field that carries the proof: a typed code, or the browser's WebAuthn
     # response (VerifyRequest/DisableRequest.webauthn_response).
-    proof_field: Literal["code", "webauthn_response"]
+    proof_field: ProofField
     # A shorter life for this method's challenges than the configured code validity.
     max_challenge_ttl: timedelta | None
 
@@ -127,7 +127,7 @@ class FactorMethod(Protocol):
 class CodeMethod:
     """What the methods with a typed code share: no browser step, the configured validity."""
 
-    proof_field: Literal["code", "webauthn_response"] = "code"
+    proof_field: ProofField = ProofField.CODE
     max_challenge_ttl: timedelta | None = None
 
     async def browser_options(self, tx: Transaction, record: FactorRecord,

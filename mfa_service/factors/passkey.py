@@ -30,7 +30,7 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from webauthn import (
     generate_authentication_options,
@@ -50,7 +50,15 @@ from webauthn.helpers.structs import (
 )
 
 from mfa_service.crypto import Keyring
-from mfa_service.domain import Challenge, Channel, FactorRecord, FactorStatus, Method, Purpose
+from mfa_service.domain import (
+    Challenge,
+    Channel,
+    FactorRecord,
+    FactorStatus,
+    Method,
+    ProofField,
+    Purpose,
+)
 from mfa_service.errors import InvalidArgument
 from mfa_service.factors.base import EnrollInput, EnrollmentMaterial, Verdict
 
@@ -233,7 +241,7 @@ class Passkey:
 
     method = Method.PASSKEY
     sends_code = False
-    proof_field: Literal["code", "webauthn_response"] = "webauthn_response"
+    proof_field = ProofField.WEBAUTHN_RESPONSE
     max_challenge_ttl: timedelta | None = MAX_CHALLENGE_TTL
 
     def __init__(self, keyring: Keyring, rp: RelyingParty) -> None:

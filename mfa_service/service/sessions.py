@@ -19,6 +19,7 @@ from mfa_service.domain import (
     Factor,
     FactorRecord,
     NewSession,
+    RevokeScope,
     Session,
 )
 from mfa_service.service import audit
@@ -127,7 +128,7 @@ class SessionService:
         """End the sessions a factor created, in the transaction that disables or replaces
         it (OWASP session management: a removed factor vouches for nothing)."""
         ended = await tx.sessions.revoke_factor(factor.user_id, factor.factor_id, now)
-        await self._audit_revoked(tx, ended, who, now, "factor_removed")
+        await self._audit_revoked(tx, ended, who, now, RevokeScope.FACTOR_REMOVED)
         self._evict(tx, ended)
         return len(ended)
 
@@ -137,7 +138,7 @@ class SessionService:
         async with self._db.transaction() as tx:
             ended = await tx.sessions.revoke_by_hash(
                 self._keyring.mac_all(_token_message(token)), now)
-            await self._audit_revoked(tx, ended, who, now, "logout")
+            await self._audit_revoked(tx, ended, who, now, RevokeScope.LOGOUT)
             self._evict(tx, ended)
         return len(ended)
 
@@ -146,7 +147,7 @@ class SessionService:
         now = self._clock.now()
         async with self._db.transaction() as tx:
             ended = await tx.sessions.revoke_user(user_id, now)
-            await self._audit_revoked(tx, ended, who, now, "all_sessions")
+            await self._audit_revoked(tx, ended, who, now, RevokeScope.ALL_SESSIONS)
             self._evict(tx, ended)
         return len(ended)
 
@@ -160,12 +161,12 @@ class SessionService:
 
     @staticmethod
     async def _audit_revoked(tx: Transaction, ended: list[Session], who: AuditContext,
-                             now: datetime, scope: str) -> None:
+                             now: datetime, scope: RevokeScope) -> None:
         # The row says what the *caller* was (its name, and its application when it has
         # exactly one); where the session had been created goes in the detail.
         for s in ended:
             audit.record(tx, now, audit.Event.SESSION_REVOKED, audit.Outcome.OK, who,
                                user_id=s.user_id, factor_id=s.factor_id,
                                session_id=s.session_id, application=who.sole_application,
-                               detail={"scope": scope,
+                               detail={"scope": scope.value,
                                        "session_application": s.application.value})

@@ -37,6 +37,7 @@ from mfa_service.domain import (
     NewSession,
     NoticeKind,
     Proof,
+    ProofField,
     Purpose,
     VerifyResult,
 )
@@ -84,7 +85,8 @@ class _Approved:
 
 Handler = Callable[["Verification", _Approved], Awaitable[VerifyOutcome]]
 
-_OTHER_FIELD = {"code": "webauthn_response", "webauthn_response": "code"}
+_OTHER_FIELD = {ProofField.CODE: ProofField.WEBAUTHN_RESPONSE,
+                ProofField.WEBAUTHN_RESPONSE: ProofField.CODE}
 
 
 def _as_proof(proof: Proof | str) -> Proof:
@@ -98,7 +100,7 @@ def _proof_for(method: FactorMethod, proof: Proof) -> str:
     other = _OTHER_FIELD[wanted]
     if proof.field_for(other):
         raise InvalidArgument.single(
-            other, f"this challenge is answered with {wanted}, not {other}")
+            other.value, f"this challenge is answered with {wanted.value}, not {other.value}")
     return proof.field_for(wanted)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.engine import Row
 
-from mfa_service.domain import Channel
+from mfa_service.domain import ChallengeState, Channel, MessageKind
 from mfa_service.store.models import challenges, outbox
 from mfa_service.store.unit import Unit
 
@@ -36,7 +36,7 @@ class OutboxMessage:
     """A claimed row, ready to decrypt and send."""
 
     message_id: str
-    kind: str
+    kind: MessageKind
     channel: Channel
     destination: str
     payload_ciphertext: bytes | None
@@ -172,9 +172,9 @@ class OutboxRepository:
 
 def _message(row: Row[Any], token: str) -> OutboxMessage:
     return OutboxMessage(
-        message_id=row.id, kind=row.kind, channel=Channel(row.channel),
+        message_id=row.id, kind=MessageKind(row.kind), channel=Channel(row.channel),
         destination=row.destination, payload_ciphertext=row.payload_ciphertext,
         payload_key_id=row.payload_key_id, attempts=row.attempts, not_after=row.not_after,
         challenge_id=row.challenge_id,
-        challenge_open=row.challenge_id is None or row.challenge_state == "open",
+        challenge_open=row.challenge_id is None or row.challenge_state == ChallengeState.OPEN.value,
         claim_token=token)

@@ -394,8 +394,8 @@ def list_factors_args(req: pb.ListFactorsRequest) -> str:
     return user_id
 
 
-def revoke_target(req: pb.RevokeSessionRequest) -> tuple[str, str]:
-    """("session_token", token) or ("user_id", id)."""
+def revoke_target(req: pb.RevokeSessionRequest) -> tuple[domain.RevokeTarget, str]:
+    """(SESSION_TOKEN, token) or (USER_ID, id)."""
     which = req.WhichOneof("target")
     c = _Checker()
     if which == "session_token":
@@ -407,7 +407,7 @@ def revoke_target(req: pb.RevokeSessionRequest) -> tuple[str, str]:
         value = ""
     c.done()
     assert which is not None
-    return which, value
+    return domain.RevokeTarget(which), value
 
 
 # -- responses -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from grpc import aio
 from mfa.v1 import two_factor_service_pb2 as pb
 from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 
-from mfa_service.domain import AuditContext
+from mfa_service.domain import AuditContext, RevokeTarget
 from mfa_service.service import Services
 from mfa_service.telemetry import Metrics
 from mfa_service.transport import convert
@@ -74,7 +74,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     async def RevokeSession(self, request: pb.RevokeSessionRequest,
                             context: Context) -> pb.RevokeSessionResponse:
         which, value = convert.revoke_target(request)
-        if which == "session_token":
+        if which is RevokeTarget.SESSION_TOKEN:
             count = await self._s.sessions.revoke_token(value, _who())
         else:
             count = await self._s.sessions.revoke_user(value, _who())
