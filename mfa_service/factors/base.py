@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 from mfa_service.domain import Challenge, Channel, FactorRecord, Method, ProofField
@@ -55,6 +56,25 @@ class EnrollmentMaterial:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+class Alarm(StrEnum):
+    """A failed check the security team should see (audited as its own event)."""
+
+    # A passkey whose signature counter did not grow: possibly a cloned authenticator
+    # (W3C WebAuthn 6.1.1).
+    PASSKEY_COUNTER_REGRESSED = "passkey_counter_regressed"
+
+
+class Refusal(StrEnum):
+    """Which check refused a proof, for the audit (one word, never the proof itself)."""
+
+    ANOTHER_CHALLENGE = "another_challenge"  # the response answers another challenge
+    REGISTRATION_REFUSED = "registration_refused"  # origin, RP ID, UV or signature
+    CREDENTIAL_ALREADY_REGISTERED = "credential_already_registered"
+    NO_CREDENTIAL = "no_credential"  # the factor holds no credential (wiped)
+    OTHER_CREDENTIAL = "other_credential"  # an assertion by another credential
+    ASSERTION_REFUSED = "assertion_refused"  # origin, RP ID, UV or signature
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The answer of ``FactorMethod.check``."""
@@ -62,18 +82,18 @@ class Verdict:
     ok: bool
     # A failure the security team should see (audited as its own event), e.g. a passkey
     # whose signature counter went backwards: a possible cloned authenticator.
-    alarm: str | None = None
+    alarm: Alarm | None = None
     detail: dict[str, int | str] = field(default_factory=dict)
     # Set when the check named the factor anew (a passkey's model, known once registered).
     display_name: str | None = None
-    reason: str | None = None  # why it failed, for the audit (never the proof itself)
+    reason: Refusal | None = None  # why it failed, for the audit (never the proof)
 
     @classmethod
     def of(cls, ok: bool) -> Verdict:
         return PASS if ok else FAIL
 
     @classmethod
-    def fail(cls, reason: str) -> Verdict:
+    def fail(cls, reason: Refusal) -> Verdict:
         return cls(ok=False, reason=reason)
 
 

@@ -60,7 +60,7 @@ from mfa_service.domain import (
     Purpose,
 )
 from mfa_service.errors import InvalidArgument
-from mfa_service.factors.base import EnrollInput, EnrollmentMaterial, Verdict
+from mfa_service.factors.base import Alarm, EnrollInput, EnrollmentMaterial, Refusal, Verdict
 
 if TYPE_CHECKING:
     from mfa_service.store.database import Transaction
@@ -75,7 +75,7 @@ MAX_CHALLENGE_TTL = timedelta(minutes=5)
 MAX_RESPONSE_BYTES = 64 * 1024
 MAX_NAME = 64
 DEFAULT_NAME = "Passkey"
-CLONE_ALARM = "passkey_counter_regressed"
+CLONE_ALARM = Alarm.PASSKEY_COUNTER_REGRESSED
 
 # Names of common authenticator models by AAGUID (the AAGUID is the model, not the
 # device). py_webauthn carries no such table; these are published by the vendors and
@@ -367,7 +367,7 @@ class Passkey:
         response = json.loads(code)  # parse_code made sure it is a JSON object
         expected = self._expected_challenge(response, challenge.challenge_id)
         if expected is None:
-            return Verdict.fail("another_challenge")
+            return Verdict.fail(Refusal.ANOTHER_CHALLENGE)
         if challenge.purpose is Purpose.CONFIRM_ENROLLMENT:
             return await self._register(tx, record, response, expected)
         return await self._authenticate(tx, record, response, expected, now)
@@ -383,12 +383,12 @@ class Passkey:
             # (CBOR, COSE, certificates) and may raise anything from them: a refusal, never
             # INTERNAL. The call is pure (no I/O), so nothing else can fail in it.
             log.info("passkey registration refused: %s", _refusal(exc))
-            return Verdict.fail("registration_refused")
+            return Verdict.fail(Refusal.REGISTRATION_REFUSED)
         # excludeCredentials is only a request to the browser: a client that ignores it
         # must not register one authenticator as two "devices".
         if any(c.credential_id == verified.credential_id
                for c in await self._active_credentials(tx, record)):
-            return Verdict.fail("credential_already_registered")
+            return Verdict.fail(Refusal.CREDENTIAL_ALREADY_REGISTERED)
         transports = response["response"].get("transports") or []  # list[str]: parse_code
         known = {t.value for t in AuthenticatorTransport}
         credential = StoredCredential(
@@ -407,11 +407,11 @@ class Passkey:
                             now: datetime) -> Verdict:
         stored = self._stored(record)
         if stored is None:
-            return Verdict.fail("no_credential")
+            return Verdict.fail(Refusal.NO_CREDENTIAL)
         raw_id = response.get("rawId") or response.get("id")
         try:
             if base64url_to_bytes(str(raw_id)) != stored.credential_id:
-                return Verdict.fail("other_credential")
+                return Verdict.fail(Refusal.OTHER_CREDENTIAL)
             # Counter 0 here: the library would judge the counter before the signature;
             # we judge it below, once the signature is known to be genuine.
             verified = verify_authentication_response(
@@ -421,7 +421,7 @@ class Passkey:
                 require_user_verification=True)
         except Exception as exc:  # as in _register: caller's bytes, pure call
             log.info("passkey assertion refused: %s", _refusal(exc))
-            return Verdict.fail("assertion_refused")
+            return Verdict.fail(Refusal.ASSERTION_REFUSED)
         new = verified.new_sign_count
         if (new > 0 or stored.sign_count > 0) and new <= stored.sign_count:
             # W3C WebAuthn 6.1.1: a signature counter that did not grow means the private

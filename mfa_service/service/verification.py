@@ -42,7 +42,7 @@ from mfa_service.domain import (
     VerifyResult,
 )
 from mfa_service.errors import ChallengeNotFound, FailedPrecondition, GuardLost, InvalidArgument
-from mfa_service.factors.base import FactorMethod
+from mfa_service.factors.base import FactorMethod, Refusal
 from mfa_service.service import audit, policy
 from mfa_service.service.context import (
     SEVERAL_ACTIVE,
@@ -196,7 +196,7 @@ class Verification:
                 audit.record(tx, now, audit.Event.ALARM, audit.Outcome.FAILED, who,
                              user_id=challenge.user_id, factor_id=challenge.factor_id,
                              challenge_id=challenge_id, application=challenge.application,
-                             detail={"alarm": verdict.alarm, **verdict.detail})
+                             detail={"alarm": verdict.alarm.value, **verdict.detail})
             if verdict.display_name is not None:
                 record = replace(record, factor=replace(
                     record.factor, masked_destination=verdict.display_name))
@@ -430,7 +430,7 @@ class Verification:
     @staticmethod
     def _audit_verify(tx: Transaction, now: datetime, who: AuditContext, challenge: Challenge,
                       result: VerifyResult, method: Method,
-                      session_id: str | None = None, refused: str | None = None) -> None:
+                      session_id: str | None = None, refused: Refusal | None = None) -> None:
         audit.record(
             tx, now, audit.Event.VERIFY,
             audit.Outcome.OK if result is VerifyResult.APPROVED else audit.Outcome.FAILED, who,
@@ -441,7 +441,7 @@ class Verification:
                     "method": method.value,
                     # Which check refused it (a passkey: origin/RP ID/UV/signature in one
                     # word, never the proof), for the security team.
-                    **({"refused": refused} if refused else {})})
+                    **({"refused": refused.value} if refused else {})})
 
 
 _PURPOSES: dict[Purpose, Handler] = {
