@@ -324,7 +324,9 @@ def machine(w: World, stolen_session: bool) -> type[RuleBasedStateMachine]:
 
         def answer(self, c: Seen, kind: str, data: st.DataObject) -> None:
             self.took(self.call(w.stub.Verify, pb.VerifyRequest(
-                challenge_id=c.challenge_id, **self.proof(c, kind, data))))
+                challenge_id=c.challenge_id, **self.proof(c, kind, data),
+                # Asks for a session with a confirmation (the first factor's only).
+                open_session=data.draw(st.booleans(), label="open_session"))))
 
         def disable_with(self, c: Seen, target: str, kind: str, data: st.DataObject) -> None:
             self.took(self.call(w.stub.Disable, pb.DisableRequest(

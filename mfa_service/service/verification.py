@@ -161,7 +161,7 @@ class Verification:
             challenge, record = found
             target = record
             if disable is not None:
-                target = await self._disable_target(tx, challenge, record, *disable)
+                target = await self._disable_target(tx, challenge, record, now, *disable)
             elif (challenge.purpose is Purpose.DISABLE
                   and record.factor.method is Method.RECOVERY_CODE):
                 # Verify would disable the recovery codes themselves; the caller means
@@ -350,7 +350,7 @@ class Verification:
 
     # -- helpers -----------------------------------------------------------------------------
     async def _disable_target(self, tx: Transaction, challenge: Challenge,
-                              record: FactorRecord, user_id: str,
+                              record: FactorRecord, now: datetime, user_id: str,
                               factor_id: str) -> FactorRecord:
         """The factor a Disable call may switch off with this challenge.
 
@@ -359,7 +359,7 @@ class Verification:
         codes) is the proof model's to say (_ask_policy). Another user's challenge is
         "not found", never a hint.
         """
-        target = await owned_factor(self._ctx, tx, user_id, factor_id, self._ctx.clock.now())
+        target = await owned_factor(self._ctx, tx, user_id, factor_id, now)
         if challenge.purpose is not Purpose.DISABLE:
             raise FailedPrecondition("the challenge was not opened to disable a factor",
                                      reason=ErrorReason.ERROR_REASON_CHALLENGE_MISMATCH)
