@@ -43,8 +43,8 @@ from mfa_service.factors.registry import FactorRegistry
 from mfa_service.factors.sent_code import SentCode
 from mfa_service.factors.totp import AuthenticatorApp
 from mfa_service.service import Services
-from mfa_service.service.context import Context, Rules
 from mfa_service.service.notices import Notifier
+from mfa_service.service.rules import Rules
 from mfa_service.service.session_cache import RevocationListener, SessionCache
 from mfa_service.service.sessions import SessionService
 from mfa_service.settings import Environment, Settings, is_loopback_host
@@ -435,27 +435,12 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
                               ttl=timedelta(seconds=settings.session_ttl_seconds),
                               idle=timedelta(seconds=settings.session_idle_seconds),
                               cache=cache)
-    services = Services.build(Context(
+    services = Services.build(
         db=database, registry=registry, keyring=keyring, clock=clock, sessions=sessions,
         notifier=Notifier(keyring, settings.product_name,
                           timedelta(seconds=settings.notice_ttl_seconds),
                           settings.default_locale),
-        rules=Rules(code_ttl=timedelta(seconds=settings.code_ttl_seconds),
-                    max_attempts=settings.max_attempts,
-                    max_factors_per_user=settings.max_factors_per_user,
-                    resend_cooldown=timedelta(seconds=settings.resend_cooldown_seconds),
-                    max_sends=settings.max_sends_per_window,
-                    send_window=timedelta(seconds=settings.send_window_seconds),
-                    max_sends_per_destination=settings.max_sends_per_destination,
-                    max_sends_per_phone_prefix=settings.max_sends_per_phone_prefix,
-                    max_sends_per_phone_country=settings.max_sends_per_phone_country,
-                    phone_daily_budget=settings.phone_daily_budget,
-                    change_proof_max_age=timedelta(
-                        seconds=settings.change_proof_max_age_seconds),
-                    pending_ttl=timedelta(minutes=settings.pending_ttl_minutes),
-                    new_credential_hold=timedelta(
-                        hours=settings.new_credential_hold_hours),
-                    product=settings.product_name, default_locale=settings.default_locale)))
+        rules=Rules.from_settings(settings))
 
     gate = CallGate()
     tracing = tel.server_interceptor()

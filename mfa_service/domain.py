@@ -224,14 +224,63 @@ class Outgoing:
     challenge_id: str | None = None
 
 
+class _Recorded(StrEnum):
+    """A kind stored in the audit trail. A value this version does not know (written by a
+    newer one during a rolling upgrade) reads back as itself rather than failing the read."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> _Recorded | None:
+        if not isinstance(value, str):
+            return None
+        member = str.__new__(cls, value)
+        member._name_ = "UNRECOGNISED"
+        member._value_ = value
+        return member
+
+
+class AuditEventType(_Recorded):
+    """What an audit row records (audit_events.event)."""
+
+    ENROLL = "enroll"
+    CONFIRM = "factor_confirmed"
+    CHALLENGE = "challenge_opened"
+    VERIFY = "verify"
+    DISABLE = "factor_disabled"
+    PHONE_CHANGED = "phone_changed"
+    LOCKOUT = "lockout"
+    RECOVERY_CODE_USED = "recovery_code_used"
+    RECOVERY_CODES_ISSUED = "recovery_codes_issued"
+    SESSION_CREATED = "session_created"
+    SESSION_REVOKED = "session_revoked"
+    ADMIN_RESET = "admin_reset"  # an operator reset a user's second factor (admin-cli)
+    KEYS_ROTATED = "keys_rotated"  # stored secrets re-encrypted under the primary key
+    # A proof that was refused for a reason the security team should look at: a passkey
+    # whose signature counter went backwards (detail "alarm": passkey_counter_regressed)
+    # may have been cloned.
+    ALARM = "security_alarm"
+    # A phone code refused by a cap across users (detail "limit": phone_prefix,
+    # phone_country or phone_daily_budget; "region"): SMS pumping / toll fraud signals.
+    SEND_REFUSED = "send_refused"
+
+
+class AuditOutcome(_Recorded):
+    """How it ended (audit_events.outcome)."""
+
+    OK = "ok"
+    FAILED = "failed"
+    REFUSED = "refused"  # a limit said no before anything was attempted
+    INCOMPLETE = "incomplete"  # an operator's batch job stopped before the end
+    NOTHING_TO_RESET = "nothing_to_reset"  # an admin reset found nothing to take away
+
+
 @dataclass(frozen=True)
 class AuditEvent:
     """One row of the audit trail, as read back."""
 
     event_id: int
     occurred_at: datetime
-    event: str
-    outcome: str
+    event: AuditEventType
+    outcome: AuditOutcome
     user_id: str | None
     factor_id: str | None
     challenge_id: str | None

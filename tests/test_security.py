@@ -25,7 +25,7 @@ from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
 from mfa_service.domain import Application, AuditContext
 from mfa_service.errors import ConfigurationError, PermissionDenied
-from mfa_service.service.limits import LockoutPolicy
+from mfa_service.service.lockout import LockoutPolicy
 from mfa_service.settings import Settings
 from mfa_service.store.models import recovery_codes
 from mfa_service.store.security import LockoutState

@@ -60,6 +60,7 @@ class RecoveryCodes(CodeMethod):
 
     method = Method.RECOVERY_CODE
     sends_code = False
+    passes_hard_lockout = True  # >= 50 bits: see service/lockout.py
 
     def __init__(self, keyring: Keyring) -> None:
         self._keyring = keyring

@@ -35,6 +35,8 @@ from sqlalchemy.engine import Row
 from mfa_service.domain import (
     Application,
     AuditEvent,
+    AuditEventType,
+    AuditOutcome,
     Challenge,
     ChallengeState,
     Channel,
@@ -662,7 +664,8 @@ class AuditRepository:
             query = query.where(audit_events.c.id < before_id)
         rows = await self._unit.execute(query.order_by(audit_events.c.id.desc()).limit(limit))
         return [AuditEvent(
-            event_id=r.id, occurred_at=r.occurred_at, event=r.event, outcome=r.outcome,
+            event_id=r.id, occurred_at=r.occurred_at, event=AuditEventType(r.event),
+            outcome=AuditOutcome(r.outcome),
             user_id=r.user_id, factor_id=r.factor_id, challenge_id=r.challenge_id,
             session_id=r.session_id, caller=r.caller, application=r.application,
             client_ip=r.client_ip, user_agent=r.user_agent,

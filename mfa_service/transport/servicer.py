@@ -50,7 +50,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
 
     async def Disable(self, request: pb.DisableRequest, context: Context) -> pb.DisableResponse:
         a = convert.disable_args(request)
-        outcome = await self._s.verification.disable(
+        outcome = await self._s.disabling.disable(
             a.user_id, a.factor_id, a.challenge_id, a.proof,
             _who(request.client_ip, request.user_agent), account_email=a.account_email)
         return convert.disable_response(outcome)
