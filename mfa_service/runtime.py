@@ -181,7 +181,7 @@ async def _purge_periodically(app: App, clock: Clock, interval: float) -> None:
             total: dict[str, int] = {}
             while True:
                 async with app.database.transaction() as tx:
-                    counts = await purge(tx.conn, clock.now(), Retention())
+                    counts = await purge(tx, clock.now(), Retention())
                 for key, value in counts.items():
                     total[key] = total.get(key, 0) + value
                 if not any(counts.values()) or app._stopping.is_set():

@@ -26,7 +26,6 @@ from mfa.v1 import two_factor_service_pb2 as pb
 from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mfa_service.app import App, create_server
 from mfa_service.clock import Clock, FixedClock, SystemClock
@@ -151,10 +150,10 @@ async def add_message(db: Database, keyring: Keyring, user_id: str, now: datetim
             not_after=now + timedelta(hours=1)), now)
 
 
-async def add_live_session(conn: AsyncConnection, keyring: Keyring, user_id: str,
+async def add_live_session(unit: Unit, keyring: Keyring, user_id: str,
                            factor_id: str, now: datetime) -> None:
     key_id, digest = keyring.mac(uuid.uuid4().bytes)
-    await conn.execute(insert(sessions).values(
+    await unit.execute(insert(sessions).values(
         id=str(uuid.uuid4()), token_hash=digest, token_key_id=key_id, user_id=user_id,
         factor_id=factor_id, method="authenticator_app", application="portal",
         caller="test", authenticated_at=now, expires_at=now + timedelta(hours=1),
@@ -295,11 +294,11 @@ async def test_a_factor_disabled_during_rotation_is_skipped_not_resurrected(
         factor_id = await add_factor(db, Keyring.parse(OLD), "dave", clock.now())
         listed = maintenance.factor_secrets_to_rekey
 
-        async def list_then_disable(conn: AsyncConnection, primary_id: str, *,
+        async def list_then_disable(unit: Unit, primary_id: str, *,
                                     after: str | None, limit: int) -> list[StoredCiphertext]:
-            rows = await listed(conn, primary_id, after=after, limit=limit)
+            rows = await listed(unit, primary_id, after=after, limit=limit)
             if rows:  # the factor is disabled (and wiped) right after the listing read it
-                assert await FactorRepository(Unit(conn)).disable(factor_id, clock.now())
+                assert await FactorRepository(unit).disable(factor_id, clock.now())
             return rows
 
         monkeypatch.setattr(maintenance, "factor_secrets_to_rekey", list_then_disable)
@@ -319,11 +318,11 @@ async def test_a_message_sent_during_rotation_keeps_its_wiped_body(
         message_id = await add_message(db, Keyring.parse(OLD), "erin", clock.now())
         listed = maintenance.outbox_payloads_to_rekey
 
-        async def list_then_send(conn: AsyncConnection, primary_id: str, *,
+        async def list_then_send(unit: Unit, primary_id: str, *,
                                  after: str | None, limit: int) -> list[StoredCiphertext]:
-            rows = await listed(conn, primary_id, after=after, limit=limit)
+            rows = await listed(unit, primary_id, after=after, limit=limit)
             if rows:  # a dispatcher sends it right after the listing: settle wipes the body
-                messages = OutboxRepository(Unit(conn))
+                messages = OutboxRepository(unit)
                 [claimed] = await messages.claim_due(clock.now(), timedelta(minutes=1), 5)
                 assert await messages.settle(claimed.message_id, claimed.claim_token, SENT,
                                              clock.now())
@@ -371,11 +370,11 @@ async def test_reset_user_takes_away_every_factor_session_code_and_lockout(
                if f.status != pb.FACTOR_STATUS_DISABLED]
     now = fresh_clock.now()
     async with app.database.transaction() as tx:
-        await tx.conn.execute(delete(user_lockouts).where(user_lockouts.c.user_id == user_id))
-        await tx.conn.execute(insert(user_lockouts).values(
+        await tx.execute(delete(user_lockouts).where(user_lockouts.c.user_id == user_id))
+        await tx.execute(insert(user_lockouts).values(
             user_id=user_id, consecutive_failures=100, last_failure_at=now,
             admin_reset_required=True))
-        await tx.conn.execute(insert(recovery_codes).values(
+        await tx.execute(insert(recovery_codes).values(
             id=str(uuid.uuid4()), user_id=user_id, code_hash=os.urandom(32), key_id="test-1",
             created_at=now))
     admin = AdminService(app.database, fresh_clock)
@@ -482,9 +481,9 @@ async def _seed(url: str, clock: Clock) -> tuple[str, str]:
     async with opened(url) as db:
         factor_id = await add_factor(db, Keyring.parse(OLD), "henry", clock.now())
         async with db.transaction() as tx:
-            await add_live_session(tx.conn, Keyring.parse(OLD), "henry", factor_id,
+            await add_live_session(tx, Keyring.parse(OLD), "henry", factor_id,
                                    clock.now())
-            await tx.conn.execute(insert(user_lockouts).values(
+            await tx.execute(insert(user_lockouts).values(
                 user_id="henry", consecutive_failures=7, locked_until=clock.now()))
     return "henry", factor_id
 

@@ -89,9 +89,9 @@ async def test_health_follows_a_database_restart_and_nothing_committed_is_lost(
 
             async def pending_mail() -> int:
                 async with app.database.transaction(readonly=True) as tx:
-                    count = await tx.conn.scalar(select(func.count()).where(
+                    count = (await tx.execute(select(func.count()).where(
                         outbox.c.challenge_id == queued.challenge_id,
-                        outbox.c.state == "pending"))
+                        outbox.c.state == "pending"))).scalar()
                 return count or 0
 
             assert await pending_mail() == 1

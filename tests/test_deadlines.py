@@ -79,8 +79,8 @@ async def test_a_deadline_shorter_than_the_wait_answers_deadline_exceeded_and_ro
 
     async def challenges_of_factor() -> int:
         async with app.database.transaction(readonly=True) as tx:
-            count = await tx.conn.scalar(select(func.count()).where(
-                challenges.c.factor_id == factor.factor_id))
+            count = (await tx.execute(select(func.count()).where(
+                challenges.c.factor_id == factor.factor_id))).scalar()
         return count or 0
 
     before = await challenges_of_factor()

@@ -87,7 +87,7 @@ async def _queue(db: Database, clock: FixedClock) -> str:
 
 async def _row(db: Database, message_id: str) -> tuple[str, int, bool]:
     async with db.transaction(readonly=True) as tx:
-        row = (await tx.conn.execute(select(outbox).where(outbox.c.id == message_id))).one()
+        row = (await tx.execute(select(outbox).where(outbox.c.id == message_id))).one()
     return row.state, row.attempts, row.payload_ciphertext is None
 
 
@@ -269,7 +269,7 @@ async def test_a_claim_whose_commit_answer_was_lost_is_sent_without_waiting_the_
     async def claim_then_lose_the_answer(repo: OutboxRepository, *args: object) -> object:
         claimed = await real(repo, *args)  # type: ignore[arg-type]
         if lost.pop("once", False):
-            await repo._conn.commit()  # the COMMIT lands...
+            await repo._unit._conn.commit()  # the COMMIT lands...
             raise StoreUnavailable()  # ...and its answer is lost
         return claimed
 

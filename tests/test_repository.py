@@ -87,3 +87,17 @@ def test_relative_links_lead_to_files_and_headings_that_exist(name: str) -> None
             if anchor not in headings:
                 broken.append(target)
     assert not broken, f"{name}: broken links {broken}"
+
+
+def test_only_the_unit_touches_its_connection() -> None:
+    """Every statement goes through the store's Unit (execute, fetchrow, write, flush), so
+    none runs past the deferred writes: a read that would miss them, or a write sent
+    before them. The unit's connection is private to store/unit.py."""
+    offenders = []
+    for path in sorted((REPO / "mfa_service").rglob("*.py")):
+        if path.relative_to(REPO).as_posix() == "mfa_service/store/unit.py":
+            continue
+        for number, line in enumerate(path.read_text("utf-8").splitlines(), 1):
+            if re.search(r"\b(tx|unit|_unit|self)\.(_?conn)\b", line):
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)

@@ -44,7 +44,7 @@ async def test_purge_keeps_what_is_live_and_deletes_what_ended(
         async with app.database.transaction() as tx:
             # In batches until nothing is left, as the maintenance loop does: the shared
             # database holds other tests' rows too (more than one batch of them).
-            while any((await purge(tx.conn, t0 + when, Retention())).values()):
+            while any((await purge(tx, t0 + when, Retention())).values()):
                 pass
 
     await purge_at(timedelta(days=1, minutes=10))

@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from mfa_service.clock import Clock
 from mfa_service.crypto import DecryptionError, Keyring
 from mfa_service.delivery.outbox import payload_aad
@@ -25,6 +23,7 @@ from mfa_service.service import audit
 from mfa_service.store import maintenance
 from mfa_service.store.database import Database
 from mfa_service.store.maintenance import StoredCiphertext
+from mfa_service.store.unit import Unit
 
 WHO = AuditContext(caller="admin-cli")
 MAX_USER_ID = 128  # the column width, and what the RPCs accept
@@ -85,12 +84,12 @@ class RotationReport:
 
 
 class _Lister(Protocol):
-    async def __call__(self, conn: AsyncConnection, primary_id: str, *, after: str | None,
+    async def __call__(self, unit: Unit, primary_id: str, *, after: str | None,
                        limit: int) -> list[StoredCiphertext]: ...
 
 
 class _Rewriter(Protocol):
-    async def __call__(self, conn: AsyncConnection, old: StoredCiphertext, key_id: str,
+    async def __call__(self, unit: Unit, old: StoredCiphertext, key_id: str,
                        blob: bytes) -> bool: ...
 
 
@@ -220,7 +219,7 @@ class AdminService:
         while True:
             # Listed in a short transaction of its own: no lock is held while we work.
             async with self._db.transaction() as tx:
-                rows = await list_rows(tx.conn, keyring.primary_id, after=after, limit=batch)
+                rows = await list_rows(tx, keyring.primary_id, after=after, limit=batch)
             for row in rows:
                 try:
                     plaintext = keyring.decrypt(row.key_id, row.blob, aad(row))
@@ -230,7 +229,7 @@ class AdminService:
                     continue
                 key_id, blob = keyring.encrypt(plaintext, aad(row))
                 async with self._db.transaction() as tx:
-                    done = await rewrite(tx.conn, row, key_id, blob)
+                    done = await rewrite(tx, row, key_id, blob)
                 if done:
                     counts.rekeyed += 1
                 else:
@@ -243,7 +242,7 @@ class AdminService:
         """Per key id, the stored values that still need it (read in one transaction)."""
         now = self._clock.now()
         async with self._db.transaction() as tx:
-            usage = await maintenance.key_usage(tx.conn, now)
+            usage = await maintenance.key_usage(tx, now)
         found = {kid for by_key in usage.values() for kid in by_key}
         ordered = keyring.key_ids + sorted(found - set(keyring.key_ids))
         return KeyStatus(primary_id=keyring.primary_id, keys=[
@@ -264,11 +263,11 @@ class AdminService:
         now = self._clock.now()
         async with self._db.transaction() as tx:
             # The lockout row first: Verify locks it before anything else, same order here.
-            lockout_cleared = await maintenance.clear_lockout(tx.conn, user_id)
-            factors_disabled = await maintenance.disable_user_factors(tx.conn, user_id, now)
-            codes_retired = await maintenance.retire_recovery_codes(tx.conn, user_id, now)
-            sessions_revoked = await maintenance.revoke_user_sessions(tx.conn, user_id, now)
-            challenges_closed = await maintenance.close_open_challenges(tx.conn, user_id)
+            lockout_cleared = await maintenance.clear_lockout(tx, user_id)
+            factors_disabled = await maintenance.disable_user_factors(tx, user_id, now)
+            codes_retired = await maintenance.retire_recovery_codes(tx, user_id, now)
+            sessions_revoked = await maintenance.revoke_user_sessions(tx, user_id, now)
+            challenges_closed = await maintenance.close_open_challenges(tx, user_id)
             report = ResetReport(user_id, lockout_cleared, factors_disabled, codes_retired,
                                  sessions_revoked, challenges_closed)
             audit.record(

@@ -458,7 +458,7 @@ class ChallengeRepository:
         locks of its range and region too (``area``, in that order), in the same
         statement."""
         await self._unit.flush()
-        await lock_keys(self._unit.conn, (destination_key, *area))
+        await lock_keys(self._unit, (destination_key, *area))
 
     async def send_counts(self, now: datetime, *, cooldown_since: datetime,
                           window_since: datetime, user_id: str, method: Method,
@@ -516,7 +516,7 @@ class ChallengeRepository:
         processes cannot both take the last unit. A rolled-back send gives its unit back.
         SQLite: BEGIN IMMEDIATE already serialises writers.
         """
-        stmt = take_budget_unit(self._unit.conn, day, budget)
+        stmt = take_budget_unit(self._unit.dialect, day, budget)
         return (await self._unit.execute(stmt)).first() is not None
 
     async def consume_proof(self, challenge_id: str, user_id: str, purpose: Purpose,

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, delete, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mfa_service.domain import FactorStatus
 from mfa_service.store.models import challenges, factors, outbox, sessions, user_lockouts
+from mfa_service.store.unit import Unit
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Retention:
     pending_factors: timedelta = timedelta(hours=1)  # >= the longest MFA_PENDING_TTL
 
 
-async def purge(conn: AsyncConnection, now: datetime, keep: Retention,
+async def purge(unit: Unit, now: datetime, keep: Retention,
                 batch: int = 1000) -> dict[str, int]:
     """Delete at most ``batch`` rows of each kind; returns how many went of each.
 
@@ -39,27 +39,27 @@ async def purge(conn: AsyncConnection, now: datetime, keep: Retention,
         sessions.c.revoked_at < now - keep.sessions,
         sessions.c.expires_at < now - keep.sessions,
         sessions.c.idle_expires_at < now - keep.sessions)).limit(batch)
-    counts["sessions"] = (await conn.execute(
+    counts["sessions"] = (await unit.execute(
         delete(sessions).where(sessions.c.id.in_(ended_sessions)))).rowcount
     old_challenges = select(challenges.c.id).where(
         challenges.c.expires_at < now - keep.challenges).limit(batch)
-    counts["challenges"] = (await conn.execute(
+    counts["challenges"] = (await unit.execute(
         delete(challenges).where(challenges.c.id.in_(old_challenges)))).rowcount
     settled = select(outbox.c.id).where(
         outbox.c.state != "pending", outbox.c.created_at < now - keep.outbox).limit(batch)
-    counts["outbox"] = (await conn.execute(
+    counts["outbox"] = (await unit.execute(
         delete(outbox).where(outbox.c.id.in_(settled)))).rowcount
     idle = select(user_lockouts.c.user_id).where(and_(
         user_lockouts.c.admin_reset_required.is_(False),
         or_(user_lockouts.c.locked_until.is_(None), user_lockouts.c.locked_until < now),
         or_(user_lockouts.c.last_failure_at.is_(None),
             user_lockouts.c.last_failure_at < now - keep.lockouts))).limit(batch)
-    counts["lockouts"] = (await conn.execute(
+    counts["lockouts"] = (await unit.execute(
         delete(user_lockouts).where(user_lockouts.c.user_id.in_(idle)))).rowcount
     gone = select(factors.c.id).where(
         factors.c.status == FactorStatus.PENDING.value,
         factors.c.created_at < now - keep.pending_factors).limit(batch)
-    counts["pending_factors"] = (await conn.execute(
+    counts["pending_factors"] = (await unit.execute(
         update(factors).where(factors.c.id.in_(gone)).values(
             status=FactorStatus.DISABLED.value, disabled_at=now, secret_ciphertext=None,
             secret_key_id=None))).rowcount

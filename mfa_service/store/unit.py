@@ -34,10 +34,11 @@ from typing import Any
 
 from sqlalchemy import Executable, Table, TextClause, bindparam, insert, text
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Compiled, CursorResult, Result
+from sqlalchemy.engine import Compiled, CursorResult
 from sqlalchemy.engine.interfaces import BindTyping
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import UpdateBase
+from sqlalchemy.util.typing import TupleAny, Unpack
 
 from mfa_service.errors import GuardLost
 from mfa_service.store import hot
@@ -66,20 +67,23 @@ class Unit:
     """A transaction's connection and its deferred writes."""
 
     def __init__(self, conn: AsyncConnection) -> None:
-        self.conn = conn
-        self._postgres = conn.dialect.name == "postgresql"
+        # Private: every statement goes through execute/fetchrow/flush, so nothing runs
+        # past the deferred writes (a read that would miss them, a write sent before them).
+        self._conn = conn
+        self.dialect: str = conn.dialect.name
+        self._postgres = self.dialect == "postgresql"
         self.postgres = self._postgres
         self._updates: list[tuple[UpdateBase, dict[str, Any], str | None]] = []
         self._inserts: dict[Table, list[dict[str, Any]]] = {}
         self._before_flush: list[Callable[[], None]] = []
 
     async def execute(self, statement: Executable, params: dict[str, Any] | None = None, *,
-                      sees_deferred: bool = True) -> Result[Any]:
+                      sees_deferred: bool = True) -> CursorResult[Unpack[TupleAny]]:
         """Run ``statement`` now and return its result; the deferred writes go first unless
         the caller knows the statement cannot depend on them (``sees_deferred=False``)."""
         if sees_deferred:
             await self.flush()
-        return await self.conn.execute(statement, params)
+        return await self._conn.execute(statement, params)
 
     async def fetchrow(self, sql: str, *args: Any, sees_deferred: bool = True) -> Any:
         """PostgreSQL only: one row of a hot statement (store/hot.py), run with asyncpg on
@@ -89,10 +93,10 @@ class Unit:
         again (SQLAlchemy did not see the failure)."""
         if sees_deferred:
             await self.flush()
-        raw = await self.conn.get_raw_connection()
+        raw = await self._conn.get_raw_connection()
         adapted: Any = raw.dbapi_connection
         for observe in hot.observers:
-            observe(id(self.conn.sync_connection), sql)
+            observe(id(self._conn.sync_connection), sql)
         try:
             if adapted._transaction is None:
                 # SQLAlchemy's asyncpg adapter sends BEGIN lazily, before the first
@@ -106,8 +110,8 @@ class Unit:
                 # As SQLAlchemy does when it sees a disconnect: this connection, and
                 # every other one the pool holds (the server they all went to is gone,
                 # as after a failover), is replaced before it is handed out again.
-                await self.conn.invalidate()
-                await self.conn.engine.dispose(close=False)
+                await self._conn.invalidate()
+                await self._conn.engine.dispose(close=False)
             raise
 
     async def write(self, statement: Executable,
@@ -157,14 +161,14 @@ class Unit:
             await self._send_as_one(updates, inserts)
             return
         for statement, params, guard in updates:
-            result = await self.conn.execute(statement, params)
+            result = await self._conn.execute(statement, params)
             assert isinstance(result, CursorResult)
             if guard is not None and result.rowcount != 1:
                 raise GuardLost(guard)
         for table, rows in inserts.items():
             if table not in _INSERTS:
                 _INSERTS[table] = insert(table)
-            await self.conn.execute(_INSERTS[table], rows)
+            await self._conn.execute(_INSERTS[table], rows)
 
     async def _send_as_one(self,
                            updates: Sequence[tuple[UpdateBase, dict[str, Any], str | None]],
@@ -185,7 +189,7 @@ class Unit:
             for r, row in enumerate(rows):
                 for column, value in row.items():
                     params[f"w{offset + k}_{r}_{column}"] = value
-        counts = (await self.conn.execute(batch.statement, params)).one()
+        counts = (await self._conn.execute(batch.statement, params)).one()
         guarded = [g for _, _, g in updates if g is not None]
         for guard, count in zip(guarded, counts, strict=False):
             if count != 1:
