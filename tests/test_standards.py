@@ -226,24 +226,24 @@ def test_the_readme_and_the_security_page_link_to_it() -> None:
     assert "(STANDARDS.md)" in (REPO / "docs" / "SECURITY.md").read_text("utf-8")
 
 
-BOGUS = f"""## NIST SP 800-63B-4
+def _table(*rows: str) -> str:
+    return "\n".join([f"| {' | '.join(HEADER)} |", "| --- " * len(HEADER) + "|", *rows])
 
-| {' | '.join(HEADER)} |
-| --- | --- | --- | --- | --- | --- |
-| 1.1 | a row whose test was renamed | met | — | `test_standards.py::test_no_such_thing` | x |
-| 1.2 | a met row with no test | met | — | — | x |
-| 1.3 | a status of our own | mostly | — | `test_standards.py::test_the_page_maps_both_standards` | x |
-| 1.4 | a setting that does not exist | partly | `MFA_NO_SUCH_SETTING` | — | x |
-| 1.5 | a file that does not exist | partly | — | `test_nowhere.py::test_x` | x |
-| 1.6 | a stray | pipe | met | — | — | x |
-| 1.7 | a parametrised id and a path | met | `MFA_CODE_TTL_SECONDS` | `tests/test_standards.py::test_the_page_maps_both_standards[x]` | x |
 
-{PENDING}
-
-| {' | '.join(HEADER)} |
-| --- | --- | --- | --- | --- | --- |
-| 9.9 | not checked yet | met | `MFA_NOT_YET` | `test_devices.py::test_later` | x |
-"""
+REAL = "`test_standards.py::test_the_page_maps_both_standards`"
+BOGUS = "\n\n".join([
+    "## NIST SP 800-63B-4",
+    _table("| 1.1 | renamed test | met | — | `test_standards.py::test_no_such_thing` | x |",
+           "| 1.2 | a met row with no test | met | — | — | x |",
+           f"| 1.3 | a status of our own | mostly | — | {REAL} | x |",
+           "| 1.4 | unknown setting | partly | `MFA_NO_SUCH_SETTING` | — | x |",
+           "| 1.5 | unknown file | partly | — | `test_nowhere.py::test_x` | x |",
+           "| 1.6 | a stray | pipe | met | — | — | x |",
+           "| 1.7 | parametrised, a path | met | `MFA_CODE_TTL_SECONDS` | "
+           "`tests/test_standards.py::test_the_page_maps_both_standards[x]` | x |"),
+    PENDING,
+    _table("| 9.9 | not checked yet | met | `MFA_NOT_YET` | `test_devices.py::test_later` | x |"),
+])
 
 
 def test_the_checks_fail_on_a_bogus_page() -> None:
