@@ -226,6 +226,8 @@ class Database:
                             if loop.time() >= due:  # the caller gave up: roll back
                                 raise DeadlineExceeded()
                             bound.reschedule(None)  # never cut a COMMIT short
+                        if tx.postgres:
+                            await tx.commit_raw()
         except MfaError:
             raise
         except Exception as exc:

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 from sqlalchemy import Executable, Table, TextClause, bindparam, insert, text
 from sqlalchemy.dialects import postgresql
@@ -57,6 +57,9 @@ class _Batch:
     statement: TextClause
     updates: tuple[Compiled, ...]  # each deferred UPDATE compiled, in order
     guards: tuple[str | None, ...]  # per UPDATE: the guard it is, or None
+    # PostgreSQL: the statement compiled for asyncpg ($n with casts), its parameter
+    # names in order, and each one's bind processor (set on first use).
+    raw: tuple[str, tuple[str, ...], tuple[Callable[[Any], Any] | None, ...]] | None = None
 
 
 _BATCHES: dict[tuple[Any, ...], _Batch] = {}
@@ -110,6 +113,26 @@ class Unit:
                 # As SQLAlchemy does when it sees a disconnect: this connection, and
                 # every other one the pool holds (the server they all went to is gone,
                 # as after a failover), is replaced before it is handed out again.
+                await self._conn.invalidate()
+                await self._conn.engine.dispose(close=False)
+            raise
+
+    async def commit_raw(self) -> None:
+        """PostgreSQL: COMMIT on the raw asyncpg connection, past SQLAlchemy's execution
+        path (the adapter then finds no transaction, and its own commit does nothing).
+        BEGIN cannot ride on the first statement, nor COMMIT on the write batch: asyncpg
+        has no pipelining (MagicStack/asyncpg#839), and the simple-query protocol that
+        takes several statements takes no parameters. A COMMIT that fails raises here;
+        the transaction has then ended on the server (as after a failed COMMIT)."""
+        raw = await self._conn.get_raw_connection()
+        adapted: Any = raw.dbapi_connection
+        transaction, adapted._transaction = adapted._transaction, None
+        if transaction is None:
+            return
+        try:  # (not a statement the counts and spans see, as SQLAlchemy's COMMIT was not)
+            await transaction.commit()
+        except Exception as exc:
+            if connection_lost(exc):
                 await self._conn.invalidate()
                 await self._conn.engine.dispose(close=False)
             raise
@@ -189,11 +212,41 @@ class Unit:
             for r, row in enumerate(rows):
                 for column, value in row.items():
                     params[f"w{offset + k}_{r}_{column}"] = value
-        counts = (await self._conn.execute(batch.statement, params)).one()
+        # On the raw asyncpg connection, as the hot statements (store/hot.py): the batch is
+        # sent once or twice per request, and SQLAlchemy's path around asyncpg cost more
+        # CPU than the statement itself.
+        raw = batch.raw or self._compile_raw(shape, batch)
+        sql, names, processors = raw
+        args = [value if process is None else process(value) for value, process in
+                zip((params[name] for name in names), processors, strict=True)]
+        counts = tuple(await self.fetchrow(sql, *args, sees_deferred=False))
         guarded = [g for _, _, g in updates if g is not None]
         for guard, count in zip(guarded, counts, strict=False):
             if count != 1:
                 raise GuardLost(guard)
+
+
+    def _compile_raw(self, shape: tuple[Any, ...], batch: _Batch) -> tuple[
+            str, tuple[str, ...], tuple[Callable[[Any], Any] | None, ...]]:
+        """The batch for asyncpg: compiled once with the connection's dialect (numbered
+        parameters, each with the cast SQLAlchemy renders for its type) and the bind
+        processors of the parameters' types (aware datetimes to the naive UTC stored)."""
+        compiled = batch.statement.compile(dialect=self._conn.dialect)
+        names = tuple(compiled.positiontup or ())
+        # SQLAlchemy's own table of processors per parameter (pinned < 2.2, pyproject).
+        processors = tuple(_single(compiled._bind_processors.get(name)) for name in names)
+        raw = (str(compiled), names, processors)
+        _BATCHES[shape] = replace(batch, raw=raw)
+        return raw
+
+
+def _single(processor: object) -> Callable[[Any], Any] | None:
+    """A bind processor of one value (a deferred write has no tuple-typed parameter)."""
+    if processor is None:
+        return None
+    if not callable(processor):  # pragma: no cover - a tuple type's per-item processors
+        raise TypeError("a deferred write has a tuple-typed parameter")
+    return cast(Callable[[Any], Any], processor)
 
 
 def _build_batch(updates: Sequence[tuple[UpdateBase, dict[str, Any], str | None]],
