@@ -113,7 +113,8 @@ async def test_hot_paths_stay_within_their_statement_budget(
         ok, n = await statements.count(stub.Verify(pb.VerifyRequest(
             challenge_id=ch.challenge_id, code=totp_at(factor.secret, fresh_clock))))
         assert ok.result == pb.VERIFY_RESULT_APPROVED
-        assert within(app, n, 4, 7), statements.sql
+        # The user lock, the read, the deferred writes with the attempt (a guard) as one.
+        assert within(app, n, 3, 7), statements.sql
 
 
 async def test_other_rpcs_statement_counts(
@@ -144,7 +145,7 @@ async def test_other_rpcs_statement_counts(
         failed, n = await statements.count(stub.Verify(pb.VerifyRequest(
             challenge_id=ch.challenge_id, code=wrong)))
         assert failed.result == pb.VERIFY_RESULT_INVALID_CODE
-        assert within(app, n, 4, 7), statements.sql
+        assert within(app, n, 3, 7), statements.sql
 
         session = await login(stub, _factor(enrolled, user_id), fresh_clock)
         revoked, n = await statements.count(stub.RevokeSession(pb.RevokeSessionRequest(
@@ -173,7 +174,7 @@ async def test_a_passkey_login_costs_what_a_totp_login_costs(
         ok, n = await statements.count(stub.Verify(pb.VerifyRequest(
             challenge_id=ch.challenge_id, webauthn_response=key.get(ch.webauthn_request_options))))
         assert ok.result == pb.VERIFY_RESULT_APPROVED
-        assert within(app, n, 4, 7), statements.sql
+        assert within(app, n, 3, 7), (n, statements.sql)
     # And the counter was stored: the same counter again is refused.
     key.counter = key.counter
     ch = await stub.Challenge(pb.ChallengeRequest(

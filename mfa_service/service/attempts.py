@@ -215,9 +215,10 @@ class Steps:
         if verdict.display_name is not None:
             record = replace(record, factor=replace(
                 record.factor, masked_destination=verdict.display_name))
-        settled = await tx.challenges.settle_attempt(challenge.challenge_id, verdict.ok, now)
-        if settled is None:  # pragma: no cover - excluded by the lock and the read
-            return Failed(closed_outcome(challenge))
+        # Deferred and guarded (store/unit.py): ``ready`` checked the challenge takes this
+        # attempt on a read made under the user's lock; the guard holds the database to
+        # it, one round trip fewer than counting it at once.
+        settled = tx.later.challenges.settle_attempt(challenge, verdict.ok, now)
         remaining = settled.max_attempts - settled.attempts
         if not verdict.ok:
             result = (VerifyResult.MAX_ATTEMPTS_REACHED if remaining == 0

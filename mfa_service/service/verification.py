@@ -7,8 +7,8 @@ opens a session, CONFIRM_ENROLLMENT activates the factor, DISABLE disables the f
 itself (disabling.py's Removal), CHANGE_PHONE and REGENERATE_RECOVERY_CODES only approve
 (the proof the next call consumes).
 
-On PostgreSQL a TOTP login is four statements: the lock, the read, the attempt, and the
-deferred writes (TOTP step, session, audit rows) sent as one before COMMIT.
+On PostgreSQL a TOTP login is three statements: the lock, the read, and the deferred
+writes (the attempt, the TOTP step, the session, audit rows) sent as one before COMMIT.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from mfa_service.domain import Application, ChallengeState, Method, Session
+from mfa_service.domain import Application, Method, Session
 from mfa_service.store.models import challenges, factors, user_lockouts
 
 # Who hears of each hot statement run (connection id, SQL): they bypass SQLAlchemy's
@@ -78,19 +78,6 @@ CHALLENGE_WITH_FACTOR = (
     "SELECT " + ", ".join(f"c.{c.name}" for c in challenges.c) + ", "
     + ", ".join(f"f.{c.name} AS f_{c.name}" for c in factors.c)
     + " FROM challenges AS c JOIN factors AS f ON f.id = c.factor_id WHERE c.id = $1")
-# Count one attempt and close the challenge in one conditional UPDATE
-# (store/repositories.py: ChallengeRepository.settle_attempt says why). The SET
-# expressions read the row's old values.
-SETTLE_ATTEMPT = (
-    "UPDATE challenges SET attempts = attempts + 1,"
-    f" state = CASE WHEN $2 THEN '{ChallengeState.APPROVED.value}'"
-    f" WHEN attempts + 1 >= max_attempts THEN '{ChallengeState.EXHAUSTED.value}'"
-    " ELSE state END,"
-    " approved_at = CASE WHEN $2 THEN $3 ELSE approved_at END"
-    f" WHERE id = $1 AND state = '{ChallengeState.OPEN.value}' AND expires_at > $3"
-    f" AND attempts < max_attempts RETURNING {_CHALLENGE_COLUMNS}")
-
-
 def aware(row: Any) -> dict[str, Any]:
     """An asyncpg record as a mapping with aware UTC datetimes (the columns hold naive UTC,
     as SQLAlchemy's UTCDateTime type would have returned them)."""

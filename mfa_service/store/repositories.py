@@ -351,7 +351,12 @@ _SUPERSEDE_OPEN = update(challenges).where(
     challenges.c.state == _OPEN,
 ).values(state=ChallengeState.SUPERSEDED.value)
 _OK = bindparam("ok", type_=Boolean())
-_SETTLE_ATTEMPT = update(challenges).where(
+# Count one attempt and close the challenge in one conditional UPDATE: APPROVED when the
+# proof passed, EXHAUSTED at the last attempt. The attempt is counted and the challenge
+# used exactly once whatever runs concurrently (a second writer waits for the row lock,
+# re-evaluates the WHERE and matches nothing). Deferred as a guard: no RETURNING, the
+# batch counts the row.
+_SETTLE_ATTEMPT_LATER = update(challenges).where(
     challenges.c.id == bindparam("challenge_id"), challenges.c.state == _OPEN,
     challenges.c.expires_at > _NOW,
     challenges.c.attempts < challenges.c.max_attempts,
@@ -362,7 +367,7 @@ _SETTLE_ATTEMPT = update(challenges).where(
                 ChallengeState.EXHAUSTED.value),
                else_=challenges.c.state),
     approved_at=case((_OK, _NOW), else_=challenges.c.approved_at),
-).returning(*challenges.c)
+)
 
 
 @dataclass(frozen=True)
@@ -400,6 +405,21 @@ class ChallengeWrites:
             "consumed_at": None, "destination_key": c.destination_key,
             "phone_prefix_key": phone_prefix_key, "phone_region": phone_region})
 
+    def settle_attempt(self, read: Challenge, ok: bool, now: datetime) -> Challenge:
+        """Count one attempt on ``read`` (an OPEN challenge read under the user's lock) and
+        close it (``_SETTLE_ATTEMPT_LATER``), before COMMIT; returns the challenge as it
+        will be. A guard ("attempt"): should anything have counted an
+        attempt or closed it since the read, the UPDATE matches no row and the
+        transaction rolls back (GuardLost), so the read need not be trusted blindly."""
+        self._unit.defer(_SETTLE_ATTEMPT_LATER,
+                         {"challenge_id": read.challenge_id, "ok": ok, "now": now},
+                         guard="attempt")
+        attempts = read.attempts + 1
+        state = (ChallengeState.APPROVED if ok else ChallengeState.EXHAUSTED
+                 if attempts >= read.max_attempts else read.state)
+        return replace(read, attempts=attempts, state=state,
+                       approved_at=now if ok else read.approved_at)
+
     def supersede_open(self, factor_id: str, purpose: Purpose) -> None:
         """Close the factor's open challenges for ``purpose`` (before COMMIT, before the
         new one is inserted): a new one replaces them, so an old code dies and attempts
@@ -428,28 +448,6 @@ class ChallengeRepository:
     async def by_request_id(self, factor_id: str, request_id: str) -> Challenge | None:
         row = (await self._unit.execute(
             _BY_REQUEST_ID, {"factor_id": factor_id, "request_id": request_id})).first()
-        return _challenge(row) if row else None
-
-    async def settle_attempt(self, challenge_id: str, ok: bool,
-                             now: datetime) -> Challenge | None:
-        """Count one attempt and, in the same statement, close the challenge: APPROVED when
-        ``ok``, EXHAUSTED when that was the last attempt. None if it takes no more
-        attempts (closed, expired, exhausted).
-
-        One conditional UPDATE: the attempt is counted and the challenge used exactly once
-        whatever runs concurrently (a second writer waits for the row lock, re-evaluates
-        the WHERE and matches nothing). ``ok`` was decided before, on the state read under
-        the user's lock, so counting and closing need not be two statements.
-        """
-        # It touches one challenge row, which no deferred write changes (those are the
-        # factor's TOTP step, new rows and the lockout): the deferred writes can wait.
-        if self._unit.postgres:  # the hot statement (store/hot.py)
-            record = await self._unit.fetchrow(hot.SETTLE_ATTEMPT, challenge_id, ok,
-                                               hot.naive_utc(now), sees_deferred=False)
-            return _challenge_of(hot.aware(record)) if record is not None else None
-        row = (await self._unit.execute(
-            _SETTLE_ATTEMPT, {"challenge_id": challenge_id, "ok": ok, "now": now},
-            sees_deferred=False)).first()
         return _challenge(row) if row else None
 
     async def lock_destination(self, destination_key: bytes, *area: bytes) -> None:
