@@ -120,7 +120,7 @@ class Secrets:
         self.texts.setdefault(token.lower(), what)
 
     def recovery_code(self, code: str, what: str) -> None:
-        assert re.fullmatch(r"[0-9a-z]{5}-[0-9a-z]{5}", code), code
+        assert re.fullmatch(r"[0-9a-z]{5}-[0-9a-z]{5}-[0-9a-z]{5}", code), code
         for form in (code, code.replace("-", ""), code.replace("-", " ")):
             self.texts.setdefault(form, what)
 

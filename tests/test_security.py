@@ -24,7 +24,7 @@ from mfa_service.app import App, create_server
 from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
 from mfa_service.domain import Application, AuditContext
-from mfa_service.errors import ConfigurationError, PermissionDenied
+from mfa_service.errors import ConfigurationError, InvalidArgument, PermissionDenied
 from mfa_service.service.lockout import LockoutPolicy
 from mfa_service.settings import Settings
 from mfa_service.store.models import recovery_codes
@@ -169,7 +169,8 @@ async def test_recovery_codes_are_strong_single_use_and_log_in(
         stub: Stub, user_id: str, fresh_clock: FixedClock, app: App) -> None:
     _, codes, recovery_id = await enroll_with_codes(stub, user_id, fresh_clock)
     assert len(codes) == 10
-    assert all(re.fullmatch(r"[0-9a-hjkmnp-tv-z]{5}-[0-9a-hjkmnp-tv-z]{5}", c) for c in codes)
+    group = r"[0-9a-hjkmnp-tv-z]{5}"
+    assert all(re.fullmatch(f"{group}-{group}-{group}", c) for c in codes)  # 75 bits each
 
     async def use(code: str) -> pb.VerifyResponse:
         ch = await stub.Challenge(pb.ChallengeRequest(
@@ -570,3 +571,14 @@ async def test_development_without_callers_stays_on_loopback(database_url: str) 
     with pytest.raises(ConfigurationError, match="loopback only"):
         await create_server(make_settings(database_url, listen_addr="0.0.0.0:0"),
                             keyring=Keyring.parse(TEST_KEYRING))
+
+
+def test_recovery_codes_issued_before_75_bits_still_work_and_nothing_between() -> None:
+    """The 10-character codes (50 bits) users saved before still normalise to what was
+    hashed then; a length between the two is a typo, refused without a guess counted."""
+    from mfa_service.factors.recovery import normalise
+    assert normalise("ABCDE-23456") == "abcde23456"
+    assert normalise("abcde 23456 fghjk") == "abcde23456fghjk"
+    for wrong in ("abcde-2345", "abcde-23456-f", "abcde-23456-fghjkm"):
+        with pytest.raises(InvalidArgument):
+            normalise(wrong)
