@@ -8,9 +8,10 @@
 3. ``attempt``: the factor method checks the proof and finishes its own atomic step
    (the TOTP step accepted, the recovery code consumed, the passkey counter moved); one
    conditional UPDATE, deferred to COMMIT as a guard, counts the attempt and closes the
-   challenge (APPROVED, or EXHAUSTED at the last attempt). A failure is audited and counted against the user's lockout
-   (service/lockout.py) and comes back as ``Failed``; a success clears the lockout and
-   runs the method's follow-up (a used recovery code is audited and notified).
+   challenge (APPROVED, or EXHAUSTED at the last attempt). A failure is audited and
+   counted against the user's lockout (service/lockout.py) and comes back as ``Failed``;
+   a success clears the lockout and runs the method's follow-up (a used recovery code is
+   audited and notified).
 
 The use cases (verification.py, disabling.py) ask the proof model between 2 and 3, so
 evidence the table refuses costs no attempt, and carry out the purpose after 3.
