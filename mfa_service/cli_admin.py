@@ -17,7 +17,7 @@ import json
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -29,6 +29,7 @@ from mfa_service.settings import Settings
 if TYPE_CHECKING:
     from mfa_service.domain import AuditEvent
     from mfa_service.service.admin import AdminService, KeyStatus, ResetReport, RotationReport
+    from mfa_service.service.notices import Notifier
 
     # argparse's sub-parser action is generic only in the type stubs.
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -120,6 +121,20 @@ def dispatch(args: argparse.Namespace) -> int | None:
         return STORE_FAILED
 
 
+def _notifier(settings: Settings) -> Notifier | None:
+    """The servers' notifier (their keyring encrypts the queued notice), or None when no
+    keyring is available to this command (then nothing can be queued for sending)."""
+    from mfa_service.app import load_keyring
+    from mfa_service.service.notices import Notifier
+
+    try:
+        keyring = load_keyring(settings)
+    except ConfigurationError:
+        return None
+    return Notifier(keyring, settings.product_name,
+                    timedelta(seconds=settings.notice_ttl_seconds), settings.default_locale)
+
+
 @asynccontextmanager
 async def open_admin(settings: Settings) -> AsyncIterator[AdminService]:
     """An AdminService on the configured database, with the servers' schema rules:
@@ -136,7 +151,7 @@ async def open_admin(settings: Settings) -> AsyncIterator[AdminService]:
             await migrate.upgrade(engine)
         else:
             await migrate.require_current_schema(engine)
-        yield AdminService(database, SystemClock())
+        yield AdminService(database, SystemClock(), _notifier(settings))
     finally:
         await database.dispose()
 

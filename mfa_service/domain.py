@@ -85,6 +85,7 @@ class NoticeKind(StrEnum):
     RECOVERY_CODES_USED = "recovery_codes_used"
     RECOVERY_CODES_REGENERATED = "recovery_codes_regenerated"
     ACCOUNT_LOCKED = "account_locked"
+    SECOND_FACTOR_RESET = "second_factor_reset"  # an operator's reset (admin reset-user)
 
 
 class Application(StrEnum):

@@ -43,6 +43,7 @@ from mfa_service.domain import (
 from mfa_service.factors.totp import secret_aad
 from mfa_service.service import admin as admin_module
 from mfa_service.service.admin import AdminService
+from mfa_service.service.notices import Notifier
 from mfa_service.store import maintenance
 from mfa_service.store.database import Database
 from mfa_service.store.engine import create_engine
@@ -70,6 +71,7 @@ from tests.conftest import (
     make_settings,
     totp_at,
 )
+from tests.rig import Rig, delivered_all, enroll_email, enroll_phone, eventually, phone_text
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
@@ -545,3 +547,31 @@ def test_naive_times_are_utc() -> None:
 
     assert parse_instant("2026-03-02") == datetime(2026, 3, 2, tzinfo=UTC)
     assert parse_instant("2026-03-02T11:00:00+01:00") == datetime(2026, 3, 2, 10, tzinfo=UTC)
+
+
+async def test_a_reset_user_hears_of_it_on_every_address_and_number(rig: Rig) -> None:
+    """NIST SP 800-63B-4: the subscriber is told of an account recovery, so a reset they
+    did not ask for (a support desk talked round) is noticed. By real mail and SMS."""
+    user = f"reset-{uuid.uuid4().hex[:8]}"
+    _, address = await enroll_email(rig, user)
+    _, number = await enroll_phone(rig, user)
+    # Every notice so far has arrived (the phone's "added" notice also went by mail).
+    await delivered_all(rig, user)
+    mails = len(rig.mails_to(address, notices=True))
+    texts = len(rig.calls_to(number, notices=True))
+    keyring = Keyring.parse(TEST_KEYRING)
+    admin = AdminService(rig.app.database, rig.clock,
+                         Notifier(keyring, "Cloud Platform", timedelta(hours=1)))
+
+    report = await admin.reset_user(user, "SD-99: lost everything, identity checked")
+
+    assert report.factors_disabled == 3  # email, phone, recovery codes
+    mail = (await eventually(lambda: rig.mails_to(address, notices=True)[mails:]))[-1]
+    assert "two-factor methods were reset" in mail["Subject"]
+    assert "Support turned off every two-factor method" in mail.get_content()
+    sms = phone_text((await eventually(
+        lambda: rig.calls_to(number, notices=True)[texts:]))[-1])
+    assert "Support turned off every two-factor method" in sms
+    async with rig.app.database.transaction() as tx:
+        [event, *_] = await tx.audit.page(user)
+    assert event.event == "admin_reset" and event.detail["notices"] == 2

@@ -15,11 +15,12 @@ from typing import Protocol
 from mfa_service.clock import Clock
 from mfa_service.crypto import DecryptionError, Keyring
 from mfa_service.delivery.outbox import payload_aad
-from mfa_service.domain import AuditContext, AuditEvent, Method
+from mfa_service.domain import AuditContext, AuditEvent, Method, NoticeKind
 from mfa_service.errors import InvalidArgument
 from mfa_service.factors.passkey import credential_aad
 from mfa_service.factors.totp import secret_aad
 from mfa_service.service import audit
+from mfa_service.service.notices import Notifier
 from mfa_service.store import maintenance
 from mfa_service.store.database import Database
 from mfa_service.store.maintenance import StoredCiphertext
@@ -169,9 +170,12 @@ class AdminService:
     """The operator commands' rules over one Database; the clock decides "now" (what is
     live, what expired) exactly as the servers' clock does."""
 
-    def __init__(self, db: Database, clock: Clock) -> None:
+    def __init__(self, db: Database, clock: Clock, notifier: Notifier | None = None) -> None:
         self._db = db
         self._clock = clock
+        # Tells the user of a reset (NIST SP 800-63B-4: the subscriber is notified of an
+        # account recovery); None only where nothing can be sent (tests of other commands).
+        self._notifier = notifier
 
     # -- keys ------------------------------------------------------------------------------
     async def rotate_keys(self, keyring: Keyring, *, batch: int = 100) -> RotationReport:
@@ -264,6 +268,11 @@ class AdminService:
         async with self._db.transaction() as tx:
             # The lockout row first: Verify locks it before anything else, same order here.
             lockout_cleared = await maintenance.clear_lockout(tx, user_id)
+            # Before the factors go: the notice goes to every address and number the user
+            # could receive it on, so a reset they did not ask for is noticed.
+            notified = (await self._notifier.notify(tx, now, user_id,
+                                                    NoticeKind.SECOND_FACTOR_RESET)
+                        if self._notifier is not None else 0)
             factors_disabled = await maintenance.disable_user_factors(tx, user_id, now)
             codes_retired = await maintenance.retire_recovery_codes(tx, user_id, now)
             sessions_revoked = await maintenance.revoke_user_sessions(tx, user_id, now)
@@ -278,7 +287,8 @@ class AdminService:
                         "sessions_revoked": report.sessions_revoked,
                         "recovery_codes_retired": report.recovery_codes_retired,
                         "challenges_closed": report.challenges_closed,
-                        "lockout_cleared": int(report.lockout_cleared)})
+                        "lockout_cleared": int(report.lockout_cleared),
+                        "notices": notified})
         return report
 
     async def audit_trail(self, user_id: str, *, since: datetime | None = None,
