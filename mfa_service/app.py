@@ -43,7 +43,9 @@ from mfa_service.factors.registry import FactorRegistry
 from mfa_service.factors.sent_code import SentCode
 from mfa_service.factors.totp import AuthenticatorApp
 from mfa_service.service import Services
+from mfa_service.service.assurance import Assurance
 from mfa_service.service.context import Context, Rules
+from mfa_service.service.devices import DeviceRules, ForgetOnFactorChange
 from mfa_service.service.notices import Notifier
 from mfa_service.service.session_cache import RevocationListener, SessionCache
 from mfa_service.service.sessions import SessionService
@@ -439,7 +441,10 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         db=database, registry=registry, keyring=keyring, clock=clock, sessions=sessions,
         notifier=Notifier(keyring, settings.product_name,
                           timedelta(seconds=settings.notice_ttl_seconds),
-                          settings.default_locale),
+                          settings.default_locale,
+                          # Every change to a user's factors forgets their remembered
+                          # browsers (service/devices.py).
+                          on_factor_change=ForgetOnFactorChange(sessions)),
         rules=Rules(code_ttl=timedelta(seconds=settings.code_ttl_seconds),
                     max_attempts=settings.max_attempts,
                     max_factors_per_user=settings.max_factors_per_user,
@@ -455,7 +460,12 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
                     pending_ttl=timedelta(minutes=settings.pending_ttl_minutes),
                     new_credential_hold=timedelta(
                         hours=settings.new_credential_hold_hours),
-                    product=settings.product_name, default_locale=settings.default_locale)))
+                    product=settings.product_name, default_locale=settings.default_locale)),
+        devices=DeviceRules(
+            lifetime=timedelta(days=settings.trusted_device_days),
+            idle=timedelta(days=settings.trusted_device_idle_days),
+            misses_per_address=settings.trusted_device_misses_per_ip),
+        assurance=Assurance(email_counts_for_aal2=settings.email_counts_for_aal2))
 
     gate = CallGate()
     tracing = tel.server_interceptor()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mfa_service.service.assurance import Assurance
 from mfa_service.service.challenges import Challenges
 from mfa_service.service.context import Context
+from mfa_service.service.devices import DeviceRules, TrustedDevices
 from mfa_service.service.enrolment import Enrolment
 from mfa_service.service.profile import Profile
 from mfa_service.service.recovery import Recovery
@@ -23,10 +25,15 @@ class Services:
     recovery: Recovery
     profile: Profile
     sessions: SessionService
+    devices: TrustedDevices
+    assurance: Assurance
 
     @classmethod
-    def build(cls, ctx: Context) -> Services:
+    def build(cls, ctx: Context, *, devices: DeviceRules | None = None,
+              assurance: Assurance | None = None) -> Services:
         recovery = Recovery(ctx)
+        trusted = TrustedDevices(ctx, devices or DeviceRules())
         return cls(enrolment=Enrolment(ctx), challenges=Challenges(ctx),
-                   verification=Verification(ctx, recovery), recovery=recovery,
-                   profile=Profile(ctx), sessions=ctx.sessions)
+                   verification=Verification(ctx, recovery, trusted), recovery=recovery,
+                   profile=Profile(ctx), sessions=ctx.sessions, devices=trusted,
+                   assurance=assurance or Assurance())

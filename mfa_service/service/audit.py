@@ -31,6 +31,15 @@ class Event(StrEnum):
     # A phone code refused by a cap across users (detail "limit": phone_prefix,
     # phone_country or phone_daily_budget; "region"): SMS pumping / toll fraud signals.
     SEND_REFUSED = "send_refused"
+    # Remembered browsers (service/devices.py): remembered on a login (detail device_id,
+    # application), recognised by RecognizeDevice (a session without a code), a token not
+    # recognised (detail "reason": unknown - counted against the lockout - or not_live: a
+    # device of the user that ended, or of another application), forgotten (detail
+    # "scope": domain.ForgetScope). Never the token.
+    DEVICE_REMEMBERED = "device_remembered"
+    DEVICE_RECOGNIZED = "device_recognized"
+    DEVICE_NOT_RECOGNIZED = "device_not_recognized"
+    DEVICE_FORGOTTEN = "device_forgotten"
 
 
 class Outcome(StrEnum):

@@ -115,5 +115,5 @@ class Recovery:
                          detail={"count": len(codes), "regenerated": 1,
                                  "proof": proven or ""})
             await ctx.notifier.notify(tx, now, user_id, NoticeKind.RECOVERY_CODES_REGENERATED,
-                                      account_email=account_email)
+                                      who=who, account_email=account_email)
         return codes

@@ -34,6 +34,7 @@ from mfa_service.domain import (
     FactorRecord,
     FactorStatus,
     Method,
+    NewDevice,
     NewSession,
     NoticeKind,
     Proof,
@@ -52,6 +53,7 @@ from mfa_service.service.context import (
     proof_evidence,
     require_status,
 )
+from mfa_service.service.devices import TrustedDevices
 from mfa_service.service.policy import Change, Evidence
 from mfa_service.service.recovery import Recovery
 from mfa_service.store.database import Transaction
@@ -65,6 +67,7 @@ class VerifyOutcome:
     session: NewSession | None = None
     factor: Factor | None = None
     recovery_codes: tuple[str, ...] = ()
+    device: NewDevice | None = None  # remember_device: the browser remembered
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class _Approved:
     now: datetime
     account_email: str | None = None  # notices go here too (the account's own address)
     open_session: bool = False  # confirming a first factor: also log in
+    remember_as: str | None = None  # LOGIN: remember the browser under this label
 
 
 Handler = Callable[["Verification", _Approved], Awaitable[VerifyOutcome]]
@@ -118,20 +122,25 @@ async def _again_if_guard_lost(run: Callable[[], Awaitable[VerifyOutcome]]) -> V
 
 
 class Verification:
-    def __init__(self, ctx: Context, recovery: Recovery) -> None:
+    def __init__(self, ctx: Context, recovery: Recovery, devices: TrustedDevices) -> None:
         self._ctx = ctx
         self._recovery = recovery
+        self._devices = devices
 
     async def verify(self, challenge_id: str, proof: Proof | str, who: AuditContext, *,
                      user_id: str | None = None, account_email: str | None = None,
-                     open_session: bool = False) -> VerifyOutcome:
+                     open_session: bool = False,
+                     remember_as: str | None = None) -> VerifyOutcome:
         """Check a code (or a passkey's response); ``user_id`` (optional) binds the
         challenge to the user the caller expects: another user's challenge is then "not
         found". ``account_email``: notices about the change also go there.
-        ``open_session``: confirming the user's first factor also opens a session."""
+        ``open_session``: confirming the user's first factor also opens a session.
+        ``remember_as``: a login also remembers the browser under this label
+        (service/devices.py)."""
         return await _again_if_guard_lost(lambda: self._verify(
             challenge_id, _as_proof(proof), who, disable=None, expect_user=user_id,
-            account_email=account_email, open_session=open_session))
+            account_email=account_email, open_session=open_session,
+            remember_as=remember_as))
 
     async def disable(self, user_id: str, factor_id: str, challenge_id: str,
                       proof: Proof | str, who: AuditContext, *,
@@ -146,7 +155,8 @@ class Verification:
                       disable: tuple[str, str] | None,
                       expect_user: str | None,
                       account_email: str | None = None,
-                      open_session: bool = False) -> VerifyOutcome:
+                      open_session: bool = False,
+                      remember_as: str | None = None) -> VerifyOutcome:
         ctx = self._ctx
         now = ctx.clock.now()
         async with ctx.db.transaction() as tx:
@@ -187,6 +197,8 @@ class Verification:
                 return outcome
             # Before the code is checked: evidence the table refuses costs no attempt.
             await self._ask_policy(tx, challenge, record, target, now)
+            if remember_as is not None:
+                self._devices.check_remember(challenge, record.factor)
             # The user's lock makes the read above current, so the factor's own check
             # (and its atomic step) and the attempt below cannot interleave with another
             # verification of this user.
@@ -218,7 +230,8 @@ class Verification:
                 await self._recovery_code_used(tx, settled, record, who, now, account_email)
             handler = _PURPOSES[settled.purpose]
             return await handler(self, _Approved(tx, settled, record, target, remaining,
-                                                 who, now, account_email, open_session))
+                                                 who, now, account_email, open_session,
+                                                 remember_as))
 
     async def _ask_policy(self, tx: Transaction, challenge: Challenge, record: FactorRecord,
                           target: FactorRecord, now: datetime) -> None:
@@ -257,10 +270,16 @@ class Verification:
     async def _login(self, a: _Approved) -> VerifyOutcome:
         a.tx.later.factors.touch(a.record.factor.factor_id, a.now)
         session = self._ctx.sessions.open(a.tx, a.record, a.challenge.application, a.who,
-                                          a.now)
+                                          a.now, channel=a.challenge.channel)
         self._audit_verify(a.tx, a.now, a.who, a.challenge, VerifyResult.APPROVED,
                            a.record.factor.method, session_id=session.session.session_id)
-        return VerifyOutcome(VerifyResult.APPROVED, a.remaining, session=session)
+        device = None
+        if a.remember_as is not None:
+            device = await self._devices.remember(a.tx, a.record.factor,
+                                                  a.challenge.application, a.remember_as,
+                                                  session, a.who, a.now)
+        return VerifyOutcome(VerifyResult.APPROVED, a.remaining, session=session,
+                             device=device)
 
     async def _confirm(self, a: _Approved) -> VerifyOutcome:
         ctx, tx, now, factor = self._ctx, a.tx, a.now, a.record.factor
@@ -300,11 +319,12 @@ class Verification:
                          application=a.challenge.application,
                          detail={"replaced_factor_id": replaced.factor.factor_id})
             await ctx.notifier.notify(tx, now, factor.user_id, NoticeKind.PHONE_CHANGED,
-                                      also=replaced, masked_detail=factor.masked_destination,
+                                      who=a.who, also=replaced,
+                                      masked_detail=factor.masked_destination,
                                       skip=factor.factor_id, account_email=a.account_email)
         else:
             await ctx.notifier.notify(tx, now, factor.user_id, NoticeKind.FACTOR_ADDED,
-                                      masked_detail=factor.masked_destination,
+                                      who=a.who, masked_detail=factor.masked_destination,
                                       skip=factor.factor_id, account_email=a.account_email)
         codes = await self._recovery.issue_first(tx, factor.user_id, a.who, now)
         active = replace(factor, status=FactorStatus.ACTIVE, confirmed_at=now, last_used_at=now,
@@ -315,7 +335,8 @@ class Verification:
             # needs (service/policy.py), so the caller need not ask for a second code.
             policy.require(Change.LOG_IN, {Evidence.PROOF_WITH_ACTIVE})
             session = ctx.sessions.open(tx, replace(a.record, factor=active),
-                                        a.challenge.application, a.who, now)
+                                        a.challenge.application, a.who, now,
+                                        channel=a.challenge.channel)
         return VerifyOutcome(VerifyResult.APPROVED, a.remaining, session=session,
                              factor=active, recovery_codes=tuple(codes))
 
@@ -333,7 +354,7 @@ class Verification:
         await ctx.sessions.end_for_factor(tx, factor, a.who, now)
         # Tell the user, including at the address just removed.
         await ctx.notifier.notify(tx, now, factor.user_id, NoticeKind.FACTOR_REMOVED,
-                                  also=a.target, masked_detail=factor.masked_destination,
+                                  who=a.who, also=a.target, masked_detail=factor.masked_destination,
                                   account_email=a.account_email)
         await self._recovery.retire_if_last(tx, factor.user_id, a.who, now)
         disabled = replace(factor, status=FactorStatus.DISABLED, disabled_at=now)
@@ -387,7 +408,7 @@ class Verification:
                      user_id=challenge.user_id, factor_id=challenge.factor_id,
                      application=challenge.application, detail=detail)
         await ctx.notifier.notify(tx, now, challenge.user_id, NoticeKind.ACCOUNT_LOCKED,
-                                  account_email=account_email)
+                                  who=who, account_email=account_email)
 
     async def _recovery_code_used(self, tx: Transaction, challenge: Challenge,
                                   record: FactorRecord, who: AuditContext,
@@ -400,7 +421,7 @@ class Verification:
                      application=challenge.application,
                      detail={"purpose": challenge.purpose.value, "remaining": left})
         await self._ctx.notifier.notify(tx, now, user_id, NoticeKind.RECOVERY_CODES_USED,
-                                        masked_detail=f"{left} left",
+                                        who=who, masked_detail=f"{left} left",
                                         account_email=account_email)
 
     async def _retire_replaced(self, tx: Transaction, record: FactorRecord, who: AuditContext,
