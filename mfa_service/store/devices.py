@@ -22,7 +22,8 @@ from mfa_service.store.unit import Unit
 
 _NOW = bindparam("now", type_=UTCDateTime())
 _HASHES = bindparam("hashes", expanding=True, type_=LargeBinary())
-_USER = bindparam("user_id", type_=String())
+# Not named after columns: an UPDATE reserves those names for its SET values.
+_USER = bindparam("b_user_id", type_=String())
 _LIVE = and_(trusted_devices.c.revoked_at.is_(None), trusted_devices.c.expires_at > _NOW,
              trusted_devices.c.idle_expires_at > _NOW)
 # Recognised only while the factor whose code remembered it is ACTIVE: every factor change
@@ -33,7 +34,7 @@ _FACTOR_ACTIVE = exists().where(factors.c.id == trusted_devices.c.factor_id,
 _IDLE_UNTIL = bindparam("idle_until", type_=UTCDateTime())
 _RECOGNIZE = update(trusted_devices).where(
     trusted_devices.c.token_hash.in_(_HASHES), trusted_devices.c.user_id == _USER,
-    trusted_devices.c.application == bindparam("application", type_=String()),
+    trusted_devices.c.application == bindparam("b_application", type_=String()),
     _LIVE, _FACTOR_ACTIVE,
 ).values(last_used_at=_NOW, idle_expires_at=case(
     (trusted_devices.c.expires_at < _IDLE_UNTIL, trusted_devices.c.expires_at),
@@ -85,8 +86,8 @@ class DeviceRepository:
         slide are decided by the database; a device forgotten meanwhile matches nothing.
         """
         row = (await self._unit.execute(_RECOGNIZE, {
-            "hashes": list(token_hashes), "user_id": user_id,
-            "application": application.value, "now": now,
+            "hashes": list(token_hashes), "b_user_id": user_id,
+            "b_application": application.value, "now": now,
             "idle_until": idle_until})).first()
         return _device(row) if row else None
 
@@ -94,12 +95,12 @@ class DeviceRepository:
         """Whether the token is one of ``user_id``'s devices, live or not (a browser that
         still holds the token of a device that ended is not guessing)."""
         row = (await self._unit.execute(_KNOWN, {"hashes": list(token_hashes),
-                                                 "user_id": user_id})).first()
+                                                 "b_user_id": user_id})).first()
         return row is not None
 
     async def list_live(self, user_id: str, now: datetime) -> list[TrustedDevice]:
         """The user's devices that would be recognised now, most recently used first."""
-        rows = await self._unit.execute(_LIST, {"user_id": user_id, "now": now})
+        rows = await self._unit.execute(_LIST, {"b_user_id": user_id, "now": now})
         return [_device(r) for r in rows]
 
     async def revoke(self, user_id: str, now: datetime, *, device_id: str | None = None,
