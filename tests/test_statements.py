@@ -216,7 +216,8 @@ async def test_a_phone_challenge_costs_six_statements(rig: Rig, user_id: str) ->
 
 async def test_a_remembered_browser_costs_what_a_login_costs(
         app: App, stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
-    """RecognizeDevice: the user's lock, one conditional UPDATE that finds the live device
+    """Remembering a browser costs a login and one UPDATE (5).
+    RecognizeDevice: the user's lock, one conditional UPDATE that finds the live device
     and slides its idle deadline, the deferred writes (session, audit) as one: 3; with a
     client address, its advisory lock and its count of unknown tokens: 5. The session it
     opens is checked by the same single read as any other."""
@@ -224,13 +225,17 @@ async def test_a_remembered_browser_costs_what_a_login_costs(
     ch = await stub.Challenge(pb.ChallengeRequest(
         user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
         application=pb.APPLICATION_PORTAL))
-    remembered = await stub.Verify(pb.VerifyRequest(
-        challenge_id=ch.challenge_id, code=totp_at(factor.secret, fresh_clock),
-        remember_device=True, device_label="Browser"))
-    recognize = pb.RecognizeDeviceRequest(user_id=user_id,
-                                          device_token=remembered.device_token,
-                                          application=pb.APPLICATION_PORTAL)
     with counting(app) as statements:
+        # A TOTP login (4) that also makes room among the user's browsers (1 UPDATE); the
+        # device row rides in the deferred writes.
+        remembered, n = await statements.count(stub.Verify(pb.VerifyRequest(
+            challenge_id=ch.challenge_id, code=totp_at(factor.secret, fresh_clock),
+            remember_device=True, device_label="Browser")))
+        assert remembered.device_token
+        assert within(app, n, 5, 9), statements.sql
+        recognize = pb.RecognizeDeviceRequest(user_id=user_id,
+                                              device_token=remembered.device_token,
+                                              application=pb.APPLICATION_PORTAL)
         back, n = await statements.count(stub.RecognizeDevice(recognize))
         assert back.recognized
         assert within(app, n, 3, 6), statements.sql

@@ -120,9 +120,12 @@ class DeviceRepository:
                                 trusted_devices.c.id.desc())
                       .offset(keep_newest).scalar_subquery())
             condition = and_(live, trusted_devices.c.id.in_(beyond))
+        # It reads and writes only trusted_devices, which no deferred write changes before
+        # it (remembering adds its new device after this): the deferred writes can wait
+        # (a login that remembers its browser stays at 5 statements).
         result = await self._unit.execute(
             update(trusted_devices).where(condition).values(revoked_at=now)
-            .returning(*trusted_devices.c))
+            .returning(*trusted_devices.c), sees_deferred=False)
         return [_device(r) for r in result]
 
     async def lock_address(self, ip_key: bytes) -> None:
