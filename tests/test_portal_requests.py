@@ -124,7 +124,7 @@ async def test_a_login_challenge_does_not_carry_the_session_token() -> None:
 class RememberingStub(RecordingStub):
     """alice's email code is right and her browser is remembered; then recognised."""
 
-    device_token = "D" * 43  # noqa: S105 - a test value
+    device_token = "D" * 43
 
     async def Verify(self, req: pb.VerifyRequest, **kw: Any) -> Any:
         self.calls.append(("Verify", req))
