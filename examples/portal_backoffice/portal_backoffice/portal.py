@@ -748,7 +748,7 @@ class Portal:
         response = redirect("/profile", n="device-forgotten")
         if this_browser and ended and await self._session(seen.login) is None:
             # This browser was logged in by being remembered: that ended with it.
-            response = redirect("/2fa", next="/profile", n="device-forgotten")
+            response = redirect("/2fa", next="/profile", n="this-device-forgotten")
         if this_browser:
             self.devices.drop(response, user)
         return response
