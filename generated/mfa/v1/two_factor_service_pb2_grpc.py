@@ -213,7 +213,8 @@ class TwoFactorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListDevices(self, request, context):
-        """Lists the user's remembered browsers that would still be recognised, newest first.
+        """Lists the user's remembered browsers that would still be recognised, most recently used
+        first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -100,7 +100,9 @@ class TwoFactorServiceStub:
     (RESOURCE_EXHAUSTED once reached).
     """
     ListDevices: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.ListDevicesRequest, _two_factor_service_pb2.ListDevicesResponse]
-    """Lists the user's remembered browsers that would still be recognised, newest first."""
+    """Lists the user's remembered browsers that would still be recognised, most recently used
+    first.
+    """
     ForgetDevice: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.ForgetDeviceRequest, _two_factor_service_pb2.ForgetDeviceResponse]
     """Forgets one remembered browser: its token is no longer recognised and the sessions it
     opened end. Every factor change, RevokeSession(user_id) and an administrator's reset
@@ -179,7 +181,9 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     (RESOURCE_EXHAUSTED once reached).
     """
     ListDevices: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.ListDevicesRequest, _two_factor_service_pb2.ListDevicesResponse]  # type: ignore[assignment]
-    """Lists the user's remembered browsers that would still be recognised, newest first."""
+    """Lists the user's remembered browsers that would still be recognised, most recently used
+    first.
+    """
     ForgetDevice: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.ForgetDeviceRequest, _two_factor_service_pb2.ForgetDeviceResponse]  # type: ignore[assignment]
     """Forgets one remembered browser: its token is no longer recognised and the sessions it
     opened end. Every factor change, RevokeSession(user_id) and an administrator's reset
@@ -321,7 +325,9 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _two_factor_service_pb2.ListDevicesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_two_factor_service_pb2.ListDevicesResponse, _abc.Awaitable[_two_factor_service_pb2.ListDevicesResponse]]:
-        """Lists the user's remembered browsers that would still be recognised, newest first."""
+        """Lists the user's remembered browsers that would still be recognised, most recently used
+        first.
+        """
 
     @_abc_1.abstractmethod
     def ForgetDevice(
