@@ -1,8 +1,6 @@
 """What the reference portal sends to mfa-service (examples/portal_backoffice; no browser,
-a recording stub): the account email on the calls that change factors, the 2FA session
-token when it asks for a new confirmation code of a factor being added, and "Remember this
-browser" (the device token in an HttpOnly, SameSite=Lax cookie that lives as long as the
-device; presented after the password step, so no code is asked)."""
+a recording stub): the account email on the calls that change factors, and the 2FA session
+token when it asks for a new confirmation code of a factor being added."""
 
 from __future__ import annotations
 
@@ -119,98 +117,3 @@ async def test_a_login_challenge_does_not_carry_the_session_token() -> None:
     [challenge] = stub.sent("Challenge")
     assert challenge.purpose == pb.PURPOSE_LOGIN
     assert challenge.session_token == ""
-
-
-class RememberingStub(RecordingStub):
-    """alice's email code is right and her browser is remembered; then recognised."""
-
-    device_token = "D" * 43
-
-    async def Verify(self, req: pb.VerifyRequest, **kw: Any) -> Any:
-        self.calls.append(("Verify", req))
-        expires = Timestamp()
-        expires.GetCurrentTime()
-        expires.seconds += 30 * 24 * 3600
-        resp = pb.VerifyResponse(result=pb.VERIFY_RESULT_APPROVED, attempts_remaining=4,
-                                 session=pb.Session(session_token=TOKEN))
-        if req.remember_device:
-            resp.device_token = self.device_token
-            resp.device.CopyFrom(pb.TrustedDevice(
-                device_id="5d1b0a0e-0000-4000-8000-000000000001", expires_at=expires))
-        return resp
-
-    async def RevokeSession(self, req: pb.RevokeSessionRequest, **kw: Any) -> Any:
-        self.calls.append(("RevokeSession", req))
-        return pb.RevokeSessionResponse(revoked_count=1)
-
-    async def RecognizeDevice(self, req: pb.RecognizeDeviceRequest, **kw: Any) -> Any:
-        self.calls.append(("RecognizeDevice", req))
-        ok = req.device_token == self.device_token
-        return pb.RecognizeDeviceResponse(
-            recognized=ok, session=pb.Session(session_token=TOKEN if ok else ""))
-
-
-async def test_remember_this_browser_keeps_the_token_in_an_httponly_cookie() -> None:
-    stub, sessions = RememberingStub(), Sessions(SECRET)
-    app = create_portal(CONFIG, stub, Users(), sessions=sessions)  # type: ignore[arg-type]
-    agent = "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0"
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url=CONFIG.portal_url, headers={"user-agent": agent},
-                                 cookies={COOKIE: alice(sessions)}) as browser:
-        token = token_on(await browser.get("/2fa?n=step-up"))
-        await browser.post("/2fa/start", data={"csrf_token": token, "factor_id": "f-email"})
-        page = await browser.get("/verify")
-        assert 'id="remember"' in page.text and "Remember this browser for 30 days" in page.text
-        done = await browser.post("/verify", data={"csrf_token": token_on(page),
-                                                   "code": "123456", "remember": "on"})
-        assert done.status_code == 303, done.text
-    [verify] = stub.sent("Verify")
-    assert (verify.remember_device, verify.device_label) == (True, "Firefox on Linux")
-    [cookie] = [c for c in done.headers.get_list("set-cookie") if c.startswith("demo_device_")]
-    attributes = {part.strip().split("=")[0].lower() for part in cookie.split(";")}
-    assert {"httponly", "max-age", "path"} <= attributes
-    assert "samesite=lax" in cookie.lower()
-    assert stub.device_token in cookie
-    max_age = int(re.search(r"Max-Age=(\d+)", cookie, re.I).group(1))  # type: ignore[union-attr]
-    assert 29 * 24 * 3600 < max_age <= 30 * 24 * 3600  # as long as the device lives
-    # Next login: the password step, then /2fa presents the token and asks for no code.
-    name, value = cookie.split(";")[0].split("=", 1)
-    stub.calls.clear()
-    login = sessions.log_in(Request({"type": "http", "headers": []}), Response(), "alice")
-    fresh = Response()
-    sessions.set_cookie(fresh, login)
-    login_cookie = SimpleCookie(fresh.headers.getlist("set-cookie")[-1])[COOKIE].value
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url=CONFIG.portal_url,
-                                 cookies={COOKIE: login_cookie, name: value}) as browser:
-        back = await browser.get("/2fa?next=/profile")
-        assert back.status_code == 303 and back.headers["location"] == "/profile"
-    [recognize] = stub.sent("RecognizeDevice")
-    assert (recognize.user_id, recognize.device_token) == ("alice", stub.device_token)
-    assert not stub.sent("Challenge")
-
-
-async def test_a_recovery_code_page_offers_no_remembering() -> None:
-    stub, sessions = RecordingStub(), Sessions(SECRET)
-
-    async def list_with_codes(req: pb.ListFactorsRequest, **kw: Any) -> Any:
-        return pb.ListFactorsResponse(factors=[
-            pb.Factor(factor_id="f-email", method=pb.METHOD_EMAIL,
-                      status=pb.FACTOR_STATUS_ACTIVE),
-            pb.Factor(factor_id="f-codes", method=pb.METHOD_RECOVERY_CODE,
-                      status=pb.FACTOR_STATUS_ACTIVE)], recovery_codes_remaining=10)
-
-    async def challenge_codes(req: pb.ChallengeRequest, **kw: Any) -> Any:
-        return pb.ChallengeResponse(challenge_id="c-3", method=pb.METHOD_RECOVERY_CODE,
-                                    channel=pb.CHANNEL_NONE)
-
-    stub.ListFactors = list_with_codes  # type: ignore[method-assign]
-    stub.Challenge = challenge_codes  # type: ignore[method-assign]
-    app = create_portal(CONFIG, stub, Users(), sessions=sessions)  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url=CONFIG.portal_url,
-                                 cookies={COOKIE: alice(sessions)}) as browser:
-        token = token_on(await browser.get("/2fa?n=step-up"))
-        await browser.post("/2fa/start", data={"csrf_token": token, "factor_id": "f-codes"})
-        page = await browser.get("/verify")
-        assert "Recovery code" in page.text and 'id="remember"' not in page.text

@@ -5,6 +5,8 @@ asks for a code on a remembered browser (its own policy, from CheckSession)."""
 
 from __future__ import annotations
 
+import time
+
 from playwright.sync_api import Page, expect
 
 from tests.browser.conftest import Shots
@@ -17,6 +19,8 @@ from tests.browser.flows import (
     user_with_email,
 )
 from tests.browser.stack import Stack
+
+DAY = 24 * 3600
 
 
 def log_in_again(page: Page, stack: Stack, username: str) -> None:
@@ -46,6 +50,12 @@ def test_remember_come_back_forget_and_a_new_method_forgets_all(
     page.check("#remember")
     submit_code(page, stack.code_for(address, before))
     expect(page.locator("h1")).to_have_text(f"Profile of {username}")
+    # The token is in a cookie of its own that no script can read, that other sites
+    # cannot make the browser send with a POST, and that lives as long as the device.
+    [cookie] = [c for c in page.context.cookies() if c["name"].startswith("demo_device_")]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Lax" and cookie["path"] == "/"
+    assert 29 * DAY < cookie["expires"] - time.time() <= 30 * DAY
+    assert page.evaluate("document.cookie").find("demo_device_") == -1
     rows = page.locator("#devices tr.device")
     expect(rows).to_have_count(1)
     expect(rows.first).to_contain_text("This browser")
@@ -64,6 +74,13 @@ def test_remember_come_back_forget_and_a_new_method_forgets_all(
     page.goto(f"{stack.backoffice}/")
     expect(page.locator("h1")).to_have_text("Two-factor authentication")
     expect(page.get_by_role("status")).to_contain_text("confirm it's you")
+    page.goto(f"{stack.portal}/profile")
+
+    # A recovery code never remembers a browser: the page does not offer it.
+    page.goto(f"{stack.portal}/2fa?n=step-up")
+    page.click("#use-recovery")
+    expect(page.locator("#code")).to_be_visible()
+    expect(page.locator("#remember")).to_have_count(0)
     page.goto(f"{stack.portal}/profile")
 
     # Forget it: this browser was logged in by being remembered, so it asks for a code.
