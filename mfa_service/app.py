@@ -41,6 +41,8 @@ from mfa_service.factors.sent_code import SentCode
 from mfa_service.factors.totp import AuthenticatorApp
 from mfa_service.runtime import SERVICE_NAME, App, start_background
 from mfa_service.service import Services
+from mfa_service.service.assurance import Assurance
+from mfa_service.service.devices import DeviceRules, ForgetOnFactorChange
 from mfa_service.service.notices import Notifier
 from mfa_service.service.rules import Rules
 from mfa_service.service.session_cache import RevocationListener, SessionCache
@@ -293,8 +295,16 @@ async def _build(stack: contextlib.AsyncExitStack, settings: Settings, clock: Cl
         db=database, registry=registry, keyring=keyring, clock=clock, sessions=sessions,
         notifier=Notifier(keyring, settings.product_name,
                           timedelta(seconds=settings.notice_ttl_seconds),
-                          settings.default_locale),
-        rules=Rules.from_settings(settings))
+                          settings.default_locale,
+                          # Every change to a user's factors forgets their remembered
+                          # browsers (service/devices.py).
+                          on_factor_change=ForgetOnFactorChange(sessions)),
+        rules=Rules.from_settings(settings),
+        devices=DeviceRules(
+            lifetime=timedelta(days=settings.trusted_device_days),
+            idle=timedelta(days=settings.trusted_device_idle_days),
+            misses_per_address=settings.trusted_device_misses_per_ip),
+        assurance=Assurance(email_counts_for_aal2=settings.email_counts_for_aal2))
 
     gate = CallGate()
     tracing = tel.server_interceptor()

@@ -76,7 +76,8 @@ def register(commands: SubParsers, keys: SubParsers) -> None:
         "reset-user", help="disable every factor of a user and end what depends on them",
         description="In one transaction: disable the user's factors (wiping secrets), use up "
                     "their recovery codes, revoke their sessions, close their open "
-                    "challenges and clear their lockout. Audited as admin_reset.")
+                    "challenges, forget their remembered browsers and clear their "
+                    "lockout. Audited as admin_reset.")
     reset.add_argument("user_id", metavar="USER_ID")
     reset.add_argument("--reason", required=True,
                        help="why (ticket, request): 1-500 characters, kept in the audit trail")
@@ -125,14 +126,16 @@ def _notifier(settings: Settings) -> Notifier | None:
     """The servers' notifier (their keyring encrypts the queued notice), or None when no
     keyring is available to this command (then nothing can be queued for sending)."""
     from mfa_service.app import load_keyring
-    from mfa_service.service.notices import Notifier
+    from mfa_service.service.notices import Notifier, nothing_else
 
     try:
         keyring = load_keyring(settings)
     except ConfigurationError:
         return None
     return Notifier(keyring, settings.product_name,
-                    timedelta(seconds=settings.notice_ttl_seconds), settings.default_locale)
+                    timedelta(seconds=settings.notice_ttl_seconds), settings.default_locale,
+                    # The reset forgets the user's browsers itself (maintenance.py).
+                    on_factor_change=nothing_else)
 
 
 @asynccontextmanager
@@ -212,7 +215,8 @@ def format_status(status: KeyStatus) -> list[str]:
             why.append(f"{k.encrypted} encrypted value(s): run `mfa-service keys rotate`")
         if k.hashed:
             why.append(f"{k.hashed} HMAC-keyed value(s) (live sessions, unused recovery "
-                       "codes, open challenges): these cannot be re-keyed, as only their "
+                       "codes, open challenges, remembered browsers): these cannot be "
+                       "re-keyed, as only their "
                        "hash is stored; they stop needing the key when they expire, are "
                        "used or are regenerated")
         lines.append(f"{k.key_id} is still needed: " + "; ".join(why))
@@ -239,12 +243,14 @@ async def _reset_user(settings: Settings, args: argparse.Namespace) -> int:
 def format_reset(report: ResetReport) -> list[str]:
     who = _clean(report.user_id)
     if report.nothing_done:
-        return [f"user {who}: nothing to reset (no factor, recovery code, session, open "
-                "challenge or lockout); the request is recorded in the audit trail"]
+        return [f"user {who}: nothing to reset (no factor, recovery code, session, "
+                "remembered browser, open challenge or lockout); the request is recorded "
+                "in the audit trail"]
     return [f"user {who} reset:",
             f"  factors disabled (secrets wiped): {report.factors_disabled}",
             f"  recovery codes retired: {report.recovery_codes_retired}",
             f"  sessions revoked: {report.sessions_revoked}",
+            f"  remembered browsers forgotten: {report.devices_forgotten}",
             f"  open challenges closed: {report.challenges_closed}",
             f"  lockout cleared: {'yes' if report.lockout_cleared else 'no (none)'}",
             "the user can now enrol a new factor; recorded in the audit trail as admin_reset"]

@@ -50,6 +50,18 @@ class RevokeScope(StrEnum):
     FACTOR_REMOVED = "factor_removed"  # the factor that created them was disabled/replaced
     LOGOUT = "logout"  # one session, by its token
     ALL_SESSIONS = "all_sessions"  # every session of the user: log out everywhere
+    DEVICE_FORGOTTEN = "device_forgotten"  # the remembered browser that opened them
+
+
+class ForgetScope(StrEnum):
+    """Why remembered browsers (trusted devices) were forgotten (the audit row's
+    ``scope``)."""
+
+    FACTOR_CHANGED = "factor_changed"  # a factor added, removed or replaced, codes changed
+    FORGOTTEN = "forgotten"  # ForgetDevice: this one browser
+    ALL_SESSIONS = "all_sessions"  # RevokeSession(user_id): log out everywhere
+    ADMIN_RESET = "admin_reset"  # mfa-service admin reset-user
+    TOO_MANY = "too_many"  # the user's oldest, making room for a newer one
 
 
 class RevokeTarget(StrEnum):
@@ -200,6 +212,36 @@ class Session:
     authenticated_at: datetime
     expires_at: datetime
     idle_expires_at: datetime
+    # How the code reached the user (SMS or voice for a phone); None when nothing was
+    # sent, or for sessions from before it was recorded.
+    channel: Channel | None = None
+    # The remembered browser that opened it without a code (RecognizeDevice), or None.
+    device_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TrustedDevice:
+    """A remembered browser: a long-lived credential of the browser itself, bound to a
+    user and an application, that opens a 2FA session without a code."""
+
+    device_id: str
+    user_id: str
+    label: str
+    application: Application
+    factor_id: str  # the factor whose code remembered it
+    method: Method
+    created_at: datetime
+    last_used_at: datetime
+    expires_at: datetime
+    idle_expires_at: datetime
+
+
+@dataclass(frozen=True)
+class NewDevice:
+    """A browser just remembered: the only time its token exists in the clear."""
+
+    device: TrustedDevice
+    token: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -262,6 +304,15 @@ class AuditEventType(_Recorded):
     # A phone code refused by a cap across users (detail "limit": phone_prefix,
     # phone_country or phone_daily_budget; "region"): SMS pumping / toll fraud signals.
     SEND_REFUSED = "send_refused"
+    # Remembered browsers (service/devices.py): remembered on a login (detail device_id,
+    # application), recognised by RecognizeDevice (a session without a code), a token not
+    # recognised (detail "reason": unknown - counted against the lockout - or not_live: a
+    # device of the user that ended, or of another application), forgotten (detail
+    # "scope": domain.ForgetScope). Never the token.
+    DEVICE_REMEMBERED = "device_remembered"
+    DEVICE_RECOGNIZED = "device_recognized"
+    DEVICE_NOT_RECOGNIZED = "device_not_recognized"
+    DEVICE_FORGOTTEN = "device_forgotten"
 
 
 class AuditOutcome(_Recorded):

@@ -43,7 +43,7 @@ from mfa_service.domain import (
 from mfa_service.factors.totp import secret_aad
 from mfa_service.service import admin as admin_module
 from mfa_service.service.admin import AdminService
-from mfa_service.service.notices import Notifier
+from mfa_service.service.notices import Notifier, nothing_else
 from mfa_service.store import maintenance
 from mfa_service.store.database import Database
 from mfa_service.store.engine import create_engine
@@ -561,7 +561,8 @@ async def test_a_reset_user_hears_of_it_on_every_address_and_number(rig: Rig) ->
     texts = len(rig.calls_to(number, notices=True))
     keyring = Keyring.parse(TEST_KEYRING)
     admin = AdminService(rig.app.database, rig.clock,
-                         Notifier(keyring, "Cloud Platform", timedelta(hours=1)))
+                         Notifier(keyring, "Cloud Platform", timedelta(hours=1),
+                                  on_factor_change=nothing_else))
 
     report = await admin.reset_user(user, "SD-99: lost everything, identity checked")
 

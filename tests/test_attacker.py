@@ -1,5 +1,7 @@
 """An attacker against the real gRPC server: a Hypothesis state machine that calls every
 RPC with arguments it chooses, on SQLite and PostgreSQL (docs/SECURITY.md, "The attacker").
+Remembered browsers too: it asks every verification to remember its browser and tries
+every device token that reached it (and a made-up one) with RecognizeDevice.
 
 Each example makes a victim with random ACTIVE factors (app, email, phone, passkey), the
 first confirmed on the password step, the others with a fresh session, and sometimes a
@@ -140,6 +142,8 @@ class Attacker:
     challenges: list[Seen] = field(default_factory=list)
     sessions: list[str] = field(default_factory=list)  # tokens that reached it
     codes: list[str] = field(default_factory=list)  # recovery codes that reached it
+    # Remembered browsers' tokens that reached it, and one it made up.
+    device_tokens: list[str] = field(default_factory=lambda: ["A" * 43])
 
     def learn(self, factor_id: str) -> None:
         if factor_id and factor_id not in self.known:
@@ -279,6 +283,8 @@ def machine(w: World, stolen_session: bool) -> type[RuleBasedStateMachine]:
             if resp.HasField("session") and resp.session.session_token:
                 self.me.sessions.append(resp.session.session_token)
             self.me.codes.extend(resp.recovery_codes)
+            if resp.device_token:
+                self.me.device_tokens.append(resp.device_token)
 
         # -- the rules: every RPC ------------------------------------------------------------
         @rule()
@@ -323,10 +329,13 @@ def machine(w: World, stolen_session: bool) -> type[RuleBasedStateMachine]:
             return seen
 
         def answer(self, c: Seen, kind: str, data: st.DataObject) -> None:
+            remember = data.draw(st.booleans(), label="remember_device")
             self.took(self.call(w.stub.Verify, pb.VerifyRequest(
                 challenge_id=c.challenge_id, **self.proof(c, kind, data),
                 # Asks for a session with a confirmation (the first factor's only).
-                open_session=data.draw(st.booleans(), label="open_session"))))
+                open_session=data.draw(st.booleans(), label="open_session"),
+                # And to remember its browser, whatever the purpose.
+                remember_device=remember, device_label="Attacker" if remember else "")))
 
         def disable_with(self, c: Seen, target: str, kind: str, data: st.DataObject) -> None:
             self.took(self.call(w.stub.Disable, pb.DisableRequest(
@@ -400,6 +409,28 @@ def machine(w: World, stolen_session: bool) -> type[RuleBasedStateMachine]:
                           pb.RevokeSessionRequest(user_id=self.victim.user_id))
             elif token := self.session(data):
                 self.call(w.stub.RevokeSession, pb.RevokeSessionRequest(session_token=token))
+
+        # Remembered browsers: any token that reached it, or a made-up one, on either
+        # application; a session it opens is the attacker's (the invariant below).
+        @rule(application=st.sampled_from(APPS), data=st.data())
+        def recognize_device(self, application: App_, data: st.DataObject) -> None:
+            resp = self.call(w.stub.RecognizeDevice, pb.RecognizeDeviceRequest(
+                user_id=self.victim.user_id, application=application,
+                device_token=data.draw(st.sampled_from(self.me.device_tokens),
+                                       label="device token"),
+                client_ip="203.0.113.66"))
+            if resp is not None and resp.recognized:
+                self.me.sessions.append(resp.session.session_token)
+
+        @rule(data=st.data())
+        def forget_device(self, data: st.DataObject) -> None:
+            listed = self.call(w.stub.ListDevices,
+                               pb.ListDevicesRequest(user_id=self.victim.user_id))
+            ids = [d.device_id for d in listed.devices] if listed is not None else []
+            self.call(w.stub.ForgetDevice, pb.ForgetDeviceRequest(
+                user_id=self.victim.user_id,
+                device_id=data.draw(st.sampled_from(ids), label="device")
+                if ids else str(uuid.uuid4())))
 
         @rule(data=st.data())
         def check_session(self, data: st.DataObject) -> None:

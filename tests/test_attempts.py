@@ -35,7 +35,7 @@ from mfa_service.factors.registry import FactorRegistry
 from mfa_service.factors.totp import AuthenticatorApp
 from mfa_service.service.attempts import Closed, Loaded, Ready, Steps, closed_outcome
 from mfa_service.service.lockout import Lockout, LockoutPolicy
-from mfa_service.service.notices import Notifier
+from mfa_service.service.notices import Notifier, nothing_else
 from mfa_service.service.rules import Rules
 from mfa_service.store.security import LockoutState
 
@@ -47,7 +47,7 @@ CLEAR = LockoutPolicy.after_success()
 
 def steps() -> Steps:
     registry = FactorRegistry([AuthenticatorApp(KEYRING, "Test", 1), RecoveryCodes(KEYRING)])
-    notifier = Notifier(KEYRING, "Test", timedelta(days=1), "en")
+    notifier = Notifier(KEYRING, "Test", timedelta(days=1), "en", on_factor_change=nothing_else)
     return Steps(registry, Rules(), Lockout(notifier, LockoutPolicy()), {})
 
 

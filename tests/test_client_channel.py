@@ -42,7 +42,7 @@ SERVICE = "mfa.v1.TwoFactorService"
 # Each of these may have counted a guess, sent a code or changed a factor when an attempt
 # fails on the way back: the channel must never repeat them on its own.
 NEVER_RETRIED = {"Enroll", "Challenge", "Verify", "Disable", "RevokeSession",
-                 "RegenerateRecoveryCodes"}
+                 "RegenerateRecoveryCodes", "RecognizeDevice", "ForgetDevice"}
 
 
 # -- the service config -------------------------------------------------------------------
@@ -60,7 +60,8 @@ def test_only_the_read_rpcs_are_retried_and_only_on_unavailable() -> None:
     assert set(configs) == set(RETRIED_METHODS) == {"CheckSession", "ListFactors"}
     rpcs = {m.name for m in pb.DESCRIPTOR.services_by_name["TwoFactorService"].methods}
     # A new RPC is a decision: retried (add it to the config) or not (add it here).
-    assert rpcs == set(configs) | NEVER_RETRIED | {"ListAuditEvents"}
+    # Reads off the hot path (a settings page) are left to the caller.
+    assert rpcs == set(configs) | NEVER_RETRIED | {"ListAuditEvents", "ListDevices"}
     for config in configs.values():
         policy = config["retryPolicy"]
         assert isinstance(policy, dict)

@@ -128,3 +128,24 @@ async def test_the_other_stored_fields_at_their_limits(
     assert (await stub.Challenge(request)).challenge_id == opened.challenge_id
     request.request_id = "r" * 65
     await expect_invalid(stub.Challenge(request), "request_id")
+
+
+async def test_a_device_label_of_the_longest_accepted_length_is_kept(
+        stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    """64 characters, non-ASCII ones too (a VARCHAR(64) counts characters, not bytes)."""
+    from tests.conftest import totp_at
+
+    factor = await enroll_app(stub, user_id, fresh_clock)
+    label = ("Safari på iPhone – Ærøskøbing " * 3)[:64]
+    ch = await challenge(stub, factor)
+    ok = await stub.Verify(pb.VerifyRequest(
+        challenge_id=ch.challenge_id, code=totp_at(factor.secret, fresh_clock),
+        remember_device=True, device_label=label))
+    assert ok.device.label == label
+    listed = await stub.ListDevices(pb.ListDevicesRequest(user_id=user_id))
+    assert [d.label for d in listed.devices] == [label]
+    fresh_clock.advance(30)
+    ch = await challenge(stub, factor)
+    await expect_invalid(stub.Verify(pb.VerifyRequest(
+        challenge_id=ch.challenge_id, code=totp_at(factor.secret, fresh_clock),
+        remember_device=True, device_label=label + "x")), "device_label")

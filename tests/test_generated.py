@@ -47,7 +47,8 @@ def test_generated_stubs_are_importable_as_documented() -> None:
     service = two_factor_service_pb2.DESCRIPTOR.services_by_name["TwoFactorService"]
     assert [m.name for m in service.methods] == [
         "Enroll", "Challenge", "Verify", "Disable", "CheckSession", "ListFactors",
-        "RevokeSession", "RegenerateRecoveryCodes", "ListAuditEvents"]
+        "RevokeSession", "RegenerateRecoveryCodes", "ListAuditEvents", "RecognizeDevice",
+        "ListDevices", "ForgetDevice"]
     assert hasattr(two_factor_service_pb2_grpc, "TwoFactorServiceStub")
 
 

@@ -78,7 +78,8 @@ if TYPE_CHECKING:
 
 SERVICE = "/mfa.v1.TwoFactorService/"
 RPCS = ("Enroll", "Challenge", "Verify", "Disable", "CheckSession", "ListFactors",
-        "RevokeSession", "RegenerateRecoveryCodes", "ListAuditEvents")
+        "RevokeSession", "RegenerateRecoveryCodes", "ListAuditEvents", "RecognizeDevice",
+        "ListDevices", "ForgetDevice")
 # Loggers that are quiet or absent by default; set to DEBUG explicitly as well.
 LOGGERS = ("mfa_service", "grpc", "sqlalchemy", "sqlalchemy.engine", "sqlalchemy.pool",
            "httpx", "httpcore", "aiosmtplib", "aiosqlite", "asyncpg", "asyncio", "alembic",
@@ -116,7 +117,7 @@ class Secrets:
         self.codes.setdefault(code, what)
 
     def token(self, token: str, what: str) -> None:
-        assert len(token) >= 40, "a session token has 256 bits"
+        assert len(token) >= 40, "a session or device token has 256 bits"
         self.texts.setdefault(token.lower(), what)
 
     def recovery_code(self, code: str, what: str) -> None:
@@ -612,6 +613,45 @@ async def every_flow(lr: LeakRig, user_id: str, s: Secrets) -> None:
         session_token=app_session.session_token, application=pb.APPLICATION_BACKOFFICE))
     assert check.valid and check.user_id == user_id
 
+    # Remembered browsers: remember two on app logins, recognise one (and its session),
+    # a forged token, the token for another user and on the other application; list;
+    # forget one (the other is forgotten by the email factor added below).
+    devices = []
+    for label in ("Chrome on Linux", "Firefox on Windows"):
+        ch = await stub.Challenge(pb.ChallengeRequest(
+            user_id=user_id, factor_id=app_factor.factor_id, purpose=pb.PURPOSE_LOGIN,
+            application=pb.APPLICATION_PORTAL))
+        remembered = await stub.Verify(pb.VerifyRequest(
+            challenge_id=ch.challenge_id, code=totp_at(app_factor.secret, clock),
+            remember_device=True, device_label=label, client_ip=AUDIT_IP,
+            user_agent=AUDIT_AGENT))
+        s.token(remembered.device_token, f"device token ({label})")
+        s.token(remembered.session.session_token, f"session token (remembering {label})")
+        devices.append(remembered)
+        clock.advance(30)
+    recognized = await stub.RecognizeDevice(pb.RecognizeDeviceRequest(
+        user_id=user_id, device_token=devices[0].device_token,
+        application=pb.APPLICATION_PORTAL, client_ip=AUDIT_IP, user_agent=AUDIT_AGENT))
+    assert recognized.recognized
+    s.token(recognized.session.session_token, "session token (remembered browser)")
+    assert (await stub.CheckSession(pb.CheckSessionRequest(
+        session_token=recognized.session.session_token,
+        application=pb.APPLICATION_PORTAL))).trusted_device
+    forged_token = base64.urlsafe_b64encode(bytes(range(32))).decode().rstrip("=")
+    s.token(forged_token, "a forged device token")
+    for who, token_, application in (
+            (user_id, forged_token, pb.APPLICATION_PORTAL),
+            (f"{user_id}-elsewhere", devices[0].device_token, pb.APPLICATION_PORTAL),
+            (user_id, devices[1].device_token, pb.APPLICATION_BACKOFFICE)):
+        assert not (await stub.RecognizeDevice(pb.RecognizeDeviceRequest(
+            user_id=who, device_token=token_, application=application,
+            client_ip=AUDIT_IP, user_agent=AUDIT_AGENT))).recognized
+    listed_devices = await stub.ListDevices(pb.ListDevicesRequest(user_id=user_id))
+    assert len(listed_devices.devices) == 2
+    await stub.ForgetDevice(pb.ForgetDeviceRequest(
+        user_id=user_id, device_id=devices[0].device.device_id, client_ip=AUDIT_IP,
+        user_agent=AUDIT_AGENT))
+
     # Email: enrol and confirm, log in, type the used code again.
     email_id, address = await enroll_email(rig, user_id)
     ch = await stub.Challenge(pb.ChallengeRequest(
@@ -711,6 +751,7 @@ async def every_flow(lr: LeakRig, user_id: str, s: Secrets) -> None:
 
     # Bad requests with a secret in the wrong place: refused without echoing it.
     token, secret, rcode = fresh.session_token, app_factor.secret, new_codes[1]
+    device_token = devices[1].device_token
     app_ch = await stub.Challenge(pb.ChallengeRequest(
         user_id=user_id, factor_id=app_factor.factor_id, purpose=pb.PURPOSE_LOGIN,
         application=pb.APPLICATION_PORTAL))
@@ -740,6 +781,15 @@ async def every_flow(lr: LeakRig, user_id: str, s: Secrets) -> None:
             user_id=user_id, factor_id=app_factor.factor_id, purpose=pb.PURPOSE_LOGIN,
             application=pb.APPLICATION_PORTAL, request_id=token + " ")),
         stub.ListAuditEvents(pb.ListAuditEventsRequest(user_id=token + " ", page_token=token)),
+        stub.RecognizeDevice(pb.RecognizeDeviceRequest(
+            user_id=device_token + " ", device_token=device_token * 7,
+            application=pb.APPLICATION_PORTAL, client_ip=device_token)),
+        stub.Verify(pb.VerifyRequest(challenge_id=app_ch.challenge_id, code=code,
+                                     remember_device=True, device_label=device_token * 2)),
+        stub.Verify(pb.VerifyRequest(challenge_id=app_ch.challenge_id, code=code,
+                                     device_label=device_token)),
+        stub.ForgetDevice(pb.ForgetDeviceRequest(user_id=user_id, device_id=device_token)),
+        stub.ListDevices(pb.ListDevicesRequest(user_id=device_token + " ")),
     ]
     for bad in bad_calls:
         with pytest.raises(aio.AioRpcError) as err:
@@ -821,8 +871,9 @@ async def test_no_code_secret_token_or_recovery_code_leaks(
         events = {e.event for e in resp.events}
         assert {"verify", "session_created", "recovery_codes_issued"} <= events, events
         piles["ListAuditEvents"] += [str(resp), resp.SerializeToString()]
-    assert {"recovery_code_used", "session_revoked", "factor_disabled", "phone_changed"} <= {
-        e.event for e in listed[user_id].events}
+    assert {"recovery_code_used", "session_revoked", "factor_disabled", "phone_changed",
+            "device_remembered", "device_recognized", "device_not_recognized",
+            "device_forgotten"} <= {e.event for e in listed[user_id].events}
     async with lr.app.database.engine.connect() as conn:
         rows = (await conn.execute(select(audit_events).where(
             audit_events.c.user_id.in_(list(listed))))).all()
@@ -833,7 +884,7 @@ async def test_no_code_secret_token_or_recovery_code_leaks(
     # 5. Every table, text and binary columns alike.
     cells = await database_cells(lr.app.database.engine)
     assert {"factors", "challenges", "sessions", "outbox", "recovery_codes", "audit_events",
-            "user_lockouts"} <= set(cells)
+            "user_lockouts", "trusted_devices", "device_misses"} <= set(cells)
     assert any(isinstance(v, bytes | memoryview) for values in cells.values() for v in values)
     for name, values in cells.items():
         piles[f"table {name}"] += (leaf for v in values for leaf in leaves(v))

@@ -96,6 +96,35 @@ def test_a_refusal_says_what_is_missing() -> None:
         "ERROR_REASON_ENROLLING_SESSION_ENDED")
 
 
+def test_a_remembered_browsers_session_is_weaker_than_a_session_from_a_code() -> None:
+    """A session from a code vouches for everything a remembered browser's session does,
+    never the reverse, and the latter satisfies no row that changes anything."""
+    trusted = Evidence.TRUSTED_DEVICE_SESSION
+    assert trusted in policy.implied({Evidence.SESSION})
+    assert trusted in policy.implied({Evidence.FRESH_SESSION})  # through SESSION
+    assert policy.implied({trusted}) == {trusted}
+    changes = [c for c in Change if c not in (Change.END_SESSION, Change.END_ALL_SESSIONS,
+                                              Change.FORGET_DEVICE, Change.ADD_FIRST_FACTOR,
+                                              Change.RENEW_FIRST_PENDING)]
+    for change in changes:
+        assert not policy.allows(change, {trusted, Evidence.PASSWORD_STEP}), change
+    # Where a fresh session is asked for, it is refused as a stale one would be.
+    with pytest.raises(FailedPrecondition) as err:
+        policy.require(Change.ADD_FACTOR, {trusted, Evidence.PASSWORD_STEP})
+    assert ErrorReason.Name(err.value.reason) == "ERROR_REASON_RECENT_SESSION_REQUIRED"
+
+
+def test_only_a_real_factor_remembers_a_browser() -> None:
+    assert policy.allows(Change.REMEMBER_DEVICE, {Evidence.PROOF_WITH_ACTIVE})
+    assert policy.allows(Change.REMEMBER_DEVICE, {Evidence.PROOF_WITH_NEW})  # a login is
+    with pytest.raises(FailedPrecondition) as err:
+        policy.require(Change.REMEMBER_DEVICE, {Evidence.RECOVERY_CODE})
+    assert ErrorReason.Name(err.value.reason) == "ERROR_REASON_REMEMBER_DEVICE_NOT_ALLOWED"
+    # The browser's token logs in without a code; a password alone does not.
+    assert policy.allows(Change.LOG_IN_REMEMBERED, {Evidence.DEVICE_TOKEN})
+    assert not policy.allows(Change.LOG_IN, {Evidence.DEVICE_TOKEN})
+
+
 # -- through the server ------------------------------------------------------------------------
 async def refused(call: Any) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(aio.AioRpcError) as err:

@@ -9,6 +9,8 @@ asserted exactly here on both databases so it cannot grow back silently:
 - Verify of a TOTP login: 4 (the lock that finds the user, the challenge with its factor,
   the attempt that closes it, the deferred writes: TOTP step, session, audit rows).
 - Verify of a passkey login: 4 as well (the new sign counter rides in the deferred UPDATE).
+- RecognizeDevice (a remembered browser): 3 (the user's lock, the UPDATE that recognises
+  the device, the deferred writes); 5 with a client address (its lock and its count).
 - Challenge by phone: 6 (the user's lock, the factor, the destination/range/country locks
   in one statement, the send counts in one, the daily budget's conditional UPDATE, the
   deferred writes). The budget is a statement of its own: it must run after the counts
@@ -211,3 +213,38 @@ async def test_a_phone_challenge_costs_six_statements(rig: Rig, user_id: str) ->
     n = len([sql for c, sql in statements.seen if c == rpc])
     # SQLite: no advisory locks; BEGIN IMMEDIATE and one INSERT per table instead.
     assert within(rig.app, n, 6, 10), statements.sql
+
+
+async def test_a_remembered_browser_costs_what_a_login_costs(
+        app: App, stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    """Remembering a browser costs a login and one UPDATE (5).
+    RecognizeDevice: the user's lock, one conditional UPDATE that finds the live device
+    and slides its idle deadline, the deferred writes (session, audit) as one: 3; with a
+    client address, its advisory lock and its count of unknown tokens: 5. The session it
+    opens is checked by the same single read as any other."""
+    factor = await enroll_app(stub, user_id, fresh_clock)
+    ch = await stub.Challenge(pb.ChallengeRequest(
+        user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
+        application=pb.APPLICATION_PORTAL))
+    with counting(app) as statements:
+        # A TOTP login (3) that also makes room among the user's browsers (1 UPDATE); the
+        # device row rides in the deferred writes.
+        remembered, n = await statements.count(stub.Verify(pb.VerifyRequest(
+            challenge_id=ch.challenge_id, code=totp_at(factor.secret, fresh_clock),
+            remember_device=True, device_label="Browser")))
+        assert remembered.device_token
+        assert within(app, n, 4, 9), statements.sql
+        recognize = pb.RecognizeDeviceRequest(user_id=user_id,
+                                              device_token=remembered.device_token,
+                                              application=pb.APPLICATION_PORTAL)
+        back, n = await statements.count(stub.RecognizeDevice(recognize))
+        assert back.recognized
+        assert within(app, n, 3, 6), statements.sql
+        recognize.client_ip = "192.0.2.10"
+        back, n = await statements.count(stub.RecognizeDevice(recognize))
+        assert back.recognized
+        assert within(app, n, 5, 8), statements.sql
+        answer, n = await statements.count(stub.CheckSession(pb.CheckSessionRequest(
+            session_token=back.session.session_token, application=pb.APPLICATION_PORTAL)))
+        assert answer.valid and answer.trusted_device
+        assert within(app, n, 1, 2), statements.sql

@@ -427,11 +427,14 @@ SWEEP = [
     ("Enroll", ["user_id", "email", "phone_number", "account_name",
                 "change_proof_challenge_id"]),
     ("Challenge", ["user_id", "factor_id", "request_id"]),
-    ("Verify", ["challenge_id", "code", "client_ip", "user_agent"]),
+    ("Verify", ["challenge_id", "code", "client_ip", "user_agent", "device_label"]),
     ("Disable", ["user_id", "factor_id", "challenge_id", "code", "client_ip", "user_agent"]),
     ("CheckSession", ["session_token"]),
     ("ListFactors", ["user_id"]),
     ("RevokeSession", ["session_token", "user_id"]),
+    ("RecognizeDevice", ["user_id", "device_token", "client_ip", "user_agent"]),
+    ("ListDevices", ["user_id"]),
+    ("ForgetDevice", ["user_id", "device_id", "client_ip", "user_agent"]),
 ]
 
 
@@ -445,7 +448,8 @@ def base_requests(real: Real, login_challenge_id: str,
                                          purpose=pb.PURPOSE_LOGIN,
                                          application=pb.APPLICATION_PORTAL),
         "Verify": pb.VerifyRequest(challenge_id=login_challenge_id, code=wrong,
-                                   client_ip="198.51.100.1", user_agent="sweep"),
+                                   client_ip="198.51.100.1", user_agent="sweep",
+                                   remember_device=True, device_label="sweep"),
         "Disable": pb.DisableRequest(user_id=f.user_id, factor_id=f.factor_id,
                                      challenge_id=real.disable_challenge_id, code=wrong,
                                      client_ip="198.51.100.1", user_agent="sweep"),
@@ -453,6 +457,13 @@ def base_requests(real: Real, login_challenge_id: str,
                                                application=pb.APPLICATION_BACKOFFICE),
         "ListFactors": pb.ListFactorsRequest(user_id=f.user_id),
         "RevokeSession": pb.RevokeSessionRequest(session_token="not-a-live-token"),
+        "RecognizeDevice": pb.RecognizeDeviceRequest(
+            user_id=f.user_id, device_token="not-a-device-token-" + "x" * 24,
+            application=pb.APPLICATION_PORTAL, client_ip="198.51.100.1", user_agent="sweep"),
+        "ListDevices": pb.ListDevicesRequest(user_id=f.user_id),
+        "ForgetDevice": pb.ForgetDeviceRequest(
+            user_id=f.user_id, device_id="00000000-0000-4000-8000-000000000000",
+            client_ip="198.51.100.1", user_agent="sweep"),
     }
 
 

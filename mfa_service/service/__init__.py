@@ -17,8 +17,10 @@ from mfa_service.clock import Clock
 from mfa_service.crypto import Keyring
 from mfa_service.domain import Method
 from mfa_service.factors.registry import FactorRegistry
+from mfa_service.service.assurance import Assurance
 from mfa_service.service.attempts import Steps
 from mfa_service.service.challenges import ChallengeOpener, Challenges
+from mfa_service.service.devices import DeviceRules, TrustedDevices
 from mfa_service.service.disabling import Disabling, Removal
 from mfa_service.service.enrolment import Enrolment
 from mfa_service.service.limits import SendLimits
@@ -43,10 +45,13 @@ class Services:
     recovery: Recovery
     profile: Profile
     sessions: SessionService
+    devices: TrustedDevices
+    assurance: Assurance
 
     @classmethod
     def build(cls, *, db: Database, clock: Clock, keyring: Keyring, registry: FactorRegistry,
               sessions: SessionService, notifier: Notifier, rules: Rules,
+              devices: DeviceRules | None = None, assurance: Assurance | None = None,
               lockout_policy: LockoutPolicy | None = None,
               new_id: Callable[[], str] = new_id) -> Services:
         """Wire the use cases: each gets exactly the collaborators it uses."""
@@ -54,6 +59,8 @@ class Services:
         sends = SendLimits(rules.quota, keyring, db, clock)
         opener = ChallengeOpener(keyring, rules, new_id)
         recovery = Recovery(db, clock, keyring, rules, notifier, sessions, new_id)
+        trusted = TrustedDevices(db, clock, keyring, sessions, lockout,
+                                 devices or DeviceRules())
         # What follows a passed proof, per method: a used recovery code is told.
         steps = Steps(registry, rules, lockout, {Method.RECOVERY_CODE: recovery.code_used})
         removal = Removal(sessions, notifier, recovery)
@@ -63,6 +70,7 @@ class Services:
             challenges=Challenges(db, clock, registry, rules, lockout, sends, opener,
                                   sessions),
             verification=Verification(db, clock, rules, steps, sessions, notifier, recovery,
-                                      removal),
+                                      removal, trusted),
             disabling=Disabling(db, clock, rules, steps, removal),
-            recovery=recovery, profile=Profile(db, clock, rules), sessions=sessions)
+            recovery=recovery, profile=Profile(db, clock, rules), sessions=sessions,
+            devices=trusted, assurance=assurance or Assurance())

@@ -117,7 +117,8 @@ class KeyUsage:
         """HMACs: they cannot be re-keyed without the plaintext, which is never stored;
         they stop needing the key when they expire, are used or are regenerated."""
         return (self.counts[maintenance.LIVE_SESSIONS] + self.counts[maintenance.RECOVERY_CODES]
-                + self.counts[maintenance.OPEN_CHALLENGES])
+                + self.counts[maintenance.OPEN_CHALLENGES]
+                + self.counts[maintenance.TRUSTED_DEVICES])
 
     @property
     def total(self) -> int:
@@ -158,12 +159,13 @@ class ResetReport:
     recovery_codes_retired: int
     sessions_revoked: int
     challenges_closed: int
+    devices_forgotten: int = 0
 
     @property
     def nothing_done(self) -> bool:
         return not (self.lockout_cleared or self.factors_disabled
                     or self.recovery_codes_retired or self.sessions_revoked
-                    or self.challenges_closed)
+                    or self.challenges_closed or self.devices_forgotten)
 
 
 class AdminService:
@@ -271,14 +273,16 @@ class AdminService:
             # Before the factors go: the notice goes to every address and number the user
             # could receive it on, so a reset they did not ask for is noticed.
             notified = (await self._notifier.notify(tx, now, user_id,
-                                                    NoticeKind.SECOND_FACTOR_RESET)
+                                                    NoticeKind.SECOND_FACTOR_RESET, who=WHO)
                         if self._notifier is not None else 0)
             factors_disabled = await maintenance.disable_user_factors(tx, user_id, now)
             codes_retired = await maintenance.retire_recovery_codes(tx, user_id, now)
+            # No remembered browser logs in without a code after a reset.
+            devices_forgotten = await maintenance.forget_user_devices(tx, user_id, now)
             sessions_revoked = await maintenance.revoke_user_sessions(tx, user_id, now)
             challenges_closed = await maintenance.close_open_challenges(tx, user_id)
             report = ResetReport(user_id, lockout_cleared, factors_disabled, codes_retired,
-                                 sessions_revoked, challenges_closed)
+                                 sessions_revoked, challenges_closed, devices_forgotten)
             audit.record(
                 tx, now, audit.Event.ADMIN_RESET,
                 audit.Outcome.NOTHING_TO_RESET if report.nothing_done else audit.Outcome.OK,
@@ -287,6 +291,7 @@ class AdminService:
                         "sessions_revoked": report.sessions_revoked,
                         "recovery_codes_retired": report.recovery_codes_retired,
                         "challenges_closed": report.challenges_closed,
+                        "devices_forgotten": report.devices_forgotten,
                         "lockout_cleared": int(report.lockout_cleared),
                         "notices": notified})
         return report

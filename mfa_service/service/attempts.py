@@ -31,6 +31,7 @@ from mfa_service.domain import (
     Factor,
     FactorRecord,
     Method,
+    NewDevice,
     NewSession,
     Proof,
     ProofField,
@@ -53,6 +54,7 @@ class VerifyOutcome:
     session: NewSession | None = None  # a LOGIN's (or a first factor's, asked for)
     factor: Factor | None = None  # the factor after the change
     recovery_codes: tuple[str, ...] = ()
+    device: NewDevice | None = None  # remember_device: the browser remembered
 
 
 @dataclass(frozen=True)
@@ -226,8 +228,9 @@ class Steps:
                       else VerifyResult.INVALID_CODE)
             audit_verify(tx, now, who, settled, result, record.factor.method,
                          refused=verdict.reason)
-            await self._lockout.count_failure(tx, ready.lockout, settled, who, now,
-                                              account_email)
+            await self._lockout.count_failure(
+                tx, ready.lockout, user_id=settled.user_id, application=settled.application,
+                factor_id=settled.factor_id, who=who, now=now, account_email=account_email)
             return Failed(VerifyOutcome(result, remaining))
         self._lockout.clear(tx, settled.user_id, ready.lockout)
         follow_up = self._follow_ups.get(record.factor.method)

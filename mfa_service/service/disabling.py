@@ -69,7 +69,7 @@ class Removal:
         await self._sessions.end_for_factor(tx, factor, who, now)
         # Tell the user, including at the address just removed.
         await self._notifier.notify(tx, now, factor.user_id, NoticeKind.FACTOR_REMOVED,
-                                    also=target, masked_detail=factor.masked_destination,
+                                    who=who, also=target, masked_detail=factor.masked_destination,
                                     account_email=account_email)
         await self._recovery.retire_if_last(tx, factor.user_id, who, now)
         disabled = replace(factor, status=FactorStatus.DISABLED, disabled_at=now)

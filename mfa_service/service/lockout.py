@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 
 from mfa.v1.error_reason_pb2 import ErrorReason
 
-from mfa_service.domain import AuditContext, Challenge, NoticeKind
+from mfa_service.domain import Application, AuditContext, NoticeKind
 from mfa_service.errors import FailedPrecondition, ResourceExhausted
 from mfa_service.service import audit
 from mfa_service.service.notices import Notifier
@@ -102,12 +102,14 @@ class Lockout:
         if state != self.policy.after_success():
             tx.later.lockouts.save(user_id, self.policy.after_success())
 
-    async def count_failure(self, tx: Transaction, state: LockoutState, challenge: Challenge,
+    async def count_failure(self, tx: Transaction, state: LockoutState, *, user_id: str,
+                            application: Application | None, factor_id: str | None,
                             who: AuditContext, now: datetime,
-                            account_email: str | None) -> None:
-        """Count a wrong code against the user; at a lock, audit it and tell the user."""
+                            account_email: str | None = None) -> None:
+        """Count a failure against the user (a wrong code, an unknown device token); at a
+        lock, audit it and tell the user."""
         new_state, locked = self.policy.after_failure(state, now)
-        tx.later.lockouts.save(challenge.user_id, new_state)
+        tx.later.lockouts.save(user_id, new_state)
         if not locked:
             return
         detail: dict[str, str | int] = {"failures": new_state.consecutive_failures}
@@ -115,8 +117,7 @@ class Lockout:
             detail["locked_until"] = new_state.locked_until.isoformat()
         if new_state.admin_reset_required:
             detail["admin_reset_required"] = 1
-        audit.record(tx, now, audit.Event.LOCKOUT, audit.Outcome.OK, who,
-                     user_id=challenge.user_id, factor_id=challenge.factor_id,
-                     application=challenge.application, detail=detail)
-        await self.notifier.notify(tx, now, challenge.user_id, NoticeKind.ACCOUNT_LOCKED,
+        audit.record(tx, now, audit.Event.LOCKOUT, audit.Outcome.OK, who, user_id=user_id,
+                     factor_id=factor_id, application=application, detail=detail)
+        await self.notifier.notify(tx, now, user_id, NoticeKind.ACCOUNT_LOCKED, who=who,
                                    account_email=account_email)

@@ -82,7 +82,8 @@ class Recovery:
                      application=challenge.application,
                      detail={"purpose": challenge.purpose.value, "remaining": left})
         await self._notifier.notify(tx, now, user_id, NoticeKind.RECOVERY_CODES_USED,
-                                    masked_detail=f"{left} left", account_email=account_email)
+                                    who=who, masked_detail=f"{left} left",
+                                    account_email=account_email)
 
     async def retire_if_last(self, tx: Transaction, user_id: str, who: AuditContext,
                              now: datetime) -> None:
@@ -142,5 +143,5 @@ class Recovery:
                          detail={"count": len(codes), "regenerated": 1,
                                  "proof": proven or ""})
             await self._notifier.notify(tx, now, user_id, NoticeKind.RECOVERY_CODES_REGENERATED,
-                                        account_email=account_email)
+                                        who=who, account_email=account_email)
         return codes

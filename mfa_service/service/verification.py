@@ -41,6 +41,7 @@ from mfa_service.service.attempts import (
     again_if_guard_lost,
     audit_verify,
 )
+from mfa_service.service.devices import TrustedDevices
 from mfa_service.service.disabling import Removal
 from mfa_service.service.notices import Notifier
 from mfa_service.service.policy import Change, Evidence
@@ -62,6 +63,7 @@ class _Approved:
     now: datetime
     account_email: str | None = None  # notices go here too (the account's own address)
     open_session: bool = False  # confirming a first factor: also log in
+    remember_as: str | None = None  # a login: also remember the browser under this label
 
 
 Handler = Callable[["Verification", _Approved], Awaitable[VerifyOutcome]]
@@ -70,7 +72,7 @@ Handler = Callable[["Verification", _Approved], Awaitable[VerifyOutcome]]
 class Verification:
     def __init__(self, db: Database, clock: Clock, rules: Rules, steps: Steps,
                  sessions: SessionService, notifier: Notifier, recovery: Recovery,
-                 removal: Removal) -> None:
+                 removal: Removal, devices: TrustedDevices) -> None:
         self._db = db
         self._clock = clock
         self._rules = rules
@@ -79,21 +81,25 @@ class Verification:
         self._notifier = notifier
         self._recovery = recovery
         self._removal = removal
+        self._devices = devices
 
     async def verify(self, challenge_id: str, proof: Proof | str, who: AuditContext, *,
                      user_id: str | None = None, account_email: str | None = None,
-                     open_session: bool = False) -> VerifyOutcome:
+                     open_session: bool = False,
+                     remember_as: str | None = None) -> VerifyOutcome:
         """Check a code (or a passkey's response); ``user_id`` (optional) binds the
         challenge to the user the caller expects: another user's challenge is then "not
         found". ``account_email``: notices about the change also go there.
-        ``open_session``: confirming the user's first factor also opens a session."""
+        ``open_session``: confirming the user's first factor also opens a session.
+        ``remember_as``: a login also remembers the browser under this label
+        (service/devices.py)."""
         shown = Proof(code=proof) if isinstance(proof, str) else proof
         return await again_if_guard_lost(lambda: self._verify(
-            challenge_id, shown, who, user_id, account_email, open_session))
+            challenge_id, shown, who, user_id, account_email, open_session, remember_as))
 
     async def _verify(self, challenge_id: str, proof: Proof, who: AuditContext,
                       expect_user: str | None, account_email: str | None,
-                      open_session: bool) -> VerifyOutcome:
+                      open_session: bool, remember_as: str | None) -> VerifyOutcome:
         now = self._clock.now()
         steps = self._steps
         async with self._db.transaction() as tx:
@@ -112,12 +118,14 @@ class Verification:
                              loaded.record.factor.method)
                 return ready.outcome
             await self._ask_policy(tx, ready.challenge.purpose, ready.record, now)
+            if remember_as is not None:
+                self._devices.check_remember(ready.challenge, ready.record.factor)
             passed = await steps.attempt(tx, ready, who, now, account_email)
             if isinstance(passed, Failed):
                 return passed.outcome
             handler = _PURPOSES[passed.challenge.purpose]
             return await handler(self, _Approved(tx, passed, who, now, account_email,
-                                                 open_session))
+                                                 open_session, remember_as))
 
     async def _ask_policy(self, tx: Transaction, purpose: Purpose, record: FactorRecord,
                           now: datetime) -> None:
@@ -148,10 +156,16 @@ class Verification:
     async def _login(self, a: _Approved) -> VerifyOutcome:
         record, challenge = a.passed.record, a.passed.challenge
         a.tx.later.factors.touch(record.factor.factor_id, a.now)
-        session = self._sessions.open(a.tx, record, challenge.application, a.who, a.now)
+        session = self._sessions.open(a.tx, record, challenge.application, a.who, a.now,
+                                      channel=challenge.channel)
         audit_verify(a.tx, a.now, a.who, challenge, VerifyResult.APPROVED,
                      record.factor.method, session_id=session.session.session_id)
-        return VerifyOutcome(VerifyResult.APPROVED, a.passed.remaining, session=session)
+        device = None
+        if a.remember_as is not None:
+            device = await self._devices.remember(a.tx, record.factor, challenge.application,
+                                                  a.remember_as, session, a.who, a.now)
+        return VerifyOutcome(VerifyResult.APPROVED, a.passed.remaining, session=session,
+                             device=device)
 
     async def _confirm(self, a: _Approved) -> VerifyOutcome:
         tx, now, record, challenge = a.tx, a.now, a.passed.record, a.passed.challenge
@@ -191,12 +205,12 @@ class Verification:
                          application=challenge.application,
                          detail={"replaced_factor_id": replaced.factor.factor_id})
             await self._notifier.notify(tx, now, factor.user_id, NoticeKind.PHONE_CHANGED,
-                                        also=replaced,
+                                        who=a.who, also=replaced,
                                         masked_detail=factor.masked_destination,
                                         skip=factor.factor_id, account_email=a.account_email)
         else:
             await self._notifier.notify(tx, now, factor.user_id, NoticeKind.FACTOR_ADDED,
-                                        masked_detail=factor.masked_destination,
+                                        who=a.who, masked_detail=factor.masked_destination,
                                         skip=factor.factor_id, account_email=a.account_email)
         codes = await self._recovery.issue_first(tx, factor.user_id, a.who, now)
         active = replace(factor, status=FactorStatus.ACTIVE, confirmed_at=now, last_used_at=now,
@@ -207,7 +221,8 @@ class Verification:
             # needs (service/policy.py), so the caller need not ask for a second code.
             policy.require(Change.LOG_IN, {Evidence.PROOF_WITH_ACTIVE})
             session = self._sessions.open(tx, replace(record, factor=active),
-                                          challenge.application, a.who, now)
+                                          challenge.application, a.who, now,
+                                          channel=challenge.channel)
         return VerifyOutcome(VerifyResult.APPROVED, a.passed.remaining, session=session,
                              factor=active, recovery_codes=tuple(codes))
 

@@ -2,8 +2,8 @@
 
 Here: the engine options (asyncpg statement caches and names behind PgBouncer, SQLite's
 ``BEGIN IMMEDIATE`` and busy timeout), the dialect-specific statements (``INSERT … ON
-CONFLICT``, the user-lock upsert, the phone budget, advisory locks, ``NOTIFY``) and the
-mapping of driver errors to store errors.
+CONFLICT``, the user-lock upsert, the phone budget, the per-IP count of unknown device
+tokens, advisory locks, ``NOTIFY``) and the mapping of driver errors to store errors.
 
 Not here, because they are about how a transaction runs or when a process migrates, not
 about SQL text:
@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import date
+from datetime import date, datetime
 from typing import Any, Protocol
 
 from asyncpg.exceptions import TargetServerAttributeNotMatched
-from sqlalchemy import Executable, Select, Table, TextClause, event, text
+from sqlalchemy import Executable, Select, Table, TextClause, case, event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
@@ -48,7 +48,7 @@ from sqlalchemy.sql.dml import Insert
 
 from mfa_service import deadline
 from mfa_service.errors import StoreConflict, StoreError, StoreUnavailable
-from mfa_service.store.models import phone_budget_days, user_lockouts
+from mfa_service.store.models import device_misses, phone_budget_days, user_lockouts
 
 # SQLSTATEs that mean "another transaction won, try again" (PostgreSQL appendix A).
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
@@ -191,6 +191,20 @@ def take_budget_unit(dialect: str, day: date, budget: int) -> Insert:
         set_={"used": phone_budget_days.c.used + 1},
         where=phone_budget_days.c.used < budget,
     ).returning(phone_budget_days.c.used)
+
+
+def count_device_miss(dialect: str, ip_key: bytes, now: datetime,
+                      window_since: datetime) -> Insert:
+    """``INSERT`` the address's ``device_misses`` row with 1 miss, or add 1 to it; a row
+    whose window began at or before ``window_since`` starts a new window at ``now``."""
+    insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = insert_fn(device_misses).values(ip_key=ip_key, misses=1, window_started_at=now)
+    current = device_misses.c.window_started_at > window_since
+    return stmt.on_conflict_do_update(
+        index_elements=[device_misses.c.ip_key],
+        set_={"misses": case((current, device_misses.c.misses + 1), else_=1),
+              "window_started_at": case((current, device_misses.c.window_started_at),
+                                        else_=stmt.excluded.window_started_at)})
 
 
 async def lock_key(unit: Executes, key: bytes) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from mfa_service.domain import Application, Method, Session
+from mfa_service.domain import Application, Channel, Method, Session
 from mfa_service.store.models import challenges, factors, user_lockouts
 
 # Who hears of each hot statement run (connection id, SQL): they bypass SQLAlchemy's
@@ -34,7 +34,7 @@ observers: list[Callable[[int, str], None]] = []
 # stored naive UTC (store/models.py: UTCDateTime).
 FIND_LIVE_SESSION = (
     "SELECT id, user_id, factor_id, method, application, authenticated_at, expires_at,"
-    " idle_expires_at FROM sessions"
+    " idle_expires_at, channel, device_id FROM sessions"
     " WHERE token_hash = ANY($1::bytea[]) AND revoked_at IS NULL"
     " AND expires_at > $2 AND idle_expires_at > $2 LIMIT 1")
 
@@ -51,7 +51,9 @@ def session_from(row: Any) -> Session:
         method=Method(row["method"]), application=Application(row["application"]),
         authenticated_at=row["authenticated_at"].replace(tzinfo=UTC),
         expires_at=row["expires_at"].replace(tzinfo=UTC),
-        idle_expires_at=row["idle_expires_at"].replace(tzinfo=UTC))
+        idle_expires_at=row["idle_expires_at"].replace(tzinfo=UTC),
+        channel=Channel(row["channel"]) if row["channel"] is not None else None,
+        device_id=row["device_id"])
 
 
 # Column lists from the schema authority (store/models.py), at import: no input in them.

@@ -23,6 +23,7 @@ from mfa_service.store.models import (
     outbox,
     recovery_codes,
     sessions,
+    trusted_devices,
     user_lockouts,
 )
 from mfa_service.store.outbox import PENDING
@@ -35,7 +36,9 @@ OUTBOX_PAYLOADS = "outbox_payloads"
 LIVE_SESSIONS = "live_sessions"
 RECOVERY_CODES = "recovery_codes"
 OPEN_CHALLENGES = "open_challenges"
-KEY_USES = (FACTOR_SECRETS, OUTBOX_PAYLOADS, LIVE_SESSIONS, RECOVERY_CODES, OPEN_CHALLENGES)
+TRUSTED_DEVICES = "trusted_devices"  # remembered browsers' tokens
+KEY_USES = (FACTOR_SECRETS, OUTBOX_PAYLOADS, LIVE_SESSIONS, RECOVERY_CODES, OPEN_CHALLENGES,
+            TRUSTED_DEVICES)
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,11 @@ async def key_usage(unit: Unit, now: datetime) -> dict[str, dict[str, int]]:
         OPEN_CHALLENGES: await _count_by_key(
             unit, challenges.c.code_key_id, challenges.c.state == ChallengeState.OPEN.value,
             challenges.c.code_hash.is_not(None), challenges.c.expires_at > now),
+        # As DeviceRepository.recognize sees live (a key removed while browsers still
+        # hold tokens under it would make each of them count as a guess).
+        TRUSTED_DEVICES: await _count_by_key(
+            unit, trusted_devices.c.token_key_id, trusted_devices.c.revoked_at.is_(None),
+            trusted_devices.c.expires_at > now, trusted_devices.c.idle_expires_at > now),
     }
 
 
@@ -193,6 +201,17 @@ async def revoke_user_sessions(unit: Unit, user_id: str, now: datetime) -> int:
     if count:
         await notify_revoked(unit, {user_id})
     return count
+
+
+async def forget_user_devices(unit: Unit, user_id: str, now: datetime) -> int:
+    """Forget the user's live remembered browsers (service/devices.py: the same
+    condition); the sessions they opened end with the user's other sessions here."""
+    return await unit.write(
+        update(trusted_devices).where(trusted_devices.c.user_id == user_id,
+                                      trusted_devices.c.revoked_at.is_(None),
+                                      trusted_devices.c.expires_at > now,
+                                      trusted_devices.c.idle_expires_at > now)
+        .values(revoked_at=now))
 
 
 async def close_open_challenges(unit: Unit, user_id: str) -> int:

@@ -175,12 +175,6 @@ class FactorRepository:
             live=len(live), any_active=bool(active),
             active_of_method=next((r for r in active if r.factor.method is method), None))
 
-    async def active_reachable(self, user_id: str) -> list[FactorRecord]:
-        """The user's ACTIVE factors that can receive a message (email and phone)."""
-        return [r for r in await self.list_for_user(user_id)
-                if r.factor.status is FactorStatus.ACTIVE
-                and r.factor.method in (Method.EMAIL, Method.PHONE)]
-
     async def active_of_method(self, user_id: str, method: Method) -> FactorRecord | None:
         row = (await self._unit.execute(select(factors).where(
             factors.c.user_id == user_id, factors.c.method == method.value,
@@ -539,7 +533,9 @@ def _session(row: Row[Any]) -> Session:
         session_id=row.id, user_id=row.user_id, factor_id=row.factor_id,
         method=Method(row.method), application=Application(row.application),
         authenticated_at=row.authenticated_at, expires_at=row.expires_at,
-        idle_expires_at=row.idle_expires_at)
+        idle_expires_at=row.idle_expires_at,
+        channel=Channel(row.channel) if row.channel is not None else None,
+        device_id=row.device_id)
 
 
 _HASHES = bindparam("hashes", expanding=True, type_=LargeBinary())
@@ -575,7 +571,9 @@ class SessionWrites:
             "user_id": s.user_id, "factor_id": s.factor_id, "method": s.method.value,
             "application": s.application.value, "caller": caller,
             "authenticated_at": s.authenticated_at, "expires_at": s.expires_at,
-            "idle_expires_at": s.idle_expires_at, "revoked_at": None})
+            "idle_expires_at": s.idle_expires_at, "revoked_at": None,
+            "channel": s.channel.value if s.channel is not None else None,
+            "device_id": s.device_id})
 
 
 class SessionRepository:
@@ -632,6 +630,12 @@ class SessionRepository:
 
     async def revoke_user(self, user_id: str, now: datetime) -> list[Session]:
         return await self._revoke(sessions.c.user_id == user_id, now)
+
+    async def revoke_devices(self, user_id: str, device_ids: Sequence[str],
+                             now: datetime) -> list[Session]:
+        """End the live sessions the remembered browsers ``device_ids`` opened."""
+        return await self._revoke(and_(sessions.c.user_id == user_id,  # indexed
+                                       sessions.c.device_id.in_(list(device_ids))), now)
 
 
 class AuditWrites:

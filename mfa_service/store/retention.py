@@ -1,5 +1,6 @@
 """Deleting what no longer serves anyone: ended sessions, closed challenges, settled
-outbox rows and idle lockout counters. The audit trail and factors are never deleted, but
+outbox rows, idle lockout counters, expired remembered browsers and ended per-address
+counts of unknown device tokens. The audit trail and factors are never deleted, but
 a PENDING factor long gone (past MFA_PENDING_TTL_MINUTES, at most an hour) is marked
 DISABLED and its secret wiped: an unscanned QR code's secret serves no one."""
 
@@ -11,7 +12,15 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, delete, or_, select, update
 
 from mfa_service.domain import FactorStatus
-from mfa_service.store.models import challenges, factors, outbox, sessions, user_lockouts
+from mfa_service.store.models import (
+    challenges,
+    device_misses,
+    factors,
+    outbox,
+    sessions,
+    trusted_devices,
+    user_lockouts,
+)
 from mfa_service.store.unit import Unit
 
 
@@ -24,6 +33,11 @@ class Retention:
     outbox: timedelta = timedelta(days=7)
     lockouts: timedelta = timedelta(hours=12)  # the quiet period that resets a count anyway
     pending_factors: timedelta = timedelta(hours=1)  # >= the longest MFA_PENDING_TTL
+    # A remembered browser's row goes a day after its absolute end, however it ended:
+    # until then the browser may still present its token (the portal's cookie lives as
+    # long), and a known token that ended is answered without counting it as a guess.
+    devices: timedelta = timedelta(days=1)
+    device_misses: timedelta = timedelta(hours=1)  # the window the count is for
 
 
 async def purge(unit: Unit, now: datetime, keep: Retention,
@@ -63,4 +77,12 @@ async def purge(unit: Unit, now: datetime, keep: Retention,
         update(factors).where(factors.c.id.in_(gone)).values(
             status=FactorStatus.DISABLED.value, disabled_at=now, secret_ciphertext=None,
             secret_key_id=None))).rowcount
+    expired = select(trusted_devices.c.id).where(
+        trusted_devices.c.expires_at < now - keep.devices).limit(batch)
+    counts["trusted_devices"] = (await unit.execute(
+        delete(trusted_devices).where(trusted_devices.c.id.in_(expired)))).rowcount
+    ended_windows = select(device_misses.c.ip_key).where(
+        device_misses.c.window_started_at < now - keep.device_misses).limit(batch)
+    counts["device_misses"] = (await unit.execute(
+        delete(device_misses).where(device_misses.c.ip_key.in_(ended_windows)))).rowcount
     return counts
