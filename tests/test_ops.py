@@ -16,7 +16,8 @@ from mfa_service import errors
 
 SERVICE = "mfa.v1.TwoFactorService"
 RPCS = {"Enroll", "Challenge", "Verify", "Disable", "CheckSession", "ListFactors",
-        "RevokeSession", "RegenerateRecoveryCodes", "ListAuditEvents"}
+        "RevokeSession", "RegenerateRecoveryCodes", "ListAuditEvents", "RecognizeDevice",
+        "ListDevices", "ForgetDevice"}
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 REFLECTION_V1ALPHA = "grpc.reflection.v1alpha.ServerReflection"
 

@@ -27,6 +27,7 @@ on every call cost more CPU than the round trips it saves (a DML CTE is not cach
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -108,13 +109,8 @@ class Unit:
                 # locks) on its own. (In autocommit this does nothing.)
                 await adapted._start_transaction()
             return await raw.driver_connection.fetchrow(sql, *args)  # type: ignore[union-attr]
-        except Exception as exc:
-            if connection_lost(exc):
-                # As SQLAlchemy does when it sees a disconnect: this connection, and
-                # every other one the pool holds (the server they all went to is gone,
-                # as after a failover), is replaced before it is handed out again.
-                await self._conn.invalidate()
-                await self._conn.engine.dispose(close=False)
+        except BaseException as exc:
+            await self._drop_if_unsure(exc)
             raise
 
     async def commit_raw(self) -> None:
@@ -131,11 +127,25 @@ class Unit:
             return
         try:  # (not a statement the counts and spans see, as SQLAlchemy's COMMIT was not)
             await transaction.commit()
-        except Exception as exc:
-            if connection_lost(exc):
-                await self._conn.invalidate()
-                await self._conn.engine.dispose(close=False)
+        except BaseException as exc:
+            await self._drop_if_unsure(exc)
             raise
+
+    async def _drop_if_unsure(self, exc: BaseException) -> None:
+        """After a raw statement failed: a connection whose state is unknown never goes
+        back to the pool.
+
+        Lost (the server is gone, as after a failover): this connection and every other
+        one the pool holds are replaced before they are handed out again, as SQLAlchemy
+        does when it sees a disconnect. Cut short (the caller's deadline cancelled the
+        statement, or the COMMIT): the server may still hold the transaction open, which
+        SQLAlchemy cannot roll back for us (the adapter no longer tracks it), so the
+        connection is closed and the server rolls the transaction back."""
+        if connection_lost(exc):
+            await self._conn.invalidate()
+            await self._conn.engine.dispose(close=False)
+        elif isinstance(exc, asyncio.CancelledError):
+            await self._conn.invalidate()
 
     async def write(self, statement: Executable,
                     params: dict[str, Any] | None = None) -> int:
