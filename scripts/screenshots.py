@@ -18,10 +18,10 @@ from playwright.sync_api import Page, expect, sync_playwright
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
-from tests.browser.flows import finish_first_factor, next_step_code, submit_code  # noqa: E402
-from tests.browser.stack import Stack, run_stack  # noqa: E402
-from tests.browser.test_passkeys import virtual_authenticator  # noqa: E402
+from tests.system.browser.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from tests.system.browser.flows import finish_first_factor, next_step_code, submit_code  # noqa: E402
+from tests.system.browser.stack import Stack, run_stack  # noqa: E402
+from tests.system.browser.test_passkeys import virtual_authenticator  # noqa: E402
 
 USER = "alice"
 

@@ -6,18 +6,15 @@ of their own (other tests' rows are under TEST_KEYRING); the rest use the shared
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
@@ -29,24 +26,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mfa_service.app import App, create_server
-from mfa_service.clock import Clock, FixedClock, SystemClock
+from mfa_service.clock import FixedClock, SystemClock
 from mfa_service.crypto import Keyring
-from mfa_service.delivery.outbox import decode_payload, enqueue
-from mfa_service.domain import (
-    Channel,
-    Factor,
-    FactorRecord,
-    FactorStatus,
-    MessageKind,
-    Method,
-    Outgoing,
-)
+from mfa_service.delivery.outbox import decode_payload
 from mfa_service.factors.totp import secret_aad
 from mfa_service.service import admin as admin_module
 from mfa_service.service.admin import AdminService
 from mfa_service.store import maintenance
-from mfa_service.store.database import Database
-from mfa_service.store.engine import create_engine
 from mfa_service.store.maintenance import StoredCiphertext
 from mfa_service.store.models import (
     audit_events,
@@ -54,32 +40,23 @@ from mfa_service.store.models import (
     factors,
     outbox,
     recovery_codes,
-    sessions,
     user_lockouts,
 )
 from mfa_service.store.outbox import SENT, OutboxRepository
 from mfa_service.store.repositories import FactorRepository
 from mfa_service.store.unit import Unit
-from tests.conftest import (
+from tests.support.admin import GONE, NEW, OLD, ROTATED, add_factor, add_message, factor_row, opened
+from tests.support.client import enroll_app, login, totp_at
+from tests.support.config import (
     PG_ADMIN_URL,
     T0,
-    TEST_KEYRING,
-    _asyncpg_dsn,
-    _migrate,
-    enroll_app,
-    login,
+    asyncpg_dsn,
     make_settings,
-    totp_at,
+    migrate_to_head,
 )
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
-
-CLI = str(Path(sys.executable).parent / "mfa-service")
-OLD = Keyring.generate_entry("old-1")
-NEW = Keyring.generate_entry("new-1")
-GONE = Keyring.generate_entry("gone-1")
-ROTATED = f"{NEW},{OLD}"  # the new key first (primary), the old one still readable
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -88,34 +65,25 @@ async def own_url(database_url: str, tmp_path: Path) -> AsyncIterator[str]:
     """A migrated, empty database for this test, on the backend ``database_url`` is on."""
     if make_url(database_url).get_backend_name() == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path / 'own.db'}"
-        await _migrate(url)
+        await migrate_to_head(url)
         yield url
         return
     name = f"mfa_admin_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL), timeout=5)
+    conn = await asyncpg.connect(asyncpg_dsn(PG_ADMIN_URL), timeout=5)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
     url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
-    await _migrate(url)
+    await migrate_to_head(url)
     try:
         yield url
     finally:
-        conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL), timeout=5)
+        conn = await asyncpg.connect(asyncpg_dsn(PG_ADMIN_URL), timeout=5)
         try:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await conn.close()
-
-
-@asynccontextmanager
-async def opened(url: str) -> AsyncIterator[Database]:
-    database = Database(create_engine(make_url(url)))
-    try:
-        yield database
-    finally:
-        await database.dispose()
 
 
 @asynccontextmanager
@@ -126,44 +94,6 @@ async def serving(url: str, clock: FixedClock, keyring: str) -> AsyncIterator[St
             yield pb_grpc.TwoFactorServiceStub(channel)
     finally:
         await app.stop(0)
-
-
-async def add_factor(db: Database, keyring: Keyring, user_id: str, now: datetime,
-                     secret: bytes = b"s" * 20) -> str:
-    """An ACTIVE authenticator-app factor whose secret ``keyring`` encrypted."""
-    factor_id = str(uuid.uuid4())
-    key_id, blob = keyring.encrypt(secret, secret_aad(factor_id, user_id))
-    async with db.transaction() as tx:
-        tx.later.factors.add(FactorRecord(
-            factor=Factor(factor_id=factor_id, user_id=user_id,
-                          method=Method.AUTHENTICATOR_APP, status=FactorStatus.ACTIVE,
-                          masked_destination=user_id, created_at=now, confirmed_at=now),
-            label=user_id, destination=None, secret_ciphertext=blob, secret_key_id=key_id,
-            last_totp_step=None))
-    return factor_id
-
-
-async def add_message(db: Database, keyring: Keyring, user_id: str, now: datetime) -> str:
-    async with db.transaction() as tx:
-        return enqueue(tx, keyring, Outgoing(
-            kind=MessageKind.NOTICE, channel=Channel.EMAIL, destination=f"{user_id}@example.com",
-            user_id=user_id, subject="Subject", text="a notice",
-            not_after=now + timedelta(hours=1)), now)
-
-
-async def add_live_session(conn: AsyncConnection, keyring: Keyring, user_id: str,
-                           factor_id: str, now: datetime) -> None:
-    key_id, digest = keyring.mac(uuid.uuid4().bytes)
-    await conn.execute(insert(sessions).values(
-        id=str(uuid.uuid4()), token_hash=digest, token_key_id=key_id, user_id=user_id,
-        factor_id=factor_id, method="authenticator_app", application="portal",
-        caller="test", authenticated_at=now, expires_at=now + timedelta(hours=1),
-        idle_expires_at=now + timedelta(minutes=30)))
-
-
-async def factor_row(db: Database, factor_id: str) -> Any:
-    async with db.engine.connect() as conn:
-        return (await conn.execute(select(factors).where(factors.c.id == factor_id))).one()
 
 
 def usage(status: admin_module.KeyStatus, key_id: str) -> admin_module.KeyUsage:
@@ -181,7 +111,7 @@ async def test_rotation_moves_passkey_credentials_and_open_ceremonies_still_pass
     """A passkey's credential is bound with its own AAD: the rotation must re-encrypt it
     with that one, and a challenge opened before the rotation (its WebAuthn challenge
     derived under the old key) still verifies after it."""
-    from tests.softauthn import SoftAuthenticator
+    from tests.support.softauthn import SoftAuthenticator
     clock = FixedClock(T0)
     key = SoftAuthenticator()
     async with serving(own_url, clock, OLD) as stub:
@@ -433,116 +363,5 @@ async def test_reset_user_refuses_bad_input(app: App, user: str, reason: str,
 
 
 # -- the real executable ----------------------------------------------------------------------
-def _env(database_url: str, keyring: str = TEST_KEYRING) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MFA_")}
-    env.update(MFA_DATABASE_URL=database_url, MFA_KEYRING=keyring, MFA_LOG_FORMAT="text")
-    return env
 
 
-async def run_cli(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    # cwd: a directory without a .env file, so only ``env`` configures the command.
-    return await asyncio.to_thread(subprocess.run, [CLI, *args], cwd=cwd, env=env,
-                                   capture_output=True, text=True, timeout=60)
-
-
-async def test_audit_command_prints_a_users_events_newest_first(
-        app: App, stub: Stub, database_url: str, user_id: str, fresh_clock: FixedClock,
-        tmp_path: Path) -> None:
-    await enroll_app(stub, user_id, fresh_clock)
-    await AdminService(app.database, fresh_clock).reset_user(user_id, "SD-77")
-    async with app.database.transaction() as tx:
-        expected = await tx.audit.page(user_id)
-    env = _env(database_url)
-
-    text = await run_cli(tmp_path, env, "audit", "--user", user_id)
-    assert text.returncode == 0, text.stderr
-    lines = text.stdout.splitlines()
-    assert len(lines) == len(expected) >= 3
-    assert "  admin_reset  ok  caller=admin-cli  " in lines[0]
-    assert '"reason": "SD-77"' in lines[0]
-    assert [line.split("  ")[1] for line in lines] == [e.event for e in expected]
-    assert "factor_confirmed" in text.stdout and "enroll" in text.stdout
-
-    as_json = await run_cli(tmp_path, env, "audit", "--user", user_id, "--json", "--limit", "2",
-                            "--since", (fresh_clock.now() - timedelta(hours=1)).isoformat())
-    assert as_json.returncode == 0, as_json.stderr
-    events = [json.loads(line) for line in as_json.stdout.splitlines()]
-    assert [e["event_id"] for e in events] == [e.event_id for e in expected[:2]]
-    assert events[0]["event"] == "admin_reset" and events[0]["user_id"] == user_id
-    assert events[0]["detail"]["reason"] == "SD-77"
-
-    none = await run_cli(tmp_path, env, "audit", "--user", user_id, "--until", "2001-01-01")
-    assert (none.returncode, none.stdout) == (0, "")
-
-
-async def _seed(url: str, clock: Clock) -> tuple[str, str]:
-    """A migrated SQLite file with one factor (old key), one live session (old key) and a
-    lockout, as a server would have left them; returns (user id, factor id)."""
-    await _migrate(url)
-    async with opened(url) as db:
-        factor_id = await add_factor(db, Keyring.parse(OLD), "henry", clock.now())
-        async with db.transaction() as tx:
-            await add_live_session(tx.conn, Keyring.parse(OLD), "henry", factor_id,
-                                   clock.now())
-            await tx.conn.execute(insert(user_lockouts).values(
-                user_id="henry", consecutive_failures=7, locked_until=clock.now()))
-    return "henry", factor_id
-
-
-async def test_keys_commands_from_the_command_line(tmp_path: Path) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'mfa.db'}"
-    await _seed(url, SystemClock())  # the command judges "live" by the real clock
-
-    before = await run_cli(tmp_path, _env(url, ROTATED), "keys", "status")
-    assert before.returncode == 0, before.stderr
-    assert "old-1 is still needed: 1 encrypted value(s): run `mfa-service keys rotate`" \
-        in before.stdout
-
-    rotated = await run_cli(tmp_path, _env(url, ROTATED), "keys", "rotate", "--batch", "10")
-    assert rotated.returncode == 0, rotated.stderr
-    assert "factor secrets: 1 re-encrypted, 0 skipped (changed meanwhile), 0 failed" \
-        in rotated.stdout
-
-    after = await run_cli(tmp_path, _env(url, ROTATED), "keys", "status")
-    assert after.returncode == 0, after.stderr
-    assert "old-1 is still needed: 1 HMAC-keyed value(s)" in after.stdout
-    assert "cannot be re-keyed" in after.stdout and "encrypted value" not in after.stdout
-
-    missing = await run_cli(tmp_path, _env(url, NEW), "keys", "status")
-    assert missing.returncode == 1
-    assert "PROBLEM: old-1 is not in MFA_KEYRING but 1 stored value(s) need it" \
-        in missing.stdout
-
-
-async def test_admin_reset_user_from_the_command_line(tmp_path: Path) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'mfa.db'}"
-    user_id, factor_id = await _seed(url, SystemClock())
-    env = _env(url)
-
-    done = await run_cli(tmp_path, env, "admin", "reset-user", user_id, "--reason", "SD-9")
-    assert done.returncode == 0, done.stderr
-    assert "factors disabled (secrets wiped): 1" in done.stdout
-    assert "sessions revoked: 1" in done.stdout and "lockout cleared: yes" in done.stdout
-    async with opened(url) as db:
-        row = await factor_row(db, factor_id)
-        assert (row.status, row.secret_ciphertext) == ("disabled", None)
-        async with db.engine.connect() as conn:
-            assert await conn.scalar(select(func.count()).select_from(user_lockouts)) == 0
-            assert await conn.scalar(select(func.count()).select_from(sessions).where(
-                sessions.c.revoked_at.is_(None))) == 0
-
-    nobody = await run_cli(tmp_path, env, "admin", "reset-user", "nobody", "--reason", "SD-10")
-    assert nobody.returncode == 0, nobody.stderr
-    assert "nothing to reset" in nobody.stdout
-
-    for bad in (["--reason", "x" * 501], []):
-        refused = await run_cli(tmp_path, env, "admin", "reset-user", user_id, *bad)
-        assert refused.returncode == 2
-        assert "reason" in refused.stderr
-
-
-def test_naive_times_are_utc() -> None:
-    from mfa_service.cli_admin import parse_instant
-
-    assert parse_instant("2026-03-02") == datetime(2026, 3, 2, tzinfo=UTC)
-    assert parse_instant("2026-03-02T11:00:00+01:00") == datetime(2026, 3, 2, 10, tzinfo=UTC)

@@ -58,9 +58,9 @@ from mfa_service.delivery.outbox import decode_payload
 from mfa_service.delivery.templates import notice_message
 from mfa_service.domain import Channel, NoticeKind
 from mfa_service.store.models import outbox
-from tests.conftest import TEST_KEYRING
-from tests.rig import unique_phone
-from tests.softauthn import SoftAuthenticator, SoftAuthnError
+from tests.support.config import TEST_KEYRING
+from tests.support.rig import unique_phone
+from tests.support.softauthn import SoftAuthenticator, SoftAuthnError
 
 EXAMPLES = int(os.environ.get("MFA_ATTACKER_EXAMPLES", "12"))
 STEPS = int(os.environ.get("MFA_ATTACKER_STEPS", "20"))

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from mfa_service.app import App
 from mfa_service.clock import FixedClock
 from mfa_service.store.models import factors, sessions
-from tests.conftest import challenge, enroll_app, login, rich_error, totp_at
+from tests.support.client import challenge, enroll_app, login, rich_error, totp_at
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub

@@ -19,7 +19,7 @@ from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 from mfa_service.app import connection_options, create_server
 from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
-from tests.conftest import TEST_KEYRING, make_settings
+from tests.support.config import TEST_KEYRING, make_settings
 
 
 def test_connection_settings_become_server_options(sqlite_url: str) -> None:

@@ -27,7 +27,8 @@ from sqlalchemy.engine import make_url
 from mfa_service.app import App
 from mfa_service.clock import FixedClock
 from mfa_service.store.models import challenges
-from tests.conftest import _asyncpg_dsn, enroll_app
+from tests.support.client import enroll_app
+from tests.support.config import asyncpg_dsn
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
@@ -48,7 +49,7 @@ async def holding_the_users_lock(url: str, user_id: str) -> AsyncIterator[None]:
         finally:
             conn.close()
         return
-    pg = await asyncpg.connect(_asyncpg_dsn(url))
+    pg = await asyncpg.connect(asyncpg_dsn(url))
     try:
         async with pg.transaction():
             locked = await pg.fetchval(
@@ -62,7 +63,7 @@ async def holding_the_users_lock(url: str, user_id: str) -> AsyncIterator[None]:
 
 async def waiting_on_locks(url: str) -> int:
     """Backends of the server (application_name) waiting for a lock now."""
-    pg = await asyncpg.connect(_asyncpg_dsn(url))
+    pg = await asyncpg.connect(asyncpg_dsn(url))
     try:
         count: int = await pg.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mfa-service' "

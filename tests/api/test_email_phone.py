@@ -14,16 +14,15 @@ import pytest
 from grpc import aio
 from mfa.v1 import two_factor_service_pb2 as pb
 from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
-from pydantic import ValidationError
 from sqlalchemy import select
 
 from mfa_service.app import App
 from mfa_service.crypto import Keyring
 from mfa_service.delivery.outbox import decode_payload
-from mfa_service.settings import Settings
 from mfa_service.store.models import outbox
-from tests.conftest import TEST_KEYRING, rich_error, totp_at
-from tests.rig import (
+from tests.support.client import rich_error, totp_at
+from tests.support.config import TEST_KEYRING
+from tests.support.rig import (
     Rig,
     code_in,
     delivered_all,
@@ -370,13 +369,6 @@ async def test_destinations_are_validated(stub: Stub, user_id: str,
     assert set(e.field_violations) == {field}
 
 
-def test_production_refuses_console_senders() -> None:
-    with pytest.raises(ValidationError) as err:
-        Settings.model_validate({"env": "production", "keyring": TEST_KEYRING})
-    assert "MFA_EMAIL_PROVIDER=console" in str(err.value)
-    assert "MFA_PHONE_PROVIDER=console" in str(err.value)
-
-
 async def test_security_notices_reach_the_user_by_email(rig: Rig, user_id: str) -> None:
     _, address = await enroll_email(rig, user_id)
 
@@ -428,7 +420,6 @@ async def test_security_notices_reach_the_user_by_email(rig: Rig, user_id: str) 
     assert any("locked" in t for t in texts)
     assert any("recovery code" in t and "9 left" in t for t in texts)
     assert any("removed" in t for t in texts)
-
 
 
 async def test_messages_follow_the_factor_locale(rig: Rig, user_id: str) -> None:

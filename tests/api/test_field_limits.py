@@ -22,7 +22,7 @@ from sqlalchemy import select
 from mfa_service.app import App
 from mfa_service.clock import FixedClock
 from mfa_service.store.models import challenges, factors
-from tests.conftest import challenge, enroll_app, rich_error
+from tests.support.client import challenge, enroll_app, rich_error
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub

@@ -36,7 +36,8 @@ from hypothesis import strategies as st
 from mfa.v1 import two_factor_service_pb2 as pb
 
 from mfa_service.clock import FixedClock
-from tests.conftest import IN_CI, challenge, enroll_app, login
+from tests.support.client import challenge, enroll_app, login
+from tests.support.config import IN_CI
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub

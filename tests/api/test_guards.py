@@ -23,7 +23,7 @@ from mfa_service.service import audit
 from mfa_service.store.database import Transaction
 from mfa_service.store.models import challenges, sessions
 from mfa_service.store.security import LockoutRepository, LockoutState
-from tests.conftest import enroll_app, totp_at
+from tests.support.client import enroll_app, totp_at
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub

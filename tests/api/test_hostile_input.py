@@ -30,9 +30,10 @@ from mfa_service.app import App, create_server
 from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
 from mfa_service.transport.auth import new_token
-from tests.conftest import TEST_KEYRING, make_settings, rich_error, totp_at
-from tests.softauthn import SoftAuthenticator
-from tests.test_passkey import enroll_passkey, passkey_challenge
+from tests.support.client import rich_error, totp_at
+from tests.support.config import TEST_KEYRING, make_settings
+from tests.support.passkey import enroll_passkey, passkey_challenge
+from tests.support.softauthn import SoftAuthenticator
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub

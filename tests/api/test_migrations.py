@@ -16,7 +16,7 @@ from mfa_service.errors import ConfigurationError
 from mfa_service.store import migrate
 from mfa_service.store.engine import create_engine
 from mfa_service.store.models import Base
-from tests.conftest import TEST_KEYRING, make_settings
+from tests.support.config import TEST_KEYRING, make_settings
 
 
 async def test_migrated_schema_matches_the_models(database_url: str) -> None:

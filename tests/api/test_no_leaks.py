@@ -50,16 +50,10 @@ from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
 from mfa_service.logs import JsonFormatter
 from mfa_service.store.models import audit_events
-from tests.conftest import (
-    TEST_KEYRING,
-    AppFactor,
-    login,
-    regenerate_proof,
-    rich_error,
-    totp_at,
-)
-from tests.fakes import RecordingHandler, http_server_running, smtp_server
-from tests.rig import (
+from tests.support.client import AppFactor, login, regenerate_proof, rich_error, totp_at
+from tests.support.config import TEST_KEYRING
+from tests.support.fakes import RecordingHandler, http_server_running, smtp_server
+from tests.support.rig import (
     CODE_RE,
     SPOKEN_CODE_RE,
     Rig,

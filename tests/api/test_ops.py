@@ -10,9 +10,6 @@ from google.protobuf import descriptor_pb2
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
-from mfa.v1 import error_reason_pb2
-
-from mfa_service import errors
 
 SERVICE = "mfa.v1.TwoFactorService"
 RPCS = {"Enroll", "Challenge", "Verify", "Disable", "CheckSession", "ListFactors",
@@ -120,35 +117,3 @@ async def test_reflection_unknown_symbol_is_not_found(
 # -- error contract ----------------------------------------------------------------------------
 
 
-def test_every_error_reason_is_a_value_of_the_proto_enum() -> None:
-    """Reasons are ErrorReason values, so a reason the proto lacks cannot be raised; every
-    class that states one states a named value, and the two whose reason depends on the
-    situation have no default."""
-    pending: list[type[errors.MfaError]] = [errors.MfaError]
-    named = set()
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if "reason" in vars(cls):
-            named.add(error_reason_pb2.ErrorReason.Name(vars(cls)["reason"]))
-    assert {"ERROR_REASON_INVALID_REQUEST", "ERROR_REASON_FACTOR_NOT_FOUND",
-            "ERROR_REASON_STORE_UNAVAILABLE", "ERROR_REASON_INTERNAL"} <= named
-    with pytest.raises(TypeError):
-        errors.FailedPrecondition("no reason given")  # type: ignore[call-arg]
-    with pytest.raises(TypeError):
-        errors.MfaError("no reason given")
-
-
-def test_a_deadline_the_server_hit_names_its_reason() -> None:
-    """What a caller reads when the server, not its own timer, ended the call."""
-    from google.rpc import error_details_pb2, status_pb2
-
-    from mfa_service.transport.status import status_code_for, to_grpc_status
-
-    exc = errors.DeadlineExceeded()
-    assert status_code_for(exc).name == "DEADLINE_EXCEEDED"
-    [(_, blob)] = [m for m in to_grpc_status(exc).trailing_metadata
-                   if m[0] == "grpc-status-details-bin"]
-    info = error_details_pb2.ErrorInfo()
-    status_pb2.Status.FromString(blob).details[0].Unpack(info)
-    assert info.reason == "ERROR_REASON_DEADLINE_EXCEEDED"

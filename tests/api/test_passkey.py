@@ -1,6 +1,6 @@
 """Passkeys (METHOD_PASSKEY) through the real server, on SQLite and PostgreSQL.
 
-The browser and its authenticator are the only fake: tests/softauthn.py makes what
+The browser and its authenticator are the only fake: tests/support/softauthn.py makes what
 ``navigator.credentials.create()/get()`` and ``toJSON()`` would, with real ES256 keys, so
 every refusal below is py_webauthn refusing a real signature, origin, RP ID or flag.
 """
@@ -17,40 +17,13 @@ from mfa.v1 import two_factor_service_pb2 as pb
 from webauthn.helpers import bytes_to_base64url
 
 from mfa_service.clock import FixedClock
-from mfa_service.settings import Settings
-from tests.conftest import TEST_KEYRING, enroll_app, login, rich_error
-from tests.softauthn import CredentialExcluded, SoftAuthenticator
+from tests.support.client import enroll_app, login, rich_error
+from tests.support.passkey import enroll_passkey, passkey_challenge, passkey_login
+from tests.support.softauthn import CredentialExcluded, SoftAuthenticator
 
 if TYPE_CHECKING:  # the async stub class exists only in the typed stubs (.pyi)
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
 ONE_PASSWORD = bytes.fromhex("bada5566a7aa401fbd9645619a55120d")
-
-
-async def enroll_passkey(stub: Stub, user_id: str, key: SoftAuthenticator,
-                         session_token: str = "") -> tuple[pb.EnrollResponse, pb.VerifyResponse]:
-    enrolled = await stub.Enroll(pb.EnrollRequest(
-        user_id=user_id, method=pb.METHOD_PASSKEY, application=pb.APPLICATION_PORTAL,
-        account_name=f"{user_id}@example.com", session_token=session_token))
-    confirmed = await stub.Verify(pb.VerifyRequest(
-        challenge_id=enrolled.challenge_id,
-        webauthn_response=key.create(enrolled.webauthn_creation_options)))
-    return enrolled, confirmed
-
-
-async def passkey_challenge(stub: Stub, user_id: str, factor_id: str,
-                            purpose: pb.Purpose.ValueType = pb.PURPOSE_LOGIN,
-                            ) -> pb.ChallengeResponse:
-    return await stub.Challenge(pb.ChallengeRequest(
-        user_id=user_id, factor_id=factor_id, purpose=purpose,
-        application=pb.APPLICATION_PORTAL))
-
-
-async def passkey_login(stub: Stub, user_id: str, factor_id: str,
-                        key: SoftAuthenticator, **get_args: Any) -> pb.VerifyResponse:
-    ch = await passkey_challenge(stub, user_id, factor_id)
-    return await stub.Verify(pb.VerifyRequest(
-        challenge_id=ch.challenge_id, webauthn_response=key.get(ch.webauthn_request_options,
-                                                                **get_args)))
 
 
 async def test_a_first_passkey_is_enrolled_and_confirmed_by_the_browser(
@@ -362,40 +335,5 @@ async def test_a_webauthn_response_on_a_code_challenge_is_invalid_argument(
 
 
 # -- configuration -----------------------------------------------------------------------------
-def _production(**extra: Any) -> dict[str, Any]:
-    return {"env": "production", "keyring": TEST_KEYRING, "tls_cert_file": "c",
-            "tls_key_file": "k", "callers_file": "callers.toml", "email_provider": "smtp",
-            "phone_provider": "webhook", "phone_webhook_url": "https://sms.internal/send",
-            **extra}
 
 
-def test_production_refuses_passkeys_without_an_explicit_rp_id_and_origins() -> None:
-    with pytest.raises(ValueError, match="MFA_WEBAUTHN_RP_ID and MFA_WEBAUTHN_ORIGINS"):
-        Settings.model_validate(_production())
-    with pytest.raises(ValueError, match="MFA_WEBAUTHN_RP_ID and MFA_WEBAUTHN_ORIGINS"):
-        Settings.model_validate(_production(webauthn_rp_id="example.com"))
-    off = Settings.model_validate(_production(passkeys_enabled=False))
-    assert not off.passkeys_enabled
-    on = Settings.model_validate(_production(
-        webauthn_rp_id="example.com",
-        webauthn_origins="https://portal.example.com, https://example.com"))
-    assert on.origins == ("https://portal.example.com", "https://example.com")
-
-
-@pytest.mark.parametrize(("origins", "complaint"), [
-    ("https://portal.example.org", "not on the RP ID"),
-    ("http://portal.example.com", "must be https"),
-    ("https://portal.example.com/login", "is not an origin"),
-    ("https://notexample.com", "not on the RP ID"),
-])
-def test_origins_that_could_never_pass_are_refused_at_start_up(
-        origins: str, complaint: str) -> None:
-    with pytest.raises(ValueError, match=complaint):
-        Settings.model_validate(_production(webauthn_rp_id="example.com",
-                                            webauthn_origins=origins))
-
-
-def test_development_defaults_fit_the_reference_portal_and_backoffice() -> None:
-    settings = Settings.model_validate({"keyring": TEST_KEYRING})
-    assert settings.rp_id == "localhost"
-    assert settings.origins == ("http://localhost:8080", "http://localhost:8081")

@@ -29,8 +29,9 @@ from mfa_service.app import App, create_server
 from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
 from mfa_service.store.models import phone_budget_days
-from tests.conftest import TEST_KEYRING, enroll_app, make_settings, rich_error
-from tests.rig import Rig, code_in, enroll_phone, eventually, phone_text, unique_phone
+from tests.support.client import enroll_app, rich_error
+from tests.support.config import TEST_KEYRING, make_settings
+from tests.support.rig import Rig, code_in, enroll_phone, eventually, phone_text, unique_phone
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub

@@ -7,93 +7,26 @@ every factor."""
 
 from __future__ import annotations
 
-import itertools
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
 from grpc import aio
 from mfa.v1 import two_factor_service_pb2 as pb
-from mfa.v1.error_reason_pb2 import ErrorReason
 
 from mfa_service.clock import FixedClock
-from mfa_service.errors import FailedPrecondition
-from mfa_service.service import policy
-from mfa_service.service.policy import TABLE, Change, Evidence
-from tests.conftest import (
-    AppFactor,
-    enroll_app,
-    login,
-    regenerate_proof,
-    rich_error,
-    totp_at,
-)
-from tests.rig import Rig, code_in, enroll_email, eventually, has_code, step_up
-from tests.softauthn import SoftAuthenticator
+from tests.support.client import AppFactor, enroll_app, login, regenerate_proof, rich_error, totp_at
+from tests.support.rig import Rig, code_in, enroll_email, eventually, has_code, step_up
+from tests.support.softauthn import SoftAuthenticator
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "SECURITY.md"
 HOLD = 24 * 3600
 PORTAL = pb.APPLICATION_PORTAL
 
 
 # -- the table ------------------------------------------------------------------------------
-def test_security_md_shows_the_table_the_code_enforces() -> None:
-    assert policy.markdown_table() in DOCS.read_text(), (
-        "docs/SECURITY.md differs from service/policy.py: paste "
-        "`python -m mfa_service.service.policy` into it")
-
-
-@pytest.mark.parametrize("change", list(Change))
-def test_every_row_allows_each_of_its_alternatives(change: Change) -> None:
-    for alternative in TABLE[change].needs:
-        assert policy.allows(change, alternative)
-        policy.require(change, alternative)
-
-
-@pytest.mark.parametrize("change", list(Change))
-def test_every_row_refuses_what_it_calls_never_enough(change: Change) -> None:
-    for weak in TABLE[change].never_enough:
-        assert not policy.allows(change, {weak, Evidence.PASSWORD_STEP})
-        with pytest.raises(FailedPrecondition):
-            policy.require(change, {weak, Evidence.PASSWORD_STEP})
-
-
-def test_no_single_weak_kind_of_evidence_satisfies_a_row_that_names_it_never_enough() -> None:
-    # Pairs too: a stale session with a new factor's proof still removes nothing.
-    rule = TABLE[Change.DISABLE_FACTOR]
-    for pair in itertools.combinations(rule.never_enough, 2):
-        assert not policy.allows(Change.DISABLE_FACTOR, pair)
-    rule = TABLE[Change.REGENERATE_RECOVERY_CODES]
-    for pair in itertools.combinations(rule.never_enough, 2):
-        assert not policy.allows(Change.REGENERATE_RECOVERY_CODES, pair)
-
-
-def test_a_refusal_says_what_is_missing() -> None:
-
-    def name(change: Change, shown: set[Evidence]) -> str:
-        with pytest.raises(FailedPrecondition) as err:
-            policy.require(change, shown)
-        return ErrorReason.Name(err.value.reason)
-
-    assert name(Change.ADD_FACTOR, {Evidence.SESSION}) == "ERROR_REASON_RECENT_SESSION_REQUIRED"
-    assert name(Change.CHANGE_PHONE, {Evidence.FRESH_SESSION}) == (
-        "ERROR_REASON_PHONE_CHANGE_PROOF_REQUIRED")
-    assert name(Change.CHANGE_PHONE, {Evidence.PROOF_WITH_OLD_PHONE}) == (
-        "ERROR_REASON_RECENT_SESSION_REQUIRED")
-    assert name(Change.DISABLE_FACTOR, {Evidence.NEW_RECOVERY_CODE}) == (
-        "ERROR_REASON_CREDENTIAL_TOO_NEW")
-    assert name(Change.DISABLE_FACTOR, {Evidence.PROOF_WITH_ESTABLISHED}) == (
-        "ERROR_REASON_CHALLENGE_MISMATCH")
-    assert name(Change.REGENERATE_RECOVERY_CODES, {Evidence.PROOF_WITH_NEW}) == (
-        "ERROR_REASON_CREDENTIAL_TOO_NEW")
-    assert name(Change.REGENERATE_RECOVERY_CODES, {Evidence.FRESH_SESSION}) == (
-        "ERROR_REASON_PROOF_REQUIRED")
-    assert name(Change.CONFIRM_PENDING, {Evidence.PROOF_WITH_TARGET}) == (
-        "ERROR_REASON_ENROLLING_SESSION_ENDED")
 
 
 # -- through the server ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from mfa_service.app import App
 from mfa_service.clock import FixedClock
 from mfa_service.store.models import audit_events, challenges, factors, outbox, sessions
 from mfa_service.store.retention import Retention, purge
-from tests.conftest import enroll_app, login
+from tests.support.client import enroll_app, login
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub

@@ -1,19 +1,16 @@
 """The revocation listener's heartbeat (PostgreSQL): a listening connection that goes
 half-open (no FIN, no RST: it simply stops delivering) is noticed within 2 s, the cache
 turns itself off so every CheckSession reads the database, and it comes back, empty, once
-the listener hears its heartbeat again. Revocations cross processes within a second."""
+the listener hears its heartbeat again. Revocations cross servers within a second (across
+real processes: tests/system/test_revocation_listener.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,9 +28,10 @@ from mfa_service.service.session_cache import (
     RevocationListener,
     SessionCache,
 )
-from tests.conftest import TEST_KEYRING, enroll_app, login, make_settings
-from tests.test_session_cache import Replica
-from tests.test_statements import counting
+from tests.support.client import enroll_app, login
+from tests.support.config import TEST_KEYRING, make_settings
+from tests.support.replica import Replica
+from tests.support.statements import counting
 
 
 class StallingProxy:
@@ -212,51 +210,3 @@ async def test_the_listening_connection_has_tcp_keepalives(
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         with contextlib.suppress(AttributeError):  # Linux
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
-
-
-@pytest.mark.postgres
-async def test_a_revocation_is_seen_by_another_server_process_within_1_s(
-        postgres_url: str, tmp_path: Path) -> None:
-    """Two real `mfa-service serve` processes on one database: the session is cached by
-    the second; a logout through the first is invalid there within a second."""
-    from tests.test_shutdown import CLI, _free_port, _session_token, _wait_serving
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MFA_")}
-    env.update(MFA_DATABASE_URL=postgres_url, MFA_KEYRING=TEST_KEYRING,
-               MFA_LOG_LEVEL="WARNING", MFA_PURGE_INTERVAL_SECONDS="0",
-               MFA_SHUTDOWN_DRAIN_SECONDS="0")
-    procs, targets = [], []
-    try:
-        for i in range(2):
-            target = f"127.0.0.1:{_free_port()}"
-            with (tmp_path / f"server-{i}.log").open("wb") as log:
-                procs.append(subprocess.Popen([CLI, "serve"], cwd=tmp_path,
-                                              env={**env, "MFA_LISTEN_ADDR": target},
-                                              stderr=log))
-            targets.append(target)
-        for proc, target in zip(procs, targets, strict=True):
-            await _wait_serving(target, proc)
-        async with aio.insecure_channel(targets[0]) as first, \
-                aio.insecure_channel(targets[1]) as second:
-            a, b = pb_grpc.TwoFactorServiceStub(first), pb_grpc.TwoFactorServiceStub(second)
-            token = await _session_token(a)
-            check = pb.CheckSessionRequest(session_token=token,
-                                           application=pb.APPLICATION_BACKOFFICE)
-            await asyncio.sleep(1.5)  # the second process's listener hears a heartbeat
-            for _ in range(3):
-                assert (await b.CheckSession(check)).valid  # now answered from its cache
-            started = time.monotonic()
-            await a.RevokeSession(pb.RevokeSessionRequest(session_token=token))
-            while (await b.CheckSession(check)).valid:
-                assert time.monotonic() - started < 1.0, "revocation not seen within 1 s"
-                await asyncio.sleep(0.005)
-            latency = time.monotonic() - started
-            print(f"revocation seen by the other process in {latency * 1000:.1f} ms")
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()

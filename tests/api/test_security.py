@@ -4,10 +4,9 @@ production start-up refusals. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import contextvars
 import re
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,75 +16,23 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mfa.v1 import two_factor_service_pb2 as pb
 from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
-from pydantic import ValidationError
 from sqlalchemy import select
 
 from mfa_service.app import App, create_server
 from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
-from mfa_service.domain import Application, AuditContext
-from mfa_service.errors import ConfigurationError, PermissionDenied
-from mfa_service.service.limits import LockoutPolicy
-from mfa_service.settings import Settings
+from mfa_service.errors import ConfigurationError
 from mfa_service.store.models import recovery_codes
-from mfa_service.store.security import LockoutState
 from mfa_service.transport.auth import new_token
-from mfa_service.transport.interceptors import caller_var
-from tests.certs import Authority, write
-from tests.conftest import (
-    TEST_KEYRING,
-    AppFactor,
-    enroll_app,
-    login,
-    make_settings,
-    regenerate_proof,
-    rich_error,
-    totp_at,
-)
+from tests.support.certs import Authority, write
+from tests.support.client import AppFactor, enroll_app, login, regenerate_proof, rich_error, totp_at
+from tests.support.config import TEST_KEYRING, make_settings
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
 
-T = datetime(2026, 1, 1, tzinfo=UTC)
-
 
 # -- the lockout policy (pure) -------------------------------------------------------------
-def fail(policy: LockoutPolicy, state: LockoutState, times: int,
-         at: datetime) -> tuple[LockoutState, list[bool]]:
-    locks = []
-    for _ in range(times):
-        state, locked = policy.after_failure(state, at)
-        locks.append(locked)
-    return state, locks
-
-
-def test_lockout_waits_double_from_one_to_fifteen_minutes() -> None:
-    policy, state = LockoutPolicy(), LockoutPolicy.after_success()
-    waits = []
-    for _ in range(6):
-        state, locks = fail(policy, state, 5, T)
-        assert locks == [False, False, False, False, True]
-        assert state.locked_until is not None
-        waits.append((state.locked_until - T).total_seconds() / 60)
-    assert waits == [1, 2, 4, 8, 15, 15]
-    assert policy.refusal(state, T) == 15 * 60
-    assert policy.refusal(state, T + timedelta(minutes=15)) is None
-
-
-def test_quiet_twelve_hours_resets_the_count() -> None:
-    policy = LockoutPolicy()
-    state, _ = fail(policy, LockoutPolicy.after_success(), 4, T)
-    state, locks = fail(policy, state, 4, T + timedelta(hours=12))
-    assert locks == [False] * 4
-    assert state.consecutive_failures == 4
-
-
-def test_one_hundred_failures_need_an_administrator() -> None:
-    policy = LockoutPolicy()
-    state, locks = fail(policy, LockoutPolicy.after_success(), 100, T)
-    assert locks[-1] is True
-    assert state.admin_reset_required
-    assert policy.refusal(state, T + timedelta(days=30)) == 0  # 0: wait does not help
 
 
 # -- lockout through the API ----------------------------------------------------------------
@@ -480,23 +427,6 @@ async def test_callers_file_is_validated(tmp_path: Path, database_url: str) -> N
 
 
 # -- start-up refusals ------------------------------------------------------------------------
-def test_production_says_everything_it_needs() -> None:
-    with pytest.raises(ValidationError) as err:
-        Settings.model_validate({"env": "production"})
-    message = str(err.value)
-    for needed in ("MFA_TLS_CERT_FILE", "MFA_CALLERS_FILE", "MFA_KEYRING",
-                   "MFA_EMAIL_PROVIDER=console", "MFA_PHONE_PROVIDER=console"):
-        assert needed in message
-
-
-def test_production_settings_that_are_complete_are_accepted(tmp_path: Path) -> None:
-    settings = Settings.model_validate({
-        "env": "production", "keyring": TEST_KEYRING, "tls_cert_file": tmp_path / "c",
-        "tls_key_file": tmp_path / "k", "callers_file": tmp_path / "callers.toml",
-        "email_provider": "smtp", "phone_provider": "webhook",
-        "phone_webhook_url": "https://sms.internal/send", "webauthn_rp_id": "example.com",
-        "webauthn_origins": "https://portal.example.com,https://backoffice.example.com"})
-    assert settings.env == "production"
 
 
 async def test_a_caller_without_an_application_reads_the_audit_and_nothing_else(
@@ -551,19 +481,6 @@ async def test_a_caller_without_an_application_reads_the_audit_and_nothing_else(
         [row] = [e for e in events.events if e.event == "session_revoked"]
         assert (row.caller, row.application) == ("portal-backend", pb.APPLICATION_PORTAL)
         assert row.detail["session_application"] == "backoffice"
-
-
-def test_a_call_that_was_never_authenticated_may_do_nothing() -> None:
-    """The default caller context grants nothing: a path that forgets to authenticate
-    fails closed, not open."""
-    caller = contextvars.Context().run(caller_var.get)
-    assert (caller.applications, caller.audit_reader) == (frozenset(), False)
-    who = AuditContext(caller="forgot-to-say")
-    for application in Application:
-        with pytest.raises(PermissionDenied):
-            who.authorize(application)
-    with pytest.raises(PermissionDenied):
-        who.authorize_any()
 
 
 async def test_development_without_callers_stays_on_loopback(database_url: str) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
@@ -17,37 +16,16 @@ from mfa.v1 import two_factor_service_pb2 as pb
 from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 from sqlalchemy.engine import make_url
 
-from mfa_service.app import App, create_server
+from mfa_service.app import create_server
 from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
 from mfa_service.service.admin import AdminService
 from mfa_service.store.database import Database
 from mfa_service.store.engine import create_engine
-from tests.conftest import TEST_KEYRING, enroll_app, login, make_settings, totp_at
-from tests.test_statements import counting
-
-if TYPE_CHECKING:
-    from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
-
-
-class Replica:
-    def __init__(self, app: App, stub: Stub) -> None:
-        self.app = app
-        self.stub = stub
-
-    async def valid(self, token: str) -> bool:
-        answer = await self.stub.CheckSession(pb.CheckSessionRequest(
-            session_token=token, application=pb.APPLICATION_PORTAL))
-        return answer.valid
-
-    async def cache_on(self) -> None:
-        cache = self.app.revocations._cache if self.app.revocations else None
-        assert cache is not None
-        for _ in range(100):
-            if cache.enabled:
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError("the revocation listener never connected")
+from tests.support.client import enroll_app, login, totp_at
+from tests.support.config import TEST_KEYRING, make_settings
+from tests.support.replica import Replica
+from tests.support.statements import counting
 
 
 @pytest.fixture

@@ -24,61 +24,21 @@ IMMEDIATE`` is counted.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 from mfa.v1 import two_factor_service_pb2 as pb
-from sqlalchemy import event
 
 from mfa_service.app import App
 from mfa_service.clock import FixedClock
-from mfa_service.store import hot
-from tests.conftest import enroll_app, login, totp_at
-from tests.rig import Rig, enroll_phone
+from tests.support.client import enroll_app, login, totp_at
+from tests.support.rig import Rig, enroll_phone
+from tests.support.statements import counting
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
 
 T = TypeVar("T")
-
-
-class Statements:
-    def __init__(self) -> None:
-        self.seen: list[tuple[int, str]] = []  # (connection, statement)
-
-    @property
-    def sql(self) -> list[str]:
-        # The health probe's connection (it runs SELECT 1 on its own schedule) is not
-        # part of any RPC: drop everything it sent (its BEGIN on SQLite too).
-        probes = {c for c, statement in self.seen if statement.strip() == "SELECT 1"}
-        return [statement for c, statement in self.seen if c not in probes]
-
-    async def count(self, call: Awaitable[T]) -> tuple[T, int]:
-        self.seen.clear()
-        result = await call
-        return result, len(self.sql)
-
-
-@contextmanager
-def counting(app: App) -> Iterator[Statements]:
-    seen = Statements()
-
-    def record(conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        seen.seen.append((id(conn), statement))
-
-    def record_hot(conn: int, statement: str) -> None:  # store/hot.py: raw asyncpg
-        seen.seen.append((conn, statement))
-
-    engine = app.database.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", record)
-    hot.observers.append(record_hot)
-    try:
-        yield seen
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
-        hot.observers.remove(record_hot)
 
 
 def within(app: App, n: int, postgres: int, sqlite: int) -> bool:
@@ -158,7 +118,7 @@ async def test_other_rpcs_statement_counts(
 async def test_a_passkey_login_costs_what_a_totp_login_costs(
         app: App, stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
     """The new sign counter rides in the login's deferred UPDATE of the factor row."""
-    from tests.softauthn import SoftAuthenticator
+    from tests.support.softauthn import SoftAuthenticator
     key = SoftAuthenticator()
     enrolled = await stub.Enroll(pb.EnrollRequest(
         user_id=user_id, method=pb.METHOD_PASSKEY, application=pb.APPLICATION_PORTAL))
@@ -185,7 +145,7 @@ async def test_a_passkey_login_costs_what_a_totp_login_costs(
 
 
 def _factor(resp: pb.EnrollResponse, user_id: str) -> Any:
-    from tests.conftest import AppFactor
+    from tests.support.client import AppFactor
 
     return AppFactor(resp.factor.factor_id, resp.totp_secret, user_id)
 

@@ -25,16 +25,8 @@ from sqlalchemy.engine import make_url
 from mfa_service.app import App, create_server
 from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
-from tests.conftest import (
-    T0,
-    TEST_KEYRING,
-    AppFactor,
-    enroll_app,
-    login,
-    make_settings,
-    rich_error,
-    totp_at,
-)
+from tests.support.client import AppFactor, enroll_app, login, rich_error, totp_at
+from tests.support.config import T0, TEST_KEYRING, make_settings
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub

@@ -13,7 +13,6 @@ Prometheus scrape endpoint.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import socket
@@ -42,10 +41,11 @@ from mfa_service import telemetry
 from mfa_service.app import App, create_server
 from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
-from mfa_service.logs import JsonFormatter, default_format
-from tests.conftest import TEST_KEYRING, AppFactor, enroll_app, login, make_settings, totp_at
-from tests.fakes import HttpServer, RecordingHandler
-from tests.rig import Rig, delivery_settings, enroll_email
+from mfa_service.logs import JsonFormatter
+from tests.support.client import AppFactor, enroll_app, login, totp_at
+from tests.support.config import TEST_KEYRING, make_settings
+from tests.support.fakes import HttpServer, RecordingHandler
+from tests.support.rig import Rig, delivery_settings, enroll_email
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
@@ -254,25 +254,6 @@ async def test_a_full_flow_is_traced_and_measured(observed: Observed, user_id: s
     leaks = [(secret, where[:200]) for secret in flow.secrets if len(secret) >= 6
              for where in everything if secret in where]
     assert not leaks, leaks
-
-
-async def test_nothing_is_built_when_nothing_is_exported(database_url: str) -> None:
-    settings = make_settings(database_url)
-    tel = telemetry.configure(settings)
-    assert (tel.tracer_provider, tel.meter_provider, tel.metrics) == (None, None, None)
-    assert tel.server_interceptor() is None and tel.http_transport() is None
-
-
-def test_json_is_the_default_off_a_terminal_and_text_on_one(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    class Tty(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    monkeypatch.setattr("sys.stderr", io.StringIO())
-    assert default_format() == "json"
-    monkeypatch.setattr("sys.stderr", Tty())
-    assert default_format() == "text"
 
 
 # -- the production configuration: OTLP over HTTP, Prometheus -------------------------------

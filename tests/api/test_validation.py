@@ -20,7 +20,7 @@ from grpc_status import rpc_status
 from mfa.v1 import two_factor_service_pb2 as pb
 
 from mfa_service.clock import FixedClock
-from tests.conftest import AppFactor, RichError, enroll_app, login, rich_error, totp_at
+from tests.support.client import AppFactor, RichError, enroll_app, login, rich_error, totp_at
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub

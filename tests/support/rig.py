@@ -1,7 +1,7 @@
 """The delivery rig: an in-process server whose messages go through the outbox to a real
 SMTP server (aiosmtpd) and a real local HTTP server (webhook and Twilio shapes), its
-generated client, and helpers to read what reached those edges. Its fixtures are
-registered in conftest.py."""
+generated client, and helpers to read what reached those edges. Its fixtures (``smtp``,
+``provider``, ``rig``) are in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import TYPE_CHECKING, Any
 
 import phonenumbers
-import pytest
 from grpc import aio
 from mfa.v1 import two_factor_service_pb2 as pb
 from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
@@ -26,9 +26,9 @@ from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
 from mfa_service.settings import Settings
 from mfa_service.store.models import outbox
-from tests.conftest import TEST_KEYRING, AppFactor, login, make_settings
-from tests.fakes import HttpServer, RecordedRequest, RecordingHandler, http_server_running
-from tests.fakes import smtp_server as run_smtp_server
+from tests.support.client import AppFactor, login
+from tests.support.config import TEST_KEYRING, make_settings
+from tests.support.fakes import HttpServer, RecordedRequest, RecordingHandler
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
@@ -39,19 +39,6 @@ SPOKEN_CODE_RE = re.compile(r"\d(?:, \d){5}")
 
 def has_code(text: str) -> bool:
     return bool(CODE_RE.search(text) or SPOKEN_CODE_RE.search(text))
-
-
-@pytest.fixture(scope="module")
-def smtp() -> Iterator[tuple[RecordingHandler, int]]:
-    handler = RecordingHandler()
-    with run_smtp_server(handler) as port:
-        yield handler, port
-
-
-@pytest.fixture
-async def provider() -> AsyncIterator[HttpServer]:
-    async with http_server_running() as server:
-        yield server
 
 
 @dataclass
@@ -166,16 +153,17 @@ def delivery_settings(database_url: str, smtp_port: int, provider: HttpServer,
     return make_settings(database_url, **values)
 
 
-@pytest.fixture(params=["webhook", "twilio"])
-async def rig(request: pytest.FixtureRequest, database_url: str,
-              smtp: tuple[RecordingHandler, int], provider: HttpServer,
-              fresh_clock: FixedClock) -> AsyncIterator[Rig]:
+@asynccontextmanager
+async def running_rig(database_url: str, smtp: tuple[RecordingHandler, int],
+                      provider: HttpServer, clock: FixedClock,
+                      phone_provider: str) -> AsyncIterator[Rig]:
+    """A delivery rig on ``database_url``; every server it started is stopped at the end."""
     handler, port = smtp
     apps: list[App] = []
 
     async def start(**extra: Any) -> App:
-        settings = delivery_settings(database_url, port, provider, request.param, **extra)
-        app = await create_server(settings, clock=fresh_clock,
+        settings = delivery_settings(database_url, port, provider, phone_provider, **extra)
+        app = await create_server(settings, clock=clock,
                                   keyring=Keyring.parse(TEST_KEYRING))
         apps.append(app)
         return app
@@ -184,7 +172,7 @@ async def rig(request: pytest.FixtureRequest, database_url: str,
     channel = aio.insecure_channel(f"127.0.0.1:{app.port}")
     stub: Stub = pb_grpc.TwoFactorServiceStub(channel)
     try:
-        yield Rig(app, stub, fresh_clock, handler, provider, start)
+        yield Rig(app, stub, clock, handler, provider, start)
     finally:
         await channel.close()
         for a in apps:

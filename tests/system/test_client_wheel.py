@@ -12,7 +12,6 @@ import importlib.metadata
 import json
 import subprocess
 import sys
-import tomllib
 import venv
 import zipfile
 from collections.abc import AsyncIterator
@@ -23,16 +22,16 @@ import pytest
 from grpc import aio
 from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 
-import mfa_service
 from mfa_service.app import App, create_server
 from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
-from tests.conftest import REPO, TEST_KEYRING, enroll_app, login, make_settings
+from tests.support.client import enroll_app, login
+from tests.support.config import REPO, TEST_KEYRING, make_settings
+from tests.support.packaging import CLIENT_DEPENDENCIES, requirement_name
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
 
-CLIENT_DEPENDENCIES = {"grpcio", "grpcio-status", "protobuf", "googleapis-common-protos"}
 
 # Runs inside the clean environment: only the wheel and its dependencies are importable.
 PORTAL = '''
@@ -74,30 +73,6 @@ print(json.dumps(asyncio.run(main(*sys.argv[1:]))))
 '''
 
 
-def _project(path: Path) -> dict[str, object]:
-    project: dict[str, object] = tomllib.loads(path.read_text("utf-8"))["project"]
-    return project
-
-
-def _name(requirement: str) -> str:
-    return requirement.split(";")[0].split("[")[0].split("=")[0].split("<")[0].split(
-        ">")[0].strip().lower()
-
-
-def test_the_client_version_is_the_servers_and_the_server_pins_it() -> None:
-    server, client = _project(REPO / "pyproject.toml"), _project(
-        REPO / "generated/pyproject.toml")
-    assert client["name"] == "mfa-service-client"
-    assert client["version"] == server["version"] == mfa_service.__version__
-    server_deps, client_deps = server["dependencies"], client["dependencies"]
-    assert isinstance(server_deps, list) and isinstance(client_deps, list)
-    assert f"mfa-service-client=={server['version']}" in server_deps
-    assert {_name(r) for r in client_deps} == CLIENT_DEPENDENCIES
-    # The installed server (editable or not) says the same.
-    assert f"mfa-service-client=={server['version']}" in (
-        importlib.metadata.requires("mfa-service") or [])
-
-
 @pytest.fixture(scope="module")
 def client_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A clean virtual environment with only the client wheel and what it declares."""
@@ -111,7 +86,7 @@ def client_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     requires = [line.split(":", 1)[1].strip() for line in zipfile.ZipFile(wheel).read(
         next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".dist-info/METADATA"))
     ).decode().splitlines() if line.startswith("Requires-Dist:")]
-    assert {_name(r) for r in requires} == CLIENT_DEPENDENCIES
+    assert {requirement_name(r) for r in requires} == CLIENT_DEPENDENCIES
 
     venv.create(root / "venv", with_pip=False, clear=True)  # pip comes from this suite
     python = root / "venv/bin/python"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from mfa_service.settings import Settings
-from tests.conftest import REPO
+from tests.support.config import REPO
 
 COMPILERS = re.compile(r"\b(build-essential|gcc|g\+\+|clang|cc|make|cmake|[a-z0-9+-]*-dev)\b")
 

@@ -24,8 +24,9 @@ from mfa_service.app import create_server
 from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
 from mfa_service.store.models import outbox
-from tests.conftest import T0, TEST_KEYRING, _migrate, enroll_app, login, make_settings
-from tests.pgcluster import Cluster
+from tests.support.client import enroll_app, login
+from tests.support.config import T0, TEST_KEYRING, make_settings, migrate_to_head
+from tests.support.pgcluster import Cluster
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
@@ -50,7 +51,7 @@ def cluster() -> Iterator[Cluster]:
 
 @pytest.fixture
 async def migrated(cluster: Cluster) -> str:
-    await _migrate(cluster.url)
+    await migrate_to_head(cluster.url)
     return cluster.url
 
 

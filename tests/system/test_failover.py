@@ -56,9 +56,9 @@ from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 from mfa_service.app import App, create_server
 from mfa_service.clock import SystemClock
 from mfa_service.crypto import Keyring
-from tests.conftest import TEST_KEYRING, _migrate, make_settings
-from tests.fakes import RecordingHandler, smtp_server
-from tests.pgcluster import Cluster
+from tests.support.config import TEST_KEYRING, make_settings, migrate_to_head
+from tests.support.fakes import RecordingHandler, smtp_server
+from tests.support.pgcluster import Cluster
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
@@ -306,7 +306,7 @@ def _span(calls: list[tuple[float, str, str]], code: str) -> float:
 async def test_failover_loses_nothing_and_sends_nothing_twice(
         pair: Pair, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="mfa_service.delivery")
-    await _migrate(pair.url)  # through the multi-host URL too
+    await migrate_to_head(pair.url)  # through the multi-host URL too
     handler = KillingHandler()
     apps: list[App] = []
     with smtp_server(handler) as smtp_port:

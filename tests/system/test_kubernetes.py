@@ -19,7 +19,7 @@ import yaml
 
 from mfa_service.crypto import Keyring
 from mfa_service.settings import Environment, Settings
-from tests.conftest import REPO
+from tests.support.config import REPO
 
 DEPLOY = REPO / "deploy/kubernetes"
 # The oldest Kubernetes we support and the newest schemas the package ships.

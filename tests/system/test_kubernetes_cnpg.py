@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from mfa_service.settings import database_url_problem
-from tests.conftest import REPO
+from tests.support.config import REPO
 
 MANIFEST = REPO / "deploy/kubernetes/cloudnative-pg/cluster.yaml"
 SCHEMA = json.loads((REPO / "tests/schemas/cnpg-cluster.schema.json").read_text("utf-8"))

@@ -39,9 +39,9 @@ from mfa.v1 import two_factor_service_pb2 as pb
 from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 from sqlalchemy.engine import make_url
 
-from tests.conftest import IN_CI, REPO, TEST_KEYRING
-from tests.fakes import RecordingHandler
-from tests.rig import CODE_RE
+from tests.support.config import IN_CI, REPO, TEST_KEYRING
+from tests.support.fakes import RecordingHandler
+from tests.support.rig import CODE_RE
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import base64
 import os
-import stat
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
-from mfa_service.crypto import DecryptionError, Keyring, load_or_create_key_file
+from mfa_service.crypto import DecryptionError, Keyring
 from mfa_service.errors import ConfigurationError, InvalidArgument
 from mfa_service.factors.codes import (
     code_matches,
@@ -112,12 +110,3 @@ def test_keyring_parsing() -> None:
             Keyring.parse(bad)
 
 
-def test_development_key_file_is_created_private_and_reused(tmp_path: Path) -> None:
-    path = tmp_path / "dev.keys"
-    first, created = load_or_create_key_file(path)
-    assert created
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    second, created_again = load_or_create_key_file(path)
-    assert not created_again
-    kid, blob = first.encrypt(b"x", b"a")
-    assert second.decrypt(kid, blob, b"a") == b"x"

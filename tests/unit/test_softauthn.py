@@ -25,7 +25,7 @@ from webauthn.helpers.structs import (
     UserVerificationRequirement,
 )
 
-from tests.softauthn import (
+from tests.support.softauthn import (
     CredentialExcluded,
     NoCredential,
     SoftAuthenticator,

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser.stack import Stack, run_stack
+from tests.support.config import IN_CI, REPO
+from tests.system.browser.stack import Stack, run_stack
 
 CHROMIUM = Path(os.environ.get("MFA_TEST_CHROMIUM", "/usr/bin/chromium"))
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
+ARTIFACTS = REPO / "test-artifacts" / "browser"
 # Without the background-networking flags Chromium's own connections (updates, sync,
 # field trials) are refused by the closed network and slow every start.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

@@ -10,7 +10,7 @@ import phonenumbers
 import pyotp
 from playwright.sync_api import Page, expect
 
-from tests.browser.stack import Stack
+from tests.system.browser.stack import Stack
 
 PASSWORD = "browser-test-password"
 

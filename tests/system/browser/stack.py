@@ -17,8 +17,10 @@ from typing import Any
 
 import httpx
 
+from tests.support.config import REPO
+
 START_TIMEOUT = 60.0
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "portal_backoffice"
+EXAMPLE = REPO / "examples" / "portal_backoffice"
 CODE_RE = re.compile(r"\b(\d{6})\b")
 SPOKEN_CODE_RE = re.compile(r"\b(\d(?:, \d){5})\b")  # a voice call reads "1, 2, 3, 4, 5, 6"
 

@@ -24,9 +24,9 @@ from mfa.v1 import two_factor_service_pb2 as pb
 from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 from playwright.sync_api import BrowserContext, Page, expect
 
-from tests.browser.conftest import Shots
-from tests.browser.flows import enrol_app, factor_row, user_with_email
-from tests.browser.stack import Stack
+from tests.system.browser.conftest import Shots
+from tests.system.browser.flows import enrol_app, factor_row, user_with_email
+from tests.system.browser.stack import Stack
 
 REFUSED = "This form expired or came from another site. Go back and try again."
 TOKEN_RE = re.compile(r'name="csrf_token" value="([^"]+)"')

@@ -9,15 +9,15 @@ from typing import Any
 
 from playwright.sync_api import BrowserContext, CDPSession, Page, expect
 
-from tests.browser.conftest import Shots
-from tests.browser.flows import (
+from tests.system.browser.conftest import Shots
+from tests.system.browser.flows import (
     factor_row,
     log_in,
     no_browser_error_names,
     turn_off,
     user_with_email,
 )
-from tests.browser.stack import Stack
+from tests.system.browser.stack import Stack
 
 
 def virtual_authenticator(context: BrowserContext, page: Page,

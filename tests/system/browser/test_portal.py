@@ -8,8 +8,8 @@ import re
 
 from playwright.sync_api import BrowserContext, Page, expect
 
-from tests.browser.conftest import Shots
-from tests.browser.flows import (
+from tests.system.browser.conftest import Shots
+from tests.system.browser.flows import (
     enrol_app,
     enrol_email,
     enrol_phone,
@@ -24,7 +24,7 @@ from tests.browser.flows import (
     unique_phone,
     user_with_email,
 )
-from tests.browser.stack import Stack
+from tests.system.browser.stack import Stack
 
 
 def wrong(code: str) -> str:

@@ -9,8 +9,8 @@ import re
 
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
-from tests.browser.conftest import Shots
-from tests.browser.flows import (
+from tests.system.browser.conftest import Shots
+from tests.system.browser.flows import (
     enrol_phone,
     factor_row,
     log_in,
@@ -21,8 +21,8 @@ from tests.browser.flows import (
     unique_phone,
     user_with_email,
 )
-from tests.browser.stack import Stack
-from tests.browser.test_passkeys import enrol_passkey, virtual_authenticator
+from tests.system.browser.stack import Stack
+from tests.system.browser.test_passkeys import enrol_passkey, virtual_authenticator
 
 
 def test_make_new_recovery_codes_with_an_established_method(

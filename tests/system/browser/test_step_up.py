@@ -12,15 +12,15 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.conftest import Shots, need_browser
-from tests.browser.flows import (
+from tests.system.browser.conftest import Shots, need_browser
+from tests.system.browser.flows import (
     factor_row,
     pass_2fa_by_email,
     submit_code,
     unique_phone,
     user_with_email,
 )
-from tests.browser.stack import Stack, run_stack
+from tests.system.browser.stack import Stack, run_stack
 
 MAX_AGE = 3.0
 

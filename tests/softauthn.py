@@ -1,0 +1,3 @@
+"""Moved to tests/support/softauthn.py; this re-export keeps the old imports working."""
+
+from tests.support.softauthn import *  # noqa: F403
