@@ -32,6 +32,7 @@ from mfa_service.crypto import Keyring
 
 # The helpers that lived here, importable from here as before (new code imports them from
 # tests.support.config and tests.support.client).
+from tests.support import examples
 from tests.support.client import AppFactor as AppFactor
 from tests.support.client import RichError as RichError
 from tests.support.client import challenge as challenge
@@ -68,6 +69,32 @@ def tier_of(path: Path) -> str | None:
     except (ValueError, IndexError):
         return None
     return first if first in TIERS else None
+
+
+def selects_no_system_test(config: pytest.Config) -> bool:
+    """Whether this run leaves the system tier out: every path it was given is under
+    tests/unit or tests/api, or its ``-m`` expression is false for a system test."""
+    expression = config.getoption("markexpr", "")
+    if expression:
+        from _pytest.mark.expression import Expression
+
+        def matcher(name: str, /, **kwargs: str | int | bool | None) -> bool:
+            return name == "system"
+
+        if not Expression.compile(expression).evaluate(matcher):
+            return True
+    paths = [Path(str(arg).split("::")[0]) for arg in config.args]
+    return bool(paths) and all(tier_of(p) in ("unit", "api") for p in paths)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before any test module is imported: Hypothesis fixes its settings at decoration.
+    examples.choose(fast=selects_no_system_test(config))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    share = "a third of the full" if examples.is_fast() else "full"
+    return f"property-based tests: {share} example counts (tests/support/examples.py)"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

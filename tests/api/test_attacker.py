@@ -21,7 +21,7 @@ The server runs on the test's event loop; the machine runs in a worker thread wi
 generated *sync* client (Hypothesis drives state machines synchronously) and reaches the
 database through that loop. ``MFA_ATTACKER_EXAMPLES`` (default 12) and
 ``MFA_ATTACKER_STEPS`` (default 20) set the size: CI runs the default, a long profile is
-``MFA_ATTACKER_EXAMPLES=500 ./scripts/test tests/test_attacker.py``.
+``MFA_ATTACKER_EXAMPLES=500 ./scripts/test tests/api/test_attacker.py``.
 """
 
 from __future__ import annotations
@@ -59,10 +59,12 @@ from mfa_service.delivery.templates import notice_message
 from mfa_service.domain import Channel, NoticeKind
 from mfa_service.store.models import outbox
 from tests.support.config import TEST_KEYRING
+from tests.support.examples import examples
 from tests.support.rig import unique_phone
 from tests.support.softauthn import SoftAuthenticator, SoftAuthnError
 
-EXAMPLES = int(os.environ.get("MFA_ATTACKER_EXAMPLES", "12"))
+# A fast-tier run (tests/support/examples.py) runs a third of the default: 4 examples.
+EXAMPLES = int(os.environ.get("MFA_ATTACKER_EXAMPLES", str(examples(12, least=4))))
 STEPS = int(os.environ.get("MFA_ATTACKER_STEPS", "20"))
 KEYRING = Keyring.parse(TEST_KEYRING)
 CODE = re.compile(r"\b(\d{6,8})\b")

@@ -12,7 +12,8 @@ to two fields are wild, one missing. Runs against the shared in-process server o
 and PostgreSQL (which, unlike SQLite, enforces VARCHAR lengths: what it found is in
 tests/test_field_limits.py).
 
-``max_examples`` is 30 per RPC; ``HYPOTHESIS_PROFILE=long`` runs 1,000. Outside CI,
+``max_examples`` is 30 per RPC (10 in a fast-tier run: tests/support/examples.py);
+``HYPOTHESIS_PROFILE=long`` runs 1,000. Outside CI,
 Hypothesis keeps failing examples in .hypothesis/ and replays them first.
 """
 
@@ -38,12 +39,14 @@ from mfa.v1 import two_factor_service_pb2 as pb
 from mfa_service.clock import FixedClock
 from tests.support.client import challenge, enroll_app, login
 from tests.support.config import IN_CI
+from tests.support.examples import examples
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
 
 settings.register_profile(
-    "default", max_examples=30, deadline=None, database=None if IN_CI else settings().database,
+    "default", max_examples=examples(30, least=10), deadline=None,
+    database=None if IN_CI else settings().database,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("long", parent=settings.get_profile("default"), max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

@@ -32,6 +32,7 @@ from mfa_service.crypto import Keyring
 from mfa_service.transport.auth import new_token
 from tests.support.client import rich_error, totp_at
 from tests.support.config import TEST_KEYRING, make_settings
+from tests.support.examples import examples
 from tests.support.passkey import enroll_passkey, passkey_challenge
 from tests.support.softauthn import SoftAuthenticator
 
@@ -230,7 +231,7 @@ FIELDS = ["id", "rawId", "type", "response", "authenticatorAttachment",
           "response.transports", "response.publicKeyAlgorithm"]
 
 
-@settings(max_examples=50, deadline=None,
+@settings(max_examples=examples(50, least=10), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(value=JSON, where=st.sampled_from(["whole", *FIELDS]),
        ceremony=st.sampled_from(["assertion", "registration"]))

@@ -30,6 +30,7 @@ class RecordingHandler:
         self.received: list[Envelope] = []
         self.rcpt_reply: str | None = None
         self.data_reply = "250 Message accepted for delivery"
+        self._parsed: dict[Envelope, EmailMessage] = {}  # each message parsed once
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -45,21 +46,22 @@ class RecordingHandler:
 
     def only_message(self) -> EmailMessage:
         assert len(self.received) == 1
-        content = self.received[0].content
-        assert isinstance(content, bytes)
-        parsed = email.message_from_bytes(content, policy=email.policy.default)
-        assert isinstance(parsed, EmailMessage)
-        return parsed
+        return self._parse(self.received[0])
 
     def messages(self) -> list[EmailMessage]:
-        out: list[EmailMessage] = []
-        for envelope in list(self.received):
+        """Every accepted message, parsed (each once: tests poll this while waiting for a
+        delivery, and a module's server keeps what every test of it received)."""
+        return [self._parse(envelope) for envelope in list(self.received)]
+
+    def _parse(self, envelope: Envelope) -> EmailMessage:
+        parsed = self._parsed.get(envelope)
+        if parsed is None:
             content = envelope.content
             assert isinstance(content, bytes)
-            parsed = email.message_from_bytes(content, policy=email.policy.default)
-            assert isinstance(parsed, EmailMessage)
-            out.append(parsed)
-        return out
+            message = email.message_from_bytes(content, policy=email.policy.default)
+            assert isinstance(message, EmailMessage)
+            parsed = self._parsed[envelope] = message
+        return parsed
 
 
 class PortZeroController(Controller):

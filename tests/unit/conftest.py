@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import pytest
@@ -29,9 +28,8 @@ def _refuse(what: str) -> Any:
 
 
 @pytest.fixture(autouse=True)
-def _pure(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _pure(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", _refuse("open a network connection"))
     monkeypatch.setattr(socket.socket, "connect_ex", _refuse("open a network connection"))
     monkeypatch.setattr(socket.socket, "bind", _refuse("listen on a port"))
     monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("start a process"))
-    yield
