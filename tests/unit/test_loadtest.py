@@ -1,5 +1,5 @@
 """The load generator's pure parts: its latency histogram, and the targets and files it
-refuses. (Runs against a real server: tests/api/test_loadtest.py.)"""
+refuses. (Runs against a real server: tests/system/test_loadtest.py.)"""
 
 from __future__ import annotations
 

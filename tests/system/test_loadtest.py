@@ -1,6 +1,10 @@
-"""The load generator against the in-process server: the report's shape and honesty, the
-seeded population's validity, never its speed (performance targets do not belong in unit
-tests; see docs/BENCHMARKS.md)."""
+"""The load generator (``mfa-service loadtest``) against a server: the report's shape and
+honesty, the seeded population's validity, never its speed (performance targets do not
+belong in tests; see docs/BENCHMARKS.md).
+
+System tier: these are load runs of the whole service, each bound by time (warm-up and
+duration) rather than by work, with a second server for the baseline; the fast tiers leave
+them out (docs/TESTING.md). The load generator's pure parts: tests/unit/test_loadtest.py."""
 
 from __future__ import annotations
 
