@@ -1,6 +1,6 @@
 """The pieces of a failover that need no second database: a sent message whose settle
 fails is never sent again by this process, and multi-host database URLs are checked at
-start-up (the real primary-and-standby run is tests/test_failover.py).
+start-up (the real primary-and-standby run is tests/system/test_failover.py).
 
 The database "blinks" here by making the settle statement fail (StoreUnavailable, what
 a dead primary gives) while everything else still works: the harshest case for the

@@ -2,7 +2,7 @@
 
 PostgreSQL enforces VARCHAR lengths and refuses NUL in text; SQLite does neither. A value
 validation let through but the column could not hold answered INTERNAL on PostgreSQL only
-(found by tests/test_fuzz.py): a 129-character email address, a 21-character locale, an
+(found by tests/api/test_fuzz.py): a 129-character email address, a 21-character locale, an
 IPv6 client address with a long (or NUL) scope id. Each limit is tried at its length and
 one past it.
 """

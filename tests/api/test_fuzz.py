@@ -10,7 +10,7 @@ field starts from a plausible value (a real user's ids, token and open challenge
 them; format-valid emails, locales and IPs of every length; coherent Enroll shapes) and up
 to two fields are wild, one missing. Runs against the shared in-process server on SQLite
 and PostgreSQL (which, unlike SQLite, enforces VARCHAR lengths: what it found is in
-tests/test_field_limits.py).
+tests/api/test_field_limits.py).
 
 ``max_examples`` is 30 per RPC (10 in a fast-tier run: tests/support/examples.py);
 ``HYPOTHESIS_PROFILE=long`` runs 1,000. Outside CI,

@@ -129,7 +129,7 @@ async def pair() -> AsyncIterator[Pair]:
     primary = Cluster({"synchronous_commit": "on"}, tools=("pg_basebackup", "pg_rewind"))
     standby: Cluster | None = None
     try:
-        # Checksums and WAL kept back: what pg_rewind needs (tests/pgcluster.py).
+        # Checksums and WAL kept back: what pg_rewind needs (tests/support/pgcluster.py).
         await asyncio.to_thread(primary.init, checksums=True,
                                 conf={"wal_keep_size": "'256MB'"})
         await asyncio.to_thread(primary.start)

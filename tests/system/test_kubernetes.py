@@ -27,7 +27,7 @@ VERSIONS = ["1.30", kubernetes_validate.utils.latest_version()]
 SETTINGS = {f"MFA_{name.upper()}" for name in Settings.model_fields}
 
 # Custom resources (the CloudNativePG Cluster) are not in the Kubernetes API schemas:
-# tests/test_kubernetes_cnpg.py validates them against their own.
+# tests/system/test_kubernetes_cnpg.py validates them against their own.
 CUSTOM_API_GROUPS = ("postgresql.cnpg.io/",)
 
 Manifest = dict[str, Any]

@@ -5,51 +5,19 @@ enrolment, parseRequestOptionsFromJSON / credentials.get on login and turning of
 
 from __future__ import annotations
 
-from typing import Any
-
-from playwright.sync_api import BrowserContext, CDPSession, Page, expect
+from playwright.sync_api import BrowserContext, Page, expect
 
 from tests.system.browser.conftest import Shots
 from tests.system.browser.flows import (
+    enrol_passkey,
     factor_row,
     log_in,
     no_browser_error_names,
     turn_off,
     user_with_email,
+    virtual_authenticator,
 )
 from tests.system.browser.stack import Stack
-
-
-def virtual_authenticator(context: BrowserContext, page: Page,
-                          verified: bool = True) -> tuple[CDPSession, str]:
-    cdp = context.new_cdp_session(page)
-    cdp.send("WebAuthn.enable", {"enableUI": False})
-    added: dict[str, Any] = cdp.send("WebAuthn.addVirtualAuthenticator", {"options": {
-        "protocol": "ctap2", "transport": "internal", "hasResidentKey": True,
-        "hasUserVerification": True, "isUserVerified": verified,
-        "automaticPresenceSimulation": True}})
-    return cdp, str(added["authenticatorId"])
-
-
-def enrol_passkey(page: Page, stack: Stack, shot: Shots | None = None,
-                  label: str = "") -> None:
-    page.goto(f"{stack.portal}/profile")
-    page.click("#add-passkey")
-    if label:
-        page.fill("#label", label)
-    page.click("#start")
-    # Fail fast with the portal's message when the server refuses (NOT_SUPPORTED).
-    page.locator("#passkey-button, [role=alert]:not([hidden])").first.wait_for()
-    alert = page.get_by_role("alert")
-    assert alert.count() == 0, alert.inner_text()
-    expect(page.locator("h1")).to_have_text(f"Turn on passkey “{label}”" if label
-                                            else "Turn on passkey")
-    if shot is not None:
-        shot("passkey-enrolment")
-    page.click("#passkey-button")
-    expect(page.get_by_role("status")).to_have_text(
-        f"Passkey “{label}” is turned on." if label else "Passkey is turned on.")
-    expect(factor_row(page, "passkey").last).to_contain_text("On")
 
 
 def test_enrol_a_passkey_and_log_in_with_it(page: Page, context: BrowserContext,

@@ -11,6 +11,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect
 
 from tests.system.browser.conftest import Shots
 from tests.system.browser.flows import (
+    enrol_passkey,
     enrol_phone,
     factor_row,
     log_in,
@@ -20,9 +21,9 @@ from tests.system.browser.flows import (
     turn_off,
     unique_phone,
     user_with_email,
+    virtual_authenticator,
 )
 from tests.system.browser.stack import Stack
-from tests.system.browser.test_passkeys import enrol_passkey, virtual_authenticator
 
 
 def test_make_new_recovery_codes_with_an_established_method(
