@@ -19,8 +19,9 @@ answered UNKNOWN or INTERNAL.
 
 The server runs on the test's event loop; the machine runs in a worker thread with the
 generated *sync* client (Hypothesis drives state machines synchronously) and reaches the
-database through that loop. ``MFA_ATTACKER_EXAMPLES`` (default 12) and
-``MFA_ATTACKER_STEPS`` (default 20) set the size: CI runs the default, a long profile is
+database through that loop. ``MFA_ATTACKER_EXAMPLES`` (default 12; 4 in a fast-tier run,
+tests/support/examples.py) and ``MFA_ATTACKER_STEPS`` (default 20) set the size: CI runs
+the default, a long profile is
 ``MFA_ATTACKER_EXAMPLES=500 ./scripts/test tests/api/test_attacker.py``.
 """
 
@@ -63,7 +64,6 @@ from tests.support.examples import examples
 from tests.support.rig import unique_phone
 from tests.support.softauthn import SoftAuthenticator, SoftAuthnError
 
-# A fast-tier run (tests/support/examples.py) runs a third of the default: 4 examples.
 EXAMPLES = int(os.environ.get("MFA_ATTACKER_EXAMPLES", str(examples(12, least=4))))
 STEPS = int(os.environ.get("MFA_ATTACKER_STEPS", "20"))
 KEYRING = Keyring.parse(TEST_KEYRING)
