@@ -7,7 +7,7 @@ a factor, a session or recovery codes first gathers the evidence the caller pres
 already checked (a session looked up under the user's lock, a proof challenge consumed,
 a code verified), then asks :func:`require`; nothing else decides who may change what.
 ``docs/SECURITY.md`` shows the same table: ``python -m mfa_service.service.policy``
-prints it, and tests/test_policy.py fails when the two differ.
+prints it, and tests/unit/test_policy.py fails when the two differ.
 
 Evidence, weakest first (the words of docs/SECURITY.md):
 
@@ -271,7 +271,7 @@ def require(change: Change, presented: Iterable[Evidence], *,
 
 
 def markdown_table() -> str:
-    """The table as docs/SECURITY.md shows it (tests/test_policy.py compares them)."""
+    """The table as docs/SECURITY.md shows it (tests/unit/test_policy.py compares them)."""
     lines = ["| change | needs | never enough | why |", "| --- | --- | --- | --- |"]
     for rule in TABLE.values():
         needs = " **or** ".join(" + ".join(sorted(e.value for e in alt))

@@ -13,8 +13,8 @@ off (store/engine.py) and asyncpg sends the same text unnamed: what works there.
 
 SQLite runs the same logical statement through SQLAlchemy (store/repositories.py);
 tests run every CheckSession path on both databases and hold them to the same answers.
-SQLAlchemy stays the schema authority: the columns here are checked against
-store/models.py by tests/test_hot_statements.py.
+SQLAlchemy stays the schema authority: the column lists here are taken from store/models.py
+at import, and tests/api/test_statements.py runs these statements on PostgreSQL.
 """
 
 from __future__ import annotations
