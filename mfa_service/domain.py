@@ -50,6 +50,7 @@ class RevokeScope(StrEnum):
     FACTOR_REMOVED = "factor_removed"  # the factor that created them was disabled/replaced
     LOGOUT = "logout"  # one session, by its token
     ALL_SESSIONS = "all_sessions"  # every session of the user: log out everywhere
+    ALL_OTHER_SESSIONS = "all_other_sessions"  # every other: log out everywhere else
     DEVICE_FORGOTTEN = "device_forgotten"  # the remembered browser that opened them
 
 

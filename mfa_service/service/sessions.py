@@ -180,14 +180,19 @@ class SessionService:
             self._evict(tx, ended)
         return len(ended)
 
-    async def revoke_user(self, user_id: str, who: AuditContext) -> int:
+    async def revoke_user(self, user_id: str, who: AuditContext, *,
+                          keep_token: str = "") -> int:
+        """Log the user out everywhere (else: ``keep_token``'s session stays, the one the
+        user is changing their factors in)."""
         who.authorize_any()  # logging a user out everywhere is not for an audit reader
         now = self._clock.now()
+        keep = self._keyring.mac_all(_token_message(keep_token)) if keep_token else []
         async with self._db.transaction() as tx:
             # The user's lock first, as every call that forgets remembered browsers.
             await tx.lockouts.lock(user_id)
-            ended = await tx.sessions.revoke_user(user_id, now)
-            await self._audit_revoked(tx, ended, who, now, RevokeScope.ALL_SESSIONS)
+            ended = await tx.sessions.revoke_user(user_id, now, keep_hashes=keep)
+            await self._audit_revoked(tx, ended, who, now, RevokeScope.ALL_OTHER_SESSIONS
+                                      if keep_token else RevokeScope.ALL_SESSIONS)
             self._evict(tx, ended)
             # Log out everywhere: no browser may log back in without a code either.
             await devices.forget(tx, self, user_id, who, now, ForgetScope.ALL_SESSIONS)

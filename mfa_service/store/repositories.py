@@ -628,8 +628,14 @@ class SessionRepository:
         return await self._revoke(and_(sessions.c.user_id == user_id,  # indexed
                                        sessions.c.factor_id == factor_id), now)
 
-    async def revoke_user(self, user_id: str, now: datetime) -> list[Session]:
-        return await self._revoke(sessions.c.user_id == user_id, now)
+    async def revoke_user(self, user_id: str, now: datetime, *,
+                          keep_hashes: Sequence[bytes] = ()) -> list[Session]:
+        """End the user's live sessions, but the one whose token hash is in
+        ``keep_hashes`` (one per key of the ring)."""
+        condition = sessions.c.user_id == user_id
+        if keep_hashes:
+            condition = and_(condition, sessions.c.token_hash.not_in(list(keep_hashes)))
+        return await self._revoke(condition, now)
 
     async def revoke_devices(self, user_id: str, device_ids: Sequence[str],
                              now: datetime) -> list[Session]:

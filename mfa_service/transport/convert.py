@@ -440,12 +440,17 @@ def forget_device_args(req: pb.ForgetDeviceRequest) -> tuple[str, str]:
     return user_id, device_id
 
 
-def revoke_target(req: pb.RevokeSessionRequest) -> tuple[domain.RevokeTarget, str]:
-    """(SESSION_TOKEN, token) or (USER_ID, id)."""
+def revoke_target(req: pb.RevokeSessionRequest) -> tuple[domain.RevokeTarget, str, str]:
+    """(SESSION_TOKEN, token, "") or (USER_ID, id, the token of the session to keep)."""
     which = req.WhichOneof("target")
     c = _Checker()
+    keep = c.text("keep_session_token", req.keep_session_token, max_len=MAX_TOKEN,
+                  required=False)
     if which == "session_token":
         value = c.text("session_token", req.session_token, max_len=MAX_TOKEN, required=True)
+        if keep:
+            c.bad("keep_session_token", "only with user_id: it keeps one of the user's "
+                                        "sessions while the others end")
     elif which == "user_id":
         value = c.user_id(req.user_id)
     else:
@@ -453,7 +458,7 @@ def revoke_target(req: pb.RevokeSessionRequest) -> tuple[domain.RevokeTarget, st
         value = ""
     c.done()
     assert which is not None
-    return domain.RevokeTarget(which), value
+    return domain.RevokeTarget(which), value, keep
 
 
 # -- responses -------------------------------------------------------------------------------

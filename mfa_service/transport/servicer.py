@@ -75,11 +75,11 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
 
     async def RevokeSession(self, request: pb.RevokeSessionRequest,
                             context: Context) -> pb.RevokeSessionResponse:
-        which, value = convert.revoke_target(request)
+        which, value, keep = convert.revoke_target(request)
         if which is RevokeTarget.SESSION_TOKEN:
             count = await self._s.sessions.revoke_token(value, _who())
         else:
-            count = await self._s.sessions.revoke_user(value, _who())
+            count = await self._s.sessions.revoke_user(value, _who(), keep_token=keep)
         return pb.RevokeSessionResponse(revoked_count=count)
 
     async def RegenerateRecoveryCodes(

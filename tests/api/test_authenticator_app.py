@@ -314,6 +314,42 @@ async def test_revoke_one_session_then_all(
             session_token=s.session_token, application=pb.APPLICATION_PORTAL))).valid
 
 
+async def test_log_out_everywhere_else_keeps_the_session_asking(
+        stub: Stub, user_id: str, fresh_clock: FixedClock, app: App) -> None:
+    """ASVS V7.4.3: after changing a factor the user ends every other session and stays
+    logged in where they are. Another user's token keeps nothing."""
+    factor = await enroll_app(stub, user_id, fresh_clock)
+    here = await login(stub, factor, fresh_clock, pb.APPLICATION_PORTAL)
+    others = [await login(stub, factor, fresh_clock, application)
+              for application in (pb.APPLICATION_PORTAL, pb.APPLICATION_BACKOFFICE)]
+    stranger = await login(stub, await enroll_app(stub, user_id + "-x", fresh_clock),
+                           fresh_clock, pb.APPLICATION_PORTAL)
+
+    ended = await stub.RevokeSession(pb.RevokeSessionRequest(
+        user_id=user_id, keep_session_token=here.session_token))
+
+    assert ended.revoked_count == 2
+
+    async def valid(token: str) -> bool:
+        return (await stub.CheckSession(pb.CheckSessionRequest(
+            session_token=token, application=pb.APPLICATION_PORTAL))).valid
+    assert await valid(here.session_token)
+    assert not any([await valid(o.session_token) for o in others])
+    async with app.database.transaction() as tx:
+        [event, *_] = await tx.audit.page(user_id)
+    assert (event.event, event.detail["scope"]) == ("session_revoked", "all_other_sessions")
+    # A token that is not one of this user's sessions keeps nothing of theirs.
+    last = await stub.RevokeSession(pb.RevokeSessionRequest(
+        user_id=user_id, keep_session_token=stranger.session_token))
+    assert last.revoked_count == 1 and not await valid(here.session_token)
+    assert await valid(stranger.session_token)
+    with pytest.raises(aio.AioRpcError) as err:
+        await stub.RevokeSession(pb.RevokeSessionRequest(
+            session_token=stranger.session_token, keep_session_token=here.session_token))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "keep_session_token" in rich_error(err.value).field_violations
+
+
 async def test_disable_needs_a_current_code_from_the_app(
         stub: Stub, user_id: str, fresh_clock: FixedClock, app: App) -> None:
     factor = await enroll_app(stub, user_id, fresh_clock)

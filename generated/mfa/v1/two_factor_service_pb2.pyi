@@ -1036,19 +1036,26 @@ class RevokeSessionRequest(_message.Message):
 
     SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    KEEP_SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     session_token: _builtins.str
     """End this one session (logout)."""
     user_id: _builtins.str
     """End every session of this user."""
+    keep_session_token: _builtins.str
+    """With user_id only: the session with this token stays ("log out everywhere else", as
+    after the user changed a factor). A token that is not one of the user's live sessions
+    keeps nothing. Set with session_token: INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
         session_token: _builtins.str = ...,
         user_id: _builtins.str = ...,
+        keep_session_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["session_token", b"session_token", "target", b"target", "user_id", b"user_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_token", b"session_token", "target", b"target", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_session_token", b"keep_session_token", "session_token", b"session_token", "target", b"target", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["session_token", "user_id"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
