@@ -80,7 +80,7 @@ class Notifier:
             # Only the confirmation of the user's first factor leaves no other ACTIVE
             # factor; no browser can be remembered before one (a login needs it, and
             # losing the last one forgot them all), so there is nothing to forget and
-            # that confirmation keeps its statement budget (tests/test_statements.py).
+            # that confirmation keeps its statement budget (tests/api/test_statements.py).
             await self._on_factor_change(tx, now, user_id, who)
         targets = [t for t in records
                    if t.factor.status is FactorStatus.ACTIVE
