@@ -87,6 +87,28 @@ class NoticeKind(StrEnum):
     ACCOUNT_LOCKED = "account_locked"
 
 
+class TotpAlgorithm(StrEnum):
+    """The HMAC an authenticator app's codes use (RFC 6238 section 1.2)."""
+
+    SHA1 = "sha1"
+    SHA256 = "sha256"
+    SHA512 = "sha512"
+
+
+@dataclass(frozen=True)
+class TotpParameters:
+    """How an authenticator app computes its codes. Enrolment always uses the defaults
+    (RFC 6238's, the only ones every common app honours); a factor imported from another
+    system keeps the ones its app was set up with (factors/totp.py says which)."""
+
+    algorithm: TotpAlgorithm = TotpAlgorithm.SHA1
+    digits: int = 6
+    period: int = 30  # seconds per time step
+
+
+DEFAULT_TOTP = TotpParameters()
+
+
 class Application(StrEnum):
     PORTAL = "portal"
     BACKOFFICE = "backoffice"
@@ -152,6 +174,7 @@ class FactorRecord:
     locale: str = "en"
     replaces_factor_id: str | None = None
     enrolled_session_id: str | None = None  # the session whose step-up allowed Enroll
+    totp: TotpParameters = DEFAULT_TOTP  # authenticator apps only
 
 
 @dataclass(frozen=True)
