@@ -110,6 +110,17 @@ class Unit:
                 await self.conn.engine.dispose(close=False)
             raise
 
+    async def driver(self) -> Any:
+        """PostgreSQL only: the asyncpg connection under this unit, inside its transaction
+        (begun as ``fetchrow`` begins it), deferred writes sent first. For bulk work
+        SQLAlchemy has no statement for (COPY: store/bulk.py)."""
+        await self.flush()
+        raw = await self.conn.get_raw_connection()
+        adapted: Any = raw.dbapi_connection
+        if adapted._transaction is None:
+            await adapted._start_transaction()
+        return raw.driver_connection
+
     async def write(self, statement: Executable,
                     params: dict[str, Any] | None = None) -> int:
         """Run a write now; its row count."""

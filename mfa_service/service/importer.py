@@ -1,0 +1,412 @@
+"""``mfa-service import``: users' existing factors brought in from another system, ACTIVE
+and established, usable at once (docs/OPERATIONS.md, "Importing existing factors").
+
+Each line is read and checked by service/import_lines.py (pure). Here, per batch of lines:
+
+1. *prepare* (in a worker thread, while the database writes the batch before): a factor id,
+   and the app's secret encrypted exactly as Enroll encrypts it (AES-256-GCM under the
+   keyring's primary key, ``factors.totp.secret_aad``: the factor and user ids);
+2. *decide* (``decide``, pure): under the users' locks, against their live factors, the
+   rules Enroll keeps: one ACTIVE factor per method (passkeys are not imported), at most
+   MFA_MAX_FACTORS_PER_USER live factors. A line whose factor the user already has is
+   *skipped*; one that would break a rule is *refused*, saying which;
+3. *write* (store/bulk.py): the factors, the recovery-code factor of a user who had none
+   (the service keeps one beside every ACTIVE factor: service/recovery.py; it holds no
+   codes until the user regenerates them), and one ``factor_imported`` audit row per
+   imported factor, in one transaction. A batch that the database refuses is written
+   again one line per transaction, so only the line at fault is refused.
+
+"Already present" (skipped, so a re-run imports nothing): the user has an ACTIVE factor
+of the same method that is the same factor: for email the same address (letter case
+ignored, as the send limits count it), for phone the same E.164 number, for an app the
+same secret and the same TOTP parameters. The same user and method with another address,
+number or secret is refused: the file and the service disagree, and an operator decides.
+
+An imported factor is *established* from ``confirmed_at`` (else the import): it is the
+user's existing factor, not one an attacker just added (docs/SECURITY.md). No notices are
+sent: nothing changed for the user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import BinaryIO
+
+from mfa_service.clock import Clock
+from mfa_service.crypto import DecryptionError, Keyring
+from mfa_service.domain import AuditContext, Factor, FactorRecord, FactorStatus, Method
+from mfa_service.errors import DeadlineExceeded, StoreConflict, StoreUnavailable
+from mfa_service.factors.totp import secret_aad
+from mfa_service.service import audit
+from mfa_service.service.context import new_id
+from mfa_service.service.import_lines import ImportLine, LineRefused, parse_line
+from mfa_service.store import bulk
+from mfa_service.store.database import Database
+
+log = logging.getLogger("mfa_service.importer")
+
+WHO = AuditContext(caller="import-cli")
+DEFAULT_BATCH = 1000
+MAX_BATCH = 10_000
+MAX_LINE_BYTES = 64 * 1024  # an otpauth URI with a 1024-bit secret is under 1 KiB
+RECOVERY_LABEL = "recovery codes"  # as service/recovery.py labels that factor
+_NOUNS = {Method.EMAIL: "address", Method.PHONE: "number",
+          Method.AUTHENTICATOR_APP: "secret or TOTP parameters"}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A line made into the row it would be: ACTIVE, its secret encrypted."""
+
+    line: ImportLine
+    record: FactorRecord
+
+
+@dataclass
+class Decision:
+    """What one batch comes to."""
+
+    imported: list[Prepared] = field(default_factory=list)
+    # The rows to insert: the imported factors and the recovery-code factors made for
+    # users who had none.
+    records: list[FactorRecord] = field(default_factory=list)
+    recovery_of: dict[str, str] = field(default_factory=dict)  # factor id -> its user's new
+    skipped: list[ImportLine] = field(default_factory=list)  # already present
+    refused: list[LineRefused] = field(default_factory=list)
+
+    def add(self, other: Decision) -> None:
+        self.imported += other.imported
+        self.records += other.records
+        self.recovery_of.update(other.recovery_of)
+        self.skipped += other.skipped
+        self.refused += other.refused
+
+
+def prepare(line: ImportLine, keyring: Keyring, now: datetime, *, locale: str,
+            make_id: Callable[[], str] = new_id) -> Prepared:
+    """``line`` as an ACTIVE factor, established from ``confirmed_at`` (else ``now``)."""
+    factor_id = make_id()
+    since = line.confirmed_at or now
+    key_id, ciphertext = (None, None)
+    if line.secret is not None:
+        key_id, ciphertext = keyring.encrypt(line.secret, secret_aad(factor_id, line.user_id))
+    factor = Factor(factor_id=factor_id, user_id=line.user_id, method=line.method,
+                    status=FactorStatus.ACTIVE, masked_destination=line.masked,
+                    created_at=since, confirmed_at=since, established_at=since)
+    return Prepared(line, FactorRecord(
+        factor=factor, label=line.label, destination=line.destination,
+        secret_ciphertext=ciphertext, secret_key_id=key_id, last_totp_step=None,
+        locale=locale, totp=line.totp))
+
+
+def recovery_factor(user_id: str, now: datetime, make_id: Callable[[], str] = new_id,
+                    ) -> FactorRecord:
+    """The recovery-code factor Recovery.issue_first makes with a user's first ACTIVE
+    factor, without codes: nobody could be shown them (the user regenerates them, with a
+    proof from the imported factor, which is established)."""
+    return FactorRecord(
+        factor=Factor(factor_id=make_id(), user_id=user_id, method=Method.RECOVERY_CODE,
+                      status=FactorStatus.ACTIVE, masked_destination=RECOVERY_LABEL,
+                      created_at=now, confirmed_at=now, last_used_at=now,
+                      established_at=now),
+        label=RECOVERY_LABEL, destination=None, secret_ciphertext=None, secret_key_id=None,
+        last_totp_step=None)
+
+
+def equivalent(record: FactorRecord, line: ImportLine,
+               secret_of: Callable[[FactorRecord], bytes | None]) -> bool:
+    """Whether ``record`` (ACTIVE, of the line's method) is the factor ``line`` asks for."""
+    if line.method is Method.AUTHENTICATOR_APP:
+        if record.totp != line.totp or line.secret is None:
+            return False
+        secret = secret_of(record)
+        return secret is not None and hmac.compare_digest(secret, line.secret)
+    if record.destination is None or line.destination is None:
+        return False
+    if line.method is Method.EMAIL:
+        return record.destination.casefold() == line.destination.casefold()
+    return record.destination == line.destination
+
+
+def decide(batch: Iterable[Prepared], present: Mapping[str, Sequence[FactorRecord]], *,
+           max_factors: int, secret_of: Callable[[FactorRecord], bytes | None],
+           new_recovery: Callable[[str], FactorRecord]) -> Decision:
+    """Enroll's rules for each line in order, against the users' live factors
+    (``present``: PENDING and ACTIVE) and the lines accepted before it."""
+    held = {user: list(records) for user, records in present.items()}
+    out = Decision()
+    for p in batch:
+        line = p.line
+        mine = held.setdefault(line.user_id, [])
+        active = [r for r in mine if r.factor.status is FactorStatus.ACTIVE
+                  and r.factor.method is line.method]
+        if active:
+            if any(equivalent(r, line, secret_of) for r in active):
+                out.skipped.append(line)
+            else:
+                out.refused.append(LineRefused(
+                    line.line, f"the user already has an active {line.method.value} factor "
+                    f"with another {_NOUNS[line.method]} (disable it first)",
+                    line.user_id, _shown(line)))
+            continue
+        if len(mine) >= max_factors:
+            out.refused.append(LineRefused(
+                line.line, f"the user has {len(mine)} factors, the most "
+                f"MFA_MAX_FACTORS_PER_USER ({max_factors}) allows", line.user_id, _shown(line)))
+            continue
+        mine.append(p.record)
+        out.imported.append(p)
+        out.records.append(p.record)
+        if not any(r.factor.method is Method.RECOVERY_CODE
+                   and r.factor.status is FactorStatus.ACTIVE for r in mine):
+            recovery = new_recovery(line.user_id)
+            mine.append(recovery)
+            out.records.append(recovery)
+            out.recovery_of[p.record.factor.factor_id] = recovery.factor.factor_id
+    return out
+
+
+def _shown(line: ImportLine) -> str | None:
+    """What a refusal may show of the factor: the masked address or number (an app's
+    name is the user's account name, and says nothing the line number does not)."""
+    return line.masked if line.method in (Method.EMAIL, Method.PHONE) else None
+
+
+@dataclass
+class ImportReport:
+    """What a run did (or, ``dry_run``, would do)."""
+
+    run_id: str
+    dry_run: bool
+    lines: int = 0  # lines read that were not blank
+    imported: Counter[Method] = field(default_factory=Counter)
+    skipped: int = 0
+    refused: list[LineRefused] = field(default_factory=list)
+    bytes_read: int = 0
+    # Set when the database went away mid-run: what was committed stays (a re-run skips
+    # it), the rest of the file was not read.
+    stopped: str | None = None
+
+    @property
+    def imported_total(self) -> int:
+        return sum(self.imported.values())
+
+    def add(self, decision: Decision) -> None:
+        self.imported.update(p.line.method for p in decision.imported)
+        self.skipped += len(decision.skipped)
+        self.refused += decision.refused
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    prepared: list[Prepared]
+    refused: list[LineRefused]
+    lines: int  # non-blank lines in it
+    bytes_read: int
+    last_line: int
+    eof: bool
+
+
+class Importer:
+    """One run over one file, batch after batch."""
+
+    def __init__(self, db: Database, keyring: Keyring, clock: Clock, *, max_factors: int,
+                 default_locale: str = "en", batch: int = DEFAULT_BATCH,
+                 dry_run: bool = False, make_id: Callable[[], str] = new_id) -> None:
+        if not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"batch must be 1-{MAX_BATCH}")
+        self._db = db
+        self._keyring = keyring
+        self._clock = clock
+        self._max_factors = max_factors
+        self._locale = default_locale
+        self._batch = batch
+        self._dry_run = dry_run
+        self._make_id = make_id
+        # Secrets of the apps this run planned and has not written (dry run: every one),
+        # so a later line compares with them without a store to decrypt from.
+        self._planned_secrets: dict[str, bytes] = {}
+        self._planned: dict[str, list[FactorRecord]] = {}  # dry run: by user
+        self._run_id = ""
+
+    async def run(self, source: BinaryIO,
+                  progress: Callable[[ImportReport], None] | None = None) -> ImportReport:
+        """Import every line of ``source``; ``progress`` hears of each batch done."""
+        self._run_id = str(uuid.uuid4())  # in every audit row of the run: find them all
+        report = ImportReport(run_id=self._run_id, dry_run=self._dry_run)
+        loop = asyncio.get_running_loop()
+        line = 0
+        pending = loop.run_in_executor(None, self._read, source, line)
+        try:
+            while True:
+                chunk = await pending
+                line = chunk.last_line
+                if not chunk.eof:
+                    # The next lines are read and encrypted while this batch is written
+                    # (the database works on another core meanwhile).
+                    pending = loop.run_in_executor(None, self._read, source, line)
+                report.lines += chunk.lines
+                report.bytes_read += chunk.bytes_read
+                report.refused += chunk.refused
+                try:
+                    report.add(await self._write(chunk.prepared))
+                except (StoreUnavailable, DeadlineExceeded) as exc:
+                    first = min((p.line.line for p in chunk.prepared), default=line)
+                    report.stopped = (f"{exc.message}: stopped at line {first}; what was "
+                                      "imported before stays, and a run again skips it")
+                    break
+                if progress is not None:
+                    progress(report)
+                if chunk.eof:
+                    break
+        finally:
+            if not pending.done():  # stopped early: let the reader thread finish
+                with contextlib.suppress(Exception):
+                    await pending
+        report.refused.sort(key=lambda r: r.line)
+        log.info("import %s", "checked (dry run)" if self._dry_run else "finished", extra={
+            "run": report.run_id, "lines": report.lines, "imported": report.imported_total,
+            "skipped": report.skipped, "refused": len(report.refused),
+            "stopped": report.stopped is not None})
+        return report
+
+    # -- reading (a worker thread) -----------------------------------------------------------
+    def _read(self, source: BinaryIO, after_line: int) -> _Chunk:
+        """The next ``batch`` non-blank lines, parsed, and prepared when good."""
+        now = self._clock.now()
+        prepared: list[Prepared] = []
+        refused: list[LineRefused] = []
+        number, size, lines, eof = after_line, 0, 0, False
+        while lines < self._batch:
+            raw = source.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                eof = True
+                break
+            number += 1
+            size += len(raw)
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                size += _skip_rest_of_line(source)
+                refused.append(LineRefused(number, f"longer than {MAX_LINE_BYTES} bytes"))
+                lines += 1
+                continue
+            parsed = parse_line(number, raw, now)
+            if parsed is None:
+                continue
+            lines += 1
+            if isinstance(parsed, LineRefused):
+                refused.append(parsed)
+            else:
+                prepared.append(prepare(parsed, self._keyring, now, locale=self._locale,
+                                        make_id=self._make_id))
+        return _Chunk(prepared, refused, lines, size, number, eof)
+
+    # -- writing -----------------------------------------------------------------------------
+    async def _write(self, batch: list[Prepared]) -> Decision:
+        if not batch:
+            return Decision()
+        try:
+            return await self._commit(batch)
+        except (StoreConflict, bulk.RowRefused):
+            if len(batch) == 1:
+                raise
+        # One line of the batch broke it (or something wrote these users meanwhile):
+        # each line on its own, so only the one at fault is refused.
+        out = Decision()
+        for p in batch:
+            try:
+                out.add(await self._commit([p]))
+            except (StoreConflict, bulk.RowRefused) as exc:
+                out.refused.append(LineRefused(
+                    p.line.line, f"the database refused it: {exc.message}", p.line.user_id,
+                    _shown(p.line)))
+        return out
+
+    async def _commit(self, batch: list[Prepared]) -> Decision:
+        users = sorted({p.line.user_id for p in batch})
+        now = self._clock.now()
+        if self._dry_run:
+            async with self._db.transaction(readonly=True) as tx:
+                present = await bulk.live_factors(tx, users)
+            for user in users:  # what earlier batches would have written
+                present[user] = present[user] + self._planned.get(user, [])
+            decision = self._decide(batch, present, now)
+            for record in decision.records:
+                self._planned.setdefault(record.factor.user_id, []).append(record)
+            return decision
+        async with self._db.transaction() as tx:
+            await bulk.lock_users(tx, users)
+            present = await bulk.live_factors(tx, users)
+            decision = self._decide(batch, present, now)
+            await bulk.insert_factors(tx, decision.records)
+            await bulk.insert_audit(tx, [self._audit_row(p, decision, now)
+                                         for p in decision.imported])
+        return decision
+
+    def _decide(self, batch: list[Prepared], present: Mapping[str, Sequence[FactorRecord]],
+                now: datetime) -> Decision:
+        # Lines of this batch compare with each other by the secrets they carry.
+        ids = [p.record.factor.factor_id for p in batch]
+        self._planned_secrets.update(
+            (p.record.factor.factor_id, p.line.secret) for p in batch
+            if p.line.secret is not None)
+        decision = None
+        try:
+            decision = decide(batch, present, max_factors=self._max_factors,
+                              secret_of=self._secret_of,
+                              new_recovery=lambda user: recovery_factor(user, now,
+                                                                        self._make_id))
+            return decision
+        finally:
+            # Kept only where no store holds them: the apps a dry run would import.
+            kept = ({p.record.factor.factor_id for p in decision.imported}
+                    if self._dry_run and decision is not None else set())
+            for factor_id in ids:
+                if factor_id not in kept:
+                    self._planned_secrets.pop(factor_id, None)
+
+    def _secret_of(self, record: FactorRecord) -> bytes | None:
+        """An ACTIVE app's secret: planned by this run, else decrypted from the store."""
+        planned = self._planned_secrets.get(record.factor.factor_id)
+        if planned is not None:
+            return planned
+        if record.secret_ciphertext is None or record.secret_key_id is None:
+            return None
+        try:
+            return self._keyring.decrypt(
+                record.secret_key_id, record.secret_ciphertext,
+                secret_aad(record.factor.factor_id, record.factor.user_id))
+        except DecryptionError:
+            return None  # a key the keyring lacks: not provably the same, so refused
+
+    def _audit_row(self, p: Prepared, decision: Decision, now: datetime) -> dict[str, object]:
+        line = p.line
+        detail: dict[str, str | int] = {"method": line.method.value, "line": line.line,
+                                        "run": self._run_id}
+        if line.method is Method.AUTHENTICATOR_APP:
+            detail.update(algorithm=line.totp.algorithm.value, digits=line.totp.digits,
+                          period=line.totp.period)
+        if line.channel is not None:
+            detail["channel"] = line.channel.value
+        recovery = decision.recovery_of.get(p.record.factor.factor_id)
+        if recovery is not None:
+            detail["recovery_factor_id"] = recovery
+        return audit.event_row(now, audit.Event.IMPORTED, audit.Outcome.OK, WHO,
+                               user_id=line.user_id, factor_id=p.record.factor.factor_id,
+                               detail=detail)
+
+
+def _skip_rest_of_line(source: BinaryIO) -> int:
+    skipped = 0
+    while True:
+        part = source.readline(MAX_LINE_BYTES)
+        skipped += len(part)
+        if not part or part.endswith(b"\n"):
+            return skipped
