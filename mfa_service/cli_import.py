@@ -54,25 +54,33 @@ def register(commands: SubParsers) -> None:
     command.add_argument("--batch", type=int, default=DEFAULT_BATCH,
                          help=f"lines per transaction (default {DEFAULT_BATCH}, "
                               f"max {MAX_BATCH})")
+    command.add_argument("--workers", type=int, default=None,
+                         help="processes that parse lines (default: the cores but one, "
+                              "1-4; 0 parses in this process)")
     command.set_defaults(admin_runner=_run)
 
 
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
     return await import_file(settings, args.file, dry_run=args.dry_run, batch=args.batch,
-                             out=sys.stdout, err=sys.stderr)
+                             workers=args.workers, out=sys.stdout, err=sys.stderr)
 
 
 async def import_file(settings: Settings, file: str, *, dry_run: bool = False,
-                      batch: int = DEFAULT_BATCH, out: TextIO, err: TextIO,
-                      clock: Clock | None = None, keyring: Keyring | None = None) -> int:
+                      batch: int = DEFAULT_BATCH, workers: int | None = None, out: TextIO,
+                      err: TextIO, clock: Clock | None = None,
+                      keyring: Keyring | None = None) -> int:
     """The command: import ``file`` into the database of ``settings``; the exit code.
     ``clock`` and ``keyring`` default to the servers' (the system clock, MFA_KEYRING)."""
     from mfa_service.app import load_keyring
     from mfa_service.clock import SystemClock
-    from mfa_service.service.importer import Importer
+    from mfa_service.service.importer import MAX_WORKERS, Importer, default_workers
 
     if not 1 <= batch <= MAX_BATCH:
         raise InvalidArgument.single("batch", f"must be 1-{MAX_BATCH}")
+    if workers is None:
+        workers = default_workers()
+    if not 0 <= workers <= MAX_WORKERS:
+        raise InvalidArgument.single("workers", f"must be 0-{MAX_WORKERS}")
     keyring = keyring or load_keyring(settings)
     with ExitStack() as files:
         try:
@@ -84,7 +92,7 @@ async def import_file(settings: Settings, file: str, *, dry_run: bool = False,
             importer = Importer(database, keyring, clock or SystemClock(),
                                 max_factors=settings.max_factors_per_user,
                                 default_locale=settings.default_locale, batch=batch,
-                                dry_run=dry_run)
+                                dry_run=dry_run, workers=workers)
             progress = Progress(err, total)
             report = await importer.run(source, progress.update)
             progress.finish(report)

@@ -20,11 +20,20 @@ from mfa_service.domain import FactorRecord, FactorStatus
 from mfa_service.errors import StoreError
 from mfa_service.store.hot import aware, naive_utc
 from mfa_service.store.models import audit_events, factors
-from mfa_service.store.repositories import _factor_of, _factor_row
+from mfa_service.store.repositories import _factor_of, _factor_row, totp_columns
 from mfa_service.store.unit import Unit
 
-_FACTOR_COLUMNS = [c.name for c in factors.c]
-_AUDIT_COLUMNS = [c.name for c in audit_events.c if c.name != "id"]  # id: its sequence
+# The columns COPY writes, in the order of the tuples below (tests/test_import.py checks
+# that every other column of the table may be left out).
+FACTOR_COLUMNS = [
+    "id", "user_id", "method", "status", "label", "masked_destination", "destination",
+    "secret_ciphertext", "secret_key_id", "last_totp_step", "created_at", "confirmed_at",
+    "last_used_at", "disabled_at", "locale", "replaces_factor_id", "established_at",
+    "enrolled_session_id", "totp_algorithm", "totp_digits", "totp_period"]
+AUDIT_COLUMNS = [
+    "occurred_at", "event", "outcome", "user_id", "factor_id", "challenge_id", "session_id",
+    "caller", "application", "client_ip", "user_agent", "detail"]
+_SELECT_COLUMNS = ", ".join(c.name for c in factors.c)
 _DISABLED = FactorStatus.DISABLED.value
 
 # The per-user lock of every RPC that changes a user's factors (store/security.py), for
@@ -36,7 +45,7 @@ _LOCK_USERS = (
     " SELECT u, 0, false FROM unnest($1::varchar[]) AS t(u) ORDER BY u"
     " ON CONFLICT (user_id) DO UPDATE SET user_id = excluded.user_id")
 _LIVE_FACTORS = (
-    "SELECT " + ", ".join(_FACTOR_COLUMNS) + " FROM factors"  # noqa: S608 - our own columns
+    f"SELECT {_SELECT_COLUMNS} FROM factors"  # noqa: S608 - our own column names
     f" WHERE user_id = ANY($1::varchar[]) AND status <> '{_DISABLED}'")
 _SQLITE_LIVE_FACTORS = select(factors).where(factors.c.status != _DISABLED)
 
@@ -73,28 +82,60 @@ async def live_factors(unit: Unit, user_ids: Sequence[str]) -> dict[str, list[Fa
 
 async def insert_factors(unit: Unit, records: Sequence[FactorRecord]) -> None:
     """Insert ``records`` as they are (ids, ciphertexts and times already made)."""
-    rows = [_factor_row(r) for r in records]
-    await _insert(unit, factors.name, _FACTOR_COLUMNS, rows)
+    if not records:
+        return
+    if not unit.postgres:
+        await unit.conn.execute(insert(factors), [_factor_row(r) for r in records])
+        return
+    stamp = _Stamps()
+    rows = []
+    for r in records:
+        f, totp = r.factor, totp_columns(r.totp)
+        rows.append((
+            f.factor_id, f.user_id, f.method.value, f.status.value, r.label,
+            f.masked_destination, r.destination, r.secret_ciphertext, r.secret_key_id,
+            r.last_totp_step, stamp(f.created_at), stamp(f.confirmed_at),
+            stamp(f.last_used_at), stamp(f.disabled_at), r.locale, r.replaces_factor_id,
+            stamp(f.established_at), r.enrolled_session_id, totp["totp_algorithm"],
+            totp["totp_digits"], totp["totp_period"]))
+    await _copy(unit, factors.name, FACTOR_COLUMNS, rows)
 
 
 async def insert_audit(unit: Unit, events: Sequence[dict[str, Any]]) -> None:
-    """Append audit rows (each with every column but ``id``: service/audit.py's shape)."""
-    await _insert(unit, audit_events.name, _AUDIT_COLUMNS, events)
-
-
-async def _insert(unit: Unit, table: str, columns: list[str],
-                  rows: Sequence[dict[str, Any]]) -> None:
-    if not rows:
+    """Append audit rows (service/audit.py: ``event_row``'s shape, every column but the
+    ``id`` its sequence gives)."""
+    if not events:
         return
     if not unit.postgres:
-        target = factors if table == factors.name else audit_events
-        await unit.conn.execute(insert(target), list(rows))
+        await unit.conn.execute(insert(audit_events), list(events))
         return
+    stamp = _Stamps()
+    await _copy(unit, audit_events.name, AUDIT_COLUMNS, [
+        tuple(stamp(e[c]) if c == "occurred_at" else e[c] for c in AUDIT_COLUMNS)
+        for e in events])
+
+
+class _Stamps:
+    """Aware datetimes as the naive UTC the columns hold (COPY bypasses the column type,
+    store/models.py: UTCDateTime). A batch's rows share a handful of instants: each is
+    converted once."""
+
+    def __init__(self) -> None:
+        self._seen: dict[datetime, datetime] = {}
+
+    def __call__(self, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        naive = self._seen.get(value)
+        if naive is None:
+            naive = self._seen[value] = naive_utc(value)
+        return naive
+
+
+async def _copy(unit: Unit, table: str, columns: list[str],
+                records: list[tuple[Any, ...]]) -> None:
     import asyncpg
 
-    # COPY bypasses the column types: the timestamps go as the naive UTC they are stored.
-    records = [tuple(naive_utc(v) if isinstance(v, datetime) else v
-                     for v in (row[c] for c in columns)) for row in rows]
     driver = await unit.driver()
     try:
         await driver.copy_records_to_table(table, records=records, columns=columns)
