@@ -438,10 +438,14 @@ class Importer:
         for p in batch:
             try:
                 out.add(await self._commit([p]))
-            except (StoreConflict, bulk.RowRefused) as exc:
+            except bulk.RowRefused as exc:
                 out.refused.append(LineRefused(
-                    p.line.line, f"the database refused it: {exc.message}", p.line.user_id,
+                    p.line.line, f"the database refused it ({exc.what})", p.line.user_id,
                     _shown(p.line)))
+            except StoreConflict:
+                out.refused.append(LineRefused(
+                    p.line.line, "the database refused it (a constraint, or a change made "
+                    "meanwhile: a run again retries it)", p.line.user_id, _shown(p.line)))
         return out
 
     async def _commit(self, batch: list[Prepared]) -> Decision:

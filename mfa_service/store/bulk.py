@@ -18,6 +18,7 @@ from sqlalchemy import insert, select
 
 from mfa_service.domain import FactorRecord, FactorStatus
 from mfa_service.errors import StoreError
+from mfa_service.store.engine import translate
 from mfa_service.store.hot import aware, naive_utc
 from mfa_service.store.models import audit_events, factors
 from mfa_service.store.repositories import _factor_of, _factor_row, totp_columns
@@ -54,6 +55,10 @@ class RowRefused(StoreError):
     """PostgreSQL refused a row of a bulk write (a constraint, a value out of range). The
     message names the constraint or the SQLSTATE, never a value (the driver's detail
     quotes the row)."""
+
+    def __init__(self, message: str, what: str) -> None:
+        super().__init__(message)
+        self.what = what  # the constraint's name, or the SQLSTATE
 
 
 async def lock_users(unit: Unit, user_ids: Sequence[str]) -> None:
@@ -139,6 +144,10 @@ async def _copy(unit: Unit, table: str, columns: list[str],
     driver = await unit.driver()
     try:
         await driver.copy_records_to_table(table, records=records, columns=columns)
-    except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
+    except asyncpg.PostgresError as exc:
+        mapped = translate(exc)
+        if mapped is not None:  # the server is gone, or a retryable conflict
+            raise mapped from exc
+        # The server refused the rows themselves: a constraint, a value, a trigger.
         what = getattr(exc, "constraint_name", None) or f"SQLSTATE {exc.sqlstate}"
-        raise RowRefused(f"the database refused a row of {table} ({what})") from exc
+        raise RowRefused(f"the database refused a row of {table} ({what})", what) from exc
