@@ -16,12 +16,12 @@ from typing import Any
 
 from sqlalchemy import insert, select
 
-from mfa_service.domain import FactorRecord, FactorStatus
+from mfa_service.domain import DEFAULT_TOTP, FactorRecord, FactorStatus
 from mfa_service.errors import StoreError
 from mfa_service.store.engine import translate
 from mfa_service.store.hot import aware, naive_utc
 from mfa_service.store.models import audit_events, factors
-from mfa_service.store.repositories import _factor_of, _factor_row, totp_columns
+from mfa_service.store.repositories import _factor_of, _factor_row
 from mfa_service.store.unit import Unit
 
 # The columns COPY writes, in the order of the tuples below (tests/test_import.py checks
@@ -95,14 +95,16 @@ async def insert_factors(unit: Unit, records: Sequence[FactorRecord]) -> None:
     stamp = _Stamps()
     rows = []
     for r in records:
-        f, totp = r.factor, totp_columns(r.totp)
+        f, t = r.factor, r.totp
+        default = t is DEFAULT_TOTP or t == DEFAULT_TOTP  # NULL columns (store/models.py)
         rows.append((
             f.factor_id, f.user_id, f.method.value, f.status.value, r.label,
             f.masked_destination, r.destination, r.secret_ciphertext, r.secret_key_id,
             r.last_totp_step, stamp(f.created_at), stamp(f.confirmed_at),
             stamp(f.last_used_at), stamp(f.disabled_at), r.locale, r.replaces_factor_id,
-            stamp(f.established_at), r.enrolled_session_id, totp["totp_algorithm"],
-            totp["totp_digits"], totp["totp_period"]))
+            stamp(f.established_at), r.enrolled_session_id,
+            None if default else t.algorithm.value, None if default else t.digits,
+            None if default else t.period))
     await _copy(unit, factors.name, FACTOR_COLUMNS, rows)
 
 
@@ -116,8 +118,9 @@ async def insert_audit(unit: Unit, events: Sequence[dict[str, Any]]) -> None:
         return
     stamp = _Stamps()
     await _copy(unit, audit_events.name, AUDIT_COLUMNS, [
-        tuple(stamp(e[c]) if c == "occurred_at" else e[c] for c in AUDIT_COLUMNS)
-        for e in events])
+        (stamp(e["occurred_at"]), e["event"], e["outcome"], e["user_id"], e["factor_id"],
+         e["challenge_id"], e["session_id"], e["caller"], e["application"], e["client_ip"],
+         e["user_agent"], e["detail"]) for e in events])
 
 
 class _Stamps:
