@@ -168,6 +168,7 @@ def format_report(report: ImportReport) -> list[str]:
         f"{verb}: {report.imported_total:,}" + (f" ({by_method})" if by_method else ""),
         f"skipped, already present: {report.skipped:,}",
         f"refused: {len(report.refused):,}",
+        f"took {report.seconds:.1f} s ({report.lines / max(report.seconds, 1e-9):,.0f} lines/s)",
     ]
     for refused in report.refused:
         about = ", ".join(part for part in (

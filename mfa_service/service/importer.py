@@ -36,6 +36,7 @@ import hmac
 import logging
 import multiprocessing
 import os
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -90,7 +91,8 @@ class Decision:
     # The rows to insert: the imported factors and the recovery-code factors made for
     # users who had none.
     records: list[FactorRecord] = field(default_factory=list)
-    recovery_of: dict[str, str] = field(default_factory=dict)  # factor id -> its user's new
+    # imported factor id -> the recovery-code factor made with it (the user had none)
+    recovery_of: dict[str, str] = field(default_factory=dict)
     skipped: list[ImportLine] = field(default_factory=list)  # already present
     refused: list[LineRefused] = field(default_factory=list)
 
@@ -206,6 +208,7 @@ class ImportReport:
     # Set when the database went away mid-run: what was committed stays (a re-run skips
     # it), the rest of the file was not read.
     stopped: str | None = None
+    seconds: float = 0.0  # from the first line read to the last batch committed
 
     @property
     def imported_total(self) -> int:
@@ -306,6 +309,7 @@ class Importer:
         always sees what the lines before it did."""
         self._run_id = str(uuid.uuid4())  # in every audit row of the run: find them all
         report = ImportReport(run_id=self._run_id, dry_run=self._dry_run)
+        started = time.monotonic()
         if self._workers:
             # spawn: a fresh interpreter that imports only the parsing module; a fork
             # would copy this process's connections and threads.
@@ -344,6 +348,7 @@ class Importer:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
         report.refused.sort(key=lambda r: r.line)
+        report.seconds = time.monotonic() - started
         log.info("import %s", "checked (dry run)" if self._dry_run else "finished", extra={
             "run": report.run_id, "lines": report.lines, "imported": report.imported_total,
             "skipped": report.skipped, "refused": len(report.refused),
