@@ -43,11 +43,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from mfa_service.clock import Clock
 from mfa_service.crypto import DecryptionError, Keyring
-from mfa_service.domain import AuditContext, Factor, FactorRecord, FactorStatus, Method
+from mfa_service.domain import DEFAULT_TOTP, AuditContext, FactorStatus, Method
 from mfa_service.errors import DeadlineExceeded, StoreConflict, StoreUnavailable
 from mfa_service.factors.totp import secret_aad
 from mfa_service.service import audit
@@ -60,6 +60,7 @@ from mfa_service.service.import_lines import (
     unpack,
 )
 from mfa_service.store import bulk
+from mfa_service.store.bulk import LiveFactor
 from mfa_service.store.database import Database
 
 log = logging.getLogger("mfa_service.importer")
@@ -80,7 +81,8 @@ class Prepared:
     """A line made into the row it would be: ACTIVE, its secret encrypted."""
 
     line: ImportLine
-    record: FactorRecord
+    live: LiveFactor  # as the rules will see it once written
+    row: tuple[Any, ...]  # store/bulk.py: factor_row
 
 
 @dataclass
@@ -90,7 +92,8 @@ class Decision:
     imported: list[Prepared] = field(default_factory=list)
     # The rows to insert: the imported factors and the recovery-code factors made for
     # users who had none.
-    records: list[FactorRecord] = field(default_factory=list)
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    added: list[LiveFactor] = field(default_factory=list)  # the same rows, as the rules see
     # imported factor id -> the recovery-code factor made with it (the user had none)
     recovery_of: dict[str, str] = field(default_factory=dict)
     skipped: list[ImportLine] = field(default_factory=list)  # already present
@@ -98,10 +101,15 @@ class Decision:
 
     def add(self, other: Decision) -> None:
         self.imported += other.imported
-        self.records += other.records
+        self.rows += other.rows
+        self.added += other.added
         self.recovery_of.update(other.recovery_of)
         self.skipped += other.skipped
         self.refused += other.refused
+
+
+_ACTIVE = FactorStatus.ACTIVE.value
+_RECOVERY = Method.RECOVERY_CODE.value
 
 
 def prepare(line: ImportLine, keyring: Keyring, now: datetime, *, locale: str,
@@ -112,62 +120,68 @@ def prepare(line: ImportLine, keyring: Keyring, now: datetime, *, locale: str,
     key_id, ciphertext = (None, None)
     if line.secret is not None:
         key_id, ciphertext = keyring.encrypt(line.secret, secret_aad(factor_id, line.user_id))
-    factor = Factor(factor_id=factor_id, user_id=line.user_id, method=line.method,
-                    status=FactorStatus.ACTIVE, masked_destination=line.masked,
-                    created_at=since, confirmed_at=since, established_at=since)
-    return Prepared(line, FactorRecord(
-        factor=factor, label=line.label, destination=line.destination,
-        secret_ciphertext=ciphertext, secret_key_id=key_id, last_totp_step=None,
-        locale=locale, totp=line.totp))
+    method, totp = line.method.value, line.totp
+    default = totp is DEFAULT_TOTP
+    return Prepared(line, LiveFactor(
+        factor_id, line.user_id, method, _ACTIVE, line.destination, ciphertext, key_id,
+        None if default else totp.algorithm.value, None if default else totp.digits,
+        None if default else totp.period), bulk.factor_row(
+        factor_id=factor_id, user_id=line.user_id, method=method, status=_ACTIVE,
+        label=line.label, masked_destination=line.masked, destination=line.destination,
+        secret_ciphertext=ciphertext, secret_key_id=key_id, created_at=since,
+        confirmed_at=since, last_used_at=None, established_at=since, locale=locale,
+        totp=totp))
 
 
 def recovery_factor(user_id: str, now: datetime, make_id: Callable[[], str] = new_id,
-                    ) -> FactorRecord:
+                    ) -> tuple[LiveFactor, tuple[Any, ...]]:
     """The recovery-code factor Recovery.issue_first makes with a user's first ACTIVE
     factor, without codes: nobody could be shown them (the user regenerates them, with a
     proof from the imported factor, which is established)."""
-    return FactorRecord(
-        factor=Factor(factor_id=make_id(), user_id=user_id, method=Method.RECOVERY_CODE,
-                      status=FactorStatus.ACTIVE, masked_destination=RECOVERY_LABEL,
-                      created_at=now, confirmed_at=now, last_used_at=now,
-                      established_at=now),
-        label=RECOVERY_LABEL, destination=None, secret_ciphertext=None, secret_key_id=None,
-        last_totp_step=None)
+    factor_id = make_id()
+    return (LiveFactor(factor_id, user_id, _RECOVERY, _ACTIVE, None, None, None, None, None,
+                       None),
+            bulk.factor_row(factor_id=factor_id, user_id=user_id, method=_RECOVERY,
+                            status=_ACTIVE, label=RECOVERY_LABEL,
+                            masked_destination=RECOVERY_LABEL, destination=None,
+                            secret_ciphertext=None, secret_key_id=None, created_at=now,
+                            confirmed_at=now, last_used_at=now, established_at=now,
+                            locale="en"))
 
 
-def equivalent(record: FactorRecord, line: ImportLine,
-               secret_of: Callable[[FactorRecord], bytes | None]) -> bool:
-    """Whether ``record`` (ACTIVE, of the line's method) is the factor ``line`` asks for."""
+def equivalent(held: LiveFactor, line: ImportLine,
+               secret_of: Callable[[LiveFactor], bytes | None]) -> bool:
+    """Whether ``held`` (ACTIVE, of the line's method) is the factor ``line`` asks for."""
     if line.method is Method.AUTHENTICATOR_APP:
-        if record.totp != line.totp or line.secret is None:
+        if held.totp != line.totp or line.secret is None:
             return False
-        secret = secret_of(record)
+        secret = secret_of(held)
         return secret is not None and hmac.compare_digest(secret, line.secret)
-    if record.destination is None or line.destination is None:
+    if held.destination is None or line.destination is None:
         return False
     if line.method is Method.EMAIL:
-        return record.destination.casefold() == line.destination.casefold()
-    return record.destination == line.destination
+        return held.destination.casefold() == line.destination.casefold()
+    return held.destination == line.destination
 
 
-def decide(batch: Iterable[Prepared], present: Mapping[str, Sequence[FactorRecord]], *,
-           max_factors: int, secret_of: Callable[[FactorRecord], bytes | None],
-           new_recovery: Callable[[str], FactorRecord]) -> Decision:
+def decide(batch: Iterable[Prepared], present: Mapping[str, Sequence[LiveFactor]], *,
+           max_factors: int, secret_of: Callable[[LiveFactor], bytes | None],
+           new_recovery: Callable[[str], tuple[LiveFactor, tuple[Any, ...]]]) -> Decision:
     """Enroll's rules for each line in order, against the users' live factors
     (``present``: PENDING and ACTIVE) and the lines accepted before it."""
-    held = {user: list(records) for user, records in present.items()}
+    held = {user: list(factors) for user, factors in present.items()}
     out = Decision()
     for p in batch:
         line = p.line
+        method = p.live.method
         mine = held.setdefault(line.user_id, [])
-        active = [r for r in mine if r.factor.status is FactorStatus.ACTIVE
-                  and r.factor.method is line.method]
+        active = [f for f in mine if f.status == _ACTIVE and f.method == method]
         if active:
-            if any(equivalent(r, line, secret_of) for r in active):
+            if any(equivalent(f, line, secret_of) for f in active):
                 out.skipped.append(line)
             else:
                 out.refused.append(LineRefused(
-                    line.line, f"the user already has an active {line.method.value} factor "
+                    line.line, f"the user already has an active {method} factor "
                     f"with another {_NOUNS[line.method]} (disable it first)",
                     line.user_id, _shown(line)))
             continue
@@ -176,15 +190,16 @@ def decide(batch: Iterable[Prepared], present: Mapping[str, Sequence[FactorRecor
                 line.line, f"the user has {len(mine)} factors, the most "
                 f"MFA_MAX_FACTORS_PER_USER ({max_factors}) allows", line.user_id, _shown(line)))
             continue
-        mine.append(p.record)
+        mine.append(p.live)
         out.imported.append(p)
-        out.records.append(p.record)
-        if not any(r.factor.method is Method.RECOVERY_CODE
-                   and r.factor.status is FactorStatus.ACTIVE for r in mine):
-            recovery = new_recovery(line.user_id)
+        out.rows.append(p.row)
+        out.added.append(p.live)
+        if not any(f.method == _RECOVERY and f.status == _ACTIVE for f in mine):
+            recovery, row = new_recovery(line.user_id)
             mine.append(recovery)
-            out.records.append(recovery)
-            out.recovery_of[p.record.factor.factor_id] = recovery.factor.factor_id
+            out.rows.append(row)
+            out.added.append(recovery)
+            out.recovery_of[p.live.factor_id] = recovery.factor_id
     return out
 
 
@@ -295,7 +310,7 @@ class Importer:
         # Secrets of the apps this run planned and has not written (dry run: every one),
         # so a later line compares with them without a store to decrypt from.
         self._planned_secrets: dict[str, bytes] = {}
-        self._planned: dict[str, list[FactorRecord]] = {}  # dry run: by user
+        self._planned: dict[str, list[LiveFactor]] = {}  # dry run: by user
         self._run_id = ""
 
     async def run(self, source: BinaryIO,
@@ -462,25 +477,25 @@ class Importer:
             for user in users:  # what earlier batches would have written
                 present[user] = present[user] + self._planned.get(user, [])
             decision = self._decide(batch, present, now)
-            for record in decision.records:
-                self._planned.setdefault(record.factor.user_id, []).append(record)
+            for live in decision.added:
+                self._planned.setdefault(live.user_id, []).append(live)
             return decision
         async with self._db.transaction() as tx:
             await bulk.lock_users(tx, users)
             present = await bulk.live_factors(tx, users)
             decision = self._decide(batch, present, now)
-            await bulk.insert_factors(tx, decision.records)
-            await bulk.insert_audit(tx, [self._audit_row(p, decision, now)
+            await bulk.insert_factors(tx, decision.rows)
+            template = audit.event_row(now, audit.Event.IMPORTED, audit.Outcome.OK, WHO)
+            await bulk.insert_audit(tx, [self._audit_row(p, decision, template)
                                          for p in decision.imported])
         return decision
 
-    def _decide(self, batch: list[Prepared], present: Mapping[str, Sequence[FactorRecord]],
+    def _decide(self, batch: list[Prepared], present: Mapping[str, Sequence[LiveFactor]],
                 now: datetime) -> Decision:
         # Lines of this batch compare with each other by the secrets they carry.
-        ids = [p.record.factor.factor_id for p in batch]
+        ids = [p.live.factor_id for p in batch]
         self._planned_secrets.update(
-            (p.record.factor.factor_id, p.line.secret) for p in batch
-            if p.line.secret is not None)
+            (p.live.factor_id, p.line.secret) for p in batch if p.line.secret is not None)
         decision = None
         try:
             decision = decide(batch, present, max_factors=self._max_factors,
@@ -490,30 +505,31 @@ class Importer:
             return decision
         finally:
             # Kept only where no store holds them: the apps a dry run would import.
-            kept = ({p.record.factor.factor_id for p in decision.imported}
+            kept = ({p.live.factor_id for p in decision.imported}
                     if self._dry_run and decision is not None else set())
             for factor_id in ids:
                 if factor_id not in kept:
                     self._planned_secrets.pop(factor_id, None)
 
-    def _secret_of(self, record: FactorRecord) -> bytes | None:
+    def _secret_of(self, held: LiveFactor) -> bytes | None:
         """An ACTIVE app's secret: planned by this run, else decrypted from the store."""
-        planned = self._planned_secrets.get(record.factor.factor_id)
+        planned = self._planned_secrets.get(held.factor_id)
         if planned is not None:
             return planned
-        if record.secret_ciphertext is None or record.secret_key_id is None:
+        if held.secret_ciphertext is None or held.secret_key_id is None:
             return None
         try:
-            return self._keyring.decrypt(
-                record.secret_key_id, record.secret_ciphertext,
-                secret_aad(record.factor.factor_id, record.factor.user_id))
+            return self._keyring.decrypt(held.secret_key_id, held.secret_ciphertext,
+                                         secret_aad(held.factor_id, held.user_id))
         except DecryptionError:
             return None  # a key the keyring lacks: not provably the same, so refused
 
-    def _audit_row(self, p: Prepared, decision: Decision, now: datetime) -> dict[str, object]:
-        """The ``factor_imported`` row: detail method, line, run; an app's TOTP
-        parameters, a phone's channel, the recovery-code factor made with it."""
-        line = p.line
+    def _audit_row(self, p: Prepared, decision: Decision,
+                   template: dict[str, Any]) -> tuple[Any, ...]:
+        """The ``factor_imported`` row (``template``: the batch's event_row): detail
+        method, line, run; an app's TOTP parameters, a phone's channel, the
+        recovery-code factor made with it."""
+        line, factor_id = p.line, p.live.factor_id
         # The detail's JSON written directly (a fifth of json.dumps' cost, at 100,000 rows
         # a run): every value is an enum value, a number or a UUID, none needs escaping.
         detail = [f'"method": "{line.method.value}", "line": {line.line}, '
@@ -524,13 +540,11 @@ class Importer:
                           f'"period": {t.period}')
         if line.channel is not None:
             detail.append(f'"channel": "{line.channel.value}"')
-        recovery = decision.recovery_of.get(p.record.factor.factor_id)
+        recovery = decision.recovery_of.get(factor_id)
         if recovery is not None:
             detail.append(f'"recovery_factor_id": "{recovery}"')
-        row = audit.event_row(now, audit.Event.IMPORTED, audit.Outcome.OK, WHO,
-                              user_id=line.user_id, factor_id=p.record.factor.factor_id)
-        row["detail"] = "{" + ", ".join(detail) + "}"
-        return row
+        return bulk.audit_row({**template, "user_id": line.user_id, "factor_id": factor_id,
+                               "detail": "{" + ", ".join(detail) + "}"})
 
 
 def _skip_rest_of_line(source: BinaryIO) -> int:
