@@ -71,9 +71,7 @@ async def import_file(settings: Settings, file: str, *, dry_run: bool = False,
                       keyring: Keyring | None = None) -> int:
     """The command: import ``file`` into the database of ``settings``; the exit code.
     ``clock`` and ``keyring`` default to the servers' (the system clock, MFA_KEYRING)."""
-    from mfa_service.app import load_keyring
-    from mfa_service.clock import SystemClock
-    from mfa_service.service.importer import MAX_WORKERS, Importer, default_workers
+    from mfa_service.service.importer import MAX_WORKERS, Importer, Parsers, default_workers
 
     if not 1 <= batch <= MAX_BATCH:
         raise InvalidArgument.single("batch", f"must be 1-{MAX_BATCH}")
@@ -81,18 +79,23 @@ async def import_file(settings: Settings, file: str, *, dry_run: bool = False,
         workers = default_workers()
     if not 0 <= workers <= MAX_WORKERS:
         raise InvalidArgument.single("workers", f"must be 0-{MAX_WORKERS}")
-    keyring = keyring or load_keyring(settings)
-    with ExitStack() as files:
+    with ExitStack() as resources:
         try:
-            source, total = _open(file, files)
+            source, total = _open(file, resources)
         except OSError as exc:
             print(f"mfa-service: cannot read {file}: {exc.strerror or exc}", file=err)
             return USAGE
+        # First: the parsing processes take a while to start, and do so meanwhile.
+        parsers = resources.enter_context(Parsers(workers)) if workers else None
+        from mfa_service.app import load_keyring
+        from mfa_service.clock import SystemClock
+
+        keyring = keyring or load_keyring(settings)
         async with open_store(settings, migrate_sqlite=not dry_run) as database:
             importer = Importer(database, keyring, clock or SystemClock(),
                                 max_factors=settings.max_factors_per_user,
                                 default_locale=settings.default_locale, batch=batch,
-                                dry_run=dry_run, workers=workers)
+                                dry_run=dry_run, parsers=parsers)
             progress = Progress(err, total)
             report = await importer.run(source, progress.update)
             progress.finish(report)
@@ -102,12 +105,12 @@ async def import_file(settings: Settings, file: str, *, dry_run: bool = False,
     return PROBLEM if report.refused else OK
 
 
-def _open(file: str, files: ExitStack) -> tuple[BinaryIO, int | None]:
+def _open(file: str, resources: ExitStack) -> tuple[BinaryIO, int | None]:
     """The file (binary: its byte offset is the progress) and its size when known."""
     if file == "-":
         return sys.stdin.buffer, None
     path = Path(file)
-    handle = files.enter_context(path.open("rb"))
+    handle = resources.enter_context(path.open("rb"))
     size = path.stat().st_size
     return handle, size if path.is_file() else None
 

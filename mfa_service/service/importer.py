@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
 from mfa_service.clock import Clock
@@ -286,17 +286,49 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 1) - 1))
 
 
+class Parsers:
+    """Processes that parse lines (service/import_lines.py), started at once: each is a
+    fresh interpreter (spawn; a fork would copy this process's connections and threads)
+    that imports the parsing module, a good half second, so whoever makes them does so
+    before its own slow start (the keyring, the database) to overlap the two."""
+
+    def __init__(self, count: int) -> None:
+        if not 1 <= count <= MAX_WORKERS:
+            raise ValueError(f"workers must be 1-{MAX_WORKERS}")
+        self.count = count
+        self._pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"))
+        for _ in range(count):  # each submission starts a process that imports the parser
+            self._pool.submit(parse_lines_packed, [], datetime.now(UTC))
+
+    async def parse(self, lines: list[tuple[int, bytes]],
+                    now: datetime) -> list[ImportLine | LineRefused]:
+        """``parse_lines``, shared among the processes; the order is kept."""
+        loop = asyncio.get_running_loop()
+        share = -(-len(lines) // self.count) or 1
+        parts = await asyncio.gather(*(
+            loop.run_in_executor(self._pool, parse_lines_packed, lines[i:i + share], now)
+            for i in range(0, len(lines), share)))
+        return [unpack(packed) for part in parts for packed in part]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Parsers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class Importer:
     """One run over one file, batch after batch."""
 
     def __init__(self, db: Database, keyring: Keyring, clock: Clock, *, max_factors: int,
                  default_locale: str = "en", batch: int = DEFAULT_BATCH,
-                 dry_run: bool = False, workers: int = 0,
+                 dry_run: bool = False, parsers: Parsers | None = None,
                  make_id: Callable[[], str] | None = None) -> None:
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"batch must be 1-{MAX_BATCH}")
-        if not 0 <= workers <= MAX_WORKERS:
-            raise ValueError(f"workers must be 0-{MAX_WORKERS}")
         self._db = db
         self._keyring = keyring
         self._clock = clock
@@ -304,8 +336,7 @@ class Importer:
         self._locale = default_locale
         self._batch = batch
         self._dry_run = dry_run
-        self._workers = workers
-        self._pool: ProcessPoolExecutor | None = None
+        self._parsers = parsers
         self._make_id = make_id or FreshIds()
         # Secrets of the apps this run planned and has not written (dry run: every one),
         # so a later line compares with them without a store to decrypt from.
@@ -318,18 +349,13 @@ class Importer:
         """Import every line of ``source``; ``progress`` hears of each batch done.
 
         A pipeline, so the file's lines, the CPU and the database are all busy at once:
-        batch k+1 is parsed (in ``workers`` processes; with none, in turns with the
+        batch k+1 is parsed (by ``parsers``' processes; with none, in turns with the
         rest), batch k encrypted and decided here, and batch k-1 written, each while the
         others run. Batches are written one after another, in file order, so a line
         always sees what the lines before it did."""
         self._run_id = str(uuid.uuid4())  # in every audit row of the run: find them all
         report = ImportReport(run_id=self._run_id, dry_run=self._dry_run)
         started = time.monotonic()
-        if self._workers:
-            # spawn: a fresh interpreter that imports only the parsing module; a fork
-            # would copy this process's connections and threads.
-            self._pool = ProcessPoolExecutor(self._workers,
-                                             mp_context=multiprocessing.get_context("spawn"))
         raw = self._read(source, 0)
         parsing = asyncio.create_task(self._parse(raw))
         following: asyncio.Task[list[ImportLine | LineRefused]] | None = None
@@ -359,9 +385,6 @@ class Importer:
                     task.cancel()
                     with contextlib.suppress(BaseException):
                         await task
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-                self._pool = None
         report.refused.sort(key=lambda r: r.line)
         report.seconds = time.monotonic() - started
         log.info("import %s", "checked (dry run)" if self._dry_run else "finished", extra={
@@ -414,18 +437,13 @@ class Importer:
     async def _parse(self, raw: _Raw) -> list[ImportLine | LineRefused]:
         """Each line read (service/import_lines.py), blank ones left out."""
         now = self._clock.now()
-        if self._pool is None:
-            parsed: list[ImportLine | LineRefused] = []
-            for start in range(0, len(raw.lines), YIELD_EVERY):
-                parsed += parse_lines(raw.lines[start:start + YIELD_EVERY], now)
-                await asyncio.sleep(0)  # the batch being written gets its turn
-            return parsed
-        loop = asyncio.get_running_loop()
-        share = -(-len(raw.lines) // self._workers) or 1
-        parts = await asyncio.gather(*(
-            loop.run_in_executor(self._pool, parse_lines_packed, raw.lines[i:i + share], now)
-            for i in range(0, len(raw.lines), share)))
-        return [unpack(packed) for part in parts for packed in part]
+        if self._parsers is not None:
+            return await self._parsers.parse(raw.lines, now)
+        parsed: list[ImportLine | LineRefused] = []
+        for start in range(0, len(raw.lines), YIELD_EVERY):
+            parsed += parse_lines(raw.lines[start:start + YIELD_EVERY], now)
+            await asyncio.sleep(0)  # the batch being written gets its turn
+        return parsed
 
     async def _prepare(self, raw: _Raw, parsed: list[ImportLine | LineRefused]) -> _Chunk:
         """The good lines as rows (ids, secrets encrypted); the others refused."""
