@@ -148,13 +148,12 @@ def unpack(packed: Packed) -> ImportLine | LineRefused:
         return LineRefused(line, reason, user_id, masked)
     (line, user_id, method, label, masked, destination, secret, totp, channel,
      confirmed_at) = packed
+    # Positional, and the enums from dicts: this runs once a line in the busiest process.
     return ImportLine(
-        line=line, user_id=user_id, method=Method(method), label=label,
-        masked=masked, destination=destination, secret=secret,
-        totp=DEFAULT_TOTP if totp is None else TotpParameters(
+        line, user_id, METHODS[method], label, masked, destination, secret,
+        DEFAULT_TOTP if totp is None else TotpParameters(
             TotpAlgorithm(totp[0]), totp[1], totp[2]),
-        channel=Channel(channel) if channel else None,
-        confirmed_at=confirmed_at)
+        CHANNELS[channel] if channel else None, confirmed_at)
 
 
 def _json_object(raw: bytes) -> dict[str, object]:

@@ -503,8 +503,9 @@ class Importer:
             present = await bulk.live_factors(tx, users)
             decision = self._decide(batch, present, now)
             await bulk.insert_factors(tx, decision.rows)
-            template = audit.event_row(now, audit.Event.IMPORTED, audit.Outcome.OK, WHO)
-            await bulk.insert_audit(tx, [self._audit_row(p, decision, template)
+            row_of = bulk.audit_rows_of(
+                audit.event_row(now, audit.Event.IMPORTED, audit.Outcome.OK, WHO))
+            await bulk.insert_audit(tx, [self._audit_row(p, decision, row_of)
                                          for p in decision.imported])
         return decision
 
@@ -543,8 +544,8 @@ class Importer:
             return None  # a key the keyring lacks: not provably the same, so refused
 
     def _audit_row(self, p: Prepared, decision: Decision,
-                   template: dict[str, Any]) -> tuple[Any, ...]:
-        """The ``factor_imported`` row (``template``: the batch's event_row): detail
+                   row_of: Callable[[str, str, str], tuple[Any, ...]]) -> tuple[Any, ...]:
+        """The ``factor_imported`` row (``row_of``: the batch's, store/bulk.py): detail
         method, line, run; an app's TOTP parameters, a phone's channel, the
         recovery-code factor made with it."""
         line, factor_id = p.line, p.live.factor_id
@@ -561,8 +562,7 @@ class Importer:
         recovery = decision.recovery_of.get(factor_id)
         if recovery is not None:
             detail.append(f'"recovery_factor_id": "{recovery}"')
-        return bulk.audit_row({**template, "user_id": line.user_id, "factor_id": factor_id,
-                               "detail": "{" + ", ".join(detail) + "}"})
+        return row_of(line.user_id, factor_id, "{" + ", ".join(detail) + "}")
 
 
 def _skip_rest_of_line(source: BinaryIO) -> int:

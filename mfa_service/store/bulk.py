@@ -15,7 +15,7 @@ importer's own CPU.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -103,9 +103,17 @@ def factor_row(*, factor_id: str, user_id: str, method: str, status: str, label:
             t.period if t else None)
 
 
-def audit_row(values: dict[str, Any]) -> tuple[Any, ...]:
-    """An audit row (service/audit.py: ``event_row``'s mapping) in ``AUDIT_COLUMNS`` order."""
-    return tuple(values[c] for c in AUDIT_COLUMNS)
+def audit_rows_of(template: dict[str, Any]) -> Callable[[str, str, str], tuple[Any, ...]]:
+    """Rows in ``AUDIT_COLUMNS`` order of one event (``template``: service/audit.py's
+    ``event_row``) for many factors: each row takes the template's values but its own
+    ``user_id``, ``factor_id`` and ``detail``."""
+    row = [template[c] for c in AUDIT_COLUMNS]
+    user, factor, detail = (AUDIT_COLUMNS.index(c) for c in ("user_id", "factor_id", "detail"))
+    if (user, factor, detail) != (3, 4, len(AUDIT_COLUMNS) - 1):  # pragma: no cover
+        raise AssertionError("AUDIT_COLUMNS changed: update audit_rows_of")
+    head, middle = tuple(row[:3]), tuple(row[5:-1])
+    return lambda user_id, factor_id, detail_json: (*head, user_id, factor_id, *middle,
+                                                    detail_json)
 
 
 async def lock_users(unit: Unit, user_ids: Sequence[str]) -> None:
