@@ -38,7 +38,12 @@ from mfa_service.crypto import Keyring
 from mfa_service.domain import Method, TotpAlgorithm, TotpParameters
 from mfa_service.factors.phone_code import mask_phone
 from mfa_service.factors.totp import secret_aad
-from mfa_service.service.import_lines import ImportLine, LineRefused, parse_line
+from mfa_service.service.import_lines import (
+    ImportLine,
+    LineRefused,
+    b32decode_unpadded,
+    parse_line,
+)
 from mfa_service.service.importer import Importer, ImportReport
 from mfa_service.store import bulk
 from mfa_service.store.database import Database
@@ -570,6 +575,19 @@ def test_a_line_reads_the_uri_the_way_apps_write_it() -> None:
         assert refused == LineRefused(1, f"otpauth_uri {reason}", "u"), uri
     assert parse_line(3, b"   \n", now) is None
     assert parse_line(4, b"\xff\xfe", now) == LineRefused(4, "not UTF-8")
+
+
+def test_base32_decodes_as_the_standard_library_does() -> None:
+    for size in range(1, 130):
+        data = os.urandom(size)
+        assert b32decode_unpadded(base64.b32encode(data).decode().rstrip("=")) == data
+    # A length no whole number of bytes ends on (1, 3 or 6 characters past a group).
+    now = datetime.fromisoformat("2026-01-01T00:00:00+00:00")
+    for digits in ("A" * 17, "A" * 19, "A" * 22):
+        refused = parse_line(1, json.dumps({
+            "user_id": "u", "method": "authenticator_app",
+            "otpauth_uri": f"otpauth://totp/x?secret={digits}"}).encode(), now)
+        assert refused == LineRefused(1, "otpauth_uri has a secret that is not base32", "u")
 
 
 class _Terminal(io.StringIO):

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from mfa_service.clock import Clock
 from mfa_service.crypto import DecryptionError, Keyring
@@ -76,8 +76,7 @@ _NOUNS = {Method.EMAIL: "address", Method.PHONE: "number",
           Method.AUTHENTICATOR_APP: "secret or TOTP parameters"}
 
 
-@dataclass(frozen=True)
-class Prepared:
+class Prepared(NamedTuple):
     """A line made into the row it would be: ACTIVE, its secret encrypted."""
 
     line: ImportLine
