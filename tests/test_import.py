@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -44,7 +45,7 @@ from mfa_service.service.import_lines import (
     b32decode_unpadded,
     parse_line,
 )
-from mfa_service.service.importer import Importer, ImportReport
+from mfa_service.service.importer import SHARDS, Importer, ImportReport
 from mfa_service.store import bulk
 from mfa_service.store.database import Database
 from mfa_service.store.engine import create_engine
@@ -654,7 +655,13 @@ async def test_the_database_going_away_stops_the_run_and_says_where(
     database = Database(create_engine(make_url(empty_postgres)))
     importer = Importer(database, Keyring.parse(TEST_KEYRING), fresh_clock, max_factors=20,
                         batch=2)
-    lines = [app_line(user(), new_secret()) for _ in range(5)]
+    # Batches of two, each written as SHARDS transactions at once; users chosen so each
+    # batch uses both, so the second batch finds the two connections the first made,
+    # both cut off by the drop (no new connection is tried against a missing database).
+    users = [f"gone-{uuid.uuid4().hex[:8]}" for _ in range(200)]
+    by_shard = [[u for u in users if zlib.crc32(u.encode()) % SHARDS == s]
+                for s in range(SHARDS)]
+    lines = [app_line(by_shard[i % SHARDS][i], new_secret()) for i in range(5)]
     source = io.BytesIO("".join(json.dumps(x) + "\n" for x in lines).encode())
     try:
         report = await importer.run(source, progress)
