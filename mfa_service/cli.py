@@ -1,5 +1,6 @@
 """Entry points: ``mfa-service serve | migrate | health | keys generate`` (and the operator
-commands of cli_admin: ``keys rotate | keys status | admin reset-user | audit``)."""
+commands of cli_admin: ``keys rotate | keys status | admin reset-user | audit``; of
+cli_import: ``import``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 
 from pydantic import ValidationError
 
-from mfa_service import cli_admin
+from mfa_service import cli_admin, cli_import
 from mfa_service.crypto import Keyring
 from mfa_service.errors import ConfigurationError, StoreError
 from mfa_service.logs import configure_logging
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     callers_sub.add_parser("new-token", help="print a new bearer token and the SHA-256 "
                                              "to put in the callers file")
     cli_admin.register(sub, keys_sub)
+    cli_import.register(sub)
     sub.add_parser("loadtest", add_help=False, prefix_chars="\0",  # its own parser, lazily
                    help="drive load at a local server, or `loadtest seed` users into the "
                         "database (see loadtest --help)").add_argument(

@@ -1,4 +1,5 @@
-"""Operator commands: ``keys rotate|status``, ``admin reset-user``, ``audit``.
+"""Operator commands: ``keys rotate|status``, ``admin reset-user``, ``audit`` (and the
+database opening and dispatch that ``import``, in mfa_service.cli_import, shares).
 
 Registered into ``mfa-service``'s parser by mfa_service.cli; the rules live in
 mfa_service.service.admin. They run beside live servers on the same database, with the
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from mfa_service.domain import AuditEvent
     from mfa_service.service.admin import AdminService, KeyStatus, ResetReport, RotationReport
     from mfa_service.service.notices import Notifier
+    from mfa_service.store.database import Database
 
     # argparse's sub-parser action is generic only in the type stubs.
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -139,24 +141,34 @@ def _notifier(settings: Settings) -> Notifier | None:
 
 
 @asynccontextmanager
-async def open_admin(settings: Settings) -> AsyncIterator[AdminService]:
-    """An AdminService on the configured database, with the servers' schema rules:
-    SQLite (the embedded default) is migrated, PostgreSQL must already be current."""
-    from mfa_service.clock import SystemClock
-    from mfa_service.service.admin import AdminService
+async def open_store(settings: Settings, *, migrate_sqlite: bool = True,
+                     ) -> AsyncIterator[Database]:
+    """The configured database, with the servers' schema rules: SQLite (the embedded
+    default) is migrated (unless ``migrate_sqlite`` is False: a command that must write
+    nothing), PostgreSQL must already be current."""
     from mfa_service.store import migrate, open_database
 
     database = open_database(settings, pool_size=2)
     engine = database.engine
     try:
         await database.ping()
-        if settings.is_sqlite:
+        if settings.is_sqlite and migrate_sqlite:
             await migrate.upgrade(engine)
         else:
             await migrate.require_current_schema(engine)
-        yield AdminService(database, SystemClock(), _notifier(settings))
+        yield database
     finally:
         await database.dispose()
+
+
+@asynccontextmanager
+async def open_admin(settings: Settings) -> AsyncIterator[AdminService]:
+    """An AdminService on the configured database (``open_store``)."""
+    from mfa_service.clock import SystemClock
+    from mfa_service.service.admin import AdminService
+
+    async with open_store(settings) as database:
+        yield AdminService(database, SystemClock(), _notifier(settings))
 
 
 # -- keys ----------------------------------------------------------------------------------

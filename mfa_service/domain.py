@@ -101,6 +101,28 @@ class NoticeKind(StrEnum):
     SECOND_FACTOR_RESET = "second_factor_reset"  # an operator's reset (admin reset-user)
 
 
+class TotpAlgorithm(StrEnum):
+    """The HMAC an authenticator app's codes use (RFC 6238 section 1.2)."""
+
+    SHA1 = "sha1"
+    SHA256 = "sha256"
+    SHA512 = "sha512"
+
+
+@dataclass(frozen=True)
+class TotpParameters:
+    """How an authenticator app computes its codes. Enrolment always uses the defaults
+    (RFC 6238's, the only ones every common app honours); a factor imported from another
+    system keeps the ones its app was set up with (factors/totp.py says which)."""
+
+    algorithm: TotpAlgorithm = TotpAlgorithm.SHA1
+    digits: int = 6
+    period: int = 30  # seconds per time step
+
+
+DEFAULT_TOTP = TotpParameters()
+
+
 class Application(StrEnum):
     PORTAL = "portal"
     BACKOFFICE = "backoffice"
@@ -166,6 +188,7 @@ class FactorRecord:
     locale: str = "en"
     replaces_factor_id: str | None = None
     enrolled_session_id: str | None = None  # the session whose step-up allowed Enroll
+    totp: TotpParameters = DEFAULT_TOTP  # authenticator apps only
 
 
 @dataclass(frozen=True)
@@ -314,6 +337,9 @@ class AuditEventType(_Recorded):
     DEVICE_RECOGNIZED = "device_recognized"
     DEVICE_NOT_RECOGNIZED = "device_not_recognized"
     DEVICE_FORGOTTEN = "device_forgotten"
+    # A factor brought in ACTIVE from another system by `mfa-service import` (caller
+    # import-cli; detail: method, the file's line, the run's id).
+    IMPORTED = "factor_imported"
 
 
 class AuditOutcome(_Recorded):

@@ -118,6 +118,11 @@ class FactorMethod(Protocol):
     @property
     def code_length(self) -> int: ...
 
+    def code_length_of(self, record: FactorRecord) -> int:
+        """The length of the codes ``record`` takes (``code_length`` unless the factor has
+        its own: an authenticator app imported with 8-digit codes)."""
+        ...
+
     def channel_for(self, requested: Channel | None) -> Channel:
         """The channel to use, or InvalidArgument if ``requested`` makes no sense here."""
         ...
@@ -153,6 +158,13 @@ class CodeMethod:
     proof_field: ProofField = ProofField.CODE
     max_challenge_ttl: timedelta | None = None
     passes_hard_lockout: bool = False
+
+    @property
+    def code_length(self) -> int:
+        raise NotImplementedError
+
+    def code_length_of(self, record: FactorRecord) -> int:
+        return self.code_length
 
     async def browser_options(self, tx: Transaction, record: FactorRecord,
                               challenge: Challenge) -> str | None:

@@ -253,6 +253,9 @@ class Passkey:
     def code_length(self) -> int:
         return 0  # nothing to type
 
+    def code_length_of(self, record: FactorRecord) -> int:
+        return 0
+
     def channel_for(self, requested: Channel | None) -> Channel:
         if requested not in (None, Channel.NONE):
             raise InvalidArgument.single(

@@ -1,8 +1,11 @@
-"""The authenticator app: TOTP (RFC 6238) with SHA1, 6 digits, 30-second steps.
+"""The authenticator app: TOTP (RFC 6238), enrolled with SHA1, 6 digits, 30-second steps.
 
 Those parameters are the only ones every common app (Google/Microsoft Authenticator,
-1Password, ...) honours from an otpauth URI, so they are fixed, not settings. The secret
-is 160 bits (RFC 4226 R6 recommends 160) and lives encrypted (AES-256-GCM) with the
+1Password, ...) honours from an otpauth URI, so enrolment fixes them, not settings. A
+factor imported from another system (``mfa-service import``) keeps what its app was set
+up with, within what RFC 6238 and the Key Uri Format describe: SHA1, SHA256 or SHA512,
+6 or 8 digits, 30- or 60-second steps (``TotpParameters`` on the factor). The secret is
+160 bits (RFC 4226 R6 recommends 160) and lives encrypted (AES-256-GCM) with the
 factor id and user id as associated data, so a ciphertext copied onto another factor
 row does not decrypt.
 """
@@ -10,6 +13,7 @@ row does not decrypt.
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 import io
 import secrets
@@ -20,7 +24,15 @@ import pyotp
 import segno
 
 from mfa_service.crypto import Keyring
-from mfa_service.domain import Challenge, Channel, FactorRecord, Method
+from mfa_service.domain import (
+    DEFAULT_TOTP,
+    Challenge,
+    Channel,
+    FactorRecord,
+    Method,
+    TotpAlgorithm,
+    TotpParameters,
+)
 from mfa_service.errors import InvalidArgument
 from mfa_service.factors.base import (
     FAIL,
@@ -33,10 +45,17 @@ from mfa_service.factors.base import (
 )
 from mfa_service.factors.codes import normalise_digits
 
-PERIOD_SECONDS = 30
-DIGITS = 6
+PERIOD_SECONDS = DEFAULT_TOTP.period
+DIGITS = DEFAULT_TOTP.digits
 SECRET_BYTES = 20  # 160 bits, RFC 4226 section 4 R6
 MAX_ACCOUNT_NAME = 128
+# What an imported factor may use: the values the Key Uri Format names and apps implement.
+# 7 digits or 15-second steps are possible in theory, but no common app offers them, so a
+# file that asks for them is more likely wrong than right.
+SUPPORTED_DIGITS = (6, 8)
+SUPPORTED_PERIODS = (30, 60)
+_DIGESTS = {TotpAlgorithm.SHA1: hashlib.sha1, TotpAlgorithm.SHA256: hashlib.sha256,
+            TotpAlgorithm.SHA512: hashlib.sha512}
 
 if TYPE_CHECKING:
     from mfa_service.store.database import Transaction
@@ -52,16 +71,30 @@ def time_step(at: datetime, period: int = PERIOD_SECONDS) -> int:
     return int(at.timestamp()) // period
 
 
+def check_parameters(parameters: TotpParameters) -> TotpParameters:
+    """``parameters`` if this module computes such codes, else ValueError saying why."""
+    if parameters.digits not in SUPPORTED_DIGITS:
+        raise ValueError("digits must be 6 or 8")
+    if parameters.period not in SUPPORTED_PERIODS:
+        raise ValueError("period must be 30 or 60 seconds")
+    return parameters
+
+
 def match_totp(secret: bytes, code: str, at: datetime, *, window: int,
-               last_step: int | None) -> int | None:
+               last_step: int | None,
+               parameters: TotpParameters = DEFAULT_TOTP) -> int | None:
     """The time step ``code`` matches within +-``window`` steps of ``at``, else None.
 
+    Steps are counted in the factor's own period, so ``last_step`` (what the store keeps)
+    means the same step as long as the factor keeps its parameters, which it does for life.
     Only steps newer than ``last_step`` count: RFC 6238 section 5.2 says a verifier MUST
     NOT accept the second attempt of the same OTP. Every candidate is compared (no early
     exit) with a constant-time comparison. The store re-checks the step atomically.
     """
-    otp = pyotp.TOTP(base64.b32encode(secret).decode(), digits=DIGITS, interval=PERIOD_SECONDS)
-    current = time_step(at)
+    check_parameters(parameters)
+    otp = pyotp.TOTP(base64.b32encode(secret).decode(), digits=parameters.digits,
+                     interval=parameters.period, digest=_DIGESTS[parameters.algorithm])
+    current = time_step(at, parameters.period)
     matched: int | None = None
     for step in range(current - window, current + window + 1):
         if step < 0:
@@ -109,6 +142,9 @@ class AuthenticatorApp(CodeMethod):
     def code_length(self) -> int:
         return DIGITS
 
+    def code_length_of(self, record: FactorRecord) -> int:
+        return record.totp.digits
+
     def channel_for(self, requested: Channel | None) -> Channel:
         if requested not in (None, Channel.NONE):
             raise InvalidArgument.single(
@@ -132,19 +168,26 @@ class AuthenticatorApp(CodeMethod):
                 secret, self._issuer, label, svg=request.qr_svg, png=request.qr_png))
 
     def parse_code(self, raw: str) -> str:
-        return normalise_digits(raw, (DIGITS,))
+        # Either length an app may use; check() holds the code to the factor's own.
+        return normalise_digits(raw, SUPPORTED_DIGITS)
 
     def new_code(self) -> str | None:
         return None  # the app computes the code itself
 
     async def check(self, tx: Transaction, record: FactorRecord, challenge: Challenge,
                     code: str, now: datetime) -> Verdict:
+        digits = record.totp.digits
+        if len(code) != digits:
+            # Malformed for this factor, as parse_code would have said had it known the
+            # factor: the transaction rolls back, so no attempt is counted (not a guess).
+            raise InvalidArgument.single("code", f"must be {digits} digits")
         if record.secret_ciphertext is None or record.secret_key_id is None:
             return FAIL  # a disabled factor's secret has been wiped
         secret = self._keyring.decrypt(
             record.secret_key_id, record.secret_ciphertext,
             secret_aad(record.factor.factor_id, record.factor.user_id))
-        step = match_totp(secret, code, now, window=self._window, last_step=record.last_totp_step)
+        step = match_totp(secret, code, now, window=self._window,
+                          last_step=record.last_totp_step, parameters=record.totp)
         if step is None:
             return FAIL
         # RFC 6238 5.2: this step, and every older one, is used from now on.

@@ -186,7 +186,8 @@ class Challenges:
                             reason=ErrorReason.ERROR_REASON_REQUEST_ID_REUSED)
                     # Passkeys: the options derive from the challenge id, so the
                     # retry gets the very same ones.
-                    return ChallengeResult(existing, record.factor, method.code_length,
+                    return ChallengeResult(existing, record.factor,
+                                           method.code_length_of(record),
                                            self._resend_at(method, existing.created_at),
                                            await method.browser_options(tx, record, existing))
             require_status(record.factor, cmd.purpose)
@@ -204,7 +205,7 @@ class Challenges:
                 record, method, cmd.purpose, cmd.application, channel, who, now,
                 cmd.request_id, permit))
             options = await method.browser_options(tx, record, challenge)
-        return ChallengeResult(challenge, record.factor, method.code_length,
+        return ChallengeResult(challenge, record.factor, method.code_length_of(record),
                                self._resend_at(method, now), options)
 
     async def _ask_policy(self, tx: Transaction, cmd: ChallengeCommand,

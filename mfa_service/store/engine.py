@@ -251,8 +251,11 @@ def connection_lost(exc: BaseException) -> bool:
     """Whether a raw asyncpg error (store/hot.py) means the connection is gone."""
     import asyncpg
 
+    # InternalClientError: the protocol is stuck mid-state, as when the server's
+    # "terminating connection" arrived but the closed socket was not seen yet (a
+    # statement sent then cannot start): the connection is as good as gone.
     return isinstance(exc, asyncpg.exceptions.InterfaceError | asyncpg.PostgresConnectionError
-                      | OSError | ConnectionError)
+                      | asyncpg.InternalClientError | OSError | ConnectionError)
 
 
 def _no_primary(orig: BaseException | None) -> bool:

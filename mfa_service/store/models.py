@@ -99,6 +99,12 @@ class FactorRow(Base):
     # The 2FA session whose step-up allowed this enrolment (NULL for a first factor):
     # confirming the PENDING factor needs it still live.
     enrolled_session_id: Mapped[str | None] = mapped_column(ID)
+    # An authenticator app's TOTP parameters (domain.TotpParameters). NULL: RFC 6238's
+    # SHA1, 6 digits, 30 s, which every enrolled app and every row older than these
+    # columns uses; an app imported with other ones (mfa-service import) names them.
+    totp_algorithm: Mapped[str | None] = mapped_column(String(8))
+    totp_digits: Mapped[int | None] = mapped_column(Integer)
+    totp_period: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         # At most one ACTIVE factor per method per user, enforced by the database so two

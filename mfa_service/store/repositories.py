@@ -33,6 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Row
 
 from mfa_service.domain import (
+    DEFAULT_TOTP,
     Application,
     AuditEvent,
     AuditEventType,
@@ -46,6 +47,8 @@ from mfa_service.domain import (
     Method,
     Purpose,
     Session,
+    TotpAlgorithm,
+    TotpParameters,
 )
 from mfa_service.store import hot
 from mfa_service.store.engine import lock_keys, notify_revoked, take_budget_unit
@@ -85,7 +88,26 @@ def _factor_of(m: Any, prefix: str = "") -> FactorRecord:
         secret_ciphertext=m[prefix + "secret_ciphertext"],
         secret_key_id=m[prefix + "secret_key_id"], last_totp_step=m[prefix + "last_totp_step"],
         locale=m[prefix + "locale"], replaces_factor_id=m[prefix + "replaces_factor_id"],
-        enrolled_session_id=m[prefix + "enrolled_session_id"])
+        enrolled_session_id=m[prefix + "enrolled_session_id"],
+        totp=_totp_of(m[prefix + "totp_algorithm"], m[prefix + "totp_digits"],
+                      m[prefix + "totp_period"]))
+
+
+def _totp_of(algorithm: str | None, digits: int | None, period: int | None) -> TotpParameters:
+    """NULL columns are RFC 6238's defaults (store/models.py)."""
+    if algorithm is None and digits is None and period is None:
+        return DEFAULT_TOTP  # every enrolled factor: no new object per read
+    return TotpParameters(
+        algorithm=TotpAlgorithm(algorithm) if algorithm else DEFAULT_TOTP.algorithm,
+        digits=digits or DEFAULT_TOTP.digits, period=period or DEFAULT_TOTP.period)
+
+
+def totp_columns(totp: TotpParameters) -> dict[str, Any]:
+    """The factor's TOTP columns: NULL for the defaults (store/models.py)."""
+    if totp == DEFAULT_TOTP:
+        return {"totp_algorithm": None, "totp_digits": None, "totp_period": None}
+    return {"totp_algorithm": totp.algorithm.value, "totp_digits": totp.digits,
+            "totp_period": totp.period}
 
 
 def _factor_row(record: FactorRecord) -> dict[str, Any]:
@@ -100,7 +122,7 @@ def _factor_row(record: FactorRecord) -> dict[str, Any]:
         "disabled_at": None, "locale": record.locale,
         "replaces_factor_id": record.replaces_factor_id,
         "established_at": f.established_at,
-        "enrolled_session_id": record.enrolled_session_id}
+        "enrolled_session_id": record.enrolled_session_id, **totp_columns(record.totp)}
 
 
 _STEP = bindparam("step", type_=BigInteger())

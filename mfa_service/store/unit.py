@@ -147,6 +147,23 @@ class Unit:
         elif isinstance(exc, asyncio.CancelledError):
             await self._conn.invalidate()
 
+    async def driver(self) -> Any:
+        """PostgreSQL only: the asyncpg connection under this unit, inside its transaction
+        (begun as ``fetchrow`` begins it), deferred writes sent first. For bulk work
+        SQLAlchemy has no statement for (COPY: store/bulk.py)."""
+        await self.flush()
+        raw = await self._conn.get_raw_connection()
+        adapted: Any = raw.dbapi_connection
+        if adapted._transaction is None:
+            await adapted._start_transaction()
+        return raw.driver_connection
+
+    async def execute_many(self, statement: Executable,
+                           rows: Sequence[dict[str, Any]]) -> None:
+        """Run ``statement`` once per row (executemany), deferred writes first."""
+        await self.flush()
+        await self._conn.execute(statement, list(rows))
+
     async def write(self, statement: Executable,
                     params: dict[str, Any] | None = None) -> int:
         """Run a write now; its row count."""

@@ -1,7 +1,7 @@
 """trusted devices (remembered browsers), and how each session was established
 
-Revision ID: 0008_trusted_devices
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-19 10:00:00
 
 ``trusted_devices``: browsers a user asked to remember (Verify with remember_device);
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0008_trusted_devices'
-down_revision: str | None = '0007'
+revision: str = '0009'
+down_revision: str | None = '0008'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
