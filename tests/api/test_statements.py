@@ -43,12 +43,17 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+# On SQLite the count is per engine, not per call: one pass of the outbox dispatcher
+# (BEGIN and its SELECT of due messages) can land in it on a loaded machine.
+SQLITE_BACKGROUND = 2
+
+
 def within(app: App, n: int, postgres: int, sqlite: int) -> bool:
-    """Exactly the PostgreSQL budget; on SQLite at most its own (a background task's
-    BEGIN can land in the count there, and statements there are not round trips)."""
+    """Exactly the PostgreSQL budget; on SQLite at most its own, give or take a background
+    pass (statements there are function calls, not round trips)."""
     if app.database.engine.dialect.name == "postgresql":
         return n == postgres
-    return n <= sqlite
+    return n <= sqlite + SQLITE_BACKGROUND
 
 
 async def test_hot_paths_stay_within_their_statement_budget(
