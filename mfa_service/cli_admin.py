@@ -84,6 +84,16 @@ def register(commands: SubParsers, keys: SubParsers) -> None:
     reset.add_argument("--reason", required=True,
                        help="why (ticket, request): 1-500 characters, kept in the audit trail")
     reset.set_defaults(admin_runner=_reset_user)
+    end_all = admin_sub.add_parser(
+        "end-all-sessions", help="end every user's 2FA sessions and remembered browsers",
+        description="In one transaction: revoke every live 2FA session and forget every "
+                    "remembered browser of every user, so everyone passes their second "
+                    "factor again (a suspected leak of session tokens). Running servers "
+                    "drop their cached sessions at once. Audited as all_sessions_ended.")
+    end_all.add_argument("--reason", required=True,
+                         help="why (ticket, incident): 1-500 characters, kept in the audit "
+                              "trail")
+    end_all.set_defaults(admin_runner=_end_all_sessions)
 
     trail = commands.add_parser(
         "audit", help="print a user's audit trail, newest first",
@@ -249,6 +259,15 @@ async def _reset_user(settings: Settings, args: argparse.Namespace) -> int:
     async with open_admin(settings) as admin:
         report = await admin.reset_user(args.user_id, args.reason)
     print("\n".join(format_reset(report)))
+    return OK
+
+
+async def _end_all_sessions(settings: Settings, args: argparse.Namespace) -> int:
+    async with open_admin(settings) as admin:
+        ended, forgotten = await admin.end_all_sessions(args.reason)
+    print(f"sessions revoked: {ended}\nremembered browsers forgotten: {forgotten}\n"
+          "every user passes their second factor again; recorded in the audit trail as "
+          "all_sessions_ended")
     return OK
 
 

@@ -320,6 +320,7 @@ class AuditEventType(_Recorded):
     SESSION_CREATED = "session_created"
     SESSION_REVOKED = "session_revoked"
     ADMIN_RESET = "admin_reset"  # an operator reset a user's second factor (admin-cli)
+    ALL_SESSIONS_ENDED = "all_sessions_ended"  # an operator ended every user's sessions
     KEYS_ROTATED = "keys_rotated"  # stored secrets re-encrypted under the primary key
     # A proof that was refused for a reason the security team should look at: a passkey
     # whose signature counter went backwards (detail "alarm": passkey_counter_regressed)

@@ -296,6 +296,20 @@ class AdminService:
                         "notices": notified})
         return report
 
+    async def end_all_sessions(self, reason: str) -> tuple[int, int]:
+        """End every live 2FA session and forget every remembered browser, of every user
+        (a suspected leak of session tokens, a compromised caller): everyone passes their
+        second factor again. (sessions ended, browsers forgotten); audited with the reason.
+        Each server's CheckSession cache empties when it hears of it (under a second)."""
+        reason = check_reason(reason)
+        now = self._clock.now()
+        async with self._db.transaction() as tx:
+            ended, forgotten = await maintenance.end_every_session(tx, now)
+            audit.record(tx, now, audit.Event.ALL_SESSIONS_ENDED, audit.Outcome.OK, WHO,
+                         detail={"reason": reason, "sessions_revoked": ended,
+                                 "devices_forgotten": forgotten})
+        return ended, forgotten
+
     async def audit_trail(self, user_id: str, *, since: datetime | None = None,
                           until: datetime | None = None, limit: int = 100) -> list[AuditEvent]:
         """A user's events, newest first: ``since`` inclusive, ``until`` exclusive."""

@@ -34,6 +34,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from mfa_service.domain import Session
+from mfa_service.store.engine import EVERY_USER
 
 log = logging.getLogger("mfa_service.session_cache")
 
@@ -278,7 +279,10 @@ class RevocationListener:
         self._stopping.set()
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        self._cache.evict_user(payload)
+        if payload == EVERY_USER:  # an operator ended every session (admin end-all-sessions)
+            self._cache.clear()
+        else:
+            self._cache.evict_user(payload)
 
     def _on_heartbeat(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
         self._beat.set()

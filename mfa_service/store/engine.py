@@ -235,6 +235,8 @@ async def lock_keys(unit: Executes, keys: tuple[bytes, ...]) -> None:
 
 _ADVISORY_LOCKS: dict[int, TextClause] = {}
 _NOTIFY = text("SELECT pg_notify('mfa_session_revoked', :user_id)")
+# The payload that means every user (a user id is never empty): the caches empty at once.
+EVERY_USER = ""
 
 
 async def notify_revoked(unit: Executes, user_ids: set[str]) -> None:
@@ -245,6 +247,12 @@ async def notify_revoked(unit: Executes, user_ids: set[str]) -> None:
         return
     for user_id in sorted(user_ids):
         await unit.execute(_NOTIFY, {"user_id": user_id})
+
+
+async def notify_every_user(unit: Executes) -> None:
+    """Tell every server process that every session was revoked (PostgreSQL only)."""
+    if unit.dialect == "postgresql":
+        await unit.execute(_NOTIFY, {"user_id": EVERY_USER})
 
 
 def connection_lost(exc: BaseException) -> bool:

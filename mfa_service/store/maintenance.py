@@ -16,7 +16,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from mfa_service.domain import ChallengeState, FactorStatus
-from mfa_service.store.engine import insert_ignore, notify_revoked
+from mfa_service.store.engine import insert_ignore, notify_every_user, notify_revoked
 from mfa_service.store.models import (
     challenges,
     factors,
@@ -212,6 +212,22 @@ async def forget_user_devices(unit: Unit, user_id: str, now: datetime) -> int:
                                       trusted_devices.c.expires_at > now,
                                       trusted_devices.c.idle_expires_at > now)
         .values(revoked_at=now))
+
+
+async def end_every_session(unit: Unit, now: datetime) -> tuple[int, int]:
+    """End every live session and forget every live remembered browser, of every user;
+    (sessions, browsers). Every server's session cache empties (NOTIFY, on commit)."""
+    sessions_ended = await unit.write(
+        update(sessions).where(sessions.c.revoked_at.is_(None), sessions.c.expires_at > now,
+                               sessions.c.idle_expires_at > now)
+        .values(revoked_at=now))
+    devices_forgotten = await unit.write(
+        update(trusted_devices).where(trusted_devices.c.revoked_at.is_(None),
+                                      trusted_devices.c.expires_at > now,
+                                      trusted_devices.c.idle_expires_at > now)
+        .values(revoked_at=now))
+    await notify_every_user(unit)
+    return sessions_ended, devices_forgotten
 
 
 async def close_open_challenges(unit: Unit, user_id: str) -> int:

@@ -6,6 +6,7 @@ of their own (other tests' rows are under TEST_KEYRING); the rest use the shared
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -394,3 +395,32 @@ async def test_a_reset_user_hears_of_it_on_every_address_and_number(rig: Rig) ->
     async with rig.app.database.transaction() as tx:
         [event, *_] = await tx.audit.page(user)
     assert event.event == "admin_reset" and event.detail["notices"] == 2
+
+
+async def test_ending_every_session_reaches_the_servers_caches(
+        app: App, stub: Stub, fresh_clock: FixedClock) -> None:
+    """ASVS V7.4.5: an operator ends every user's sessions at once (a suspected leak of
+    session tokens); a session a server had cached is refused too."""
+    tokens = []
+    for n in range(2):
+        factor = await enroll_app(stub, f"every-{n}-{uuid.uuid4().hex[:8]}", fresh_clock)
+        tokens.append((await login(stub, factor, fresh_clock)).session_token)
+
+    async def valid(token: str) -> bool:
+        return (await stub.CheckSession(pb.CheckSessionRequest(
+            session_token=token, application=pb.APPLICATION_PORTAL))).valid
+    assert all([await valid(t) for t in tokens])  # and now in the cache on PostgreSQL
+
+    ended, _ = await AdminService(app.database, fresh_clock).end_all_sessions(
+        "INC-7: session tokens may have leaked")
+
+    assert ended >= 2
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 2  # NOTIFY reaches the listener well within a second
+    while any([await valid(t) for t in tokens]):
+        assert loop.time() < deadline, "a cached session outlived end-all-sessions"
+        await asyncio.sleep(0.02)
+    async with app.database.engine.connect() as conn:
+        detail = await conn.scalar(select(audit_events.c.detail).where(
+            audit_events.c.event == "all_sessions_ended").order_by(audit_events.c.id.desc()))
+    assert isinstance(detail, str) and "INC-7" in detail

@@ -143,3 +143,18 @@ async def test_admin_reset_user_from_the_command_line(tmp_path: Path) -> None:
         refused = await run_cli(tmp_path, env, "admin", "reset-user", user_id, *bad)
         assert refused.returncode == 2
         assert "reason" in refused.stderr
+
+
+async def test_admin_end_all_sessions_from_the_command_line(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'mfa.db'}"
+    await _seed(url, SystemClock())  # a user with a live session
+    env = _env(url)
+
+    done = await run_cli(tmp_path, env, "admin", "end-all-sessions", "--reason", "INC-7")
+    assert done.returncode == 0, done.stderr
+    assert "sessions revoked: 1" in done.stdout
+    async with opened(url) as db, db.engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).select_from(sessions).where(
+            sessions.c.revoked_at.is_(None))) == 0
+    refused = await run_cli(tmp_path, env, "admin", "end-all-sessions")
+    assert refused.returncode == 2 and "reason" in refused.stderr
