@@ -6,10 +6,8 @@ Nothing else constructs engines, keyrings, services or servicers. Tests call it 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -19,7 +17,6 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
-from mfa.v1 import two_factor_service_pb2 as pb
 from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 
 from mfa_service import telemetry
@@ -34,7 +31,7 @@ from mfa_service.delivery.senders import (
     WebhookSender,
 )
 from mfa_service.domain import Channel
-from mfa_service.errors import ConfigurationError, StoreError
+from mfa_service.errors import ConfigurationError
 from mfa_service.factors.email_code import EmailCode
 from mfa_service.factors.passkey import Passkey, RelyingParty
 from mfa_service.factors.phone_code import PhoneCode
@@ -42,29 +39,25 @@ from mfa_service.factors.recovery import RecoveryCodes
 from mfa_service.factors.registry import FactorRegistry
 from mfa_service.factors.sent_code import SentCode
 from mfa_service.factors.totp import AuthenticatorApp
+from mfa_service.runtime import SERVICE_NAME, App, start_background
 from mfa_service.service import Services
-from mfa_service.service.context import Context, Rules
+from mfa_service.service.assurance import Assurance
+from mfa_service.service.devices import DeviceRules, ForgetOnFactorChange
 from mfa_service.service.notices import Notifier
+from mfa_service.service.rules import Rules
 from mfa_service.service.session_cache import RevocationListener, SessionCache
 from mfa_service.service.sessions import SessionService
 from mfa_service.settings import Environment, Settings, is_loopback_host
 from mfa_service.store import migrate, open_database
-from mfa_service.store.database import Database
-from mfa_service.store.retention import Retention, purge
 from mfa_service.transport.auth import CallerRegistry
 from mfa_service.transport.gate import CallGate, GateInterceptor
 from mfa_service.transport.interceptors import ServiceInterceptor
 from mfa_service.transport.servicer import TwoFactorServicer
 
+__all__ = ["App", "build_senders", "connection_options", "create_server", "load_keyring"]
+
 log = logging.getLogger("mfa_service")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TwoFactorService"].full_name
-# Health: how long the ping that confirms a call's StoreUnavailable may take, and how often
-# the database is probed while it is away.
-CONFIRM_SECONDS = 0.5
-UNHEALTHY_PROBE_SECONDS = 0.5
-# Shutdown: how long after the stop began the held calls are answered (transport/gate.py).
-RELEASE_AFTER_STOP_SECONDS = 0.05
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 
@@ -129,162 +122,6 @@ def build_senders(settings: Settings, http_transport: Any = None) -> dict[Channe
     else:
         phone = email if isinstance(email, ConsoleSender) else ConsoleSender()
     return {Channel.EMAIL: email, Channel.SMS: phone, Channel.VOICE: phone}
-
-
-@dataclass
-class App:
-    """A built server and what it owns; ``stop`` releases everything."""
-
-    server: aio.Server
-    port: int
-    database: Database
-    health: health.aio.HealthServicer
-    settings: Settings
-    dispatcher: Dispatcher
-    senders: list[Sender]
-    gate: CallGate = field(default_factory=CallGate)
-    # The plaintext health-only listener (MFA_HEALTH_LISTEN_ADDR), if any.
-    health_server: aio.Server | None = None
-    health_port: int | None = None
-    revocations: RevocationListener | None = None
-    telemetry: telemetry.Telemetry = field(default_factory=telemetry.Telemetry)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    # Set when a call found the database unavailable: the probe looks at once.
-    _recheck: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def stop(self, grace: float | None = None, *, drain: float | None = None) -> None:
-        """Stop serving, losing no call that was received (transport/gate.py).
-
-        Health turns NOT_SERVING at once and every call is still served for ``drain``
-        seconds (load balancers and clients move away). Then new calls are held, the
-        calls already running get up to ``grace`` seconds, the server stops taking calls
-        and only then are the held ones answered UNAVAILABLE. Background work finishes
-        its current pass (a task cancelled inside a SQLite transaction could leave the
-        file's write lock held by a connection still closing in its thread); the outbox
-        dispatcher finishes the messages it claimed.
-        """
-        grace = self.settings.shutdown_grace_seconds if grace is None else grace
-        drain = self.settings.shutdown_drain_seconds if drain is None else drain
-        loop = asyncio.get_running_loop()
-        await self.health.enter_graceful_shutdown()  # NOT_SERVING; later sets are ignored
-        if drain > 0:
-            await asyncio.sleep(drain)
-        end = loop.time() + grace
-        self.gate.close()
-        self._stopping.set()
-        self.dispatcher.stop()
-        if self.revocations is not None:
-            self.revocations.stop()
-        settled = await self.gate.settle(end)
-        stopping = asyncio.create_task(self.server.stop(max(0.0, end - loop.time())))
-        # The held calls are answered once the stop has begun (GOAWAY on its way): a
-        # client's next attempt then cannot land in this server's queue.
-        await asyncio.sleep(RELEASE_AFTER_STOP_SECONDS)
-        self.gate.release()
-        await stopping
-        log.info("stopped serving", extra={
-            "drain_seconds": drain, "grace_seconds": grace, "settled": settled,
-            "calls_answered_unavailable": self.gate.held})
-        for task in self._tasks:
-            try:
-                await asyncio.wait_for(task, timeout=max(end - loop.time(), 2.0))
-            except TimeoutError:
-                log.warning("background task did not stop in time", extra={
-                    "task": task.get_name()})
-            except asyncio.CancelledError:  # pragma: no cover - cancelled elsewhere
-                pass
-        if self.health_server is not None:
-            await self.health_server.stop(0)
-        for sender in self.senders:
-            await sender.aclose()
-        await self.telemetry.shutdown()  # flush the last spans and metrics
-        # Calls cut off by the grace period may leave a connection closing in its thread;
-        # never let that hold the process up.
-        try:
-            await asyncio.wait_for(self.database.dispose(), timeout=5)
-        except TimeoutError:
-            log.warning("database pool did not close within 5 s")
-
-    def store_unavailable(self) -> None:
-        """A call found the database unavailable: the probe confirms and flips health."""
-        self._recheck.set()
-
-
-async def _set_health(app: App, serving: bool) -> None:
-    status = (health_pb2.HealthCheckResponse.SERVING if serving
-              else health_pb2.HealthCheckResponse.NOT_SERVING)
-    log.warning("database health changed", extra={"serving": serving})
-    for name in ("", SERVICE_NAME):
-        await app.health.set(name, status)
-
-
-async def _database_answers(app: App, within: float) -> bool:
-    try:
-        await asyncio.wait_for(app.database.ping(), timeout=within)
-    except (StoreError, TimeoutError):
-        return False
-    return True
-
-
-async def _probe_database(app: App, interval: float) -> None:
-    """Health follows the database: NOT_SERVING while it does not answer.
-
-    Every ``interval`` seconds, and at once when a call found the database unavailable:
-    then one ping bounded by CONFIRM_SECONDS decides (a single dead pooled connection
-    after a database restart does not take the server out; a database that is gone, or
-    does not answer within that time, does). While NOT_SERVING it looks every
-    UNHEALTHY_PROBE_SECONDS at most, so SERVING returns soon after the database.
-    """
-    serving = True
-    timeout = app.settings.database_timeout_seconds
-    while not app._stopping.is_set():
-        wait = interval if serving else min(interval, UNHEALTHY_PROBE_SECONDS)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(_first(app._stopping, app._recheck), timeout=wait)
-        if app._stopping.is_set():
-            return
-        if app._recheck.is_set():
-            app._recheck.clear()
-            timeout = CONFIRM_SECONDS
-        ok = await _database_answers(app, timeout)
-        timeout = app.settings.database_timeout_seconds
-        if ok != serving:
-            serving = ok
-            await _set_health(app, ok)
-
-
-async def _first(*events: asyncio.Event) -> None:
-    """Return once any of ``events`` is set."""
-    waiters = [asyncio.ensure_future(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-
-
-async def _purge_periodically(app: App, clock: Clock, interval: float) -> None:
-    """Retention: ended sessions, closed challenges, sent messages and idle lockout
-    counters are deleted after their keep period (store/retention.py)."""
-    while not app._stopping.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(app._stopping.wait(), timeout=interval)
-        if app._stopping.is_set():
-            return
-        try:
-            total: dict[str, int] = {}
-            while True:
-                async with app.database.transaction() as tx:
-                    counts = await purge(tx.conn, clock.now(), Retention())
-                for key, value in counts.items():
-                    total[key] = total.get(key, 0) + value
-                if not any(counts.values()) or app._stopping.is_set():
-                    break
-            if any(total.values()):
-                log.info("purged ended rows", extra=total)
-        except StoreError:
-            log.warning("purge skipped: database unavailable")
 
 
 def _register_reflection_v1_descriptor() -> None:
@@ -382,27 +219,44 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         log.warning("no caller authentication: development mode on loopback only")
     keyring = keyring or load_keyring(settings)
 
+    # Every resource is closed if a later step fails (the exit stack unwinds in reverse);
+    # once the server runs, App.stop owns them and closes them in its own order.
+    async with contextlib.AsyncExitStack() as stack:
+        app = await _build(stack, settings, clock, keyring, credentials, callers,
+                           observability)
+        stack.pop_all()
+    start_background(app, clock)
+    log.info("listening", extra={
+        "listen_addr": settings.listen_addr, "port": app.port,
+        "health_listen_addr": settings.health_listen_addr, "tls": credentials is not None,
+        "database": app.database.engine.url.render_as_string(hide_password=True)})
+    return app
+
+
+async def _build(stack: contextlib.AsyncExitStack, settings: Settings, clock: Clock,
+                 keyring: Keyring, credentials: grpc.ServerCredentials | None,
+                 callers: CallerRegistry | None,
+                 observability: telemetry.Telemetry | None) -> App:
+    """Everything create_server builds, each resource registered on ``stack`` as it is
+    made; returns a started, SERVING server."""
     database = open_database(settings)
     engine = database.engine
+    stack.push_async_callback(database.dispose)
     tel = observability if observability is not None else telemetry.configure(settings)
+    stack.push_async_callback(tel.shutdown)
     metrics = tel.metrics
     tel.instrument_engine(engine)
     if metrics is not None:
         database.event_listeners.append(metrics.audit_events)
-    try:
-        await database.ping()
-        if settings.is_sqlite:
-            # The embedded default migrates itself; only when behind, so that a server
-            # starting on a file already at head takes no write lock (another process
-            # or server on the same file may be writing).
-            if await migrate.current_revision(engine) != migrate.head_revision():
-                await migrate.upgrade(engine)
-        else:
-            await migrate.require_current_schema(engine)
-    except BaseException:
-        await engine.dispose()
-        await tel.shutdown()
-        raise
+    await database.ping()
+    if settings.is_sqlite:
+        # The embedded default migrates itself; only when behind, so that a server
+        # starting on a file already at head takes no write lock (another process
+        # or server on the same file may be writing).
+        if await migrate.current_revision(engine) != migrate.head_revision():
+            await migrate.upgrade(engine)
+    else:
+        await migrate.require_current_schema(engine)
 
     codes = SentCode(keyring, settings.code_length)
     registry = FactorRegistry([
@@ -415,6 +269,8 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
             origins=settings.origins))] if settings.passkeys_enabled else []),
     ])
     senders = build_senders(settings, tel.http_transport())
+    for sender in set(senders.values()):
+        stack.push_async_callback(sender.aclose)
     dispatcher = Dispatcher(
         database, keyring, clock, senders,
         lease=timedelta(seconds=settings.outbox_lease_seconds),
@@ -435,27 +291,20 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
                               ttl=timedelta(seconds=settings.session_ttl_seconds),
                               idle=timedelta(seconds=settings.session_idle_seconds),
                               cache=cache)
-    services = Services.build(Context(
+    services = Services.build(
         db=database, registry=registry, keyring=keyring, clock=clock, sessions=sessions,
         notifier=Notifier(keyring, settings.product_name,
                           timedelta(seconds=settings.notice_ttl_seconds),
-                          settings.default_locale),
-        rules=Rules(code_ttl=timedelta(seconds=settings.code_ttl_seconds),
-                    max_attempts=settings.max_attempts,
-                    max_factors_per_user=settings.max_factors_per_user,
-                    resend_cooldown=timedelta(seconds=settings.resend_cooldown_seconds),
-                    max_sends=settings.max_sends_per_window,
-                    send_window=timedelta(seconds=settings.send_window_seconds),
-                    max_sends_per_destination=settings.max_sends_per_destination,
-                    max_sends_per_phone_prefix=settings.max_sends_per_phone_prefix,
-                    max_sends_per_phone_country=settings.max_sends_per_phone_country,
-                    phone_daily_budget=settings.phone_daily_budget,
-                    change_proof_max_age=timedelta(
-                        seconds=settings.change_proof_max_age_seconds),
-                    pending_ttl=timedelta(minutes=settings.pending_ttl_minutes),
-                    new_credential_hold=timedelta(
-                        hours=settings.new_credential_hold_hours),
-                    product=settings.product_name, default_locale=settings.default_locale)))
+                          settings.default_locale,
+                          # Every change to a user's factors forgets their remembered
+                          # browsers (service/devices.py).
+                          on_factor_change=ForgetOnFactorChange(sessions)),
+        rules=Rules.from_settings(settings),
+        devices=DeviceRules(
+            lifetime=timedelta(days=settings.trusted_device_days),
+            idle=timedelta(days=settings.trusted_device_idle_days),
+            misses_per_address=settings.trusted_device_misses_per_ip),
+        assurance=Assurance(email_counts_for_aal2=settings.email_counts_for_aal2))
 
     gate = CallGate()
     tracing = tel.server_interceptor()
@@ -484,8 +333,6 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         port = (server.add_secure_port(settings.listen_addr, credentials) if credentials
                 else server.add_insecure_port(settings.listen_addr))
     except RuntimeError as exc:
-        await engine.dispose()
-        await tel.shutdown()
         raise ConfigurationError(f"cannot listen on {settings.listen_addr}: {exc}") from exc
     health_server, health_port = None, None
     if settings.health_listen_addr is not None:
@@ -497,13 +344,13 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
         try:
             health_port = health_server.add_insecure_port(settings.health_listen_addr)
         except RuntimeError as exc:
-            await engine.dispose()
-            await tel.shutdown()
             raise ConfigurationError(
                 f"cannot listen on {settings.health_listen_addr}: {exc}") from exc
     await server.start()
+    stack.push_async_callback(server.stop, None)
     if health_server is not None:
         await health_server.start()
+        stack.push_async_callback(health_server.stop, None)
     app = App(server=server, port=port, database=database, health=health_servicer,
               settings=settings, dispatcher=dispatcher, senders=list(set(senders.values())),
               revocations=revocations, telemetry=tel, gate=gate,
@@ -513,17 +360,4 @@ async def create_server(settings: Settings, *, clock: Clock | None = None,
     # SERVING only now: the database answered and the schema is current.
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    app._tasks.append(asyncio.create_task(
-        _probe_database(app, settings.health_probe_seconds), name="db-health-probe"))
-    if revocations is not None:
-        app._tasks.append(asyncio.create_task(revocations.run(), name="session-revocations"))
-    if settings.outbox_dispatcher:
-        app._tasks.append(asyncio.create_task(dispatcher.run(), name="outbox-dispatcher"))
-    if settings.purge_interval_seconds > 0:
-        app._tasks.append(asyncio.create_task(
-            _purge_periodically(app, clock, settings.purge_interval_seconds), name="purge"))
-    log.info("listening", extra={"listen_addr": settings.listen_addr, "port": port,
-                                 "health_listen_addr": settings.health_listen_addr,
-                                 "tls": credentials is not None,
-                                 "database": engine.url.render_as_string(hide_password=True)})
     return app

@@ -18,7 +18,7 @@ import json
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -30,6 +30,7 @@ from mfa_service.settings import Settings
 if TYPE_CHECKING:
     from mfa_service.domain import AuditEvent
     from mfa_service.service.admin import AdminService, KeyStatus, ResetReport, RotationReport
+    from mfa_service.service.notices import Notifier
     from mfa_service.store.database import Database
 
     # argparse's sub-parser action is generic only in the type stubs.
@@ -77,7 +78,8 @@ def register(commands: SubParsers, keys: SubParsers) -> None:
         "reset-user", help="disable every factor of a user and end what depends on them",
         description="In one transaction: disable the user's factors (wiping secrets), use up "
                     "their recovery codes, revoke their sessions, close their open "
-                    "challenges and clear their lockout. Audited as admin_reset.")
+                    "challenges, forget their remembered browsers and clear their "
+                    "lockout. Audited as admin_reset.")
     reset.add_argument("user_id", metavar="USER_ID")
     reset.add_argument("--reason", required=True,
                        help="why (ticket, request): 1-500 characters, kept in the audit trail")
@@ -122,6 +124,22 @@ def dispatch(args: argparse.Namespace) -> int | None:
         return STORE_FAILED
 
 
+def _notifier(settings: Settings) -> Notifier | None:
+    """The servers' notifier (their keyring encrypts the queued notice), or None when no
+    keyring is available to this command (then nothing can be queued for sending)."""
+    from mfa_service.app import load_keyring
+    from mfa_service.service.notices import Notifier, nothing_else
+
+    try:
+        keyring = load_keyring(settings)
+    except ConfigurationError:
+        return None
+    return Notifier(keyring, settings.product_name,
+                    timedelta(seconds=settings.notice_ttl_seconds), settings.default_locale,
+                    # The reset forgets the user's browsers itself (maintenance.py).
+                    on_factor_change=nothing_else)
+
+
 @asynccontextmanager
 async def open_store(settings: Settings, *, migrate_sqlite: bool = True,
                      ) -> AsyncIterator[Database]:
@@ -150,7 +168,7 @@ async def open_admin(settings: Settings) -> AsyncIterator[AdminService]:
     from mfa_service.service.admin import AdminService
 
     async with open_store(settings) as database:
-        yield AdminService(database, SystemClock())
+        yield AdminService(database, SystemClock(), _notifier(settings))
 
 
 # -- keys ----------------------------------------------------------------------------------
@@ -209,7 +227,8 @@ def format_status(status: KeyStatus) -> list[str]:
             why.append(f"{k.encrypted} encrypted value(s): run `mfa-service keys rotate`")
         if k.hashed:
             why.append(f"{k.hashed} HMAC-keyed value(s) (live sessions, unused recovery "
-                       "codes, open challenges): these cannot be re-keyed, as only their "
+                       "codes, open challenges, remembered browsers): these cannot be "
+                       "re-keyed, as only their "
                        "hash is stored; they stop needing the key when they expire, are "
                        "used or are regenerated")
         lines.append(f"{k.key_id} is still needed: " + "; ".join(why))
@@ -236,12 +255,14 @@ async def _reset_user(settings: Settings, args: argparse.Namespace) -> int:
 def format_reset(report: ResetReport) -> list[str]:
     who = _clean(report.user_id)
     if report.nothing_done:
-        return [f"user {who}: nothing to reset (no factor, recovery code, session, open "
-                "challenge or lockout); the request is recorded in the audit trail"]
+        return [f"user {who}: nothing to reset (no factor, recovery code, session, "
+                "remembered browser, open challenge or lockout); the request is recorded "
+                "in the audit trail"]
     return [f"user {who} reset:",
             f"  factors disabled (secrets wiped): {report.factors_disabled}",
             f"  recovery codes retired: {report.recovery_codes_retired}",
             f"  sessions revoked: {report.sessions_revoked}",
+            f"  remembered browsers forgotten: {report.devices_forgotten}",
             f"  open challenges closed: {report.challenges_closed}",
             f"  lockout cleared: {'yes' if report.lockout_cleared else 'no (none)'}",
             "the user can now enrol a new factor; recorded in the audit trail as admin_reset"]

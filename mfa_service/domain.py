@@ -50,6 +50,19 @@ class RevokeScope(StrEnum):
     FACTOR_REMOVED = "factor_removed"  # the factor that created them was disabled/replaced
     LOGOUT = "logout"  # one session, by its token
     ALL_SESSIONS = "all_sessions"  # every session of the user: log out everywhere
+    ALL_OTHER_SESSIONS = "all_other_sessions"  # every other: log out everywhere else
+    DEVICE_FORGOTTEN = "device_forgotten"  # the remembered browser that opened them
+
+
+class ForgetScope(StrEnum):
+    """Why remembered browsers (trusted devices) were forgotten (the audit row's
+    ``scope``)."""
+
+    FACTOR_CHANGED = "factor_changed"  # a factor added, removed or replaced, codes changed
+    FORGOTTEN = "forgotten"  # ForgetDevice: this one browser
+    ALL_SESSIONS = "all_sessions"  # RevokeSession(user_id): log out everywhere
+    ADMIN_RESET = "admin_reset"  # mfa-service admin reset-user
+    TOO_MANY = "too_many"  # the user's oldest, making room for a newer one
 
 
 class RevokeTarget(StrEnum):
@@ -85,6 +98,7 @@ class NoticeKind(StrEnum):
     RECOVERY_CODES_USED = "recovery_codes_used"
     RECOVERY_CODES_REGENERATED = "recovery_codes_regenerated"
     ACCOUNT_LOCKED = "account_locked"
+    SECOND_FACTOR_RESET = "second_factor_reset"  # an operator's reset (admin reset-user)
 
 
 class TotpAlgorithm(StrEnum):
@@ -222,6 +236,36 @@ class Session:
     authenticated_at: datetime
     expires_at: datetime
     idle_expires_at: datetime
+    # How the code reached the user (SMS or voice for a phone); None when nothing was
+    # sent, or for sessions from before it was recorded.
+    channel: Channel | None = None
+    # The remembered browser that opened it without a code (RecognizeDevice), or None.
+    device_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TrustedDevice:
+    """A remembered browser: a long-lived credential of the browser itself, bound to a
+    user and an application, that opens a 2FA session without a code."""
+
+    device_id: str
+    user_id: str
+    label: str
+    application: Application
+    factor_id: str  # the factor whose code remembered it
+    method: Method
+    created_at: datetime
+    last_used_at: datetime
+    expires_at: datetime
+    idle_expires_at: datetime
+
+
+@dataclass(frozen=True)
+class NewDevice:
+    """A browser just remembered: the only time its token exists in the clear."""
+
+    device: TrustedDevice
+    token: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -247,14 +291,75 @@ class Outgoing:
     challenge_id: str | None = None
 
 
+class _Recorded(StrEnum):
+    """A kind stored in the audit trail. A value this version does not know (written by a
+    newer one during a rolling upgrade) reads back as itself rather than failing the read."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> _Recorded | None:
+        if not isinstance(value, str):
+            return None
+        member = str.__new__(cls, value)
+        member._name_ = "UNRECOGNISED"
+        member._value_ = value
+        return member
+
+
+class AuditEventType(_Recorded):
+    """What an audit row records (audit_events.event)."""
+
+    ENROLL = "enroll"
+    CONFIRM = "factor_confirmed"
+    CHALLENGE = "challenge_opened"
+    VERIFY = "verify"
+    DISABLE = "factor_disabled"
+    PHONE_CHANGED = "phone_changed"
+    LOCKOUT = "lockout"
+    RECOVERY_CODE_USED = "recovery_code_used"
+    RECOVERY_CODES_ISSUED = "recovery_codes_issued"
+    SESSION_CREATED = "session_created"
+    SESSION_REVOKED = "session_revoked"
+    ADMIN_RESET = "admin_reset"  # an operator reset a user's second factor (admin-cli)
+    KEYS_ROTATED = "keys_rotated"  # stored secrets re-encrypted under the primary key
+    # A proof that was refused for a reason the security team should look at: a passkey
+    # whose signature counter went backwards (detail "alarm": passkey_counter_regressed)
+    # may have been cloned.
+    ALARM = "security_alarm"
+    # A phone code refused by a cap across users (detail "limit": phone_prefix,
+    # phone_country or phone_daily_budget; "region"): SMS pumping / toll fraud signals.
+    SEND_REFUSED = "send_refused"
+    # Remembered browsers (service/devices.py): remembered on a login (detail device_id,
+    # application), recognised by RecognizeDevice (a session without a code), a token not
+    # recognised (detail "reason": unknown - counted against the lockout - or not_live: a
+    # device of the user that ended, or of another application), forgotten (detail
+    # "scope": domain.ForgetScope). Never the token.
+    DEVICE_REMEMBERED = "device_remembered"
+    DEVICE_RECOGNIZED = "device_recognized"
+    DEVICE_NOT_RECOGNIZED = "device_not_recognized"
+    DEVICE_FORGOTTEN = "device_forgotten"
+    # A factor brought in ACTIVE from another system by `mfa-service import` (caller
+    # import-cli; detail: method, the file's line, the run's id).
+    IMPORTED = "factor_imported"
+
+
+class AuditOutcome(_Recorded):
+    """How it ended (audit_events.outcome)."""
+
+    OK = "ok"
+    FAILED = "failed"
+    REFUSED = "refused"  # a limit said no before anything was attempted
+    INCOMPLETE = "incomplete"  # an operator's batch job stopped before the end
+    NOTHING_TO_RESET = "nothing_to_reset"  # an admin reset found nothing to take away
+
+
 @dataclass(frozen=True)
 class AuditEvent:
     """One row of the audit trail, as read back."""
 
     event_id: int
     occurred_at: datetime
-    event: str
-    outcome: str
+    event: AuditEventType
+    outcome: AuditOutcome
     user_id: str | None
     factor_id: str | None
     challenge_id: str | None

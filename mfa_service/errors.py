@@ -6,7 +6,8 @@
      ├── InvalidArgument         ERROR_REASON_INVALID_REQUEST         INVALID_ARGUMENT+BadRequest
      ├── NotFound
      │    ├── FactorNotFound     ERROR_REASON_FACTOR_NOT_FOUND        NOT_FOUND
-     │    └── ChallengeNotFound  ERROR_REASON_CHALLENGE_NOT_FOUND     NOT_FOUND
+     │    ├── ChallengeNotFound  ERROR_REASON_CHALLENGE_NOT_FOUND     NOT_FOUND
+     │    └── DeviceNotFound     ERROR_REASON_DEVICE_NOT_FOUND        NOT_FOUND
      ├── FailedPrecondition      (reason required at each raise)      FAILED_PRECONDITION
      ├── ResourceExhausted       (reason required at each raise)      RESOURCE_EXHAUSTED+RetryInfo
      ├── Unauthenticated         ERROR_REASON_CALLER_UNAUTHENTICATED  UNAUTHENTICATED
@@ -91,6 +92,15 @@ class ChallengeNotFound(NotFound):
 
     def __init__(self) -> None:
         super().__init__("challenge not found")
+
+
+class DeviceNotFound(NotFound):
+    """A remembered browser that is not (or no longer) the user's."""
+
+    reason = ErrorReason.ERROR_REASON_DEVICE_NOT_FOUND
+
+    def __init__(self) -> None:
+        super().__init__("remembered browser not found")
 
 
 class FailedPrecondition(MfaError):

@@ -307,6 +307,24 @@ class Settings(BaseSettings):
     # 2FA sessions (NIST AAL2: at most 12 h absolute, 30 min idle).
     session_ttl_seconds: int = Field(default=12 * 3600, ge=60, le=12 * 3600)
     session_idle_seconds: int = Field(default=30 * 60, ge=60, le=30 * 60)
+    # Remembered browsers (trusted devices, service/devices.py): a browser the user asked
+    # to remember logs in without a code for this many days after the code that
+    # remembered it (30, the usual "remember this browser for 30 days"; at most 90: a
+    # bearer credential of the browser should not outlive a season)...
+    trusted_device_days: int = Field(default=30, ge=1, le=90)
+    # ... unless it went unused this long (14: a browser left alone for two weeks is
+    # more likely a shared or abandoned computer than the user's own); at most the above.
+    trusted_device_idle_days: int = Field(default=14, ge=1, le=90)
+    # Unknown device tokens from one client address (an IPv6 /64) an hour, whichever
+    # users they name, before RecognizeDevice refuses that address (RESOURCE_EXHAUSTED).
+    # A real browser presents an unknown token only after its device was purged, so 20
+    # is far above honest traffic even behind a shared NAT; each user's own unknown
+    # tokens also count against that user's lockout.
+    trusted_device_misses_per_ip: int = Field(default=20, ge=1, le=100_000)
+    # CheckSession's aal2 for sessions established with an email code. NIST SP 800-63B-4
+    # says email SHALL NOT be used for out-of-band authentication, so by default such a
+    # session is not AAL2; an operator whose policy accepts email sets this.
+    email_counts_for_aal2: bool = False
 
     # Passkeys (WebAuthn, factors/passkey.py). The RP ID is the domain the credentials are
     # bound to (the portal's registrable domain); the origins are the exact
@@ -448,6 +466,10 @@ class Settings(BaseSettings):
                             "timeout plus MFA_DATABASE_TIMEOUT_SECONDS (a send and its "
                             "settle), or a message still being sent could be claimed and "
                             "sent again")
+        if self.trusted_device_idle_days > self.trusted_device_days:
+            problems.append("MFA_TRUSTED_DEVICE_IDLE_DAYS must not exceed "
+                            "MFA_TRUSTED_DEVICE_DAYS (a browser ends at the absolute limit "
+                            "however often it is used)")
         if self.phone_provider == "webhook" and not self.phone_webhook_url:
             problems.append("MFA_PHONE_PROVIDER=webhook needs MFA_PHONE_WEBHOOK_URL")
         if self.phone_provider == "twilio" and not (

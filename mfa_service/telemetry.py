@@ -61,6 +61,7 @@ from opentelemetry.trace import Link, SpanKind, Tracer
 from opentelemetry.util.types import Attributes
 
 from mfa_service import __version__
+from mfa_service.domain import AuditEventType
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -158,20 +159,20 @@ class Metrics:
         """Count the security events of a transaction that committed (store listener)."""
         for event, _outcome, detail in events:
             detail = detail or {}
-            if event == "verify":
+            if event == AuditEventType.VERIFY:
                 self._verifications.add(1, self._labels(
                     "mfa.method", str(detail.get("method", "unknown")),
                     "mfa.result", str(detail.get("result", "unknown"))))
-            elif event == "lockout":
+            elif event == AuditEventType.LOCKOUT:
                 self._lockouts.add(1)
-            elif event == "send_refused":
+            elif event == AuditEventType.SEND_REFUSED:
                 self._send_refusals.add(1, self._labels(
                     "mfa.limit", str(detail.get("limit", "unknown")),
                     "mfa.method", str(detail.get("method", "unknown"))))
-            elif event == "session_created":
+            elif event == AuditEventType.SESSION_CREATED:
                 self._sessions_created.add(1, self._labels(
                     "mfa.application", str(detail.get("application", "unknown"))))
-            elif event == "session_revoked":
+            elif event == AuditEventType.SESSION_REVOKED:
                 self._sessions_revoked.add(1, self._labels(
                     "mfa.revoke.scope", str(detail.get("scope", "unknown"))))
 

@@ -6,7 +6,9 @@
 #
 # Environment: WORKERS (server processes, default 1), LOADTEST_ARGS (more loadtest options,
 # e.g. "--users 1000": draw from the first 1,000 seeded users only), PROFILE=1 (record the server with
-# py-spy during the first scenario: profile-<scenario>.raw), OUT (results folder, default
+# py-spy during the first scenario: profile-<scenario>.raw), PGBOUNCER=1 (the server talks to
+# PostgreSQL through a PgBouncer in transaction mode started here, with
+# MFA_DATABASE_POOLER=pgbouncer: Debian's pgbouncer), OUT (results folder, default
 # a new temporary one; printed at the end). Needs PostgreSQL on 127.0.0.1:5432 (trust,
 # user postgres), as the test suite does. Leaves nothing behind but the results folder.
 set -euo pipefail
@@ -25,6 +27,30 @@ trap 'dropdb -h 127.0.0.1 -U postgres --force --if-exists "$DB" >/dev/null 2>&1 
 export MFA_DATABASE_URL="postgresql+asyncpg://postgres@127.0.0.1:5432/$DB"
 "$VENV/mfa-service" migrate >/dev/null
 "$VENV/mfa-service" loadtest seed --users "$USERS" --sessions "$USERS" --out users.jsonl | tail -1
+if [ -n "${PGBOUNCER:-}" ]; then
+  BOUNCER_PORT=$("$VENV/python" -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
+  chmod 755 "$OUT"
+  printf '"postgres" ""\n' > users.txt
+  cat > pgbouncer.ini <<INI
+[databases]
+mfa = host=127.0.0.1 port=5432 dbname=$DB user=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = trust
+auth_file = $OUT/users.txt
+pool_mode = transaction
+default_pool_size = 8
+max_client_conn = 200
+INI
+  chmod 644 users.txt pgbouncer.ini
+  AS_USER=(); [ "$(id -u)" = 0 ] && AS_USER=(-u postgres)
+  "$(command -v pgbouncer || echo /usr/sbin/pgbouncer)" "${AS_USER[@]}" pgbouncer.ini > pgbouncer.log 2>&1 & BOUNCER=$!
+  trap 'kill $BOUNCER 2>/dev/null || true; dropdb -h 127.0.0.1 -U postgres --force --if-exists "$DB" >/dev/null 2>&1 || true' EXIT
+  until (exec 3<>/dev/tcp/127.0.0.1/$BOUNCER_PORT) 2>/dev/null; do sleep 0.1; done
+  export MFA_DATABASE_URL="postgresql+asyncpg://postgres@127.0.0.1:$BOUNCER_PORT/mfa" MFA_DATABASE_POOLER=pgbouncer
+fi
 "$VENV/mfa-service" serve > serve.log 2>&1 & SERVER=$!
 until "$VENV/mfa-service" health >/dev/null 2>&1; do sleep 0.2; done
 CONNECTIONS=8; [ "$MFA_WORKERS" -gt 1 ] && CONNECTIONS=16

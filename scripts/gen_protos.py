@@ -3,7 +3,7 @@
 Usage: python scripts/gen_protos.py [OUT_DIR]   (default: generated/)
 
 Runs grpc_tools.protoc with the messages, gRPC and mypy-protobuf typed stubs, then adds
-the package markers. tests/test_generated.py runs this into a temporary folder and fails
+the package markers. tests/system/test_generated.py runs this into a temporary folder and fails
 when generated/mfa/ differs, so a proto change without regeneration cannot land. Only
 generated/mfa/ is replaced: generated/mfa_client/ and generated/pyproject.toml (the client
 distribution) are written by hand.

@@ -1,5 +1,5 @@
 """Take the README's screenshots (docs/screenshots/*.png) in Chromium, as alice on a fresh
-demo stack (the same stack and browser setup as tests/browser):
+demo stack (the same stack and browser setup as tests/system/browser):
 
     .venv/bin/python scripts/screenshots.py [OUT_DIR]
 
@@ -18,10 +18,14 @@ from playwright.sync_api import Page, expect, sync_playwright
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
-from tests.browser.flows import finish_first_factor, next_step_code, submit_code  # noqa: E402
-from tests.browser.stack import Stack, run_stack  # noqa: E402
-from tests.browser.test_passkeys import virtual_authenticator  # noqa: E402
+from tests.system.browser.conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from tests.system.browser.flows import (  # noqa: E402
+    finish_first_factor,
+    next_step_code,
+    submit_code,
+    virtual_authenticator,
+)
+from tests.system.browser.stack import Stack, run_stack  # noqa: E402
 
 USER = "alice"
 

@@ -36,7 +36,7 @@ from grpc import aio  # noqa: E402
 from mfa.v1 import two_factor_service_pb2 as pb  # noqa: E402
 from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc  # noqa: E402
 
-from tests.pgcluster import Cluster  # noqa: E402
+from tests.support.pgcluster import Cluster  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "mfa-service")
 KEYRING = "soak-1:" + "B" * 43

@@ -1,5 +1,12 @@
 """Shared fixtures: real databases (SQLite file and PostgreSQL), an in-process server on
-port 0 with a fixed clock, and the generated async client.
+port 0 with a fixed clock, the generated async client, and the delivery rig (a server whose
+outbox reaches real SMTP/HTTP receivers on loopback). The helpers these fixtures and the
+tests use live in tests/support/.
+
+The tiers (docs/TESTING.md): a test's tier is the directory it lives in, tests/unit,
+tests/api or tests/system, and ``pytest_collection_modifyitems`` below marks it so
+(``-m unit``, ``-m "unit or api"``). The fixtures here serve every tier, and a test module
+placed directly in tests/ too (it gets no tier marker until it moves into one).
 
 PostgreSQL: ``MFA_TEST_POSTGRES_URL`` (default postgres@127.0.0.1:5432, trust auth). Each
 test session creates its own database and drops it at the end. Without PostgreSQL the
@@ -8,52 +15,108 @@ PostgreSQL half of the suite is skipped locally, and fails under ``CI=true``.
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import asyncpg
-import grpc
-import pyotp
 import pytest
-from google.rpc import error_details_pb2
 from grpc import aio
-from grpc_status import rpc_status
-from mfa.v1 import two_factor_service_pb2 as pb
 from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 from sqlalchemy.engine import make_url
 
 from mfa_service.app import App, create_server
 from mfa_service.clock import FixedClock
 from mfa_service.crypto import Keyring
-from mfa_service.settings import Settings
+
+# The helpers that lived here, importable from here as before (new code imports them from
+# tests.support.config and tests.support.client).
+from tests.support import examples
+from tests.support.client import AppFactor as AppFactor
+from tests.support.client import RichError as RichError
+from tests.support.client import challenge as challenge
+from tests.support.client import enroll_app as enroll_app
+from tests.support.client import login as login
+from tests.support.client import regenerate as regenerate
+from tests.support.client import regenerate_proof as regenerate_proof
+from tests.support.client import rich_error as rich_error
+from tests.support.client import totp_at as totp_at
+from tests.support.config import IN_CI as IN_CI
+from tests.support.config import PG_ADMIN_URL as PG_ADMIN_URL
+from tests.support.config import REPO as REPO
+from tests.support.config import T0 as T0
+from tests.support.config import TEST_KEYRING as TEST_KEYRING
+from tests.support.config import asyncpg_dsn, migrate_to_head
+from tests.support.config import make_settings as make_settings
+from tests.support.fakes import HttpServer, RecordingHandler, http_server_running, smtp_server
+from tests.support.rig import Rig, running_rig
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
 
-PG_ADMIN_URL = os.environ.get("MFA_TEST_POSTGRES_URL",
-                              "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres")
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-# Mid-step start (RFC 6238 steps are 30 s): 2026-03-02T10:00:15Z.
-T0 = datetime(2026, 3, 2, 10, 0, 15, tzinfo=UTC)
-TEST_KEYRING = "test-1:" + "A" * 43
+_asyncpg_dsn, _migrate = asyncpg_dsn, migrate_to_head  # their names when they lived here
+
+# -- tiers -------------------------------------------------------------------------------------
+TIERS = ("unit", "api", "system")  # also the order they run in: the cheapest first
+TESTS = Path(__file__).resolve().parent
 
 
-def _asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+def tier_of(path: Path) -> str | None:
+    """``unit``, ``api`` or ``system`` for a file under that directory of tests/, else None."""
+    try:
+        first = path.resolve().relative_to(TESTS).parts[0]
+    except (ValueError, IndexError):
+        return None
+    return first if first in TIERS else None
 
 
+def selects_no_system_test(config: pytest.Config) -> bool:
+    """Whether this run leaves the system tier out: every path it was given is under
+    tests/unit or tests/api, or its ``-m`` expression is false for a system test."""
+    expression = config.getoption("markexpr", "")
+    if expression:
+        from _pytest.mark.expression import Expression
+
+        def matcher(name: str, /, **kwargs: str | int | bool | None) -> bool:
+            return name == "system"
+
+        if not Expression.compile(expression).evaluate(matcher):
+            return True
+    paths = [Path(str(arg).split("::")[0]) for arg in config.args]
+    return bool(paths) and all(tier_of(p) in ("unit", "api") for p in paths)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before any test module is imported: Hypothesis fixes its settings at decoration.
+    examples.choose(fast=selects_no_system_test(config))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    share = "a third of the full" if examples.is_fast() else "full"
+    return f"property-based tests: {share} example counts (tests/support/examples.py)"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with the tier it lives in, and run unit, then api, then system (each
+    tier keeps its own order; a test outside the tiers runs with api)."""
+    rank: dict[pytest.Item, int] = {}
+    for item in items:
+        tier = tier_of(item.path)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
+        rank[item] = TIERS.index(tier or "api")
+    items.sort(key=rank.__getitem__)
+
+
+# -- databases ---------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 async def postgres_url() -> AsyncIterator[str]:
     """A fresh PostgreSQL database for this test session, dropped afterwards."""
     admin = make_url(PG_ADMIN_URL)
     name = f"mfa_test_{uuid.uuid4().hex[:12]}"
     try:
-        conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL), timeout=5)
+        conn = await asyncpg.connect(asyncpg_dsn(PG_ADMIN_URL), timeout=5)
     except (OSError, asyncpg.PostgresError) as exc:
         message = f"PostgreSQL is not reachable at {admin.render_as_string()}: {exc}"
         if IN_CI:
@@ -64,9 +127,9 @@ async def postgres_url() -> AsyncIterator[str]:
     finally:
         await conn.close()
     url = admin.set(database=name).render_as_string(hide_password=False)
-    await _migrate(url)  # the production path: `mfa-service migrate` before `serve`
+    await migrate_to_head(url)  # the production path: `mfa-service migrate` before `serve`
     yield url
-    conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL), timeout=5)
+    conn = await asyncpg.connect(asyncpg_dsn(PG_ADMIN_URL), timeout=5)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
@@ -77,13 +140,13 @@ async def postgres_url() -> AsyncIterator[str]:
 async def empty_postgres(postgres_url: str) -> AsyncIterator[str]:
     """A PostgreSQL database of its own with no schema at all, dropped afterwards."""
     name = f"mfa_empty_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL), timeout=5)
+    conn = await asyncpg.connect(asyncpg_dsn(PG_ADMIN_URL), timeout=5)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
     yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    conn = await asyncpg.connect(_asyncpg_dsn(PG_ADMIN_URL), timeout=5)
+    conn = await asyncpg.connect(asyncpg_dsn(PG_ADMIN_URL), timeout=5)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
@@ -94,19 +157,8 @@ async def empty_postgres(postgres_url: str) -> AsyncIterator[str]:
 async def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A migrated SQLite file for this test session."""
     url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('sqlite') / 'mfa.db'}"
-    await _migrate(url)
+    await migrate_to_head(url)
     return url
-
-
-async def _migrate(url: str) -> None:
-    from mfa_service.store import migrate
-    from mfa_service.store.engine import create_engine
-
-    engine = create_engine(make_url(url))
-    try:
-        await migrate.upgrade(engine)
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
@@ -116,6 +168,7 @@ def database_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
+# -- the shared server -------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def clock() -> FixedClock:
     return FixedClock(T0)
@@ -127,19 +180,6 @@ def fresh_clock(clock: FixedClock) -> FixedClock:
     clock.advance(3600)
     clock.set(clock.now().replace(second=15, microsecond=0))
     return clock
-
-
-def make_settings(database_url: str, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "database_url": database_url, "listen_addr": "127.0.0.1:0", "keyring": TEST_KEYRING,
-        "health_probe_seconds": 0.2, "shutdown_grace_seconds": 0.5, "log_format": "text",
-        "shutdown_drain_seconds": 0,
-        # The shared server only queues messages; delivery tests run their own dispatchers
-        # against real SMTP/HTTP servers.
-        "outbox_dispatcher": False,
-    }
-    values.update(overrides)
-    return Settings.model_validate(values)
 
 
 @pytest.fixture(scope="session")
@@ -166,109 +206,27 @@ def user_id() -> str:
     return f"user-{uuid.uuid4().hex[:10]}"
 
 
-# -- helpers used by many tests -------------------------------------------------------------
-def totp_at(secret: str, clock: FixedClock, steps: int = 0) -> str:
-    return pyotp.TOTP(secret).at(clock.now(), counter_offset=steps)
+# -- the delivery rig (tests/support/rig.py) ---------------------------------------------------
+@pytest.fixture(scope="module")
+def smtp() -> Iterator[tuple[RecordingHandler, int]]:
+    """A real SMTP server (aiosmtpd) on loopback that records what it accepts."""
+    handler = RecordingHandler()
+    with smtp_server(handler) as port:
+        yield handler, port
 
 
-@dataclass
-class AppFactor:
-    factor_id: str
-    secret: str
-    user_id: str
+@pytest.fixture
+async def provider() -> AsyncIterator[HttpServer]:
+    """A real HTTP server on loopback (webhook and Twilio shapes) that records requests."""
+    async with http_server_running() as server:
+        yield server
 
 
-async def enroll_app(stub: Stub, user_id: str,
-                     clock: FixedClock) -> AppFactor:
-    """Enrol and confirm an authenticator app; leaves the clock on the next step."""
-    resp = await stub.Enroll(pb.EnrollRequest(
-        user_id=user_id, method=pb.METHOD_AUTHENTICATOR_APP,
-        application=pb.APPLICATION_PORTAL, account_name=f"{user_id}@example.com"))
-    result = await stub.Verify(pb.VerifyRequest(
-        challenge_id=resp.challenge_id, code=totp_at(resp.totp_secret, clock)))
-    assert result.result == pb.VERIFY_RESULT_APPROVED
-    clock.advance(30)  # the next code is a new step, not a replay
-    return AppFactor(resp.factor.factor_id, resp.totp_secret, user_id)
-
-
-async def challenge(stub: Stub, factor: AppFactor,
-                    purpose: pb.Purpose.ValueType = pb.PURPOSE_LOGIN,
-                    application: pb.Application.ValueType = pb.APPLICATION_PORTAL,
-                    ) -> pb.ChallengeResponse:
-    """Open a challenge on an enrolled app factor."""
-    return await stub.Challenge(pb.ChallengeRequest(
-        user_id=factor.user_id, factor_id=factor.factor_id, purpose=purpose,
-        application=application))
-
-
-async def login(stub: Stub, factor: AppFactor, clock: FixedClock,
-                application: pb.Application.ValueType = pb.APPLICATION_PORTAL) -> pb.Session:
-    ch = await stub.Challenge(pb.ChallengeRequest(
-        user_id=factor.user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
-        application=application))
-    result = await stub.Verify(pb.VerifyRequest(
-        challenge_id=ch.challenge_id, code=totp_at(factor.secret, clock)))
-    assert result.result == pb.VERIFY_RESULT_APPROVED, result
-    clock.advance(30)
-    return result.session
-
-
-async def regenerate_proof(stub: Stub, factor: AppFactor, clock: FixedClock) -> str:
-    """An approved PURPOSE_REGENERATE_RECOVERY_CODES challenge on an app factor (its id)."""
-    ch = await challenge(stub, factor, pb.PURPOSE_REGENERATE_RECOVERY_CODES)
-    result = await stub.Verify(pb.VerifyRequest(
-        challenge_id=ch.challenge_id, code=totp_at(factor.secret, clock)))
-    assert result.result == pb.VERIFY_RESULT_APPROVED, result
-    clock.advance(30)
-    return ch.challenge_id
-
-
-async def regenerate(stub: Stub, factor: AppFactor, clock: FixedClock,
-                     **extra: object) -> list[str]:
-    """New recovery codes, proven with ``factor`` (which must be established)."""
-    proof = await regenerate_proof(stub, factor, clock)
-    resp = await stub.RegenerateRecoveryCodes(pb.RegenerateRecoveryCodesRequest(
-        user_id=factor.user_id, proof_challenge_id=proof,
-        application=pb.APPLICATION_PORTAL, **extra))  # type: ignore[arg-type]
-    return list(resp.recovery_codes)
-
-
-@dataclass
-class RichError:
-    code: grpc.StatusCode
-    message: str
-    reason: str
-    domain: str
-    field_violations: dict[str, str]
-    retry_seconds: int | None
-    error_infos: int
-
-
-def rich_error(err: aio.AioRpcError) -> RichError:
-    """Decode an AIP-193 error: google.rpc.Status with its details."""
-    status = rpc_status.from_call(err)
-    assert status is not None, f"no google.rpc.Status in {err.code()}: {err.details()}"
-    infos, violations, retry = [], {}, None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            infos.append(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            violations = {v.field: v.description for v in bad.field_violations}
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info_r = error_details_pb2.RetryInfo()
-            detail.Unpack(info_r)
-            retry = info_r.retry_delay.seconds
-    assert infos, "no ErrorInfo detail"
-    return RichError(err.code(), status.message, infos[0].reason, infos[0].domain, violations,
-                     retry, len(infos))
-
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-# The delivery rig's fixtures (real SMTP and HTTP receivers), for every module that needs them.
-from tests.rig import provider, rig, smtp  # noqa: E402, F401
+@pytest.fixture(params=["webhook", "twilio"])
+async def rig(request: pytest.FixtureRequest, database_url: str,
+              smtp: tuple[RecordingHandler, int], provider: HttpServer,
+              fresh_clock: FixedClock) -> AsyncIterator[Rig]:
+    """A server delivering through its outbox to ``smtp`` and ``provider``, on each
+    database and with each phone provider shape."""
+    async with running_rig(database_url, smtp, provider, fresh_clock, request.param) as r:
+        yield r

@@ -18,6 +18,7 @@ a one-time code. Error messages carry the provider's status instead.
 from __future__ import annotations
 
 import email.utils
+import functools
 import hashlib
 import logging
 import re
@@ -257,6 +258,14 @@ def _check_http_url(url: str) -> None:
         raise ValueError("the provider URL must be http or https")
 
 
+@functools.cache
+def _provider_tls() -> ssl.SSLContext:
+    """The TLS context every provider client of this process verifies with: httpx's own
+    default (certifi's CA bundle, or SSL_CERT_FILE / SSL_CERT_DIR), built once. Loading
+    the bundle takes some 40 ms, which each new client would otherwise spend again."""
+    return httpx.create_ssl_context()
+
+
 class _HttpSender:
     """An httpx client that is closed on ``aclose`` only if this sender created it."""
 
@@ -266,7 +275,7 @@ class _HttpSender:
         self._owns_client = client is None
         # ``transport``: e.g. OpenTelemetry's, a client span per provider request.
         self._client = client if client is not None else httpx.AsyncClient(
-            timeout=timeout, transport=transport)
+            timeout=timeout, transport=transport, verify=_provider_tls())
 
     async def aclose(self) -> None:
         if self._owns_client:

@@ -93,6 +93,11 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "Your {product} account was temporarily locked after too many failed "
             "verification attempts{detail}."
         ),
+        "notice.second_factor_reset.subject": "{product}: your two-factor methods were reset",
+        "notice.second_factor_reset.sentence": (
+            "Support turned off every two-factor method and recovery code on your "
+            "{product} account{detail}. You will be asked to set up a new one."
+        ),
     },
     "da": {
         "minutes.one": "1 minut",
@@ -155,6 +160,11 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "notice.account_locked.sentence": (
             "Din {product}-konto blev midlertidigt låst efter for mange mislykkede "
             "bekræftelsesforsøg{detail}."
+        ),
+        "notice.second_factor_reset.subject": "{product}: dine totrinsmetoder blev nulstillet",
+        "notice.second_factor_reset.sentence": (
+            "Support slog alle totrinsmetoder og gendannelseskoder fra på din "
+            "{product}-konto{detail}. Du bliver bedt om at sætte en ny op."
         ),
     },
 }

@@ -111,6 +111,9 @@ class FactorMethod(Protocol):
     proof_field: ProofField
     # A shorter life for this method's challenges than the configured code validity.
     max_challenge_ttl: timedelta | None
+    # Still accepted past the lockout's hard limit (service/lockout.py): a look-up secret
+    # too long to guess (recovery codes); every guessable code stops there.
+    passes_hard_lockout: bool
 
     @property
     def code_length(self) -> int: ...
@@ -154,6 +157,7 @@ class CodeMethod:
 
     proof_field: ProofField = ProofField.CODE
     max_challenge_ttl: timedelta | None = None
+    passes_hard_lockout: bool = False
 
     @property
     def code_length(self) -> int:

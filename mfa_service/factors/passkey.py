@@ -243,6 +243,7 @@ class Passkey:
     sends_code = False
     proof_field = ProofField.WEBAUTHN_RESPONSE
     max_challenge_ttl: timedelta | None = MAX_CHALLENGE_TTL
+    passes_hard_lockout = False
 
     def __init__(self, keyring: Keyring, rp: RelyingParty) -> None:
         self._keyring = keyring

@@ -1,9 +1,11 @@
 """METHOD_RECOVERY_CODE: single-use codes handed out when the first factor became active.
 
-Ten codes of 10 characters from Crockford's base32 alphabet: 50 bits each (NIST SP
-800-63B 5.1.2 look-up secrets need at least 20 bits from an approved RNG; we give far
-more because these codes bypass the user's real factor), shown in two groups of five.
-Only HMACs are stored; a code is consumed by a conditional UPDATE, so it works once.
+Ten codes of 15 characters from Crockford's base32 alphabet: 75 bits each, shown in
+three groups of five. NIST SP 800-63B-4 asks at least 64 bits of a recovery code the
+user saves (a look-up secret used to recover the account); the 10-character codes
+issued before (50 bits) are still accepted until the user regenerates, so nobody is
+locked out by the change. Only HMACs are stored; a code is consumed by a conditional
+UPDATE, so it works once.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from mfa_service.factors.base import CodeMethod, EnrollInput, EnrollmentMaterial
 ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford: no i, l, o, u
 # What people type instead (Crockford's decoding rules).
 _CONFUSABLE = str.maketrans({"i": "1", "l": "1", "o": "0"})
-CODE_CHARS = 10  # 10 x 5 bits = 50 bits
+CODE_CHARS = 15  # 15 x 5 bits = 75 bits
+LEGACY_CODE_CHARS = 10  # issued before: 50 bits, accepted until regenerated
 COUNT = 10
 
 if TYPE_CHECKING:
@@ -30,20 +33,21 @@ if TYPE_CHECKING:
 
 def generate_codes(count: int = COUNT,
                    randbelow: Callable[[int], int] = secrets.randbelow) -> list[str]:
-    """``count`` codes formatted "xxxxx-xxxxx"."""
+    """``count`` codes formatted "xxxxx-xxxxx-xxxxx"."""
     codes = []
     for _ in range(count):
         raw = "".join(ALPHABET[randbelow(len(ALPHABET))] for _ in range(CODE_CHARS))
-        codes.append(f"{raw[:5]}-{raw[5:]}")
+        codes.append("-".join(raw[i:i + 5] for i in range(0, CODE_CHARS, 5)))
     return codes
 
 
 def normalise(raw: str) -> str:
-    """Case, spaces, dashes and the usual confusions do not matter; the 10 symbols do."""
+    """Case, spaces, dashes and the usual confusions do not matter; the symbols do."""
     code = raw.strip().lower().replace("-", "").replace(" ", "").translate(_CONFUSABLE)
-    if len(code) != CODE_CHARS or any(c not in ALPHABET for c in code):
-        raise InvalidArgument.single("code", "a recovery code is 10 letters and digits, "
-                                             "like abcde-12345")
+    if (len(code) not in (CODE_CHARS, LEGACY_CODE_CHARS)
+            or any(c not in ALPHABET for c in code)):
+        raise InvalidArgument.single("code", "a recovery code is 15 letters and digits, "
+                                             "like abcde-12345-fghjk")
     return code
 
 
@@ -60,6 +64,7 @@ class RecoveryCodes(CodeMethod):
 
     method = Method.RECOVERY_CODE
     sends_code = False
+    passes_hard_lockout = True  # >= 50 bits: see service/lockout.py
 
     def __init__(self, keyring: Keyring) -> None:
         self._keyring = keyring

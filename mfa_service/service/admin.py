@@ -12,19 +12,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from mfa_service.clock import Clock
 from mfa_service.crypto import DecryptionError, Keyring
 from mfa_service.delivery.outbox import payload_aad
-from mfa_service.domain import AuditContext, AuditEvent, Method
+from mfa_service.domain import AuditContext, AuditEvent, Method, NoticeKind
 from mfa_service.errors import InvalidArgument
 from mfa_service.factors.passkey import credential_aad
 from mfa_service.factors.totp import secret_aad
 from mfa_service.service import audit
+from mfa_service.service.notices import Notifier
 from mfa_service.store import maintenance
 from mfa_service.store.database import Database
 from mfa_service.store.maintenance import StoredCiphertext
+from mfa_service.store.unit import Unit
 
 WHO = AuditContext(caller="admin-cli")
 MAX_USER_ID = 128  # the column width, and what the RPCs accept
@@ -85,12 +85,12 @@ class RotationReport:
 
 
 class _Lister(Protocol):
-    async def __call__(self, conn: AsyncConnection, primary_id: str, *, after: str | None,
+    async def __call__(self, unit: Unit, primary_id: str, *, after: str | None,
                        limit: int) -> list[StoredCiphertext]: ...
 
 
 class _Rewriter(Protocol):
-    async def __call__(self, conn: AsyncConnection, old: StoredCiphertext, key_id: str,
+    async def __call__(self, unit: Unit, old: StoredCiphertext, key_id: str,
                        blob: bytes) -> bool: ...
 
 
@@ -117,7 +117,8 @@ class KeyUsage:
         """HMACs: they cannot be re-keyed without the plaintext, which is never stored;
         they stop needing the key when they expire, are used or are regenerated."""
         return (self.counts[maintenance.LIVE_SESSIONS] + self.counts[maintenance.RECOVERY_CODES]
-                + self.counts[maintenance.OPEN_CHALLENGES])
+                + self.counts[maintenance.OPEN_CHALLENGES]
+                + self.counts[maintenance.TRUSTED_DEVICES])
 
     @property
     def total(self) -> int:
@@ -158,21 +159,25 @@ class ResetReport:
     recovery_codes_retired: int
     sessions_revoked: int
     challenges_closed: int
+    devices_forgotten: int = 0
 
     @property
     def nothing_done(self) -> bool:
         return not (self.lockout_cleared or self.factors_disabled
                     or self.recovery_codes_retired or self.sessions_revoked
-                    or self.challenges_closed)
+                    or self.challenges_closed or self.devices_forgotten)
 
 
 class AdminService:
     """The operator commands' rules over one Database; the clock decides "now" (what is
     live, what expired) exactly as the servers' clock does."""
 
-    def __init__(self, db: Database, clock: Clock) -> None:
+    def __init__(self, db: Database, clock: Clock, notifier: Notifier | None = None) -> None:
         self._db = db
         self._clock = clock
+        # Tells the user of a reset (NIST SP 800-63B-4: the subscriber is notified of an
+        # account recovery); None only where nothing can be sent (tests of other commands).
+        self._notifier = notifier
 
     # -- keys ------------------------------------------------------------------------------
     async def rotate_keys(self, keyring: Keyring, *, batch: int = 100) -> RotationReport:
@@ -220,7 +225,7 @@ class AdminService:
         while True:
             # Listed in a short transaction of its own: no lock is held while we work.
             async with self._db.transaction() as tx:
-                rows = await list_rows(tx.conn, keyring.primary_id, after=after, limit=batch)
+                rows = await list_rows(tx, keyring.primary_id, after=after, limit=batch)
             for row in rows:
                 try:
                     plaintext = keyring.decrypt(row.key_id, row.blob, aad(row))
@@ -230,7 +235,7 @@ class AdminService:
                     continue
                 key_id, blob = keyring.encrypt(plaintext, aad(row))
                 async with self._db.transaction() as tx:
-                    done = await rewrite(tx.conn, row, key_id, blob)
+                    done = await rewrite(tx, row, key_id, blob)
                 if done:
                     counts.rekeyed += 1
                 else:
@@ -243,7 +248,7 @@ class AdminService:
         """Per key id, the stored values that still need it (read in one transaction)."""
         now = self._clock.now()
         async with self._db.transaction() as tx:
-            usage = await maintenance.key_usage(tx.conn, now)
+            usage = await maintenance.key_usage(tx, now)
         found = {kid for by_key in usage.values() for kid in by_key}
         ordered = keyring.key_ids + sorted(found - set(keyring.key_ids))
         return KeyStatus(primary_id=keyring.primary_id, keys=[
@@ -264,13 +269,20 @@ class AdminService:
         now = self._clock.now()
         async with self._db.transaction() as tx:
             # The lockout row first: Verify locks it before anything else, same order here.
-            lockout_cleared = await maintenance.clear_lockout(tx.conn, user_id)
-            factors_disabled = await maintenance.disable_user_factors(tx.conn, user_id, now)
-            codes_retired = await maintenance.retire_recovery_codes(tx.conn, user_id, now)
-            sessions_revoked = await maintenance.revoke_user_sessions(tx.conn, user_id, now)
-            challenges_closed = await maintenance.close_open_challenges(tx.conn, user_id)
+            lockout_cleared = await maintenance.clear_lockout(tx, user_id)
+            # Before the factors go: the notice goes to every address and number the user
+            # could receive it on, so a reset they did not ask for is noticed.
+            notified = (await self._notifier.notify(tx, now, user_id,
+                                                    NoticeKind.SECOND_FACTOR_RESET, who=WHO)
+                        if self._notifier is not None else 0)
+            factors_disabled = await maintenance.disable_user_factors(tx, user_id, now)
+            codes_retired = await maintenance.retire_recovery_codes(tx, user_id, now)
+            # No remembered browser logs in without a code after a reset.
+            devices_forgotten = await maintenance.forget_user_devices(tx, user_id, now)
+            sessions_revoked = await maintenance.revoke_user_sessions(tx, user_id, now)
+            challenges_closed = await maintenance.close_open_challenges(tx, user_id)
             report = ResetReport(user_id, lockout_cleared, factors_disabled, codes_retired,
-                                 sessions_revoked, challenges_closed)
+                                 sessions_revoked, challenges_closed, devices_forgotten)
             audit.record(
                 tx, now, audit.Event.ADMIN_RESET,
                 audit.Outcome.NOTHING_TO_RESET if report.nothing_done else audit.Outcome.OK,
@@ -279,7 +291,9 @@ class AdminService:
                         "sessions_revoked": report.sessions_revoked,
                         "recovery_codes_retired": report.recovery_codes_retired,
                         "challenges_closed": report.challenges_closed,
-                        "lockout_cleared": int(report.lockout_cleared)})
+                        "devices_forgotten": report.devices_forgotten,
+                        "lockout_cleared": int(report.lockout_cleared),
+                        "notices": notified})
         return report
 
     async def audit_trail(self, user_id: str, *, since: datetime | None = None,

@@ -7,42 +7,20 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from mfa_service.domain import Application, AuditContext
+from mfa_service.domain import Application, AuditContext, AuditEventType, AuditOutcome
 from mfa_service.store.database import Transaction
 
-
-class Event(StrEnum):
-    ENROLL = "enroll"
-    CONFIRM = "factor_confirmed"
-    CHALLENGE = "challenge_opened"
-    VERIFY = "verify"
-    DISABLE = "factor_disabled"
-    PHONE_CHANGED = "phone_changed"
-    LOCKOUT = "lockout"
-    RECOVERY_CODE_USED = "recovery_code_used"
-    RECOVERY_CODES_ISSUED = "recovery_codes_issued"
-    SESSION_CREATED = "session_created"
-    SESSION_REVOKED = "session_revoked"
-    ADMIN_RESET = "admin_reset"  # an operator reset a user's second factor (admin-cli)
-    KEYS_ROTATED = "keys_rotated"  # stored secrets re-encrypted under the primary key
-    # A proof that was refused for a reason the security team should look at: a passkey
-    # whose signature counter went backwards (detail "alarm": passkey_counter_regressed)
-    # may have been cloned.
-    ALARM = "security_alarm"
-    # A phone code refused by a cap across users (detail "limit": phone_prefix,
-    # phone_country or phone_daily_budget; "region"): SMS pumping / toll fraud signals.
-    SEND_REFUSED = "send_refused"
-    # A factor brought in ACTIVE from another system by `mfa-service import` (caller
-    # import-cli; detail: method, the file's line, the run's id).
-    IMPORTED = "factor_imported"
+# The kinds live in the domain (the store reads them back as such); named here for the
+# use cases that write them.
+Event = AuditEventType
+Outcome = AuditOutcome
 
 
-class Outcome(StrEnum):
-    OK = "ok"
-    FAILED = "failed"
-    REFUSED = "refused"  # a limit said no before anything was attempted
-    INCOMPLETE = "incomplete"  # an operator's batch job stopped before the end
-    NOTHING_TO_RESET = "nothing_to_reset"  # an admin reset found nothing to take away
+class Reason(StrEnum):
+    """Why the service itself disabled a factor (detail "reason" of factor_disabled)."""
+
+    SUPERSEDED_BY_FIRST = "superseded by the first factor"
+    LAST_FACTOR_DISABLED = "last factor disabled"
 
 
 def record(tx: Transaction, now: datetime, event: Event, outcome: Outcome, who: AuditContext,

@@ -9,11 +9,14 @@ challenge is three statements: lock, factor, and the deferred writes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from mfa.v1.error_reason_pb2 import ErrorReason
 
+from mfa_service.clock import Clock
+from mfa_service.crypto import Keyring
 from mfa_service.delivery.outbox import enqueue
 from mfa_service.delivery.templates import code_message
 from mfa_service.domain import (
@@ -33,16 +36,14 @@ from mfa_service.domain import (
 from mfa_service.errors import FailedPrecondition, InvalidArgument, StoreConflict
 from mfa_service.factors.base import FactorMethod
 from mfa_service.factors.codes import hash_code
+from mfa_service.factors.registry import FactorRegistry
 from mfa_service.service import audit, policy
-from mfa_service.service.context import (
-    Context,
-    owned_factor,
-    proof_evidence,
-    require_status,
-)
-from mfa_service.service.limits import PhoneSendRefused, SendPermit
+from mfa_service.service.limits import PhoneSendRefused, SendLimits, SendPermit
+from mfa_service.service.lockout import Lockout
 from mfa_service.service.policy import Change, Evidence
-from mfa_service.store.database import Transaction
+from mfa_service.service.rules import Rules, new_id, owned_factor, proof_evidence, require_status
+from mfa_service.service.sessions import SessionService
+from mfa_service.store.database import Database, Transaction
 
 
 @dataclass(frozen=True)
@@ -65,54 +66,86 @@ class ChallengeResult:
     browser_options: str | None = None  # passkeys: WebAuthn request options JSON
 
 
-def open_challenge(ctx: Context, tx: Transaction, method: FactorMethod, record: FactorRecord,
-                   purpose: Purpose, application: Application, channel: Channel,
-                   request_id: str | None, who: AuditContext, now: datetime,
-                   permit: SendPermit | None = None) -> Challenge:
-    """Replace the factor's open challenge for ``purpose`` with a new one; for a sent code,
-    queue the message in the same transaction (nothing is lost, nothing is sent for a
-    challenge that did not commit). Every write here waits for COMMIT."""
-    factor = record.factor
-    challenge_id = ctx.new_id()
-    code = method.new_code()
-    code_key_id, code_hash = (hash_code(ctx.keyring, challenge_id, code)
-                              if code is not None else (None, None))
-    rules = ctx.rules
-    ttl = rules.code_ttl
-    if method.max_challenge_ttl is not None:
-        ttl = min(ttl, method.max_challenge_ttl)
-    challenge = Challenge(
-        challenge_id=challenge_id, user_id=factor.user_id, factor_id=factor.factor_id,
-        purpose=purpose, application=application, channel=channel,
-        state=ChallengeState.OPEN, attempts=0, max_attempts=rules.max_attempts,
-        created_at=now, expires_at=now + ttl, code_hash=code_hash,
-        code_key_id=code_key_id, request_id=request_id,
-        destination_key=permit.destination_key if code is not None and permit else None)
-    tx.later.challenges.supersede_open(factor.factor_id, purpose)
-    sent = permit if code is not None else None
-    tx.later.challenges.add(challenge, who.caller,
-                      phone_prefix_key=sent.phone_prefix_key if sent else None,
-                      phone_region=sent.phone_region if sent else None)
-    if code is not None:
-        assert record.destination is not None
-        subject, text = code_message(
-            channel, code=code, purpose=purpose, product=rules.product,
-            valid_minutes=max(1, int(rules.code_ttl.total_seconds()) // 60),
-            locale=record.locale)
-        enqueue(tx, ctx.keyring, Outgoing(
-            kind=MessageKind.CODE, channel=channel, destination=record.destination,
-            user_id=factor.user_id, subject=subject, text=text,
-            not_after=challenge.expires_at, factor_id=factor.factor_id,
-            challenge_id=challenge_id), now)
-    audit.record(tx, now, audit.Event.CHALLENGE, audit.Outcome.OK, who, user_id=factor.user_id,
-                 factor_id=factor.factor_id, challenge_id=challenge_id, application=application,
-                 detail={"purpose": purpose.value, "channel": channel.value})
-    return challenge
+@dataclass(frozen=True)
+class NewChallenge:
+    """What a new challenge is opened with: the factor and its method, for what, where to,
+    by whom and when; ``permit``: what the send quota counted a sent code under."""
+
+    record: FactorRecord
+    method: FactorMethod
+    purpose: Purpose
+    application: Application
+    channel: Channel
+    who: AuditContext
+    now: datetime
+    request_id: str | None = None
+    permit: SendPermit | None = None
+
+
+class ChallengeOpener:
+    """Opens challenges: for Challenge, and for Enroll (the confirmation challenge)."""
+
+    def __init__(self, keyring: Keyring, rules: Rules,
+                 new_id: Callable[[], str] = new_id) -> None:
+        self._keyring = keyring
+        self._rules = rules
+        self._new_id = new_id
+
+    def open(self, tx: Transaction, new: NewChallenge) -> Challenge:
+        """Replace the factor's open challenge for the purpose with a new one; for a sent
+        code, queue the message in the same transaction (nothing is lost, nothing is sent
+        for a challenge that did not commit). Every write here waits for COMMIT."""
+        factor, method, now, rules = new.record.factor, new.method, new.now, self._rules
+        challenge_id = self._new_id()
+        code = method.new_code()
+        code_key_id, code_hash = (hash_code(self._keyring, challenge_id, code)
+                                  if code is not None else (None, None))
+        ttl = rules.code_ttl
+        if method.max_challenge_ttl is not None:
+            ttl = min(ttl, method.max_challenge_ttl)
+        sent = new.permit if code is not None else None
+        challenge = Challenge(
+            challenge_id=challenge_id, user_id=factor.user_id, factor_id=factor.factor_id,
+            purpose=new.purpose, application=new.application, channel=new.channel,
+            state=ChallengeState.OPEN, attempts=0, max_attempts=rules.max_attempts,
+            created_at=now, expires_at=now + ttl, code_hash=code_hash,
+            code_key_id=code_key_id, request_id=new.request_id,
+            destination_key=sent.destination_key if sent else None)
+        tx.later.challenges.supersede_open(factor.factor_id, new.purpose)
+        tx.later.challenges.add(challenge, new.who.caller,
+                                phone_prefix_key=sent.phone_prefix_key if sent else None,
+                                phone_region=sent.phone_region if sent else None)
+        if code is not None:
+            destination = new.record.destination
+            assert destination is not None
+            subject, text = code_message(
+                new.channel, code=code, purpose=new.purpose, product=rules.product,
+                valid_minutes=max(1, int(rules.code_ttl.total_seconds()) // 60),
+                locale=new.record.locale)
+            enqueue(tx, self._keyring, Outgoing(
+                kind=MessageKind.CODE, channel=new.channel, destination=destination,
+                user_id=factor.user_id, subject=subject, text=text,
+                not_after=challenge.expires_at, factor_id=factor.factor_id,
+                challenge_id=challenge_id), now)
+        audit.record(tx, now, audit.Event.CHALLENGE, audit.Outcome.OK, new.who,
+                     user_id=factor.user_id, factor_id=factor.factor_id,
+                     challenge_id=challenge_id, application=new.application,
+                     detail={"purpose": new.purpose.value, "channel": new.channel.value})
+        return challenge
 
 
 class Challenges:
-    def __init__(self, ctx: Context) -> None:
-        self._ctx = ctx
+    def __init__(self, db: Database, clock: Clock, registry: FactorRegistry, rules: Rules,
+                 lockout: Lockout, sends: SendLimits, opener: ChallengeOpener,
+                 sessions: SessionService) -> None:
+        self._db = db
+        self._clock = clock
+        self._registry = registry
+        self._rules = rules
+        self._lockout = lockout
+        self._sends = sends
+        self._opener = opener
+        self._sessions = sessions
 
     async def challenge(self, cmd: ChallengeCommand, who: AuditContext) -> ChallengeResult:
         who.authorize(cmd.application)
@@ -126,18 +159,17 @@ class Challenges:
                     raise
                 return await self._challenge(cmd, who)
         except PhoneSendRefused as refusal:
-            await self._ctx.record_send_refusal(refusal, who, user_id=cmd.user_id,
-                                                factor_id=cmd.factor_id,
-                                                application=cmd.application)
+            await self._sends.record_refusal(refusal, who, user_id=cmd.user_id,
+                                             factor_id=cmd.factor_id,
+                                             application=cmd.application)
             raise
 
     async def _challenge(self, cmd: ChallengeCommand, who: AuditContext) -> ChallengeResult:
-        ctx = self._ctx
-        now = ctx.clock.now()
-        async with ctx.db.transaction() as tx:
+        now = self._clock.now()
+        async with self._db.transaction() as tx:
             lockout = await tx.lockouts.lock(cmd.user_id)  # the per-user lock, first
-            record = await owned_factor(ctx, tx, cmd.user_id, cmd.factor_id, now)
-            method = ctx.registry.get(record.factor.method)
+            record = await owned_factor(tx, self._rules, cmd.user_id, cmd.factor_id, now)
+            method = self._registry.get(record.factor.method)
             if cmd.purpose is Purpose.CHANGE_PHONE and record.factor.method is not Method.PHONE:
                 raise InvalidArgument.single("purpose", "PURPOSE_CHANGE_PHONE needs a phone factor")
             # Before the request_id replay below: a retried id must not hand anyone the
@@ -160,17 +192,18 @@ class Challenges:
                                            await method.browser_options(tx, record, existing))
             require_status(record.factor, cmd.purpose)
             # A locked-out user gets no new codes either (no SMS bombing through lockout).
-            ctx.refuse_if_locked(lockout, now,
-                                 recovery=record.factor.method is Method.RECOVERY_CODE)
+            self._lockout.refuse_if_locked(lockout, now,
+                                           passes_hard_limit=method.passes_hard_lockout)
             permit = None
             if method.sends_code:
                 assert record.destination is not None
-                permit = await ctx.check_sends(tx, now, user_id=cmd.user_id,
-                                               method=record.factor.method,
-                                               factor_id=record.factor.factor_id,
-                                               destination=record.destination)
-            challenge = open_challenge(ctx, tx, method, record, cmd.purpose, cmd.application,
-                                       channel, cmd.request_id, who, now, permit)
+                permit = await self._sends.check(tx, now, user_id=cmd.user_id,
+                                                 method=record.factor.method,
+                                                 factor_id=record.factor.factor_id,
+                                                 destination=record.destination)
+            challenge = self._opener.open(tx, NewChallenge(
+                record, method, cmd.purpose, cmd.application, channel, who, now,
+                cmd.request_id, permit))
             options = await method.browser_options(tx, record, challenge)
         return ChallengeResult(challenge, record.factor, method.code_length_of(record),
                                self._resend_at(method, now), options)
@@ -187,13 +220,13 @@ class Challenges:
         REGENERATE_RECOVERY_CODES is refused at once on a factor that cannot give the
         proof (recovery codes; a new factor), instead of sending a code for nothing.
         """
-        ctx, factor = self._ctx, record.factor
+        factor = record.factor
         if cmd.purpose is Purpose.CONFIRM_ENROLLMENT and factor.status is FactorStatus.PENDING:
             if not (await tx.factors.summary(cmd.user_id, factor.method)).any_active:
                 policy.require(Change.RENEW_FIRST_PENDING, {Evidence.PASSWORD_STEP})
                 return
-            shown, _ = await ctx.sessions.evidence(tx, cmd.session_token, cmd.user_id, now,
-                                                   ctx.rules.recent_session)
+            shown, _ = await self._sessions.evidence(tx, cmd.session_token, cmd.user_id,
+                                                     now, self._rules.recent_session)
             policy.require(Change.RENEW_PENDING, {Evidence.PASSWORD_STEP, *shown})
         elif cmd.purpose is Purpose.REGENERATE_RECOVERY_CODES:
             if factor.method is Method.RECOVERY_CODE:
@@ -206,4 +239,4 @@ class Challenges:
                                established_at=factor.established_at)
 
     def _resend_at(self, method: FactorMethod, sent_at: datetime) -> datetime:
-        return sent_at + self._ctx.rules.resend_cooldown if method.sends_code else sent_at
+        return sent_at + self._rules.resend_cooldown if method.sends_code else sent_at

@@ -52,7 +52,6 @@ from mfa_service.domain import DEFAULT_TOTP, AuditContext, FactorStatus, Method
 from mfa_service.errors import DeadlineExceeded, MfaError, StoreConflict, StoreUnavailable
 from mfa_service.factors.totp import secret_aad
 from mfa_service.service import audit
-from mfa_service.service.context import new_id
 from mfa_service.service.import_lines import (
     ImportLine,
     LineRefused,
@@ -60,6 +59,7 @@ from mfa_service.service.import_lines import (
     parse_lines_packed,
     unpack,
 )
+from mfa_service.service.rules import new_id
 from mfa_service.store import bulk
 from mfa_service.store.bulk import LiveFactor
 from mfa_service.store.database import Database
@@ -252,7 +252,7 @@ class _Stopped(Exception):
 
 
 class FreshIds:
-    """Random (version 4) UUIDs as text, like ``context.new_id``, a thousand at a time:
+    """Random (version 4) UUIDs as text, like ``rules.new_id``, a thousand at a time:
     one system call for all their randomness instead of one each, and no UUID object
     (together a sixth of what a line cost the importer's busiest process)."""
 

@@ -1,77 +1,26 @@
-"""The limits: the per-user lockout (pure rules over the counter the store keeps and
-locks) and the send quota (codes per factor, user and destination).
-
-The lockout (docs/SECURITY.md, "Guessing"): after 5 consecutive failed verifications
-(all factors, all callers) the user waits 1 minute, doubling with every further 5
-failures up to 15 minutes; a success or 12 quiet hours reset the count.
-
-At 100 consecutive failures (NIST SP 800-63B 5.2.2: at most 100 consecutive failed
-attempts on one account) the user's codes, apps and passkeys are refused until the user
-passes with a **recovery code** or an administrator resets them. Why not a permanent,
-admin-only lock as before: anyone who can open challenges for a user (the portal right
-after the password step) could reach it in about four hours of wrong codes and lock the
-user out for good - lockout as a weapon. The trade-off against NIST: the limit of 100
-holds for every factor whose codes are guessable (6-8 digits); past it only a recovery
-code (a look-up secret of >= 50 bits, NIST 5.1.2) is still accepted, and its guesses stay
-throttled by the 15-minute waits (about 20 an hour), so 2^50 codes are out of reach. The
-temporary waits keep applying to everyone.
+"""The send limits: codes per factor, user and destination, and the caps across users on
+phone codes (SendQuota, decided in the transaction that sends), and the record of a phone
+code refused by one of those caps (SendLimits). The per-user lockout is service/lockout.py.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 
 from mfa.v1.error_reason_pb2 import ErrorReason
 
+from mfa_service.clock import Clock
 from mfa_service.crypto import Keyring
-from mfa_service.domain import Method
-from mfa_service.errors import ResourceExhausted
+from mfa_service.domain import Application, AuditContext, Method
+from mfa_service.errors import MfaError, ResourceExhausted
 from mfa_service.factors.codes import destination_key, lock_key_of, phone_prefix_message
 from mfa_service.factors.phone_code import phone_area
-from mfa_service.store.database import Transaction
-from mfa_service.store.security import LockoutState
+from mfa_service.service import audit
+from mfa_service.store.database import Database, Transaction
 
-
-@dataclass(frozen=True)
-class LockoutPolicy:
-    threshold: int = 5
-    first_wait: timedelta = timedelta(minutes=1)
-    max_wait: timedelta = timedelta(minutes=15)
-    reset_after: timedelta = timedelta(hours=12)
-    hard_limit: int = 100
-
-    def refusal(self, state: LockoutState | None, now: datetime, *,
-                recovery: bool = False) -> float | None:
-        """Seconds the user must still wait (0: only a recovery code or an administrator
-        helps), or None. ``recovery``: the attempt uses a recovery code."""
-        if state is None:
-            return None
-        if state.admin_reset_required and not recovery:
-            return 0.0
-        if state.locked_until is not None and state.locked_until > now:
-            return (state.locked_until - now).total_seconds()
-        return None
-
-    def after_failure(self, state: LockoutState, now: datetime) -> tuple[LockoutState, bool]:
-        """The counter after one more failure, and whether this failure locked the user."""
-        failures = state.consecutive_failures
-        if state.last_failure_at is not None and now - state.last_failure_at >= self.reset_after:
-            failures = 0
-        failures += 1
-        hard = state.admin_reset_required or failures >= self.hard_limit
-        locked_until = state.locked_until
-        locked = failures % self.threshold == 0
-        if locked:
-            rounds = failures // self.threshold
-            wait = min(self.first_wait * 2 ** (rounds - 1), self.max_wait)
-            locked_until = now + wait
-        return LockoutState(failures, now, locked_until, hard), locked or (
-            hard and not state.admin_reset_required)
-
-    @staticmethod
-    def after_success() -> LockoutState:
-        return LockoutState(0, None, None, False)
+log = logging.getLogger("mfa_service.limits")
 
 
 @dataclass(frozen=True)
@@ -86,7 +35,7 @@ class SendPermit:
 class PhoneSendRefused(ResourceExhausted):
     """A phone code refused by a cap across users (range, country, daily budget): the
     marks of SMS pumping and toll fraud, so each one is audited, counted in a metric and
-    logged (Context.record_send_refusal), unlike a user's own resend limits."""
+    logged (SendLimits.record_refusal), unlike a user's own resend limits."""
 
     def __init__(self, message: str, *, retry_after_seconds: float,
                  reason: ErrorReason.ValueType, limit: str, region: str) -> None:
@@ -193,3 +142,42 @@ class SendQuota:
                 reason=ErrorReason.ERROR_REASON_PHONE_BUDGET_EXHAUSTED,
                 limit="phone_daily_budget", region=region)
         return SendPermit(key, prefix_keys[0], region)
+
+
+@dataclass(frozen=True)
+class SendLimits:
+    """The send quota with what it needs: the keyring (a number range is counted under
+    its keyed hash) and, to record a refusal, the database and the clock."""
+
+    quota: SendQuota
+    keyring: Keyring
+    db: Database
+    clock: Clock
+
+    async def check(self, tx: Transaction, now: datetime, *, user_id: str, method: Method,
+                    factor_id: str | None, destination: str) -> SendPermit:
+        """The send quota for a code about to go to ``destination``."""
+        return await self.quota.check(tx, now, user_id=user_id, method=method,
+                                      factor_id=factor_id, destination=destination,
+                                      keyring=self.keyring)
+
+    async def record_refusal(self, refusal: PhoneSendRefused, who: AuditContext, *,
+                             user_id: str, factor_id: str | None,
+                             application: Application) -> None:
+        """Audit (and so count in the metrics) and log a phone code refused by a cap
+        across users, in a transaction of its own: the refused one rolled back, and
+        nothing else changed. A failure here never hides the refusal itself."""
+        now = self.clock.now()
+        detail: dict[str, str | int] = {"limit": refusal.limit, "method": Method.PHONE.value,
+                                        "region": refusal.region}
+        try:
+            async with self.db.transaction() as tx:
+                audit.record(tx, now, audit.Event.SEND_REFUSED, audit.Outcome.REFUSED, who,
+                             user_id=user_id, factor_id=factor_id, application=application,
+                             detail=detail)
+        except MfaError:
+            log.warning("send refusal not audited", exc_info=True)
+        # No number, no user id: the limit and the country are what an operator acts on.
+        log.warning("phone code refused: %s", refusal.limit, extra={
+            "limit": refusal.limit, "region": refusal.region,
+            "retry_after_seconds": int(refusal.retry_after_seconds)})

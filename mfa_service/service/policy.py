@@ -7,17 +7,23 @@ a factor, a session or recovery codes first gathers the evidence the caller pres
 already checked (a session looked up under the user's lock, a proof challenge consumed,
 a code verified), then asks :func:`require`; nothing else decides who may change what.
 ``docs/SECURITY.md`` shows the same table: ``python -m mfa_service.service.policy``
-prints it, and tests/test_policy.py fails when the two differ.
+prints it, and tests/unit/test_policy.py fails when the two differ.
 
 Evidence, weakest first (the words of docs/SECURITY.md):
 
 - **password step**: the caller vouches that the user passed the password (this service
   holds none). Once the user has an ACTIVE factor it proves nothing here.
-- **session**: a live 2FA session token of the same user; **fresh** when it passed 2FA
-  at most 10 minutes ago.
+- **remembered browser's session**: a live 2FA session that RecognizeDevice opened on a
+  remembered browser, without a code (service/devices.py). It says the browser passed 2FA
+  once, up to MFA_TRUSTED_DEVICE_DAYS ago, never that the user is at it now: weaker than
+  a session from a code (which implies it), never fresh, and no row below accepts it.
+- **session**: a live 2FA session token of the same user, opened by a code or a passkey;
+  **fresh** when it passed 2FA at most 10 minutes ago.
 - **proof with X**: an APPROVED challenge on factor X, for the purpose at hand, in this
   flow (consumed once).
 - **recovery code**: an unused code of the user's current set.
+- **remembered browser's token**: a live device token of the user, on the application
+  it was remembered on (only what opens a session without a code).
 - **established**: the user's first factor and the recovery codes issued with it, at
   once (no one else's factor existed to protect); a factor added later, or codes
   regenerated later, once they have been ACTIVE or issued for ``MFA_NEW_CREDENTIAL_HOLD``
@@ -44,6 +50,7 @@ class Evidence(StrEnum):
     proof is a proof with an ACTIVE factor."""
 
     PASSWORD_STEP = "password step"  # noqa: S105 - a name, not a password
+    TRUSTED_DEVICE_SESSION = "a remembered browser's session"
     SESSION = "session"
     FRESH_SESSION = "fresh session"
     ENROLLING_SESSION = "the session that enrolled it, still live"
@@ -56,12 +63,16 @@ class Evidence(StrEnum):
     ESTABLISHED_RECOVERY_CODE = "established recovery code"
     NEW_RECOVERY_CODE = "new recovery code"
     SESSION_TOKEN = "the session's token"  # noqa: S105 - a name, not a token
+    DEVICE_TOKEN = "a remembered browser's token"  # noqa: S105 - a name, not a token
     CALLER = "a caller of either application"
 
 
-# What each stronger kind of evidence is as well.
+# What each stronger kind of evidence is as well (implied() follows these to the end).
 _IMPLIES: dict[Evidence, frozenset[Evidence]] = {
     Evidence.FRESH_SESSION: frozenset({Evidence.SESSION}),
+    # A session from a code vouches for at least what a remembered browser's does; never
+    # the other way round.
+    Evidence.SESSION: frozenset({Evidence.TRUSTED_DEVICE_SESSION}),
     Evidence.PROOF_WITH_ESTABLISHED: frozenset({Evidence.PROOF_WITH_ACTIVE}),
     Evidence.PROOF_WITH_NEW: frozenset({Evidence.PROOF_WITH_ACTIVE}),
     Evidence.ESTABLISHED_RECOVERY_CODE: frozenset({Evidence.RECOVERY_CODE}),
@@ -78,10 +89,14 @@ _WEAKER_FORM: dict[Evidence, Evidence] = {
 
 
 def implied(presented: Iterable[Evidence]) -> frozenset[Evidence]:
-    """``presented`` with everything it implies."""
+    """``presented`` with everything it implies, however indirectly."""
     out = set(presented)
-    for e in list(out):
-        out |= _IMPLIES.get(e, frozenset())
+    todo = list(out)
+    while todo:
+        for weaker in _IMPLIES.get(todo.pop(), frozenset()):
+            if weaker not in out:
+                out.add(weaker)
+                todo.append(weaker)
     return frozenset(out)
 
 
@@ -100,6 +115,9 @@ class Change(StrEnum):
     REGENERATE_RECOVERY_CODES = "regenerate recovery codes"
     END_SESSION = "end one session (logout)"
     END_ALL_SESSIONS = "end all of a user's sessions (log out everywhere)"
+    REMEMBER_DEVICE = "remember a browser (Verify, LOGIN, remember_device)"
+    LOG_IN_REMEMBERED = "log in on a remembered browser (RecognizeDevice)"
+    FORGET_DEVICE = "forget a remembered browser (ForgetDevice)"
 
 
 @dataclass(frozen=True)
@@ -124,13 +142,15 @@ TABLE: dict[Change, Rule] = {r.change: r for r in (
     Rule(Change.ADD_FIRST_FACTOR, _any([E.PASSWORD_STEP]), (),
          "adding the first factor",
          "no factor exists to ask; the pending factor is confirmed with a code from it"),
-    Rule(Change.ADD_FACTOR, _any([E.FRESH_SESSION]), (E.PASSWORD_STEP, E.SESSION),
+    Rule(Change.ADD_FACTOR, _any([E.FRESH_SESSION]),
+         (E.PASSWORD_STEP, E.TRUSTED_DEVICE_SESSION, E.SESSION),
          "adding a factor",
          "a password alone must not add an app that then walks around every rule below"),
     Rule(Change.RENEW_FIRST_PENDING, _any([E.PASSWORD_STEP]), (),
          "a new code for this pending factor",
          "what Enroll needed for it"),
-    Rule(Change.RENEW_PENDING, _any([E.FRESH_SESSION]), (E.PASSWORD_STEP, E.SESSION),
+    Rule(Change.RENEW_PENDING, _any([E.FRESH_SESSION]),
+         (E.PASSWORD_STEP, E.TRUSTED_DEVICE_SESSION, E.SESSION),
          "a new code or new options for this pending factor",
          "what Enroll needed: otherwise a password alone finishes a pending factor with "
          "the attacker's own authenticator"),
@@ -150,7 +170,7 @@ TABLE: dict[Change, Rule] = {r.change: r for r in (
          "disabling a factor",
          "disabling needs the enabled method; nothing new removes what the user had"),
     Rule(Change.CHANGE_PHONE, _any([E.PROOF_WITH_OLD_PHONE, E.FRESH_SESSION]),
-         (E.FRESH_SESSION, E.PROOF_WITH_OLD_PHONE),
+         (E.FRESH_SESSION, E.PROOF_WITH_OLD_PHONE, E.TRUSTED_DEVICE_SESSION),
          "changing the phone", "the old number consents, and the user stepped up"),
     Rule(Change.REGENERATE_RECOVERY_CODES, _any([E.PROOF_WITH_ESTABLISHED]),
          (E.FRESH_SESSION, E.PROOF_WITH_NEW, E.ESTABLISHED_RECOVERY_CODE),
@@ -160,7 +180,22 @@ TABLE: dict[Change, Rule] = {r.change: r for r in (
          "ending a session", "logout"),
     Rule(Change.END_ALL_SESSIONS, _any([E.CALLER]), (),
          "ending every session of a user",
-         "one login, both applications: log out everywhere ends both"),
+         "one login, both applications: log out everywhere ends both; it forgets the "
+         "user's remembered browsers too"),
+    Rule(Change.REMEMBER_DEVICE, _any([E.PROOF_WITH_ACTIVE]),
+         (E.RECOVERY_CODE, E.TRUSTED_DEVICE_SESSION, E.PASSWORD_STEP),
+         "remembering this browser",
+         "a code from a real factor, typed on this browser now; a recovery code gets a "
+         "user in when a factor is lost, it must not also spare that browser every code "
+         "for a month"),
+    Rule(Change.LOG_IN_REMEMBERED, _any([E.DEVICE_TOKEN]), (E.PASSWORD_STEP,),
+         "logging in without a code",
+         "the browser passed 2FA with a real factor within MFA_TRUSTED_DEVICE_DAYS, was "
+         "used within MFA_TRUSTED_DEVICE_IDLE_DAYS, and no factor changed since; its "
+         "session is never fresh and proves nothing in any other row"),
+    Rule(Change.FORGET_DEVICE, _any([E.CALLER]), (),
+         "forgetting a remembered browser",
+         "it only takes trust away, as log out everywhere does; its sessions end with it"),
 )}
 
 
@@ -199,6 +234,11 @@ def _refusal(rule: Rule, missing: Evidence, presented: frozenset[Evidence],
     if missing is E.PROOF_WITH_TARGET:
         return FailedPrecondition(f"{doing} needs a challenge opened on that factor",
                                   reason=ErrorReason.ERROR_REASON_CHALLENGE_MISMATCH)
+    if rule.change is Change.REMEMBER_DEVICE:
+        return FailedPrecondition(
+            f"{doing} needs a code from an authenticator app, email, phone or passkey on "
+            "a PURPOSE_LOGIN challenge, not a recovery code",
+            reason=ErrorReason.ERROR_REASON_REMEMBER_DEVICE_NOT_ALLOWED)
     return FailedPrecondition(f"{doing} needs {missing.value}",
                               reason=ErrorReason.ERROR_REASON_FACTOR_STATUS_FORBIDS)
 
@@ -231,7 +271,7 @@ def require(change: Change, presented: Iterable[Evidence], *,
 
 
 def markdown_table() -> str:
-    """The table as docs/SECURITY.md shows it (tests/test_policy.py compares them)."""
+    """The table as docs/SECURITY.md shows it (tests/unit/test_policy.py compares them)."""
     lines = ["| change | needs | never enough | why |", "| --- | --- | --- | --- |"]
     for rule in TABLE.values():
         needs = " **or** ".join(" + ".join(sorted(e.value for e in alt))

@@ -1,4 +1,5 @@
-"""2FA sessions: opened by a LOGIN verification, honoured by every application.
+"""2FA sessions: opened by a LOGIN verification (or, without a code, on a remembered
+browser: service/devices.py), honoured by every application.
 
 Tokens are 256 random bits (NIST SP 800-63B 7.1: at least 64) and only their HMAC is
 stored, so a database dump yields no usable session. Absolute and idle lifetimes follow
@@ -16,13 +17,16 @@ from mfa_service.crypto import Keyring, new_token
 from mfa_service.domain import (
     Application,
     AuditContext,
+    Channel,
     Factor,
     FactorRecord,
+    ForgetScope,
     NewSession,
     RevokeScope,
     Session,
+    TrustedDevice,
 )
-from mfa_service.service import audit
+from mfa_service.service import audit, devices
 from mfa_service.service.policy import Evidence
 from mfa_service.service.session_cache import SessionCache
 from mfa_service.store.database import Database, Transaction
@@ -51,21 +55,42 @@ class SessionService:
         self._cache = cache if cache is not None else SessionCache(0)
 
     def open(self, tx: Transaction, record: FactorRecord, application: Application,
-             who: AuditContext, now: datetime) -> NewSession:
+             who: AuditContext, now: datetime, *, channel: Channel | None = None) -> NewSession:
         """Create a session inside the caller's transaction (the one approving the login);
-        its row is written with the transaction's deferred writes, before COMMIT."""
-        token = new_token()
-        key_id, digest = token_hash(self._keyring, token)
+        its row is written with the transaction's deferred writes, before COMMIT.
+        ``channel``: how the code reached the user (CheckSession's amr tells SMS from a
+        call)."""
         expires = now + self._ttl
-        session = Session(
+        return self._open(tx, who, now, Session(
             session_id=str(uuid.uuid4()), user_id=record.factor.user_id,
             factor_id=record.factor.factor_id, method=record.factor.method,
             application=application, authenticated_at=now, expires_at=expires,
-            idle_expires_at=min(now + self._idle, expires))
+            idle_expires_at=min(now + self._idle, expires),
+            channel=channel if channel is not Channel.NONE else None))
+
+    def open_trusted(self, tx: Transaction, device: TrustedDevice, application: Application,
+                     who: AuditContext, now: datetime) -> NewSession:
+        """A session for a remembered browser that RecognizeDevice recognised: no code was
+        typed, so ``authenticated_at`` is when a code last was (the browser was
+        remembered), and ``device_id`` marks it (never fresh, never proof: ``evidence``)."""
+        expires = now + self._ttl
+        return self._open(tx, who, now, Session(
+            session_id=str(uuid.uuid4()), user_id=device.user_id,
+            factor_id=device.factor_id, method=device.method, application=application,
+            authenticated_at=device.created_at, expires_at=expires,
+            idle_expires_at=min(now + self._idle, expires), device_id=device.device_id))
+
+    def _open(self, tx: Transaction, who: AuditContext, now: datetime,
+              session: Session) -> NewSession:
+        token = new_token()
+        key_id, digest = token_hash(self._keyring, token)
         tx.later.sessions.add(session, digest, key_id, who.caller)
+        detail: dict[str, str | int] | None = (
+            {"device_id": session.device_id} if session.device_id is not None else None)
         audit.record(tx, now, audit.Event.SESSION_CREATED, audit.Outcome.OK, who,
-                           user_id=session.user_id, factor_id=session.factor_id,
-                           session_id=session.session_id, application=application)
+                     user_id=session.user_id, factor_id=session.factor_id,
+                     session_id=session.session_id, application=session.application,
+                     detail=detail)
         return NewSession(session=session, token=token)
 
     async def check(self, token: str) -> Session | None:
@@ -114,6 +139,10 @@ class SessionService:
             self._keyring.mac_all(_token_message(token)), now)
         if session is None or session.user_id != user_id:
             return frozenset(), None
+        if session.device_id is not None:
+            # Opened by a remembered browser without a code: however recent, it is not
+            # the user stepping up.
+            return frozenset({Evidence.TRUSTED_DEVICE_SESSION}), session
         if now - session.authenticated_at > fresh_for:
             return frozenset({Evidence.SESSION}), session
         return frozenset({Evidence.SESSION, Evidence.FRESH_SESSION}), session
@@ -132,6 +161,15 @@ class SessionService:
         self._evict(tx, ended)
         return len(ended)
 
+    async def end_for_devices(self, tx: Transaction, user_id: str, device_ids: list[str],
+                              who: AuditContext, now: datetime) -> int:
+        """End the sessions remembered browsers opened, in the transaction that forgets
+        them (service/devices.py: a session stands on its browser's trust)."""
+        ended = await tx.sessions.revoke_devices(user_id, device_ids, now)
+        await self._audit_revoked(tx, ended, who, now, RevokeScope.DEVICE_FORGOTTEN)
+        self._evict(tx, ended)
+        return len(ended)
+
     async def revoke_token(self, token: str, who: AuditContext) -> int:
         who.authorize_any()
         now = self._clock.now()
@@ -142,13 +180,22 @@ class SessionService:
             self._evict(tx, ended)
         return len(ended)
 
-    async def revoke_user(self, user_id: str, who: AuditContext) -> int:
+    async def revoke_user(self, user_id: str, who: AuditContext, *,
+                          keep_token: str = "") -> int:
+        """Log the user out everywhere (else: ``keep_token``'s session stays, the one the
+        user is changing their factors in)."""
         who.authorize_any()  # logging a user out everywhere is not for an audit reader
         now = self._clock.now()
+        keep = self._keyring.mac_all(_token_message(keep_token)) if keep_token else []
         async with self._db.transaction() as tx:
-            ended = await tx.sessions.revoke_user(user_id, now)
-            await self._audit_revoked(tx, ended, who, now, RevokeScope.ALL_SESSIONS)
+            # The user's lock first, as every call that forgets remembered browsers.
+            await tx.lockouts.lock(user_id)
+            ended = await tx.sessions.revoke_user(user_id, now, keep_hashes=keep)
+            await self._audit_revoked(tx, ended, who, now, RevokeScope.ALL_OTHER_SESSIONS
+                                      if keep_token else RevokeScope.ALL_SESSIONS)
             self._evict(tx, ended)
+            # Log out everywhere: no browser may log back in without a code either.
+            await devices.forget(tx, self, user_id, who, now, ForgetScope.ALL_SESSIONS)
         return len(ended)
 
     def _evict(self, tx: Transaction, ended: list[Session]) -> None:

@@ -144,7 +144,7 @@ async def insert_factors(unit: Unit, rows: Sequence[tuple[Any, ...]]) -> None:
     if not rows:
         return
     if not unit.postgres:
-        await unit.conn.execute(insert(factors), [dict(zip(FACTOR_COLUMNS, row, strict=True))
+        await unit.execute_many(insert(factors), [dict(zip(FACTOR_COLUMNS, row, strict=True))
                                                   for row in rows])
         return
     stamp = _Stamps()
@@ -159,7 +159,7 @@ async def insert_audit(unit: Unit, rows: Sequence[tuple[Any, ...]]) -> None:
     if not rows:
         return
     if not unit.postgres:
-        await unit.conn.execute(insert(audit_events),
+        await unit.execute_many(insert(audit_events),
                                 [dict(zip(AUDIT_COLUMNS, row, strict=True)) for row in rows])
         return
     stamp = _Stamps()

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mfa_service import deadline
 from mfa_service.errors import DeadlineExceeded, MfaError, StoreConflict, StoreUnavailable
+from mfa_service.store.devices import DeviceRepository, DeviceWrites
 from mfa_service.store.engine import translate
 from mfa_service.store.outbox import OutboxRepository, OutboxWrites
 from mfa_service.store.repositories import (
@@ -74,11 +75,15 @@ class Later:
     def recovery(self) -> RecoveryCodeWrites:
         return RecoveryCodeWrites(self._unit)
 
+    @cached_property
+    def devices(self) -> DeviceWrites:
+        return DeviceWrites(self._unit)
+
 
 class Transaction(Unit):
     """The repositories of one transaction, and what to do once it has committed.
 
-    Repositories are made on first use (most RPCs touch two or three of the seven).
+    Repositories are made on first use (most RPCs touch two or three of the eight).
     """
 
     def __init__(self, conn: AsyncConnection, database: Database) -> None:
@@ -151,6 +156,10 @@ class Transaction(Unit):
     @cached_property
     def recovery(self) -> RecoveryCodeRepository:
         return RecoveryCodeRepository(self)
+
+    @cached_property
+    def devices(self) -> DeviceRepository:
+        return DeviceRepository(self)
 
 
 class Database:
@@ -226,6 +235,8 @@ class Database:
                             if loop.time() >= due:  # the caller gave up: roll back
                                 raise DeadlineExceeded()
                             bound.reschedule(None)  # never cut a COMMIT short
+                        if tx.postgres:
+                            await tx.commit_raw()
         except MfaError:
             raise
         except Exception as exc:

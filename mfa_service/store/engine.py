@@ -2,8 +2,8 @@
 
 Here: the engine options (asyncpg statement caches and names behind PgBouncer, SQLite's
 ``BEGIN IMMEDIATE`` and busy timeout), the dialect-specific statements (``INSERT … ON
-CONFLICT``, the user-lock upsert, the phone budget, advisory locks, ``NOTIFY``) and the
-mapping of driver errors to store errors.
+CONFLICT``, the user-lock upsert, the phone budget, the per-IP count of unknown device
+tokens, advisory locks, ``NOTIFY``) and the mapping of driver errors to store errors.
 
 Not here, because they are about how a transaction runs or when a process migrates, not
 about SQL text:
@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import date
-from typing import Any
+from datetime import date, datetime
+from typing import Any, Protocol
 
 from asyncpg.exceptions import TargetServerAttributeNotMatched
-from sqlalchemy import Select, Table, TextClause, event, text
+from sqlalchemy import Executable, Select, Table, TextClause, case, event, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
@@ -43,12 +43,12 @@ from sqlalchemy.exc import (
     InterfaceError,
     OperationalError,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert
 
 from mfa_service import deadline
 from mfa_service.errors import StoreConflict, StoreError, StoreUnavailable
-from mfa_service.store.models import phone_budget_days, user_lockouts
+from mfa_service.store.models import device_misses, phone_budget_days, user_lockouts
 
 # SQLSTATEs that mean "another transaction won, try again" (PostgreSQL appendix A).
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
@@ -147,14 +147,24 @@ def _make_sqlite_transactions_immediate(engine: AsyncEngine, *, busy_ms: int) ->
         conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
 
-def insert_ignore(conn: AsyncConnection, table: Table, values: dict[str, Any]) -> Insert:
-    """INSERT ... ON CONFLICT DO NOTHING in the connection's dialect."""
-    if conn.dialect.name == "postgresql":
+class Executes(Protocol):
+    """What the helpers below run statements through: a store Unit (store/unit.py)."""
+
+    @property
+    def dialect(self) -> str: ...
+
+    async def execute(self, statement: Executable,
+                      params: dict[str, Any] | None = None) -> Any: ...
+
+
+def insert_ignore(dialect: str, table: Table, values: dict[str, Any]) -> Insert:
+    """INSERT ... ON CONFLICT DO NOTHING in ``dialect``."""
+    if dialect == "postgresql":
         return pg_insert(table).values(**values).on_conflict_do_nothing()
     return sqlite_insert(table).values(**values).on_conflict_do_nothing()
 
 
-def upsert_lock(conn: AsyncConnection, source: Select[Any]) -> Insert:
+def upsert_lock(dialect: str, source: Select[Any]) -> Insert:
     """INSERT the ``user_lockouts`` row(s) that ``source`` selects (user_id,
     consecutive_failures, admin_reset_required), or lock the existing one, returning it.
 
@@ -163,7 +173,7 @@ def upsert_lock(conn: AsyncConnection, source: Select[Any]) -> Insert:
     holds the write lock. ``source`` must have a WHERE clause (SQLite's parser needs one
     between INSERT ... SELECT and ON CONFLICT).
     """
-    insert_fn = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
     stmt = insert_fn(user_lockouts).from_select(
         ["user_id", "consecutive_failures", "admin_reset_required"], source)
     return stmt.on_conflict_do_update(
@@ -171,10 +181,10 @@ def upsert_lock(conn: AsyncConnection, source: Select[Any]) -> Insert:
         set_={"user_id": stmt.excluded.user_id}).returning(*user_lockouts.c)
 
 
-def take_budget_unit(conn: AsyncConnection, day: date, budget: int) -> Insert:
+def take_budget_unit(dialect: str, day: date, budget: int) -> Insert:
     """``INSERT`` the day's ``phone_budget_days`` row with 1 used, or add 1 to it while
     fewer than ``budget`` are used; RETURNING ``used`` (no row: the budget is spent)."""
-    insert_fn = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
     stmt = insert_fn(phone_budget_days).values(day=day, used=1)
     return stmt.on_conflict_do_update(
         index_elements=[phone_budget_days.c.day],
@@ -183,29 +193,43 @@ def take_budget_unit(conn: AsyncConnection, day: date, budget: int) -> Insert:
     ).returning(phone_budget_days.c.used)
 
 
-async def lock_key(conn: AsyncConnection, key: bytes) -> None:
+def count_device_miss(dialect: str, ip_key: bytes, now: datetime,
+                      window_since: datetime) -> Insert:
+    """``INSERT`` the address's ``device_misses`` row with 1 miss, or add 1 to it; a row
+    whose window began at or before ``window_since`` starts a new window at ``now``."""
+    insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
+    stmt = insert_fn(device_misses).values(ip_key=ip_key, misses=1, window_started_at=now)
+    current = device_misses.c.window_started_at > window_since
+    return stmt.on_conflict_do_update(
+        index_elements=[device_misses.c.ip_key],
+        set_={"misses": case((current, device_misses.c.misses + 1), else_=1),
+              "window_started_at": case((current, device_misses.c.window_started_at),
+                                        else_=stmt.excluded.window_started_at)})
+
+
+async def lock_key(unit: Executes, key: bytes) -> None:
     """Serialise transactions on an arbitrary key until this transaction ends.
 
     PostgreSQL: a transaction-scoped advisory lock on the key's first 8 bytes (a hash,
     so collisions only make two unrelated keys wait for each other). SQLite: nothing to
     do, BEGIN IMMEDIATE already serialises every writing transaction.
     """
-    await lock_keys(conn, (key,))
+    await lock_keys(unit, (key,))
 
 
-async def lock_keys(conn: AsyncConnection, keys: tuple[bytes, ...]) -> None:
+async def lock_keys(unit: Executes, keys: tuple[bytes, ...]) -> None:
     """``lock_key`` for several keys, taken in the order given, in one statement (one
     round trip). Every caller must list its kinds of key in one order (destination,
     number range, country): two transactions then never wait for each other in a cycle.
     """
-    if conn.dialect.name != "postgresql":
+    if unit.dialect != "postgresql":
         return
     statement = _ADVISORY_LOCKS.get(len(keys))
     if statement is None:
         # PostgreSQL evaluates a target list left to right: the locks come in order.
         statement = _ADVISORY_LOCKS[len(keys)] = text("SELECT " + ", ".join(
             f"pg_advisory_xact_lock(:k{i})" for i in range(len(keys))))
-    await conn.execute(statement, {f"k{i}": int.from_bytes(k[:8], "big", signed=True)
+    await unit.execute(statement, {f"k{i}": int.from_bytes(k[:8], "big", signed=True)
                                    for i, k in enumerate(keys)})
 
 
@@ -213,11 +237,11 @@ _ADVISORY_LOCKS: dict[int, TextClause] = {}
 _NOTIFY = text("SELECT pg_notify('mfa_session_revoked', :user_id)")
 
 
-async def notify_revoked(unit: Any, user_ids: set[str]) -> None:
+async def notify_revoked(unit: Executes, user_ids: set[str]) -> None:
     """Tell every server process that these users' sessions were revoked (PostgreSQL
     NOTIFY: delivered when, and only if, the transaction commits). Their session caches
     evict the users (service/session_cache.py). SQLite has no NOTIFY and no cache."""
-    if unit.conn.dialect.name != "postgresql":
+    if unit.dialect != "postgresql":
         return
     for user_id in sorted(user_ids):
         await unit.execute(_NOTIFY, {"user_id": user_id})

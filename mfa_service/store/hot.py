@@ -13,8 +13,8 @@ off (store/engine.py) and asyncpg sends the same text unnamed: what works there.
 
 SQLite runs the same logical statement through SQLAlchemy (store/repositories.py);
 tests run every CheckSession path on both databases and hold them to the same answers.
-SQLAlchemy stays the schema authority: the columns here are checked against
-store/models.py by tests/test_hot_statements.py.
+SQLAlchemy stays the schema authority: the column lists here are taken from store/models.py
+at import, and tests/api/test_statements.py runs these statements on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from mfa_service.domain import Application, ChallengeState, Method, Session
+from mfa_service.domain import Application, Channel, Method, Session
 from mfa_service.store.models import challenges, factors, user_lockouts
 
 # Who hears of each hot statement run (connection id, SQL): they bypass SQLAlchemy's
@@ -34,7 +34,7 @@ observers: list[Callable[[int, str], None]] = []
 # stored naive UTC (store/models.py: UTCDateTime).
 FIND_LIVE_SESSION = (
     "SELECT id, user_id, factor_id, method, application, authenticated_at, expires_at,"
-    " idle_expires_at FROM sessions"
+    " idle_expires_at, channel, device_id FROM sessions"
     " WHERE token_hash = ANY($1::bytea[]) AND revoked_at IS NULL"
     " AND expires_at > $2 AND idle_expires_at > $2 LIMIT 1")
 
@@ -51,7 +51,9 @@ def session_from(row: Any) -> Session:
         method=Method(row["method"]), application=Application(row["application"]),
         authenticated_at=row["authenticated_at"].replace(tzinfo=UTC),
         expires_at=row["expires_at"].replace(tzinfo=UTC),
-        idle_expires_at=row["idle_expires_at"].replace(tzinfo=UTC))
+        idle_expires_at=row["idle_expires_at"].replace(tzinfo=UTC),
+        channel=Channel(row["channel"]) if row["channel"] is not None else None,
+        device_id=row["device_id"])
 
 
 # Column lists from the schema authority (store/models.py), at import: no input in them.
@@ -78,19 +80,6 @@ CHALLENGE_WITH_FACTOR = (
     "SELECT " + ", ".join(f"c.{c.name}" for c in challenges.c) + ", "
     + ", ".join(f"f.{c.name} AS f_{c.name}" for c in factors.c)
     + " FROM challenges AS c JOIN factors AS f ON f.id = c.factor_id WHERE c.id = $1")
-# Count one attempt and close the challenge in one conditional UPDATE
-# (store/repositories.py: ChallengeRepository.settle_attempt says why). The SET
-# expressions read the row's old values.
-SETTLE_ATTEMPT = (
-    "UPDATE challenges SET attempts = attempts + 1,"
-    f" state = CASE WHEN $2 THEN '{ChallengeState.APPROVED.value}'"
-    f" WHEN attempts + 1 >= max_attempts THEN '{ChallengeState.EXHAUSTED.value}'"
-    " ELSE state END,"
-    " approved_at = CASE WHEN $2 THEN $3 ELSE approved_at END"
-    f" WHERE id = $1 AND state = '{ChallengeState.OPEN.value}' AND expires_at > $3"
-    f" AND attempts < max_attempts RETURNING {_CHALLENGE_COLUMNS}")
-
-
 def aware(row: Any) -> dict[str, Any]:
     """An asyncpg record as a mapping with aware UTC datetimes (the columns hold naive UTC,
     as SQLAlchemy's UTCDateTime type would have returned them)."""

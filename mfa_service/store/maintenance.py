@@ -1,6 +1,6 @@
 """Operator statements: which keys the stored values depend on, re-encryption, user reset.
 
-Plain Core on the caller's connection; the service layer (mfa_service.service.admin)
+Plain Core through the caller's unit (store/unit.py); the service layer (mfa_service.service.admin)
 owns the transactions. Nothing here runs on a request path, so it is kept apart from the
 request repositories. As there, every write that could race a running server is a
 conditional UPDATE whose row count is the answer, never a read followed by a blind write.
@@ -13,7 +13,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from mfa_service.domain import ChallengeState, FactorStatus
@@ -24,6 +23,7 @@ from mfa_service.store.models import (
     outbox,
     recovery_codes,
     sessions,
+    trusted_devices,
     user_lockouts,
 )
 from mfa_service.store.outbox import PENDING
@@ -36,7 +36,9 @@ OUTBOX_PAYLOADS = "outbox_payloads"
 LIVE_SESSIONS = "live_sessions"
 RECOVERY_CODES = "recovery_codes"
 OPEN_CHALLENGES = "open_challenges"
-KEY_USES = (FACTOR_SECRETS, OUTBOX_PAYLOADS, LIVE_SESSIONS, RECOVERY_CODES, OPEN_CHALLENGES)
+TRUSTED_DEVICES = "trusted_devices"  # remembered browsers' tokens
+KEY_USES = (FACTOR_SECRETS, OUTBOX_PAYLOADS, LIVE_SESSIONS, RECOVERY_CODES, OPEN_CHALLENGES,
+            TRUSTED_DEVICES)
 
 
 @dataclass(frozen=True)
@@ -52,15 +54,15 @@ class StoredCiphertext:
 
 
 # -- key usage ---------------------------------------------------------------------------
-async def _count_by_key(conn: AsyncConnection, key_column: Any,
+async def _count_by_key(unit: Unit, key_column: Any,
                         *where: ColumnElement[bool]) -> dict[str, int]:
-    rows = await conn.execute(
+    rows = await unit.execute(
         select(key_column, func.count()).where(key_column.is_not(None), *where)
         .group_by(key_column))
     return {str(key_id): int(n) for key_id, n in rows}
 
 
-async def key_usage(conn: AsyncConnection, now: datetime) -> dict[str, dict[str, int]]:
+async def key_usage(unit: Unit, now: datetime) -> dict[str, dict[str, int]]:
     """For each use in KEY_USES: key id -> number of rows that still need that key.
 
     Only values that can still be used count: a wiped ciphertext, a used recovery code or
@@ -70,23 +72,28 @@ async def key_usage(conn: AsyncConnection, now: datetime) -> dict[str, dict[str,
     """
     return {
         FACTOR_SECRETS: await _count_by_key(
-            conn, factors.c.secret_key_id, factors.c.secret_ciphertext.is_not(None)),
+            unit, factors.c.secret_key_id, factors.c.secret_ciphertext.is_not(None)),
         OUTBOX_PAYLOADS: await _count_by_key(
-            conn, outbox.c.payload_key_id, outbox.c.state == PENDING,
+            unit, outbox.c.payload_key_id, outbox.c.state == PENDING,
             outbox.c.payload_ciphertext.is_not(None)),
         LIVE_SESSIONS: await _count_by_key(
-            conn, sessions.c.token_key_id, sessions.c.revoked_at.is_(None),
+            unit, sessions.c.token_key_id, sessions.c.revoked_at.is_(None),
             sessions.c.expires_at > now, sessions.c.idle_expires_at > now),
         RECOVERY_CODES: await _count_by_key(
-            conn, recovery_codes.c.key_id, recovery_codes.c.used_at.is_(None)),
+            unit, recovery_codes.c.key_id, recovery_codes.c.used_at.is_(None)),
         OPEN_CHALLENGES: await _count_by_key(
-            conn, challenges.c.code_key_id, challenges.c.state == ChallengeState.OPEN.value,
+            unit, challenges.c.code_key_id, challenges.c.state == ChallengeState.OPEN.value,
             challenges.c.code_hash.is_not(None), challenges.c.expires_at > now),
+        # As DeviceRepository.recognize sees live (a key removed while browsers still
+        # hold tokens under it would make each of them count as a guess).
+        TRUSTED_DEVICES: await _count_by_key(
+            unit, trusted_devices.c.token_key_id, trusted_devices.c.revoked_at.is_(None),
+            trusted_devices.c.expires_at > now, trusted_devices.c.idle_expires_at > now),
     }
 
 
 # -- re-encryption -----------------------------------------------------------------------
-async def factor_secrets_to_rekey(conn: AsyncConnection, primary_id: str, *,
+async def factor_secrets_to_rekey(unit: Unit, primary_id: str, *,
                                   after: str | None, limit: int) -> list[StoredCiphertext]:
     """Up to ``limit`` factor secrets not under ``primary_id``, by id, ids after ``after``.
 
@@ -101,25 +108,25 @@ async def factor_secrets_to_rekey(conn: AsyncConnection, primary_id: str, *,
     if after is not None:
         query = query.where(factors.c.id > after)
     return [StoredCiphertext(r.id, r.user_id, r.secret_key_id, r.secret_ciphertext, r.method)
-            for r in await conn.execute(query)]
+            for r in await unit.execute(query)]
 
 
-async def rekey_factor_secret(conn: AsyncConnection, old: StoredCiphertext, key_id: str,
+async def rekey_factor_secret(unit: Unit, old: StoredCiphertext, key_id: str,
                               blob: bytes) -> bool:
     """Store the re-encrypted secret only if the row still holds ``old``; False if not.
 
     A factor disabled meanwhile has its secret wiped (crypto-shredding): matching on the
     old key id *and* ciphertext means that wipe is never undone by a stale copy.
     """
-    result = await conn.execute(
+    count = await unit.write(
         update(factors).where(factors.c.id == old.row_id,
                               factors.c.secret_key_id == old.key_id,
                               factors.c.secret_ciphertext == old.blob)
         .values(secret_key_id=key_id, secret_ciphertext=blob))
-    return result.rowcount == 1
+    return count == 1
 
 
-async def outbox_payloads_to_rekey(conn: AsyncConnection, primary_id: str, *,
+async def outbox_payloads_to_rekey(unit: Unit, primary_id: str, *,
                                    after: str | None, limit: int) -> list[StoredCiphertext]:
     """Up to ``limit`` pending outbox bodies not under ``primary_id`` (keyset by id)."""
     query = (select(outbox.c.id, outbox.c.user_id, outbox.c.payload_key_id,
@@ -130,10 +137,10 @@ async def outbox_payloads_to_rekey(conn: AsyncConnection, primary_id: str, *,
     if after is not None:
         query = query.where(outbox.c.id > after)
     return [StoredCiphertext(r.id, r.user_id, r.payload_key_id, r.payload_ciphertext)
-            for r in await conn.execute(query)]
+            for r in await unit.execute(query)]
 
 
-async def rekey_outbox_payload(conn: AsyncConnection, old: StoredCiphertext, key_id: str,
+async def rekey_outbox_payload(unit: Unit, old: StoredCiphertext, key_id: str,
                                blob: bytes) -> bool:
     """Store the re-encrypted body only if the row is still pending with ``old``.
 
@@ -141,16 +148,16 @@ async def rekey_outbox_payload(conn: AsyncConnection, old: StoredCiphertext, key
     was (OutboxRepository.settle), so the key id alone would not notice a message sent
     meanwhile: the state and the ciphertext are part of the condition too.
     """
-    result = await conn.execute(
+    count = await unit.write(
         update(outbox).where(outbox.c.id == old.row_id, outbox.c.state == PENDING,
                              outbox.c.payload_key_id == old.key_id,
                              outbox.c.payload_ciphertext == old.blob)
         .values(payload_key_id=key_id, payload_ciphertext=blob))
-    return result.rowcount == 1
+    return count == 1
 
 
 # -- the support desk's reset of one user ------------------------------------------------
-async def clear_lockout(conn: AsyncConnection, user_id: str) -> bool:
+async def clear_lockout(unit: Unit, user_id: str) -> bool:
     """Delete the user's lockout counter; True if there was one.
 
     Run first in the reset: every Verify locks this row before anything else
@@ -159,49 +166,60 @@ async def clear_lockout(conn: AsyncConnection, user_id: str) -> bool:
     there is a row to lock (ON CONFLICT DO NOTHING takes no lock on an existing row; the
     DELETE does).
     """
-    created = await conn.execute(insert_ignore(conn, user_lockouts, {
+    created = await unit.write(insert_ignore(unit.dialect, user_lockouts, {
         "user_id": user_id, "consecutive_failures": 0, "admin_reset_required": False}))
-    await conn.execute(delete(user_lockouts).where(user_lockouts.c.user_id == user_id))
-    return created.rowcount == 0
+    await unit.execute(delete(user_lockouts).where(user_lockouts.c.user_id == user_id))
+    return created == 0
 
 
-async def disable_user_factors(conn: AsyncConnection, user_id: str, now: datetime) -> int:
+async def disable_user_factors(unit: Unit, user_id: str, now: datetime) -> int:
     """Disable every factor of the user that is not disabled yet, wiping its secret."""
-    result = await conn.execute(
+    count = await unit.write(
         update(factors).where(factors.c.user_id == user_id,
                               factors.c.status != FactorStatus.DISABLED.value)
         .values(status=FactorStatus.DISABLED.value, disabled_at=now,
                 secret_ciphertext=None, secret_key_id=None))
-    return result.rowcount
+    return count
 
 
-async def retire_recovery_codes(conn: AsyncConnection, user_id: str, now: datetime) -> int:
+async def retire_recovery_codes(unit: Unit, user_id: str, now: datetime) -> int:
     """Mark the user's unused recovery codes used, so none of them opens a session."""
-    result = await conn.execute(
+    count = await unit.write(
         update(recovery_codes).where(recovery_codes.c.user_id == user_id,
                                      recovery_codes.c.used_at.is_(None))
         .values(used_at=now))
-    return result.rowcount
+    return count
 
 
-async def revoke_user_sessions(conn: AsyncConnection, user_id: str, now: datetime) -> int:
+async def revoke_user_sessions(unit: Unit, user_id: str, now: datetime) -> int:
     """Revoke the user's live sessions (the request path's definition of live), and tell
     the running servers' session caches (NOTIFY, on commit)."""
-    result = await conn.execute(
+    count = await unit.write(
         update(sessions).where(sessions.c.user_id == user_id, sessions.c.revoked_at.is_(None),
                                sessions.c.expires_at > now, sessions.c.idle_expires_at > now)
         .values(revoked_at=now))
-    if result.rowcount:
-        await notify_revoked(Unit(conn), {user_id})
-    return result.rowcount
+    if count:
+        await notify_revoked(unit, {user_id})
+    return count
 
 
-async def close_open_challenges(conn: AsyncConnection, user_id: str) -> int:
+async def forget_user_devices(unit: Unit, user_id: str, now: datetime) -> int:
+    """Forget the user's live remembered browsers (service/devices.py: the same
+    condition); the sessions they opened end with the user's other sessions here."""
+    return await unit.write(
+        update(trusted_devices).where(trusted_devices.c.user_id == user_id,
+                                      trusted_devices.c.revoked_at.is_(None),
+                                      trusted_devices.c.expires_at > now,
+                                      trusted_devices.c.idle_expires_at > now)
+        .values(revoked_at=now))
+
+
+async def close_open_challenges(unit: Unit, user_id: str) -> int:
     """Close the user's open challenges. The dispatcher drops a code message whose
     challenge is no longer open, so codes still queued for sending die with them."""
-    result = await conn.execute(
+    count = await unit.write(
         update(challenges).where(challenges.c.user_id == user_id,
                                  challenges.c.state == ChallengeState.OPEN.value)
         .values(state=ChallengeState.SUPERSEDED.value))
-    return result.rowcount
+    return count
 

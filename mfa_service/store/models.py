@@ -193,6 +193,53 @@ class SessionRow(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     idle_expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # What CheckSession reports about how the session was established (amr, aal2,
+    # trusted_device) is kept on the row, so its one hot read needs no join: the channel
+    # the code went by (sms/voice for a phone; NULL when nothing was sent) and the
+    # remembered browser that opened it without a code (NULL: a code or passkey did).
+    channel: Mapped[str | None] = mapped_column(String(16))
+    device_id: Mapped[str | None] = mapped_column(ID)
+
+
+class TrustedDeviceRow(Base):
+    """Remembered browsers ("trusted devices"): a Verify with remember_device stores one,
+    RecognizeDevice opens a session on it without a code.
+
+    The browser holds a 256-bit bearer token; only its HMAC is stored (as for sessions).
+    Bound to a user and an application. It ends at ``expires_at`` however often it is used,
+    at ``idle_expires_at`` if unused, or when forgotten (``revoked_at``): by the user, by
+    any change to the user's factors, by log out everywhere, or by an administrator.
+    """
+
+    __tablename__ = "trusted_devices"
+
+    id: Mapped[str] = mapped_column(ID, primary_key=True)
+    user_id: Mapped[str] = mapped_column(USER_ID, index=True)
+    token_hash: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
+    token_key_id: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(64))
+    application: Mapped[str] = mapped_column(String(32))
+    # The factor whose code remembered it: recognised only while that factor is ACTIVE.
+    factor_id: Mapped[str] = mapped_column(ID)
+    method: Mapped[str] = mapped_column(String(32))
+    caller: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    idle_expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class DeviceMissRow(Base):
+    """Unknown device tokens presented from one client IP address in the current window
+    (RecognizeDevice's per-IP limit). The key is a hash of the address, counted under an
+    advisory lock on it; rows whose window ended are purged."""
+
+    __tablename__ = "device_misses"
+
+    ip_key: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    misses: Mapped[int] = mapped_column(Integer)
+    window_started_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class OutboxRow(Base):
@@ -291,3 +338,5 @@ user_lockouts = cast(Table, UserLockoutRow.__table__)
 recovery_codes = cast(Table, RecoveryCodeRow.__table__)
 outbox = cast(Table, OutboxRow.__table__)
 phone_budget_days = cast(Table, PhoneBudgetDayRow.__table__)
+trusted_devices = cast(Table, TrustedDeviceRow.__table__)
+device_misses = cast(Table, DeviceMissRow.__table__)

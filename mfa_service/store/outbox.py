@@ -72,7 +72,6 @@ class OutboxWrites:
 class OutboxRepository:
     def __init__(self, unit: Unit) -> None:
         self._unit = unit
-        self._conn = unit.conn  # the dispatcher's statements run at once, in order
 
     async def claim_due(self, now: datetime, lease: timedelta, limit: int,
                         token: str | None = None) -> list[OutboxMessage]:
@@ -89,11 +88,11 @@ class OutboxRepository:
             or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until <= now))
             .order_by(outbox.c.next_attempt_at).limit(limit)
             .with_for_update(skip_locked=True))
-        ids = list((await self._conn.execute(due)).scalars())
+        ids = list((await self._unit.execute(due)).scalars())
         if not ids:
             return []
         token = token or str(uuid.uuid4())
-        await self._conn.execute(
+        await self._unit.execute(
             update(outbox).where(outbox.c.id.in_(ids))
             .values(claimed_until=now + lease, claim_token=token,
                     attempts=outbox.c.attempts + 1))
@@ -105,13 +104,13 @@ class OutboxRepository:
         between the two). Without this they would wait out the whole lease."""
         claimed = and_(outbox.c.claim_token == token, outbox.c.state == PENDING,
                        outbox.c.claimed_until > now)
-        await self._conn.execute(update(outbox).where(claimed).values(
+        await self._unit.execute(update(outbox).where(claimed).values(
             claimed_until=now + lease))
         return await self._claimed(and_(outbox.c.claim_token == token,
                                         outbox.c.state == PENDING), token)
 
     async def _claimed(self, condition: Any, token: str) -> list[OutboxMessage]:
-        rows = await self._conn.execute(
+        rows = await self._unit.execute(
             select(outbox, challenges.c.state.label("challenge_state"))
             .select_from(outbox.outerjoin(challenges, challenges.c.id == outbox.c.challenge_id))
             .where(condition))
@@ -125,11 +124,10 @@ class OutboxRepository:
                                   "payload_ciphertext": None, "last_error": error}
         if state == SENT:
             values["sent_at"] = now
-        result = await self._conn.execute(
+        return await self._unit.write(
             update(outbox).where(outbox.c.id == message_id, outbox.c.claim_token == claim_token,
                                  outbox.c.state == PENDING)
-            .values(**values))
-        return result.rowcount == 1
+            .values(**values)) == 1
 
     async def mark_sent(self, message_id: str, sent_at: datetime) -> bool:
         """A provider accepted the message: SENT, whoever holds the claim now.
@@ -141,32 +139,31 @@ class OutboxRepository:
         third time. False: it was no longer PENDING (already settled, e.g. a COMMIT that
         succeeded although its answer was lost).
         """
-        result = await self._conn.execute(
+        return await self._unit.write(
             update(outbox).where(outbox.c.id == message_id, outbox.c.state == PENDING)
             .values(state=SENT.value, sent_at=sent_at, claimed_until=None, claim_token=None,
-                    payload_ciphertext=None, last_error=None))
-        return result.rowcount == 1
+                    payload_ciphertext=None, last_error=None)) == 1
 
     async def retry_later(self, message_id: str, claim_token: str, when: datetime,
                           error: str) -> bool:
-        result = await self._conn.execute(
+        return await self._unit.write(
             update(outbox).where(outbox.c.id == message_id, outbox.c.claim_token == claim_token,
                                  outbox.c.state == PENDING)
             .values(next_attempt_at=when, claimed_until=None, claim_token=None,
-                    last_error=error[:200]))
-        return result.rowcount == 1
+                    last_error=error[:200])) == 1
 
     async def backlog(self) -> tuple[int, datetime | None]:
         """How many messages are pending and when the oldest was queued (metrics; one
         aggregate over the ``ix_outbox_due`` index)."""
-        row = (await self._conn.execute(
+        row = (await self._unit.execute(
             select(func.count(), func.min(outbox.c.created_at)).where(
                 outbox.c.state == PENDING))).one()
-        return int(row[0] or 0), row[1]
+        count, oldest = row[0], row[1]
+        return int(count or 0), oldest
 
     async def pending_for(self, user_id: str) -> int:
-        value = await self._conn.scalar(select(func.count()).select_from(outbox).where(
-            and_(outbox.c.user_id == user_id, outbox.c.state == PENDING)))
+        value = (await self._unit.execute(select(func.count()).select_from(outbox).where(
+            and_(outbox.c.user_id == user_id, outbox.c.state == PENDING)))).scalar()
         return int(value or 0)
 
 

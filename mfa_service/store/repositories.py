@@ -36,6 +36,8 @@ from mfa_service.domain import (
     DEFAULT_TOTP,
     Application,
     AuditEvent,
+    AuditEventType,
+    AuditOutcome,
     Challenge,
     ChallengeState,
     Channel,
@@ -194,12 +196,6 @@ class FactorRepository:
         return UserFactors(
             live=len(live), any_active=bool(active),
             active_of_method=next((r for r in active if r.factor.method is method), None))
-
-    async def active_reachable(self, user_id: str) -> list[FactorRecord]:
-        """The user's ACTIVE factors that can receive a message (email and phone)."""
-        return [r for r in await self.list_for_user(user_id)
-                if r.factor.status is FactorStatus.ACTIVE
-                and r.factor.method in (Method.EMAIL, Method.PHONE)]
 
     async def active_of_method(self, user_id: str, method: Method) -> FactorRecord | None:
         row = (await self._unit.execute(select(factors).where(
@@ -371,7 +367,12 @@ _SUPERSEDE_OPEN = update(challenges).where(
     challenges.c.state == _OPEN,
 ).values(state=ChallengeState.SUPERSEDED.value)
 _OK = bindparam("ok", type_=Boolean())
-_SETTLE_ATTEMPT = update(challenges).where(
+# Count one attempt and close the challenge in one conditional UPDATE: APPROVED when the
+# proof passed, EXHAUSTED at the last attempt. The attempt is counted and the challenge
+# used exactly once whatever runs concurrently (a second writer waits for the row lock,
+# re-evaluates the WHERE and matches nothing). Deferred as a guard: no RETURNING, the
+# batch counts the row.
+_SETTLE_ATTEMPT_LATER = update(challenges).where(
     challenges.c.id == bindparam("challenge_id"), challenges.c.state == _OPEN,
     challenges.c.expires_at > _NOW,
     challenges.c.attempts < challenges.c.max_attempts,
@@ -382,7 +383,7 @@ _SETTLE_ATTEMPT = update(challenges).where(
                 ChallengeState.EXHAUSTED.value),
                else_=challenges.c.state),
     approved_at=case((_OK, _NOW), else_=challenges.c.approved_at),
-).returning(*challenges.c)
+)
 
 
 @dataclass(frozen=True)
@@ -420,6 +421,21 @@ class ChallengeWrites:
             "consumed_at": None, "destination_key": c.destination_key,
             "phone_prefix_key": phone_prefix_key, "phone_region": phone_region})
 
+    def settle_attempt(self, read: Challenge, ok: bool, now: datetime) -> Challenge:
+        """Count one attempt on ``read`` (an OPEN challenge read under the user's lock) and
+        close it (``_SETTLE_ATTEMPT_LATER``), before COMMIT; returns the challenge as it
+        will be. A guard ("attempt"): should anything have counted an
+        attempt or closed it since the read, the UPDATE matches no row and the
+        transaction rolls back (GuardLost), so the read need not be trusted blindly."""
+        self._unit.defer(_SETTLE_ATTEMPT_LATER,
+                         {"challenge_id": read.challenge_id, "ok": ok, "now": now},
+                         guard="attempt")
+        attempts = read.attempts + 1
+        state = (ChallengeState.APPROVED if ok else ChallengeState.EXHAUSTED
+                 if attempts >= read.max_attempts else read.state)
+        return replace(read, attempts=attempts, state=state,
+                       approved_at=now if ok else read.approved_at)
+
     def supersede_open(self, factor_id: str, purpose: Purpose) -> None:
         """Close the factor's open challenges for ``purpose`` (before COMMIT, before the
         new one is inserted): a new one replaces them, so an old code dies and attempts
@@ -450,35 +466,13 @@ class ChallengeRepository:
             _BY_REQUEST_ID, {"factor_id": factor_id, "request_id": request_id})).first()
         return _challenge(row) if row else None
 
-    async def settle_attempt(self, challenge_id: str, ok: bool,
-                             now: datetime) -> Challenge | None:
-        """Count one attempt and, in the same statement, close the challenge: APPROVED when
-        ``ok``, EXHAUSTED when that was the last attempt. None if it takes no more
-        attempts (closed, expired, exhausted).
-
-        One conditional UPDATE: the attempt is counted and the challenge used exactly once
-        whatever runs concurrently (a second writer waits for the row lock, re-evaluates
-        the WHERE and matches nothing). ``ok`` was decided before, on the state read under
-        the user's lock, so counting and closing need not be two statements.
-        """
-        # It touches one challenge row, which no deferred write changes (those are the
-        # factor's TOTP step, new rows and the lockout): the deferred writes can wait.
-        if self._unit.postgres:  # the hot statement (store/hot.py)
-            record = await self._unit.fetchrow(hot.SETTLE_ATTEMPT, challenge_id, ok,
-                                               hot.naive_utc(now), sees_deferred=False)
-            return _challenge_of(hot.aware(record)) if record is not None else None
-        row = (await self._unit.execute(
-            _SETTLE_ATTEMPT, {"challenge_id": challenge_id, "ok": ok, "now": now},
-            sees_deferred=False)).first()
-        return _challenge(row) if row else None
-
     async def lock_destination(self, destination_key: bytes, *area: bytes) -> None:
         """Hold the destination's lock until the transaction ends, so two users' requests
         to one number count their sends one after the other; for a phone number, the
         locks of its range and region too (``area``, in that order), in the same
         statement."""
         await self._unit.flush()
-        await lock_keys(self._unit.conn, (destination_key, *area))
+        await lock_keys(self._unit, (destination_key, *area))
 
     async def send_counts(self, now: datetime, *, cooldown_since: datetime,
                           window_since: datetime, user_id: str, method: Method,
@@ -536,7 +530,7 @@ class ChallengeRepository:
         processes cannot both take the last unit. A rolled-back send gives its unit back.
         SQLite: BEGIN IMMEDIATE already serialises writers.
         """
-        stmt = take_budget_unit(self._unit.conn, day, budget)
+        stmt = take_budget_unit(self._unit.dialect, day, budget)
         return (await self._unit.execute(stmt)).first() is not None
 
     async def consume_proof(self, challenge_id: str, user_id: str, purpose: Purpose,
@@ -561,7 +555,9 @@ def _session(row: Row[Any]) -> Session:
         session_id=row.id, user_id=row.user_id, factor_id=row.factor_id,
         method=Method(row.method), application=Application(row.application),
         authenticated_at=row.authenticated_at, expires_at=row.expires_at,
-        idle_expires_at=row.idle_expires_at)
+        idle_expires_at=row.idle_expires_at,
+        channel=Channel(row.channel) if row.channel is not None else None,
+        device_id=row.device_id)
 
 
 _HASHES = bindparam("hashes", expanding=True, type_=LargeBinary())
@@ -597,7 +593,9 @@ class SessionWrites:
             "user_id": s.user_id, "factor_id": s.factor_id, "method": s.method.value,
             "application": s.application.value, "caller": caller,
             "authenticated_at": s.authenticated_at, "expires_at": s.expires_at,
-            "idle_expires_at": s.idle_expires_at, "revoked_at": None})
+            "idle_expires_at": s.idle_expires_at, "revoked_at": None,
+            "channel": s.channel.value if s.channel is not None else None,
+            "device_id": s.device_id})
 
 
 class SessionRepository:
@@ -652,8 +650,20 @@ class SessionRepository:
         return await self._revoke(and_(sessions.c.user_id == user_id,  # indexed
                                        sessions.c.factor_id == factor_id), now)
 
-    async def revoke_user(self, user_id: str, now: datetime) -> list[Session]:
-        return await self._revoke(sessions.c.user_id == user_id, now)
+    async def revoke_user(self, user_id: str, now: datetime, *,
+                          keep_hashes: Sequence[bytes] = ()) -> list[Session]:
+        """End the user's live sessions, but the one whose token hash is in
+        ``keep_hashes`` (one per key of the ring)."""
+        condition = sessions.c.user_id == user_id
+        if keep_hashes:
+            condition = and_(condition, sessions.c.token_hash.not_in(list(keep_hashes)))
+        return await self._revoke(condition, now)
+
+    async def revoke_devices(self, user_id: str, device_ids: Sequence[str],
+                             now: datetime) -> list[Session]:
+        """End the live sessions the remembered browsers ``device_ids`` opened."""
+        return await self._revoke(and_(sessions.c.user_id == user_id,  # indexed
+                                       sessions.c.device_id.in_(list(device_ids))), now)
 
 
 class AuditWrites:
@@ -684,7 +694,8 @@ class AuditRepository:
             query = query.where(audit_events.c.id < before_id)
         rows = await self._unit.execute(query.order_by(audit_events.c.id.desc()).limit(limit))
         return [AuditEvent(
-            event_id=r.id, occurred_at=r.occurred_at, event=r.event, outcome=r.outcome,
+            event_id=r.id, occurred_at=r.occurred_at, event=AuditEventType(r.event),
+            outcome=AuditOutcome(r.outcome),
             user_id=r.user_id, factor_id=r.factor_id, challenge_id=r.challenge_id,
             session_id=r.session_id, caller=r.caller, application=r.application,
             client_ip=r.client_ip, user_agent=r.user_agent,

@@ -1,5 +1,6 @@
 """Deleting what no longer serves anyone: ended sessions, closed challenges, settled
-outbox rows and idle lockout counters. The audit trail and factors are never deleted, but
+outbox rows, idle lockout counters, expired remembered browsers and ended per-address
+counts of unknown device tokens. The audit trail and factors are never deleted, but
 a PENDING factor long gone (past MFA_PENDING_TTL_MINUTES, at most an hour) is marked
 DISABLED and its secret wiped: an unscanned QR code's secret serves no one."""
 
@@ -9,10 +10,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, delete, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mfa_service.domain import FactorStatus
-from mfa_service.store.models import challenges, factors, outbox, sessions, user_lockouts
+from mfa_service.store.models import (
+    challenges,
+    device_misses,
+    factors,
+    outbox,
+    sessions,
+    trusted_devices,
+    user_lockouts,
+)
+from mfa_service.store.unit import Unit
 
 
 @dataclass(frozen=True)
@@ -24,9 +33,14 @@ class Retention:
     outbox: timedelta = timedelta(days=7)
     lockouts: timedelta = timedelta(hours=12)  # the quiet period that resets a count anyway
     pending_factors: timedelta = timedelta(hours=1)  # >= the longest MFA_PENDING_TTL
+    # A remembered browser's row goes a day after its absolute end, however it ended:
+    # until then the browser may still present its token (the portal's cookie lives as
+    # long), and a known token that ended is answered without counting it as a guess.
+    devices: timedelta = timedelta(days=1)
+    device_misses: timedelta = timedelta(hours=1)  # the window the count is for
 
 
-async def purge(conn: AsyncConnection, now: datetime, keep: Retention,
+async def purge(unit: Unit, now: datetime, keep: Retention,
                 batch: int = 1000) -> dict[str, int]:
     """Delete at most ``batch`` rows of each kind; returns how many went of each.
 
@@ -39,28 +53,36 @@ async def purge(conn: AsyncConnection, now: datetime, keep: Retention,
         sessions.c.revoked_at < now - keep.sessions,
         sessions.c.expires_at < now - keep.sessions,
         sessions.c.idle_expires_at < now - keep.sessions)).limit(batch)
-    counts["sessions"] = (await conn.execute(
+    counts["sessions"] = (await unit.execute(
         delete(sessions).where(sessions.c.id.in_(ended_sessions)))).rowcount
     old_challenges = select(challenges.c.id).where(
         challenges.c.expires_at < now - keep.challenges).limit(batch)
-    counts["challenges"] = (await conn.execute(
+    counts["challenges"] = (await unit.execute(
         delete(challenges).where(challenges.c.id.in_(old_challenges)))).rowcount
     settled = select(outbox.c.id).where(
         outbox.c.state != "pending", outbox.c.created_at < now - keep.outbox).limit(batch)
-    counts["outbox"] = (await conn.execute(
+    counts["outbox"] = (await unit.execute(
         delete(outbox).where(outbox.c.id.in_(settled)))).rowcount
     idle = select(user_lockouts.c.user_id).where(and_(
         user_lockouts.c.admin_reset_required.is_(False),
         or_(user_lockouts.c.locked_until.is_(None), user_lockouts.c.locked_until < now),
         or_(user_lockouts.c.last_failure_at.is_(None),
             user_lockouts.c.last_failure_at < now - keep.lockouts))).limit(batch)
-    counts["lockouts"] = (await conn.execute(
+    counts["lockouts"] = (await unit.execute(
         delete(user_lockouts).where(user_lockouts.c.user_id.in_(idle)))).rowcount
     gone = select(factors.c.id).where(
         factors.c.status == FactorStatus.PENDING.value,
         factors.c.created_at < now - keep.pending_factors).limit(batch)
-    counts["pending_factors"] = (await conn.execute(
+    counts["pending_factors"] = (await unit.execute(
         update(factors).where(factors.c.id.in_(gone)).values(
             status=FactorStatus.DISABLED.value, disabled_at=now, secret_ciphertext=None,
             secret_key_id=None))).rowcount
+    expired = select(trusted_devices.c.id).where(
+        trusted_devices.c.expires_at < now - keep.devices).limit(batch)
+    counts["trusted_devices"] = (await unit.execute(
+        delete(trusted_devices).where(trusted_devices.c.id.in_(expired)))).rowcount
+    ended_windows = select(device_misses.c.ip_key).where(
+        device_misses.c.window_started_at < now - keep.device_misses).limit(batch)
+    counts["device_misses"] = (await unit.execute(
+        delete(device_misses).where(device_misses.c.ip_key.in_(ended_windows)))).rowcount
     return counts

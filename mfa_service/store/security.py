@@ -52,9 +52,9 @@ _SAVE = update(user_lockouts).where(user_lockouts.c.user_id == bindparam("uid"))
 
 def _statement(unit: Unit, name: str, source: Any) -> Any:
     """The lock statement for this dialect, built once."""
-    key = (unit.conn.dialect.name, name)
+    key = (unit.dialect, name)
     if key not in _BUILT:
-        _BUILT[key] = upsert_lock(unit.conn, source)
+        _BUILT[key] = upsert_lock(unit.dialect, source)
     return _BUILT[key]
 
 

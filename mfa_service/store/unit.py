@@ -27,17 +27,19 @@ on every call cost more CPU than the round trips it saves (a DML CTE is not cach
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 from sqlalchemy import Executable, Table, TextClause, bindparam, insert, text
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Compiled, CursorResult, Result
+from sqlalchemy.engine import Compiled, CursorResult
 from sqlalchemy.engine.interfaces import BindTyping
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import UpdateBase
+from sqlalchemy.util.typing import TupleAny, Unpack
 
 from mfa_service.errors import GuardLost
 from mfa_service.store import hot
@@ -56,6 +58,9 @@ class _Batch:
     statement: TextClause
     updates: tuple[Compiled, ...]  # each deferred UPDATE compiled, in order
     guards: tuple[str | None, ...]  # per UPDATE: the guard it is, or None
+    # PostgreSQL: the statement compiled for asyncpg ($n with casts), its parameter
+    # names in order, and each one's bind processor (set on first use).
+    raw: tuple[str, tuple[str, ...], tuple[Callable[[Any], Any] | None, ...]] | None = None
 
 
 _BATCHES: dict[tuple[Any, ...], _Batch] = {}
@@ -66,20 +71,23 @@ class Unit:
     """A transaction's connection and its deferred writes."""
 
     def __init__(self, conn: AsyncConnection) -> None:
-        self.conn = conn
-        self._postgres = conn.dialect.name == "postgresql"
+        # Private: every statement goes through execute/fetchrow/flush, so nothing runs
+        # past the deferred writes (a read that would miss them, a write sent before them).
+        self._conn = conn
+        self.dialect: str = conn.dialect.name
+        self._postgres = self.dialect == "postgresql"
         self.postgres = self._postgres
         self._updates: list[tuple[UpdateBase, dict[str, Any], str | None]] = []
         self._inserts: dict[Table, list[dict[str, Any]]] = {}
         self._before_flush: list[Callable[[], None]] = []
 
     async def execute(self, statement: Executable, params: dict[str, Any] | None = None, *,
-                      sees_deferred: bool = True) -> Result[Any]:
+                      sees_deferred: bool = True) -> CursorResult[Unpack[TupleAny]]:
         """Run ``statement`` now and return its result; the deferred writes go first unless
         the caller knows the statement cannot depend on them (``sees_deferred=False``)."""
         if sees_deferred:
             await self.flush()
-        return await self.conn.execute(statement, params)
+        return await self._conn.execute(statement, params)
 
     async def fetchrow(self, sql: str, *args: Any, sees_deferred: bool = True) -> Any:
         """PostgreSQL only: one row of a hot statement (store/hot.py), run with asyncpg on
@@ -89,10 +97,10 @@ class Unit:
         again (SQLAlchemy did not see the failure)."""
         if sees_deferred:
             await self.flush()
-        raw = await self.conn.get_raw_connection()
+        raw = await self._conn.get_raw_connection()
         adapted: Any = raw.dbapi_connection
         for observe in hot.observers:
-            observe(id(self.conn.sync_connection), sql)
+            observe(id(self._conn.sync_connection), sql)
         try:
             if adapted._transaction is None:
                 # SQLAlchemy's asyncpg adapter sends BEGIN lazily, before the first
@@ -101,25 +109,60 @@ class Unit:
                 # locks) on its own. (In autocommit this does nothing.)
                 await adapted._start_transaction()
             return await raw.driver_connection.fetchrow(sql, *args)  # type: ignore[union-attr]
-        except Exception as exc:
-            if connection_lost(exc):
-                # As SQLAlchemy does when it sees a disconnect: this connection, and
-                # every other one the pool holds (the server they all went to is gone,
-                # as after a failover), is replaced before it is handed out again.
-                await self.conn.invalidate()
-                await self.conn.engine.dispose(close=False)
+        except BaseException as exc:
+            await self._drop_if_unsure(exc)
             raise
+
+    async def commit_raw(self) -> None:
+        """PostgreSQL: COMMIT on the raw asyncpg connection, past SQLAlchemy's execution
+        path (the adapter then finds no transaction, and its own commit does nothing).
+        BEGIN cannot ride on the first statement, nor COMMIT on the write batch: asyncpg
+        has no pipelining (MagicStack/asyncpg#839), and the simple-query protocol that
+        takes several statements takes no parameters. A COMMIT that fails raises here;
+        the transaction has then ended on the server (as after a failed COMMIT)."""
+        raw = await self._conn.get_raw_connection()
+        adapted: Any = raw.dbapi_connection
+        transaction, adapted._transaction = adapted._transaction, None
+        if transaction is None:
+            return
+        try:  # (not a statement the counts and spans see, as SQLAlchemy's COMMIT was not)
+            await transaction.commit()
+        except BaseException as exc:
+            await self._drop_if_unsure(exc)
+            raise
+
+    async def _drop_if_unsure(self, exc: BaseException) -> None:
+        """After a raw statement failed: a connection whose state is unknown never goes
+        back to the pool.
+
+        Lost (the server is gone, as after a failover): this connection and every other
+        one the pool holds are replaced before they are handed out again, as SQLAlchemy
+        does when it sees a disconnect. Cut short (the caller's deadline cancelled the
+        statement, or the COMMIT): the server may still hold the transaction open, which
+        SQLAlchemy cannot roll back for us (the adapter no longer tracks it), so the
+        connection is closed and the server rolls the transaction back."""
+        if connection_lost(exc):
+            await self._conn.invalidate()
+            await self._conn.engine.dispose(close=False)
+        elif isinstance(exc, asyncio.CancelledError):
+            await self._conn.invalidate()
 
     async def driver(self) -> Any:
         """PostgreSQL only: the asyncpg connection under this unit, inside its transaction
         (begun as ``fetchrow`` begins it), deferred writes sent first. For bulk work
         SQLAlchemy has no statement for (COPY: store/bulk.py)."""
         await self.flush()
-        raw = await self.conn.get_raw_connection()
+        raw = await self._conn.get_raw_connection()
         adapted: Any = raw.dbapi_connection
         if adapted._transaction is None:
             await adapted._start_transaction()
         return raw.driver_connection
+
+    async def execute_many(self, statement: Executable,
+                           rows: Sequence[dict[str, Any]]) -> None:
+        """Run ``statement`` once per row (executemany), deferred writes first."""
+        await self.flush()
+        await self._conn.execute(statement, list(rows))
 
     async def write(self, statement: Executable,
                     params: dict[str, Any] | None = None) -> int:
@@ -168,14 +211,14 @@ class Unit:
             await self._send_as_one(updates, inserts)
             return
         for statement, params, guard in updates:
-            result = await self.conn.execute(statement, params)
+            result = await self._conn.execute(statement, params)
             assert isinstance(result, CursorResult)
             if guard is not None and result.rowcount != 1:
                 raise GuardLost(guard)
         for table, rows in inserts.items():
             if table not in _INSERTS:
                 _INSERTS[table] = insert(table)
-            await self.conn.execute(_INSERTS[table], rows)
+            await self._conn.execute(_INSERTS[table], rows)
 
     async def _send_as_one(self,
                            updates: Sequence[tuple[UpdateBase, dict[str, Any], str | None]],
@@ -196,11 +239,41 @@ class Unit:
             for r, row in enumerate(rows):
                 for column, value in row.items():
                     params[f"w{offset + k}_{r}_{column}"] = value
-        counts = (await self.conn.execute(batch.statement, params)).one()
+        # On the raw asyncpg connection, as the hot statements (store/hot.py): the batch is
+        # sent once or twice per request, and SQLAlchemy's path around asyncpg cost more
+        # CPU than the statement itself.
+        raw = batch.raw or self._compile_raw(shape, batch)
+        sql, names, processors = raw
+        args = [value if process is None else process(value) for value, process in
+                zip((params[name] for name in names), processors, strict=True)]
+        counts = tuple(await self.fetchrow(sql, *args, sees_deferred=False))
         guarded = [g for _, _, g in updates if g is not None]
         for guard, count in zip(guarded, counts, strict=False):
             if count != 1:
                 raise GuardLost(guard)
+
+
+    def _compile_raw(self, shape: tuple[Any, ...], batch: _Batch) -> tuple[
+            str, tuple[str, ...], tuple[Callable[[Any], Any] | None, ...]]:
+        """The batch for asyncpg: compiled once with the connection's dialect (numbered
+        parameters, each with the cast SQLAlchemy renders for its type) and the bind
+        processors of the parameters' types (aware datetimes to the naive UTC stored)."""
+        compiled = batch.statement.compile(dialect=self._conn.dialect)
+        names = tuple(compiled.positiontup or ())
+        # SQLAlchemy's own table of processors per parameter (pinned < 2.2, pyproject).
+        processors = tuple(_single(compiled._bind_processors.get(name)) for name in names)
+        raw = (str(compiled), names, processors)
+        _BATCHES[shape] = replace(batch, raw=raw)
+        return raw
+
+
+def _single(processor: object) -> Callable[[Any], Any] | None:
+    """A bind processor of one value (a deferred write has no tuple-typed parameter)."""
+    if processor is None:
+        return None
+    if not callable(processor):  # pragma: no cover - a tuple type's per-item processors
+        raise TypeError("a deferred write has a tuple-typed parameter")
+    return cast(Callable[[Any], Any], processor)
 
 
 def _build_batch(updates: Sequence[tuple[UpdateBase, dict[str, Any], str | None]],

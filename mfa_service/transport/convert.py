@@ -11,7 +11,7 @@ import base64
 import ipaddress
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -21,6 +21,7 @@ from mfa.v1 import two_factor_service_pb2 as pb
 
 from mfa_service import domain
 from mfa_service.errors import FieldViolation, InvalidArgument
+from mfa_service.service.assurance import SessionAssurance
 from mfa_service.service.challenges import ChallengeCommand, ChallengeResult
 from mfa_service.service.enrolment import EnrollCommand, EnrollResult
 from mfa_service.service.verification import VerifyOutcome
@@ -42,6 +43,8 @@ MAX_TEXT = 320
 MAX_EMAIL = 125
 MAX_LOCALE = 16
 MAX_CLIENT_IP = 64
+# A remembered browser's name, as the trusted_devices column keeps it.
+MAX_DEVICE_LABEL = 64
 LOCALE_RE = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8}){0,2}")
 MAX_PAGE = 500
 MAX_INT64 = 2**63 - 1
@@ -263,6 +266,7 @@ class VerifyArgs:
     user_id: str | None  # the user the caller expects, or None
     account_email: str | None
     open_session: bool = False
+    remember_as: str | None = None  # remember_device: the browser's label
 
 
 def verify_args(req: pb.VerifyRequest) -> VerifyArgs:
@@ -272,8 +276,15 @@ def verify_args(req: pb.VerifyRequest) -> VerifyArgs:
     user_id = c.user_id(req.user_id) if req.user_id else None
     c.audit_fields(req.client_ip, req.user_agent)
     account_email = c.account_email(req.account_email)
+    remember_as = None
+    if req.remember_device:
+        remember_as = c.text("device_label", req.device_label, max_len=MAX_DEVICE_LABEL,
+                             required=True)
+    elif req.device_label:
+        c.bad("device_label", "is only for remember_device")
     c.done()
-    return VerifyArgs(challenge_id, proof, user_id, account_email, req.open_session)
+    return VerifyArgs(challenge_id, proof, user_id, account_email, req.open_session,
+                      remember_as)
 
 
 @dataclass(frozen=True)
@@ -394,12 +405,52 @@ def list_factors_args(req: pb.ListFactorsRequest) -> str:
     return user_id
 
 
-def revoke_target(req: pb.RevokeSessionRequest) -> tuple[domain.RevokeTarget, str]:
-    """(SESSION_TOKEN, token) or (USER_ID, id)."""
+@dataclass(frozen=True)
+class RecognizeArgs:
+    user_id: str
+    token: str = field(repr=False)
+    application: domain.Application
+
+
+def recognize_args(req: pb.RecognizeDeviceRequest) -> RecognizeArgs:
+    c = _Checker()
+    user_id = c.user_id(req.user_id)
+    token = c.text("device_token", req.device_token, max_len=MAX_TOKEN, required=True)
+    application = c.enum("application", req.application, APPLICATIONS, _APP_NAMES)
+    c.audit_fields(req.client_ip, req.user_agent)
+    c.done()
+    assert application is not None
+    return RecognizeArgs(user_id, token, application)
+
+
+def list_devices_args(req: pb.ListDevicesRequest) -> str:
+    c = _Checker()
+    user_id = c.user_id(req.user_id)
+    c.done()
+    return user_id
+
+
+def forget_device_args(req: pb.ForgetDeviceRequest) -> tuple[str, str]:
+    """(user id, device id)."""
+    c = _Checker()
+    user_id = c.user_id(req.user_id)
+    device_id = c.resource_id("device_id", req.device_id)
+    c.audit_fields(req.client_ip, req.user_agent)
+    c.done()
+    return user_id, device_id
+
+
+def revoke_target(req: pb.RevokeSessionRequest) -> tuple[domain.RevokeTarget, str, str]:
+    """(SESSION_TOKEN, token, "") or (USER_ID, id, the token of the session to keep)."""
     which = req.WhichOneof("target")
     c = _Checker()
+    keep = c.text("keep_session_token", req.keep_session_token, max_len=MAX_TOKEN,
+                  required=False)
     if which == "session_token":
         value = c.text("session_token", req.session_token, max_len=MAX_TOKEN, required=True)
+        if keep:
+            c.bad("keep_session_token", "only with user_id: it keeps one of the user's "
+                                        "sessions while the others end")
     elif which == "user_id":
         value = c.user_id(req.user_id)
     else:
@@ -407,7 +458,7 @@ def revoke_target(req: pb.RevokeSessionRequest) -> tuple[domain.RevokeTarget, st
         value = ""
     c.done()
     assert which is not None
-    return domain.RevokeTarget(which), value
+    return domain.RevokeTarget(which), value, keep
 
 
 # -- responses -------------------------------------------------------------------------------
@@ -466,6 +517,14 @@ def session_pb(s: domain.Session, token: str = "") -> pb.Session:
         idle_expires_at=timestamp(s.idle_expires_at))
 
 
+def device_pb(d: domain.TrustedDevice) -> pb.TrustedDevice:
+    return pb.TrustedDevice(
+        device_id=d.device_id, user_id=d.user_id, label=d.label,
+        application=APPLICATIONS_OUT[d.application], method=METHODS_OUT[d.method],
+        created_at=timestamp(d.created_at), last_used_at=timestamp(d.last_used_at),
+        expires_at=timestamp(d.expires_at), idle_expires_at=timestamp(d.idle_expires_at))
+
+
 def verify_response(o: VerifyOutcome) -> pb.VerifyResponse:
     resp = pb.VerifyResponse(result=RESULTS[o.result], attempts_remaining=o.attempts_remaining,
                              recovery_codes=list(o.recovery_codes))
@@ -473,7 +532,20 @@ def verify_response(o: VerifyOutcome) -> pb.VerifyResponse:
         resp.session.CopyFrom(session_pb(o.session.session, o.session.token))
     if o.factor is not None:
         resp.factor.CopyFrom(factor_pb(o.factor))
+    if o.device is not None:
+        resp.device_token = o.device.token
+        resp.device.CopyFrom(device_pb(o.device.device))
     return resp
+
+
+def recognize_response(found: tuple[domain.NewSession, domain.TrustedDevice] | None,
+                       ) -> pb.RecognizeDeviceResponse:
+    if found is None:
+        return pb.RecognizeDeviceResponse(recognized=False)
+    session, device = found
+    return pb.RecognizeDeviceResponse(
+        recognized=True, session=session_pb(session.session, session.token),
+        device=device_pb(device))
 
 
 def disable_response(o: VerifyOutcome) -> pb.DisableResponse:
@@ -483,11 +555,18 @@ def disable_response(o: VerifyOutcome) -> pb.DisableResponse:
     return resp
 
 
-def check_session_response(s: domain.Session | None) -> pb.CheckSessionResponse:
+def check_session_response(s: domain.Session | None,
+                           worth: SessionAssurance | None = None) -> pb.CheckSessionResponse:
     if s is None:
         return pb.CheckSessionResponse(valid=False)
-    return pb.CheckSessionResponse(
+    resp = pb.CheckSessionResponse(
         valid=True, user_id=s.user_id, method=METHODS_OUT[s.method],
         application=APPLICATIONS_OUT[s.application],
         authenticated_at=timestamp(s.authenticated_at), expires_at=timestamp(s.expires_at),
         idle_expires_at=timestamp(s.idle_expires_at))
+    if worth is not None:
+        resp.amr.extend(worth.amr)
+        resp.phishing_resistant = worth.phishing_resistant
+        resp.trusted_device = worth.trusted_device
+        resp.aal2 = worth.aal2
+    return resp

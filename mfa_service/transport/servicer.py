@@ -45,12 +45,13 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         a = convert.verify_args(request)
         outcome = await self._s.verification.verify(
             a.challenge_id, a.proof, _who(request.client_ip, request.user_agent),
-            user_id=a.user_id, account_email=a.account_email, open_session=a.open_session)
+            user_id=a.user_id, account_email=a.account_email, open_session=a.open_session,
+            remember_as=a.remember_as)
         return convert.verify_response(outcome)
 
     async def Disable(self, request: pb.DisableRequest, context: Context) -> pb.DisableResponse:
         a = convert.disable_args(request)
-        outcome = await self._s.verification.disable(
+        outcome = await self._s.disabling.disable(
             a.user_id, a.factor_id, a.challenge_id, a.proof,
             _who(request.client_ip, request.user_agent), account_email=a.account_email)
         return convert.disable_response(outcome)
@@ -62,7 +63,8 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         session = await self._s.sessions.check(token)
         if self._metrics is not None:
             self._metrics.session_checked(session is not None)
-        return convert.check_session_response(session)
+        return convert.check_session_response(
+            session, self._s.assurance.of(session) if session is not None else None)
 
     async def ListFactors(self, request: pb.ListFactorsRequest,
                           context: Context) -> pb.ListFactorsResponse:
@@ -73,11 +75,11 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
 
     async def RevokeSession(self, request: pb.RevokeSessionRequest,
                             context: Context) -> pb.RevokeSessionResponse:
-        which, value = convert.revoke_target(request)
+        which, value, keep = convert.revoke_target(request)
         if which is RevokeTarget.SESSION_TOKEN:
             count = await self._s.sessions.revoke_token(value, _who())
         else:
-            count = await self._s.sessions.revoke_user(value, _who())
+            count = await self._s.sessions.revoke_user(value, _who(), keep_token=keep)
         return pb.RevokeSessionResponse(revoked_count=count)
 
     async def RegenerateRecoveryCodes(
@@ -88,6 +90,25 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
             a.user_id, a.proof_challenge_id, a.application,
             _who(request.client_ip, request.user_agent), account_email=a.account_email)
         return pb.RegenerateRecoveryCodesResponse(recovery_codes=codes)
+
+    async def RecognizeDevice(self, request: pb.RecognizeDeviceRequest,
+                              context: Context) -> pb.RecognizeDeviceResponse:
+        a = convert.recognize_args(request)
+        found = await self._s.devices.recognize(
+            a.user_id, a.token, a.application, _who(request.client_ip, request.user_agent))
+        return convert.recognize_response(found)
+
+    async def ListDevices(self, request: pb.ListDevicesRequest,
+                          context: Context) -> pb.ListDevicesResponse:
+        devices = await self._s.devices.list_devices(convert.list_devices_args(request), _who())
+        return pb.ListDevicesResponse(devices=[convert.device_pb(d) for d in devices])
+
+    async def ForgetDevice(self, request: pb.ForgetDeviceRequest,
+                           context: Context) -> pb.ForgetDeviceResponse:
+        user_id, device_id = convert.forget_device_args(request)
+        ended = await self._s.devices.forget_one(
+            user_id, device_id, _who(request.client_ip, request.user_agent))
+        return pb.ForgetDeviceResponse(sessions_ended=ended)
 
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest,
                               context: Context) -> pb.ListAuditEventsResponse:

@@ -1,4 +1,5 @@
-"""The backoffice: honours the 2FA session passed on the portal, asks for nothing itself.
+"""The backoffice: honours the 2FA session passed on the portal, asks for nothing itself
+(except a code when the portal's session came from a remembered browser).
 
 It reads the shared login session (the cookie's opaque id, looked up in the session store
 both apps share) and asks mfa-service whether the 2FA session token kept there is still
@@ -51,6 +52,10 @@ class Backoffice:
             raise to_error(err) from None
         if not check.valid or check.user_id != login.user:
             return redirect(self.config.portal_url + "/2fa", next=here)
+        if check.trusted_device:
+            # The backoffice's own policy (CheckSession says what a session is worth): a
+            # browser remembered on the portal skipped the code; staff tools ask for one.
+            return redirect(self.config.portal_url + "/2fa", next=here, n="step-up")
         where = {pb.APPLICATION_PORTAL: "the portal",
                  pb.APPLICATION_BACKOFFICE: "the backoffice"}.get(check.application, "?")
         return render(request, "backoffice.html", app_name="Backoffice", user=check.user_id,

@@ -18,6 +18,9 @@ class Config:
     #: 2FA again. mfa-service accepts one for 10 minutes: ask a little before that, so the
     #: user is not sent back halfway through typing a code.
     step_up_max_age: float = 8 * 60
+    #: "Remember this browser for N days" on the code page: mfa-service decides how long
+    #: (MFA_TRUSTED_DEVICE_DAYS); keep the two equal so the words say what happens.
+    remember_days: int = 30
     #: The product's one name: page titles and the header here, and (the launcher passes
     #: it on) mfa-service's MFA_PRODUCT_NAME for emails, texts and calls,
     #: MFA_TOTP_ISSUER for the authenticator app and MFA_WEBAUTHN_RP_NAME for passkeys.

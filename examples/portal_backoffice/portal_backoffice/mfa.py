@@ -239,6 +239,8 @@ def describe_event(event: pb.AuditEvent, methods: dict[str, str]) -> str | None:
     method = (_AUDIT_METHODS.get(event.detail.get("method", ""), "")
               or methods.get(event.factor_id, ""))
     ok = event.outcome == "ok"
+    if event.event == "session_created" and "device_id" in event.detail:
+        return "Logged in on a remembered browser, without a code"
     if event.event == "session_created":
         return f"Logged in with {method}" if method else "Logged in"
     if event.event == "verify" and event.outcome == "failed":
@@ -260,7 +262,19 @@ def describe_event(event: pb.AuditEvent, methods: dict[str, str]) -> str | None:
         scope = event.detail.get("scope", "")
         return {"logout": "Logged out", "all_sessions": "Logged out everywhere",
                 "factor_removed": "Logged out: the method used to log in was turned off",
+                "device_forgotten": "Logged out: the remembered browser was forgotten",
                 }.get(scope, "A session was ended")
     if event.event == "admin_reset":
         return "Support reset your two-factor authentication"
+    if event.event == "device_remembered":
+        return "A browser was remembered: it won't ask for a code"
+    if event.event == "device_not_recognized" and event.detail.get("reason") == "unknown":
+        return "A sign-in as a remembered browser was refused: it was not one of yours"
+    if event.event == "device_forgotten":
+        return {"forgotten": "A remembered browser was forgotten",
+                "factor_changed": "Remembered browsers were forgotten: your sign-in "
+                                  "methods changed",
+                "all_sessions": "Remembered browsers were forgotten: signed out everywhere",
+                "too_many": "Your oldest remembered browser was forgotten",
+                }.get(event.detail.get("scope", ""), "A remembered browser was forgotten")
     return None

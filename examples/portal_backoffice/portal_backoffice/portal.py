@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from portal_backoffice.config import Config
 from portal_backoffice.csrf import CsrfProtection
+from portal_backoffice.devices import DeviceCookies
 from portal_backoffice.inbox import Inbox
 from portal_backoffice.login import FIRST_FACTOR_GRACE, Login, Sessions, new_sessions
 from portal_backoffice.mfa import (
@@ -175,7 +176,9 @@ class Seen:
 
     @property
     def session_age(self) -> float:
-        if self.session is None:
+        # A remembered browser's session is never fresh (mfa-service's rule): adding a
+        # factor asks for a code at once rather than after a refused attempt.
+        if self.session is None or self.session.trusted_device:
             return float("inf")
         passed = when(self.session.authenticated_at)
         return (datetime.now(UTC) - passed).total_seconds() if passed else float("inf")
@@ -192,6 +195,7 @@ class Portal:
         self.sessions = sessions or new_sessions(config)
         self.names = names or FactorNames()
         self.flows = FlowStore()
+        self.devices = DeviceCookies(secure=self.sessions.secure)
 
     # -- what the browser is ---------------------------------------------------------------
     async def _session(self, login: Login) -> pb.CheckSessionResponse | None:
@@ -403,7 +407,37 @@ class Portal:
             return render(request, "message.html", title="Two-factor authentication needed",
                           message="The backoffice needs two-factor authentication. Turn it "
                                   "on in your profile first.", link=("/profile", "Profile"))
-        return self._choose_page(request, seen, next_url)
+        stale = False
+        if seen.session is None and not step_up:  # a step-up always asks for a code
+            token, stale = await self._recognize(request, seen.login)
+            if token:  # a browser the user asked to remember: no code
+                done = redirect(next_url)
+                self.sessions.passed_2fa(done, seen.login, token)
+                return done
+        page = self._choose_page(request, seen, next_url)
+        if stale:
+            self.devices.drop(page, seen.login.user)
+        return page
+
+    async def _recognize(self, request: Request, login: Login) -> tuple[str, bool]:
+        """A 2FA session for this browser if the user asked to remember it, without a
+        code; and whether its cookie is stale (forgotten or expired: it goes)."""
+        remembered = self.devices.read(request, login.user)
+        if remembered is None:
+            return "", False
+        try:
+            resp = await self.stub.RecognizeDevice(pb.RecognizeDeviceRequest(
+                user_id=login.user, device_token=remembered.token,
+                application=pb.APPLICATION_PORTAL, client_ip=client_ip(request),
+                user_agent=user_agent(request)), timeout=WRITE_TIMEOUT)
+        except grpc.RpcError as err:
+            # A limit reached, or mfa-service away: ask for a code as usual.
+            log.warning("could not recognise a remembered browser: %s",
+                        to_error(err).details.reason_name or "no answer")
+            return "", False
+        if not resp.recognized:
+            return "", True
+        return resp.session.session_token, False
 
     async def start_login(self, request: Request) -> Response:
         seen = await self._seen(request)
@@ -471,6 +505,7 @@ class Portal:
             return self._render_verify(request, flow, error="Enter the code.")
         if flow.kind == "disable":
             return await self._finish_disable(request, login, flow, code, webauthn)
+        remember = self._can_remember(flow) and form.get("remember") == "on"
         try:
             result = await self.stub.Verify(pb.VerifyRequest(
                 challenge_id=flow.challenge_id, code=code, webauthn_response=webauthn,
@@ -478,7 +513,10 @@ class Portal:
                 user_agent=user_agent(request), account_email=account_email(login.user),
                 # Confirming the user's first factor logs them in too (the code just
                 # proved it): no second prompt at once. Later factors: ignored.
-                open_session=flow.kind != "login"),
+                open_session=flow.kind != "login",
+                # "Remember this browser": named as the user will see it in the list.
+                remember_device=remember,
+                device_label=browser_name(user_agent(request))[:64] if remember else ""),
                 timeout=WRITE_TIMEOUT)
         except grpc.RpcError as err:
             return self._render_verify(request, flow, error=to_error(err).user_message)
@@ -490,6 +528,9 @@ class Portal:
             done = redirect(flow.next)
             # The token stays here, on the server; the browser gets a new opaque id.
             self.sessions.passed_2fa(done, login, result.session.session_token)
+            if result.device_token:  # the browser's own credential: a cookie (devices.py)
+                self.devices.keep(done, login.user, result.device.device_id,
+                                  result.device_token, when(result.device.expires_at))
             self._end_flow(request, done)
             return done
         if flow.kind == "change_old":
@@ -522,6 +563,12 @@ class Portal:
                                 f=factor_id)
         self._end_flow(request, response)
         return response
+
+    @staticmethod
+    def _can_remember(flow: Flow) -> bool:
+        """A login with a real factor (mfa-service never remembers a browser for a
+        recovery code: that is for getting in when a factor is lost)."""
+        return flow.kind == "login" and flow.method != pb.METHOD_RECOVERY_CODE
 
     def _refused(self, request: Request, flow: Flow, result: pb.VerifyResult.ValueType,
                  attempts_remaining: int) -> Response:
@@ -598,6 +645,8 @@ class Portal:
                       channel={pb.CHANNEL_SMS: "text message", pb.CHANNEL_VOICE: "voice call",
                                pb.CHANNEL_EMAIL: "email"}.get(flow.channel, ""),
                       webauthn_mode="create" if flow.kind == "enroll" else "get",
+                      can_remember=self._can_remember(flow),
+                      remember_days=self.config.remember_days,
                       # Inside <script>: a "<" in the JSON must not close the element.
                       webauthn_json=(flow.webauthn_options or "{}").replace("<", "\\u003c"))
 
@@ -647,8 +696,10 @@ class Portal:
             session = {"method": METHOD_NAMES.get(seen.session.method, "?"),
                        "at": fmt_time(seen.session.authenticated_at),
                        "app": "the portal" if seen.session.application == pb.APPLICATION_PORTAL
-                       else "the backoffice"}
+                       else "the backoffice", "remembered": seen.session.trusted_device}
         response = render(request, "profile.html", user=seen.login.user,
+                          devices=await self._device_rows(request, seen.login.user),
+                          remember_days=self.config.remember_days,
                           factors=self._views(seen.login.user, shown), can_add=can_add,
                           codes_left=seen.codes_left, session=session,
                           first_factor=seen.first_factor,
@@ -659,6 +710,47 @@ class Portal:
         # (its PENDING factor stays "Not finished", without a button, and mfa-service
         # deletes it after 15 minutes).
         self._end_enrolment(request, seen.login, response)
+        return response
+
+    async def _device_rows(self, request: Request, user: str) -> list[dict[str, object]]:
+        """The user's remembered browsers, as the profile lists them."""
+        try:
+            resp = await self.stub.ListDevices(pb.ListDevicesRequest(user_id=user),
+                                               timeout=READ_TIMEOUT)
+        except grpc.RpcError as err:
+            raise to_error(err) from None
+        here = self.devices.read(request, user)
+        return [{"id": d.device_id, "label": d.label, "at": fmt_time(d.created_at),
+                 "used": fmt_time(d.last_used_at), "until": fmt_time(d.expires_at),
+                 "current": here is not None and here.device_id == d.device_id}
+                for d in resp.devices]
+
+    async def forget_device(self, request: Request) -> Response:
+        seen = await self._full_login(request)
+        if isinstance(seen, Response):
+            return seen
+        form = await request.form()
+        device_id = str(form.get("device_id", ""))
+        user = seen.login.user
+        ended = 0
+        try:
+            done = await self.stub.ForgetDevice(pb.ForgetDeviceRequest(
+                user_id=user, device_id=device_id, client_ip=client_ip(request),
+                user_agent=user_agent(request)), timeout=WRITE_TIMEOUT)
+            ended = done.sessions_ended
+        except grpc.RpcError as err:
+            error = to_error(err)
+            if error.reason != ErrorReason.ERROR_REASON_DEVICE_NOT_FOUND:
+                raise error from None
+            # Forgotten already (another tab, or it expired): what the user wanted.
+        here = self.devices.read(request, user)
+        this_browser = here is not None and here.device_id == device_id
+        response = redirect("/profile", n="device-forgotten")
+        if this_browser and ended and await self._session(seen.login) is None:
+            # This browser was logged in by being remembered: that ended with it.
+            response = redirect("/2fa", next="/profile", n="this-device-forgotten")
+        if this_browser:
+            self.devices.drop(response, user)
         return response
 
     def _end_enrolment(self, request: Request, login: Login, response: Response) -> None:
@@ -894,7 +986,9 @@ class Portal:
         rows = []
         for record, check in zip(logins, checks, strict=True):
             second = ""
-            if isinstance(check, pb.CheckSessionResponse):
+            if isinstance(check, pb.CheckSessionResponse) and check.trusted_device:
+                second = "remembered browser, no code asked"
+            elif isinstance(check, pb.CheckSessionResponse):
                 second = f"passed with {METHOD_NAMES.get(check.method, '?').lower()}"
             elif record.first_factor_at:
                 second = "turned on in this session"
@@ -933,6 +1027,7 @@ class Portal:
         self.sessions.drop_user(seen.login.user)
         response = redirect("/login", n="everywhere")
         self.sessions.log_out(request, response)
+        self.devices.drop(response, seen.login.user)  # mfa-service forgot them all
         self._end_flow(request, response)
         return response
 
@@ -995,6 +1090,7 @@ def create_portal(config: Config, stub: TwoFactorServiceAsyncStub, users: Users,
         Route("/profile/sessions", portal.sessions_page),
         Route("/profile/sessions/end", portal.end_session, methods=["POST"]),
         Route("/profile/sessions/end-all", portal.end_all_sessions, methods=["POST"]),
+        Route("/profile/devices/forget", portal.forget_device, methods=["POST"]),
         Route("/profile/activity", portal.activity),
         Route("/inbox", portal.inbox_page),
     ]

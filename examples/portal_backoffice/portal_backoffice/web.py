@@ -36,6 +36,8 @@ NOTICES = {
     "session-ended": "That session is signed out.",
     "everywhere": "You are signed out everywhere: every browser, and the backoffice too.",
     "step-up": "For your security, confirm it's you with two-factor authentication first.",
+    "device-forgotten": "That browser is forgotten: it will ask for a code next time.",
+    "this-device-forgotten": "This browser is forgotten, so it asks for a code again.",
 }
 
 

@@ -97,6 +97,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     or of this country in the last hour, whichever users asked (SMS pumping);
     RetryInfo says when to retry.
     """
+    ERROR_REASON_DEVICE_NOT_FOUND: _ErrorReason.ValueType  # 29
+    """The remembered browser does not exist, is another user's, or was already forgotten or
+    expired.
+    """
+    ERROR_REASON_REMEMBER_DEVICE_NOT_ALLOWED: _ErrorReason.ValueType  # 30
+    """remember_device was set on a verification that cannot remember a browser: a
+    challenge that is not PURPOSE_LOGIN, or one answered with a recovery code.
+    """
+    ERROR_REASON_UNRECOGNIZED_DEVICES_RATE_LIMITED: _ErrorReason.ValueType  # 31
+    """Too many unknown device tokens came from this client IP address in the last hour;
+    RetryInfo says when to retry. (The user's own limit is ERROR_REASON_USER_LOCKED_OUT.)
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Machine-readable reasons for errors returned by mfa.v1.TwoFactorService.
@@ -180,5 +192,17 @@ ERROR_REASON_PHONE_AREA_RATE_LIMITED: ErrorReason.ValueType  # 28
 """Too many codes went to numbers of this range (the number less its last 4 digits)
 or of this country in the last hour, whichever users asked (SMS pumping);
 RetryInfo says when to retry.
+"""
+ERROR_REASON_DEVICE_NOT_FOUND: ErrorReason.ValueType  # 29
+"""The remembered browser does not exist, is another user's, or was already forgotten or
+expired.
+"""
+ERROR_REASON_REMEMBER_DEVICE_NOT_ALLOWED: ErrorReason.ValueType  # 30
+"""remember_device was set on a verification that cannot remember a browser: a
+challenge that is not PURPOSE_LOGIN, or one answered with a recovery code.
+"""
+ERROR_REASON_UNRECOGNIZED_DEVICES_RATE_LIMITED: ErrorReason.ValueType  # 31
+"""Too many unknown device tokens came from this client IP address in the last hour;
+RetryInfo says when to retry. (The user's own limit is ERROR_REASON_USER_LOCKED_OUT.)
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -658,6 +658,8 @@ class VerifyRequest(_message.Message):
     WEBAUTHN_RESPONSE_FIELD_NUMBER: _builtins.int
     ACCOUNT_EMAIL_FIELD_NUMBER: _builtins.int
     OPEN_SESSION_FIELD_NUMBER: _builtins.int
+    REMEMBER_DEVICE_FIELD_NUMBER: _builtins.int
+    DEVICE_LABEL_FIELD_NUMBER: _builtins.int
     challenge_id: _builtins.str
     """The challenge to check the code against."""
     code: _builtins.str
@@ -688,6 +690,16 @@ class VerifyRequest(_message.Message):
     just proved the factor, so the user is not asked again at once. Ignored for any
     later factor, which keeps the normal flow.
     """
+    remember_device: _builtins.bool
+    """PURPOSE_LOGIN only: remember this browser (VerifyResponse.device_token), so the next
+    logins on it need no code (RecognizeDevice). Only a code from an authenticator app,
+    email, phone or a passkey remembers a browser, never a recovery code; otherwise
+    FAILED_PRECONDITION, ERROR_REASON_REMEMBER_DEVICE_NOT_ALLOWED (no attempt is counted).
+    """
+    device_label: _builtins.str
+    """With remember_device, required: what the user will see in ListDevices, for example
+    "Firefox on Windows" from the user agent (1-64 printable characters).
+    """
     def __init__(
         self,
         *,
@@ -699,10 +711,12 @@ class VerifyRequest(_message.Message):
         webauthn_response: _builtins.str = ...,
         account_email: _builtins.str = ...,
         open_session: _builtins.bool = ...,
+        remember_device: _builtins.bool = ...,
+        device_label: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_email", b"account_email", "challenge_id", b"challenge_id", "client_ip", b"client_ip", "code", b"code", "open_session", b"open_session", "user_agent", b"user_agent", "user_id", b"user_id", "webauthn_response", b"webauthn_response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_email", b"account_email", "challenge_id", b"challenge_id", "client_ip", b"client_ip", "code", b"code", "device_label", b"device_label", "open_session", b"open_session", "remember_device", b"remember_device", "user_agent", b"user_agent", "user_id", b"user_id", "webauthn_response", b"webauthn_response"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -719,10 +733,17 @@ class VerifyResponse(_message.Message):
     SESSION_FIELD_NUMBER: _builtins.int
     FACTOR_FIELD_NUMBER: _builtins.int
     RECOVERY_CODES_FIELD_NUMBER: _builtins.int
+    DEVICE_TOKEN_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
     result: Global___VerifyResult.ValueType
     """The outcome."""
     attempts_remaining: _builtins.int
     """Wrong codes the challenge still accepts before it closes."""
+    device_token: _builtins.str
+    """With remember_device, when approved: the browser's bearer token (256 random bits),
+    returned only here; the server keeps only a keyed hash of it. Keep it where only this
+    browser can present it (an HttpOnly cookie, or server-side under the browser's id).
+    """
     @_builtins.property
     def session(self) -> Global___Session:
         """PURPOSE_LOGIN, when approved (and PURPOSE_CONFIRM_ENROLLMENT of a first factor with
@@ -739,6 +760,10 @@ class VerifyResponse(_message.Message):
     def recovery_codes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Returned once, when the user's first factor becomes ACTIVE: single-use recovery codes."""
 
+    @_builtins.property
+    def device(self) -> Global___TrustedDevice:
+        """With remember_device, when approved: the remembered browser."""
+
     def __init__(
         self,
         *,
@@ -747,10 +772,12 @@ class VerifyResponse(_message.Message):
         session: Global___Session | None = ...,
         factor: Global___Factor | None = ...,
         recovery_codes: _abc.Iterable[_builtins.str] | None = ...,
+        device_token: _builtins.str = ...,
+        device: Global___TrustedDevice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["factor", b"factor", "session", b"session"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "factor", b"factor", "session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_remaining", b"attempts_remaining", "factor", b"factor", "recovery_codes", b"recovery_codes", "result", b"result", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_remaining", b"attempts_remaining", "device", b"device", "device_token", b"device_token", "factor", b"factor", "recovery_codes", b"recovery_codes", "result", b"result", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -883,6 +910,10 @@ class CheckSessionResponse(_message.Message):
     AUTHENTICATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     IDLE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    AMR_FIELD_NUMBER: _builtins.int
+    PHISHING_RESISTANT_FIELD_NUMBER: _builtins.int
+    TRUSTED_DEVICE_FIELD_NUMBER: _builtins.int
+    AAL2_FIELD_NUMBER: _builtins.int
     valid: _builtins.bool
     """Whether the session exists, is not revoked and has not expired. The fields below are set only when valid."""
     user_id: _builtins.str
@@ -891,6 +922,17 @@ class CheckSessionResponse(_message.Message):
     """The method of the factor that was passed."""
     application: Global___Application.ValueType
     """The application on which 2FA was passed."""
+    phishing_resistant: _builtins.bool
+    """True only for a session established with a passkey (WebAuthn binds it to the origin);
+    false for codes and for trusted-device sessions.
+    """
+    trusted_device: _builtins.bool
+    """True for a session that RecognizeDevice opened on a remembered browser, without a code."""
+    aal2: _builtins.bool
+    """Whether the second factor of this session, with the caller's password step, meets NIST
+    SP 800-63B AAL2: false for an email code (SP 800-63B-4 forbids email for out-of-band
+    authentication; MFA_EMAIL_COUNTS_FOR_AAL2 overrides) and for trusted-device sessions.
+    """
     @_builtins.property
     def authenticated_at(self) -> _timestamp_pb2.Timestamp:
         """When 2FA was passed."""
@@ -903,6 +945,16 @@ class CheckSessionResponse(_message.Message):
     def idle_expires_at(self) -> _timestamp_pb2.Timestamp:
         """End of the session unless checked again before then (this check extended it)."""
 
+    @_builtins.property
+    def amr(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the session was established with, as RFC 8176 authentication method references:
+        "otp" (authenticator app), "sms" or "tel" (phone, by text or by call), "swk" (passkey:
+        proof of possession of a key; "hwk" would need attestation, which is not checked),
+        "email" (an email code; RFC 8176 has no value for it) or "recovery_code" (none either),
+        then "mfa" (the caller's password step and this factor). Empty for a trusted-device
+        session: no method was performed for it.
+        """
+
     def __init__(
         self,
         *,
@@ -913,10 +965,14 @@ class CheckSessionResponse(_message.Message):
         authenticated_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         idle_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        amr: _abc.Iterable[_builtins.str] | None = ...,
+        phishing_resistant: _builtins.bool = ...,
+        trusted_device: _builtins.bool = ...,
+        aal2: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["authenticated_at", b"authenticated_at", "expires_at", b"expires_at", "idle_expires_at", b"idle_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "authenticated_at", b"authenticated_at", "expires_at", b"expires_at", "idle_expires_at", b"idle_expires_at", "method", b"method", "user_id", b"user_id", "valid", b"valid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aal2", b"aal2", "amr", b"amr", "application", b"application", "authenticated_at", b"authenticated_at", "expires_at", b"expires_at", "idle_expires_at", b"idle_expires_at", "method", b"method", "phishing_resistant", b"phishing_resistant", "trusted_device", b"trusted_device", "user_id", b"user_id", "valid", b"valid"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -980,19 +1036,26 @@ class RevokeSessionRequest(_message.Message):
 
     SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    KEEP_SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     session_token: _builtins.str
     """End this one session (logout)."""
     user_id: _builtins.str
     """End every session of this user."""
+    keep_session_token: _builtins.str
+    """With user_id only: the session with this token stays ("log out everywhere else", as
+    after the user changed a factor). A token that is not one of the user's live sessions
+    keeps nothing. Set with session_token: INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
         session_token: _builtins.str = ...,
         user_id: _builtins.str = ...,
+        keep_session_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["session_token", b"session_token", "target", b"target", "user_id", b"user_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_token", b"session_token", "target", b"target", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_session_token", b"keep_session_token", "session_token", b"session_token", "target", b"target", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["session_token", "user_id"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
@@ -1269,3 +1332,245 @@ class ListAuditEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
+class TrustedDevice(_message.Message):
+    """A browser the user asked to remember (a trusted device). Never holds its token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    LAST_USED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    IDLE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """Server-assigned id (a UUID), for ForgetDevice."""
+    user_id: _builtins.str
+    """The user the browser was remembered for."""
+    label: _builtins.str
+    """What the caller named it when it was remembered (VerifyRequest.device_label)."""
+    application: Global___Application.ValueType
+    """The application it was remembered on; RecognizeDevice honours it there only."""
+    method: Global___Method.ValueType
+    """The method of the factor whose code remembered it."""
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was remembered (the last code typed on it)."""
+
+    @_builtins.property
+    def last_used_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was last recognised (or remembered)."""
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When it will be forgotten however often it is used (MFA_TRUSTED_DEVICE_DAYS)."""
+
+    @_builtins.property
+    def idle_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When it will be forgotten unless recognised again before then
+        (MFA_TRUSTED_DEVICE_IDLE_DAYS; never after expires_at).
+        """
+
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        label: _builtins.str = ...,
+        application: Global___Application.ValueType = ...,
+        method: Global___Method.ValueType = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        last_used_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        idle_expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "idle_expires_at", b"idle_expires_at", "last_used_at", b"last_used_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "created_at", b"created_at", "device_id", b"device_id", "expires_at", b"expires_at", "idle_expires_at", b"idle_expires_at", "label", b"label", "last_used_at", b"last_used_at", "method", b"method", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrustedDevice: _TypeAlias = TrustedDevice  # noqa: Y015
+
+@_typing.final
+class RecognizeDeviceRequest(_message.Message):
+    """Request for TwoFactorService.RecognizeDevice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_TOKEN_FIELD_NUMBER: _builtins.int
+    APPLICATION_FIELD_NUMBER: _builtins.int
+    CLIENT_IP_FIELD_NUMBER: _builtins.int
+    USER_AGENT_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user who passed the password step (1-128 characters)."""
+    device_token: _builtins.str
+    """The browser's VerifyResponse.device_token."""
+    application: Global___Application.ValueType
+    """The application asking; the session is opened for it, and only a browser remembered
+    on this application is recognised.
+    """
+    client_ip: _builtins.str
+    """The end user's IP address, for the audit trail and the per-IP limit on unknown tokens."""
+    user_agent: _builtins.str
+    """The end user's user agent, for the audit trail."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        device_token: _builtins.str = ...,
+        application: Global___Application.ValueType = ...,
+        client_ip: _builtins.str = ...,
+        user_agent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["application", b"application", "client_ip", b"client_ip", "device_token", b"device_token", "user_agent", b"user_agent", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecognizeDeviceRequest: _TypeAlias = RecognizeDeviceRequest  # noqa: Y015
+
+@_typing.final
+class RecognizeDeviceResponse(_message.Message):
+    """Response for TwoFactorService.RecognizeDevice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECOGNIZED_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    recognized: _builtins.bool
+    """Whether the token is a live remembered browser of this user on this application."""
+    @_builtins.property
+    def session(self) -> Global___Session:
+        """When recognized: a new 2FA session (its token is returned only here). Never fresh for
+        step-up: adding a factor still needs a code.
+        """
+
+    @_builtins.property
+    def device(self) -> Global___TrustedDevice:
+        """When recognized: the browser, its idle deadline moved on."""
+
+    def __init__(
+        self,
+        *,
+        recognized: _builtins.bool = ...,
+        session: Global___Session | None = ...,
+        device: Global___TrustedDevice | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "recognized", b"recognized", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecognizeDeviceResponse: _TypeAlias = RecognizeDeviceResponse  # noqa: Y015
+
+@_typing.final
+class ListDevicesRequest(_message.Message):
+    """Request for TwoFactorService.ListDevices."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user whose remembered browsers to list."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDevicesRequest: _TypeAlias = ListDevicesRequest  # noqa: Y015
+
+@_typing.final
+class ListDevicesResponse(_message.Message):
+    """Response for TwoFactorService.ListDevices."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrustedDevice]:
+        """The browsers that would still be recognised, most recently used first."""
+
+    def __init__(
+        self,
+        *,
+        devices: _abc.Iterable[Global___TrustedDevice] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDevicesResponse: _TypeAlias = ListDevicesResponse  # noqa: Y015
+
+@_typing.final
+class ForgetDeviceRequest(_message.Message):
+    """Request for TwoFactorService.ForgetDevice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_IP_FIELD_NUMBER: _builtins.int
+    USER_AGENT_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user who owns the browser."""
+    device_id: _builtins.str
+    """TrustedDevice.device_id from ListDevices."""
+    client_ip: _builtins.str
+    """The end user's IP address, for the audit trail."""
+    user_agent: _builtins.str
+    """The end user's user agent, for the audit trail."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        device_id: _builtins.str = ...,
+        client_ip: _builtins.str = ...,
+        user_agent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_ip", b"client_ip", "device_id", b"device_id", "user_agent", b"user_agent", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetDeviceRequest: _TypeAlias = ForgetDeviceRequest  # noqa: Y015
+
+@_typing.final
+class ForgetDeviceResponse(_message.Message):
+    """Response for TwoFactorService.ForgetDevice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_ENDED_FIELD_NUMBER: _builtins.int
+    sessions_ended: _builtins.int
+    """How many live sessions the browser had opened and that ended with it."""
+    def __init__(
+        self,
+        *,
+        sessions_ended: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions_ended", b"sessions_ended"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForgetDeviceResponse: _TypeAlias = ForgetDeviceResponse  # noqa: Y015

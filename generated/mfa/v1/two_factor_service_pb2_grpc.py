@@ -86,6 +86,21 @@ class TwoFactorServiceStub:
                 request_serializer=mfa_dot_v1_dot_two__factor__service__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=mfa_dot_v1_dot_two__factor__service__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.RecognizeDevice = channel.unary_unary(
+                '/mfa.v1.TwoFactorService/RecognizeDevice',
+                request_serializer=mfa_dot_v1_dot_two__factor__service__pb2.RecognizeDeviceRequest.SerializeToString,
+                response_deserializer=mfa_dot_v1_dot_two__factor__service__pb2.RecognizeDeviceResponse.FromString,
+                _registered_method=True)
+        self.ListDevices = channel.unary_unary(
+                '/mfa.v1.TwoFactorService/ListDevices',
+                request_serializer=mfa_dot_v1_dot_two__factor__service__pb2.ListDevicesRequest.SerializeToString,
+                response_deserializer=mfa_dot_v1_dot_two__factor__service__pb2.ListDevicesResponse.FromString,
+                _registered_method=True)
+        self.ForgetDevice = channel.unary_unary(
+                '/mfa.v1.TwoFactorService/ForgetDevice',
+                request_serializer=mfa_dot_v1_dot_two__factor__service__pb2.ForgetDeviceRequest.SerializeToString,
+                response_deserializer=mfa_dot_v1_dot_two__factor__service__pb2.ForgetDeviceResponse.FromString,
+                _registered_method=True)
 
 
 class TwoFactorServiceServicer:
@@ -184,6 +199,36 @@ class TwoFactorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecognizeDevice(self, request, context):
+        """Logs a user in without a code on a browser remembered by a Verify with
+        remember_device (a trusted device): the browser's device_token, bound to the user and
+        the application. A recognised browser gets a 2FA session that CheckSession reports as
+        trusted_device; it is never fresh for step-up and proves nothing to the proof model.
+        An unknown, forgotten or expired token is `recognized: false`, not an error; unknown
+        tokens count against the user's lockout and the client IP's limit
+        (RESOURCE_EXHAUSTED once reached).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDevices(self, request, context):
+        """Lists the user's remembered browsers that would still be recognised, most recently used
+        first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetDevice(self, request, context):
+        """Forgets one remembered browser: its token is no longer recognised and the sessions it
+        opened end. Every factor change, RevokeSession(user_id) and an administrator's reset
+        forget all of a user's browsers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TwoFactorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -231,6 +276,21 @@ def add_TwoFactorServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=mfa_dot_v1_dot_two__factor__service__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=mfa_dot_v1_dot_two__factor__service__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'RecognizeDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecognizeDevice,
+                    request_deserializer=mfa_dot_v1_dot_two__factor__service__pb2.RecognizeDeviceRequest.FromString,
+                    response_serializer=mfa_dot_v1_dot_two__factor__service__pb2.RecognizeDeviceResponse.SerializeToString,
+            ),
+            'ListDevices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDevices,
+                    request_deserializer=mfa_dot_v1_dot_two__factor__service__pb2.ListDevicesRequest.FromString,
+                    response_serializer=mfa_dot_v1_dot_two__factor__service__pb2.ListDevicesResponse.SerializeToString,
+            ),
+            'ForgetDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetDevice,
+                    request_deserializer=mfa_dot_v1_dot_two__factor__service__pb2.ForgetDeviceRequest.FromString,
+                    response_serializer=mfa_dot_v1_dot_two__factor__service__pb2.ForgetDeviceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -483,6 +543,87 @@ class TwoFactorService:
             '/mfa.v1.TwoFactorService/ListAuditEvents',
             mfa_dot_v1_dot_two__factor__service__pb2.ListAuditEventsRequest.SerializeToString,
             mfa_dot_v1_dot_two__factor__service__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecognizeDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mfa.v1.TwoFactorService/RecognizeDevice',
+            mfa_dot_v1_dot_two__factor__service__pb2.RecognizeDeviceRequest.SerializeToString,
+            mfa_dot_v1_dot_two__factor__service__pb2.RecognizeDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDevices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mfa.v1.TwoFactorService/ListDevices',
+            mfa_dot_v1_dot_two__factor__service__pb2.ListDevicesRequest.SerializeToString,
+            mfa_dot_v1_dot_two__factor__service__pb2.ListDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mfa.v1.TwoFactorService/ForgetDevice',
+            mfa_dot_v1_dot_two__factor__service__pb2.ForgetDeviceRequest.SerializeToString,
+            mfa_dot_v1_dot_two__factor__service__pb2.ForgetDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,

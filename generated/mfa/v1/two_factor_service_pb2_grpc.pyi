@@ -90,6 +90,24 @@ class TwoFactorServiceStub:
     """Reads the audit trail of security events, newest first, by user and time range.
     Only callers allowed to read the audit trail may call it.
     """
+    RecognizeDevice: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.RecognizeDeviceRequest, _two_factor_service_pb2.RecognizeDeviceResponse]
+    """Logs a user in without a code on a browser remembered by a Verify with
+    remember_device (a trusted device): the browser's device_token, bound to the user and
+    the application. A recognised browser gets a 2FA session that CheckSession reports as
+    trusted_device; it is never fresh for step-up and proves nothing to the proof model.
+    An unknown, forgotten or expired token is `recognized: false`, not an error; unknown
+    tokens count against the user's lockout and the client IP's limit
+    (RESOURCE_EXHAUSTED once reached).
+    """
+    ListDevices: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.ListDevicesRequest, _two_factor_service_pb2.ListDevicesResponse]
+    """Lists the user's remembered browsers that would still be recognised, most recently used
+    first.
+    """
+    ForgetDevice: _grpc.UnaryUnaryMultiCallable[_two_factor_service_pb2.ForgetDeviceRequest, _two_factor_service_pb2.ForgetDeviceResponse]
+    """Forgets one remembered browser: its token is no longer recognised and the sessions it
+    opened end. Every factor change, RevokeSession(user_id) and an administrator's reset
+    forget all of a user's browsers.
+    """
 
 @_typing.type_check_only
 class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
@@ -152,6 +170,24 @@ class TwoFactorServiceAsyncStub(TwoFactorServiceStub):
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.ListAuditEventsRequest, _two_factor_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """Reads the audit trail of security events, newest first, by user and time range.
     Only callers allowed to read the audit trail may call it.
+    """
+    RecognizeDevice: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.RecognizeDeviceRequest, _two_factor_service_pb2.RecognizeDeviceResponse]  # type: ignore[assignment]
+    """Logs a user in without a code on a browser remembered by a Verify with
+    remember_device (a trusted device): the browser's device_token, bound to the user and
+    the application. A recognised browser gets a 2FA session that CheckSession reports as
+    trusted_device; it is never fresh for step-up and proves nothing to the proof model.
+    An unknown, forgotten or expired token is `recognized: false`, not an error; unknown
+    tokens count against the user's lockout and the client IP's limit
+    (RESOURCE_EXHAUSTED once reached).
+    """
+    ListDevices: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.ListDevicesRequest, _two_factor_service_pb2.ListDevicesResponse]  # type: ignore[assignment]
+    """Lists the user's remembered browsers that would still be recognised, most recently used
+    first.
+    """
+    ForgetDevice: _aio.UnaryUnaryMultiCallable[_two_factor_service_pb2.ForgetDeviceRequest, _two_factor_service_pb2.ForgetDeviceResponse]  # type: ignore[assignment]
+    """Forgets one remembered browser: its token is no longer recognised and the sessions it
+    opened end. Every factor change, RevokeSession(user_id) and an administrator's reset
+    forget all of a user's browsers.
     """
 
 class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -266,6 +302,42 @@ class TwoFactorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_two_factor_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_two_factor_service_pb2.ListAuditEventsResponse]]:
         """Reads the audit trail of security events, newest first, by user and time range.
         Only callers allowed to read the audit trail may call it.
+        """
+
+    @_abc_1.abstractmethod
+    def RecognizeDevice(
+        self,
+        request: _two_factor_service_pb2.RecognizeDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_two_factor_service_pb2.RecognizeDeviceResponse, _abc.Awaitable[_two_factor_service_pb2.RecognizeDeviceResponse]]:
+        """Logs a user in without a code on a browser remembered by a Verify with
+        remember_device (a trusted device): the browser's device_token, bound to the user and
+        the application. A recognised browser gets a 2FA session that CheckSession reports as
+        trusted_device; it is never fresh for step-up and proves nothing to the proof model.
+        An unknown, forgotten or expired token is `recognized: false`, not an error; unknown
+        tokens count against the user's lockout and the client IP's limit
+        (RESOURCE_EXHAUSTED once reached).
+        """
+
+    @_abc_1.abstractmethod
+    def ListDevices(
+        self,
+        request: _two_factor_service_pb2.ListDevicesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_two_factor_service_pb2.ListDevicesResponse, _abc.Awaitable[_two_factor_service_pb2.ListDevicesResponse]]:
+        """Lists the user's remembered browsers that would still be recognised, most recently used
+        first.
+        """
+
+    @_abc_1.abstractmethod
+    def ForgetDevice(
+        self,
+        request: _two_factor_service_pb2.ForgetDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_two_factor_service_pb2.ForgetDeviceResponse, _abc.Awaitable[_two_factor_service_pb2.ForgetDeviceResponse]]:
+        """Forgets one remembered browser: its token is no longer recognised and the sessions it
+        opened end. Every factor change, RevokeSession(user_id) and an administrator's reset
+        forget all of a user's browsers.
         """
 
 def add_TwoFactorServiceServicer_to_server(servicer: TwoFactorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

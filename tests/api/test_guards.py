@@ -1,0 +1,134 @@
+"""Guarded writes (store/unit.py): a deferred conditional write whose row count is its
+answer. The per-user lock normally makes them impossible to lose; these tests take it out
+of the way and show that replay safety does not rest on it alone."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from grpc import aio
+from mfa.v1 import two_factor_service_pb2 as pb
+from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
+from sqlalchemy import func, select
+
+from mfa_service.app import App
+from mfa_service.clock import FixedClock
+from mfa_service.errors import GuardLost
+from mfa_service.factors.totp import AuthenticatorApp
+from mfa_service.service import audit
+from mfa_service.store.database import Transaction
+from mfa_service.store.models import challenges, sessions
+from mfa_service.store.security import LockoutRepository, LockoutState
+from tests.support.client import enroll_app, totp_at
+
+if TYPE_CHECKING:
+    from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
+
+
+async def _lost(app: App, write: Callable[[Transaction], None]) -> str:
+    """The guard a transaction doing ``write`` lost (it must lose one)."""
+    with pytest.raises(GuardLost) as lost:
+        await _run(app, write)
+    return lost.value.guard
+
+
+async def _run(app: App, write: Callable[[Transaction], None]) -> None:
+    async with app.database.transaction() as tx:
+        write(tx)
+
+
+async def test_a_guard_that_matches_no_row_rolls_the_transaction_back(
+        app: App, stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    factor = await enroll_app(stub, user_id, fresh_clock)  # its step is now recorded
+    now = fresh_clock.now()
+
+    def old_step(tx: Transaction) -> None:
+        tx.later.factors.accept_totp_step(factor.factor_id, 1, now)  # step 1: long past
+
+    def old_step_and_audit(tx: Transaction) -> None:
+        old_step(tx)  # PostgreSQL: now inside the combined WITH, not a lone UPDATE
+        audit.record(tx, now, audit.Event.ALARM, audit.Outcome.FAILED, _who(),
+                     user_id=user_id, detail={"test": "guard"})
+
+    def stale_counter(tx: Transaction) -> None:
+        tx.later.factors.use_with_secret(factor.factor_id, "k", b"new", now, previous=b"not it")
+
+    assert await _lost(app, old_step) == "totp_step"
+    assert await _lost(app, old_step_and_audit) == "totp_step"
+    assert await _lost(app, stale_counter) == "passkey_counter"
+    # Rolled back whole: the audit row written beside the guard is not there.
+    async with app.database.transaction(readonly=True) as tx:
+        events = await tx.audit.page(user_id, start=now - timedelta(seconds=1))
+    assert not [e for e in events if e.detail.get("test") == "guard"]
+    # A guard that holds passes (a step after the recorded one).
+    await _run(app, lambda tx: tx.later.factors.accept_totp_step(factor.factor_id, 10**9, now))
+    # A factor disabled meanwhile is touched by nobody.
+    async with app.database.transaction() as tx:
+        await tx.factors.disable(factor.factor_id, now)
+    assert await _lost(app, lambda tx: tx.later.factors.touch(factor.factor_id, now)) == (
+        "factor_active")
+
+
+def _who() -> Any:
+    from mfa_service.domain import AuditContext
+    return AuditContext(caller="test")
+
+
+@pytest.mark.postgres
+async def test_without_the_user_lock_one_totp_code_still_logs_in_once(
+        app: App, stub: Stub, user_id: str, fresh_clock: FixedClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two verifications race with one TOTP code on two challenges, the per-user lock replaced by
+    a plain read and both checks held until both passed: the TOTP step's guard lets one
+    commit and rolls the other back; run again, it sees the step taken (a replay)."""
+    if app.database.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite serialises every writing transaction: nothing can overlap")
+    factor = await enroll_app(stub, user_id, fresh_clock)
+
+    async def no_lock(self: LockoutRepository, challenge_id: str) -> Any:
+        row = (await self._unit.execute(select(challenges.c.user_id).where(
+            challenges.c.id == challenge_id))).first()
+        return (row.user_id, LockoutState(0, None, None, False)) if row else None
+
+    barrier = asyncio.Barrier(2)
+    arrivals = 0
+    original = AuthenticatorApp.check
+
+    async def held_check(self: AuthenticatorApp, *args: Any) -> Any:
+        nonlocal arrivals
+        verdict = await original(self, *args)
+        arrivals += 1
+        if arrivals <= 2:  # the two first runs meet here; a run again passes straight on
+            await asyncio.wait_for(barrier.wait(), timeout=10)
+        return verdict
+
+    monkeypatch.setattr(LockoutRepository, "lock_for_challenge", no_lock)
+    monkeypatch.setattr(AuthenticatorApp, "check", held_check)
+    # Two open challenges on one factor need two purposes (a new one of the same purpose
+    # supersedes the old); both record the TOTP step when approved.
+    opened = [await stub.Challenge(pb.ChallengeRequest(
+        user_id=user_id, factor_id=factor.factor_id, purpose=purpose,
+        application=pb.APPLICATION_PORTAL))
+        for purpose in (pb.PURPOSE_LOGIN, pb.PURPOSE_REGENERATE_RECOVERY_CODES)]
+    code = totp_at(factor.secret, fresh_clock)
+    # One channel each: the two calls must reach the server side by side.
+    channels = [aio.insecure_channel(f"127.0.0.1:{app.port}") for _ in opened]
+    try:
+        results = await asyncio.gather(*(pb_grpc.TwoFactorServiceStub(ch).Verify(
+            pb.VerifyRequest(challenge_id=c.challenge_id, code=code))
+            for ch, c in zip(channels, opened, strict=True)))
+    finally:
+        for ch in channels:
+            await ch.close()
+    assert sorted(r.result for r in results) == [pb.VERIFY_RESULT_APPROVED,
+                                                 pb.VERIFY_RESULT_INVALID_CODE]
+    loser = next(r for r in results if r.result == pb.VERIFY_RESULT_INVALID_CODE)
+    assert loser.attempts_remaining == 4  # the run again counted its one attempt
+    async with app.database.engine.connect() as conn:
+        created = await conn.scalar(select(func.count()).select_from(sessions).where(
+            sessions.c.user_id == user_id))
+    assert created == (1 if results[0].result == pb.VERIFY_RESULT_APPROVED else 0)
