@@ -148,7 +148,7 @@ async def insert_factors(unit: Unit, rows: Sequence[tuple[Any, ...]]) -> None:
                                                   for row in rows])
         return
     stamp = _Stamps()
-    # The time columns by position (checked against FACTOR_COLUMNS below, at import).
+    # The time columns by position (checked against FACTOR_COLUMNS at import, above).
     await _copy(unit, factors.name, FACTOR_COLUMNS, [
         (*row[:10], stamp(row[10]), stamp(row[11]), stamp(row[12]), stamp(row[13]),
          row[14], row[15], stamp(row[16]), *row[17:]) for row in rows])
