@@ -39,7 +39,8 @@ FACTOR_COLUMNS = [
 AUDIT_COLUMNS = [
     "occurred_at", "event", "outcome", "user_id", "factor_id", "challenge_id", "session_id",
     "caller", "application", "client_ip", "user_agent", "detail"]
-_FACTOR_TIMES = [i for i, c in enumerate(FACTOR_COLUMNS) if c.endswith("_at")]
+if [i for i, c in enumerate(FACTOR_COLUMNS) if c.endswith("_at")] != [10, 11, 12, 13, 16]:
+    raise AssertionError("FACTOR_COLUMNS moved a time column: update insert_factors")
 _DISABLED = FactorStatus.DISABLED.value
 
 
@@ -147,14 +148,10 @@ async def insert_factors(unit: Unit, rows: Sequence[tuple[Any, ...]]) -> None:
                                                   for row in rows])
         return
     stamp = _Stamps()
-    times = _FACTOR_TIMES
-    records = []
-    for row in rows:
-        record = list(row)
-        for i in times:
-            record[i] = stamp(record[i])
-        records.append(record)
-    await _copy(unit, factors.name, FACTOR_COLUMNS, records)
+    # The time columns by position (checked against FACTOR_COLUMNS at import, above).
+    await _copy(unit, factors.name, FACTOR_COLUMNS, [
+        (*row[:10], stamp(row[10]), stamp(row[11]), stamp(row[12]), stamp(row[13]),
+         row[14], row[15], stamp(row[16]), *row[17:]) for row in rows])
 
 
 async def insert_audit(unit: Unit, rows: Sequence[tuple[Any, ...]]) -> None:
