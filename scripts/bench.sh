@@ -27,6 +27,9 @@ trap 'dropdb -h 127.0.0.1 -U postgres --force --if-exists "$DB" >/dev/null 2>&1 
 export MFA_DATABASE_URL="postgresql+asyncpg://postgres@127.0.0.1:5432/$DB"
 "$VENV/mfa-service" migrate >/dev/null
 "$VENV/mfa-service" loadtest seed --users "$USERS" --sessions "$USERS" --out users.jsonl | tail -1
+# As a database in service would be: vacuumed and analysed, not racing autovacuum on the
+# rows just written.
+psql -h 127.0.0.1 -U postgres -d "$DB" -qc "VACUUM ANALYZE" >/dev/null
 if [ -n "${PGBOUNCER:-}" ]; then
   BOUNCER_PORT=$("$VENV/python" -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
   chmod 755 "$OUT"
