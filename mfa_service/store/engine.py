@@ -207,20 +207,15 @@ def count_device_miss(dialect: str, ip_key: bytes, now: datetime,
                                         else_=stmt.excluded.window_started_at)})
 
 
-async def lock_key(unit: Executes, key: bytes) -> None:
-    """Serialise transactions on an arbitrary key until this transaction ends.
-
-    PostgreSQL: a transaction-scoped advisory lock on the key's first 8 bytes (a hash,
-    so collisions only make two unrelated keys wait for each other). SQLite: nothing to
-    do, BEGIN IMMEDIATE already serialises every writing transaction.
-    """
-    await lock_keys(unit, (key,))
-
-
 async def lock_keys(unit: Executes, keys: tuple[bytes, ...]) -> None:
-    """``lock_key`` for several keys, taken in the order given, in one statement (one
-    round trip). Every caller must list its kinds of key in one order (destination,
-    number range, country): two transactions then never wait for each other in a cycle.
+    """Serialise transactions on arbitrary keys until this transaction ends, taken in
+    the order given, in one statement (one round trip).
+
+    PostgreSQL: transaction-scoped advisory locks on each key's first 8 bytes (a hash, so
+    collisions only make two unrelated keys wait for each other). SQLite: nothing to do,
+    BEGIN IMMEDIATE already serialises every writing transaction. Every caller must list
+    its kinds of key in one order (destination, number range, country): two transactions
+    then never wait for each other in a cycle.
     """
     if unit.dialect != "postgresql":
         return

@@ -57,7 +57,6 @@ class _Batch:
 
     statement: TextClause
     updates: tuple[Compiled, ...]  # each deferred UPDATE compiled, in order
-    guards: tuple[str | None, ...]  # per UPDATE: the guard it is, or None
     # PostgreSQL: the statement compiled for asyncpg ($n with casts), its parameter
     # names in order, and each one's bind processor (set on first use).
     raw: tuple[str, tuple[str, ...], tuple[Callable[[Any], Any] | None, ...]] | None = None
@@ -309,5 +308,4 @@ def _build_batch(updates: Sequence[tuple[UpdateBase, dict[str, Any], str | None]
     # Names from our own metadata: no input in the text.
     tail = " SELECT " + (", ".join(counted) if counted else "1")
     combined = text("WITH " + ", ".join(parts) + tail).bindparams(*binds)
-    return _Batch(combined, tuple(compiled_updates),
-                  tuple(g for _, _, g in updates))
+    return _Batch(combined, tuple(compiled_updates))
