@@ -9,8 +9,8 @@
 # py-spy during the first scenario: profile-<scenario>.raw), PGBOUNCER=1 (the server talks to
 # PostgreSQL through a PgBouncer in transaction mode started here, with
 # MFA_DATABASE_POOLER=pgbouncer: Debian's pgbouncer), OUT (results folder, default
-# a new temporary one; printed at the end). Needs PostgreSQL on 127.0.0.1:5432 (trust,
-# user postgres), as the test suite does. Leaves nothing behind but the results folder.
+# a new temporary one; printed at the end), PGPORT (default 5432). Needs PostgreSQL on
+# 127.0.0.1:$PGPORT (trust, user postgres), as the test suite does. Leaves nothing behind but the results folder.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv/bin"
@@ -18,13 +18,13 @@ USERS="${1:?USERS}"; shift
 SCENARIOS=("$@"); [ ${#SCENARIOS[@]} -gt 0 ] || SCENARIOS=(check-session login)
 OUT="${OUT:-$(mktemp -d)}"; mkdir -p "$OUT"; cd "$OUT"
 export MFA_KEYRING="$("$VENV/mfa-service" keys generate)" MFA_LOG_LEVEL=WARNING
-export MFA_WORKERS="${WORKERS:-1}"
+export MFA_WORKERS="${WORKERS:-1}" PGPORT="${PGPORT:-5432}"
 PORT=$("$VENV/python" -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
 export MFA_LISTEN_ADDR=127.0.0.1:$PORT
 DB="mfa_bench_${USERS}_$$"
 createdb -h 127.0.0.1 -U postgres "$DB"
 trap 'dropdb -h 127.0.0.1 -U postgres --force --if-exists "$DB" >/dev/null 2>&1 || true' EXIT
-export MFA_DATABASE_URL="postgresql+asyncpg://postgres@127.0.0.1:5432/$DB"
+export MFA_DATABASE_URL="postgresql+asyncpg://postgres@127.0.0.1:$PGPORT/$DB"
 "$VENV/mfa-service" migrate >/dev/null
 "$VENV/mfa-service" loadtest seed --users "$USERS" --sessions "$USERS" --out users.jsonl | tail -1
 # As a database in service would be: vacuumed and analysed, not racing autovacuum on the
@@ -36,7 +36,7 @@ if [ -n "${PGBOUNCER:-}" ]; then
   printf '"postgres" ""\n' > users.txt
   cat > pgbouncer.ini <<INI
 [databases]
-mfa = host=127.0.0.1 port=5432 dbname=$DB user=postgres
+mfa = host=127.0.0.1 port=$PGPORT dbname=$DB user=postgres
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $BOUNCER_PORT

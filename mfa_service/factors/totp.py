@@ -15,13 +15,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import io
 import secrets
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 import pyotp
-import segno
 
 from mfa_service.crypto import Keyring
 from mfa_service.domain import (
@@ -34,6 +32,7 @@ from mfa_service.domain import (
     TotpParameters,
 )
 from mfa_service.errors import InvalidArgument
+from mfa_service.factors import qr
 from mfa_service.factors.base import (
     FAIL,
     PASS,
@@ -107,22 +106,18 @@ def match_totp(secret: bytes, code: str, at: datetime, *, window: int,
 
 def provisioning(secret: bytes, issuer: str, account_name: str, *, svg: bool = True,
                  png: bool = True) -> Provisioning:
-    """The otpauth:// URI (Key Uri Format) and its QR code as SVG and/or PNG, drawn once
-    (choosing the mask pattern is most of the cost) and only when an image is asked for."""
+    """The otpauth:// URI (Key Uri Format) and its QR code as SVG and/or PNG, encoded once
+    and only when an image is asked for (factors/qr.py)."""
     secret_b32 = base64.b32encode(secret).decode().rstrip("=")
     uri = pyotp.TOTP(secret_b32, digits=DIGITS, interval=PERIOD_SECONDS).provisioning_uri(
         name=account_name, issuer_name=issuer)
     qr_svg, qr_png = "", b""
     if svg or png:
-        qr = segno.make_qr(uri, error="m")
+        symbol = qr.modules(uri, error="M")
         if svg:
-            out = io.BytesIO()
-            qr.save(out, kind="svg", scale=4, xmldecl=False)
-            qr_svg = out.getvalue().decode()
+            qr_svg = qr.svg(symbol, scale=4)
         if png:
-            out = io.BytesIO()
-            qr.save(out, kind="png", scale=5)
-            qr_png = out.getvalue()
+            qr_png = qr.png(symbol, scale=5)
     return Provisioning(secret_base32=secret_b32, otpauth_uri=uri, qr_svg=qr_svg,
                         qr_png=qr_png)
 

@@ -102,3 +102,20 @@ def test_recovery_codes_issued_before_75_bits_still_work_and_nothing_between() -
     for wrong in ("abcde-2345", "abcde-23456-f", "abcde-23456-fghjkm"):
         with pytest.raises(InvalidArgument):
             normalise(wrong)
+
+
+def test_recovery_codes_carry_75_bits_in_every_symbol() -> None:
+    """Each symbol is 5 of the random bits: the alphabet has exactly 32 symbols, every one
+    appears, and the 15 symbols of a code come from 75 distinct bits (a generator that
+    returns one bit set at a time moves exactly one symbol)."""
+    from mfa_service.factors.recovery import ALPHABET, CODE_CHARS, generate_codes
+
+    assert len(set(ALPHABET)) == 32 and CODE_CHARS * 5 == 75
+    seen = {ch for code in generate_codes(200) for ch in code.replace("-", "")}
+    assert seen == set(ALPHABET)
+    zero = generate_codes(1, randbits=lambda n: 0)[0].replace("-", "")
+    assert zero == ALPHABET[0] * 15
+    for bit in range(75):
+        code = generate_codes(1, randbits=lambda n, b=bit: 1 << b)[0].replace("-", "")
+        changed = [i for i, ch in enumerate(code) if ch != ALPHABET[0]]
+        assert changed == [bit // 5] and code[bit // 5] == ALPHABET[1 << (bit % 5)]
