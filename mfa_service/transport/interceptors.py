@@ -1,8 +1,8 @@
 """Cross-cutting work around every TwoFactorService call.
 
 Order on the server (outermost first): OpenTelemetry's server interceptor (a span per
-RPC), then ``ServiceInterceptor``: caller identity and request id into contextvars,
-one access-log line per call, and the single place where exceptions become statuses.
+RPC), then ``ServiceInterceptor``: caller identity into a contextvar, one access-log line
+per call, and the single place where exceptions become statuses.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import asyncio
 import contextvars
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -27,7 +26,6 @@ from mfa_service.transport.status import internal_status, status_code_for, to_gr
 log = logging.getLogger("mfa_service.rpc")
 
 caller_var: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller", default=NOBODY)
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 SERVICE_PREFIX = "/mfa.v1."
 
@@ -75,7 +73,6 @@ def _wrap(method: str, inner: Handler, callers: CallerRegistry | None,
     rpc = method.rsplit("/", 1)[-1]
 
     async def handle(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        request_id_var.set(uuid.uuid4().hex[:16])
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         try:

@@ -7,6 +7,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import text
 from sqlalchemy.engine import Connection, make_url
 
 from mfa_service import cli
@@ -15,7 +16,7 @@ from mfa_service.crypto import Keyring
 from mfa_service.errors import ConfigurationError
 from mfa_service.store import migrate
 from mfa_service.store.engine import create_engine
-from mfa_service.store.models import Base
+from mfa_service.store.models import SENT_CHALLENGE_INDEXES, Base
 from tests.support.config import TEST_KEYRING, make_settings
 
 
@@ -29,6 +30,33 @@ async def test_migrated_schema_matches_the_models(database_url: str) -> None:
         async with engine.connect() as conn:
             assert await conn.run_sync(diff) == []
         assert await migrate.current_revision(engine) == migrate.head_revision()
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize(("index", "column"), SENT_CHALLENGE_INDEXES)
+async def test_the_send_counters_use_their_partial_indexes(
+        database_url: str, index: str, column: str) -> None:
+    """The per-destination, per-range and per-country counts find their rows through
+    indexes that hold only challenges which sent something, on PostgreSQL and on SQLite;
+    an app challenge, with NULL there, is in none of them."""
+    engine = create_engine(make_url(database_url))
+    value = "'DK'" if column == "phone_region" else ("'\\x00'::bytea" if "postgresql"
+                                                     in database_url else "x'00'")
+    query = (f"SELECT count(*) FROM challenges WHERE {column} = {value}"  # noqa: S608
+             " AND created_at > '2026-01-01'")
+    try:
+        async with engine.connect() as conn:
+            if engine.dialect.name == "postgresql":
+                plan = (await conn.execute(text("EXPLAIN " + query))).scalars().all()
+            else:
+                plan = [r[3] for r in await conn.execute(text("EXPLAIN QUERY PLAN " + query))]
+            assert any(index in line for line in plan), plan
+            defined = (await conn.execute(text(
+                "SELECT indexdef FROM pg_indexes WHERE indexname = :n"
+                if engine.dialect.name == "postgresql" else
+                "SELECT sql FROM sqlite_master WHERE name = :n"), {"n": index})).scalar_one()
+            assert f"{column} IS NOT NULL" in defined.replace("(", "").replace(")", "")
     finally:
         await engine.dispose()
 
