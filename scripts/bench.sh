@@ -9,8 +9,9 @@
 # py-spy during the first scenario: profile-<scenario>.raw), PGBOUNCER=1 (the server talks to
 # PostgreSQL through a PgBouncer in transaction mode started here, with
 # MFA_DATABASE_POOLER=pgbouncer: Debian's pgbouncer), OUT (results folder, default
-# a new temporary one; printed at the end), PGPORT (default 5432). Needs PostgreSQL on
-# 127.0.0.1:$PGPORT (trust, user postgres), as the test suite does. Leaves nothing behind but the results folder.
+# a new temporary one; printed at the end), PGPORT (default 5432: another cluster, e.g. one
+# with pg_stat_statements loaded). Needs PostgreSQL on 127.0.0.1:$PGPORT (trust, user
+# postgres), as the test suite does. Leaves nothing behind but the results folder.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv/bin"
