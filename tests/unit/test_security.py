@@ -116,6 +116,9 @@ def test_recovery_codes_carry_75_bits_in_every_symbol() -> None:
     zero = generate_codes(1, randbits=lambda n: 0)[0].replace("-", "")
     assert zero == ALPHABET[0] * 15
     for bit in range(75):
-        code = generate_codes(1, randbits=lambda n, b=bit: 1 << b)[0].replace("-", "")
+        def one_bit(n: int, b: int = bit) -> int:
+            return 1 << b
+
+        code = generate_codes(1, randbits=one_bit)[0].replace("-", "")
         changed = [i for i, ch in enumerate(code) if ch != ALPHABET[0]]
         assert changed == [bit // 5] and code[bit // 5] == ALPHABET[1 << (bit % 5)]
