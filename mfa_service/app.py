@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -50,8 +50,8 @@ from mfa_service.service.sessions import SessionService
 from mfa_service.settings import Environment, Settings, is_loopback_host
 from mfa_service.store import migrate, open_database
 from mfa_service.transport.auth import CallerRegistry
-from mfa_service.transport.gate import CallGate, GateInterceptor
-from mfa_service.transport.interceptors import ServiceInterceptor
+from mfa_service.transport.gate import CallGate, WrappingRegistrar
+from mfa_service.transport.interceptors import around_service_calls
 from mfa_service.transport.servicer import TwoFactorServicer
 
 __all__ = ["App", "build_senders", "connection_options", "create_server", "load_keyring"]
@@ -309,13 +309,10 @@ async def _build(stack: contextlib.AsyncExitStack, settings: Settings, clock: Cl
     gate = CallGate()
     tracing = tel.server_interceptor()
     server = aio.server(
-        # The gate first: it counts calls, passes on the deadline and holds calls at the
-        # end of a shutdown (transport/gate.py).
         # OpenTelemetry's interceptor only when spans go somewhere: with nothing exported
-        # it would still build a span per call for nobody (issue #8's profile).
-        interceptors=[GateInterceptor(gate),
-                      *([tracing] if tracing is not None else []),
-                      ServiceInterceptor(callers, metrics)],
+        # it would still build a span per call for nobody (issue #8's profile). Everything
+        # else is wrapped around the handlers once, at registration (below).
+        interceptors=[tracing] if tracing is not None else [],
         options=[
             # On by default on Linux: a second server on the same port would silently
             # share it. Several workers on one port are opt-in (MFA_WORKERS), not an accident.
@@ -323,10 +320,15 @@ async def _build(stack: contextlib.AsyncExitStack, settings: Settings, clock: Cl
             ("grpc.max_receive_message_length", 64 * 1024),
             *connection_options(settings),
         ])
+    # Every unary call behind the gate (it counts calls, passes on the deadline and holds
+    # calls at the end of a shutdown), the service's calls in their envelope too: wrapped
+    # once here, not by interceptors on every call (transport/gate.py).
+    registrar = cast(aio.Server, WrappingRegistrar(server, gate,
+                                                   around_service_calls(callers, metrics)))
     pb_grpc.add_TwoFactorServiceServicer_to_server(TwoFactorServicer(services, metrics),
-                                                   server)
+                                                   registrar)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
     _add_reflection(server)
 
     try:

@@ -1,8 +1,9 @@
 """Cross-cutting work around every TwoFactorService call.
 
 Order on the server (outermost first): OpenTelemetry's server interceptor (a span per
-RPC), then ``ServiceInterceptor``: caller identity into a contextvar, one access-log line
-per call, and the single place where exceptions become statuses.
+RPC, only when spans are exported), the call gate (transport/gate.py), then
+``around_service_calls``: caller identity into a contextvar, one access-log line per call,
+and the single place where exceptions become statuses.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -32,40 +33,22 @@ SERVICE_PREFIX = "/mfa.v1."
 Handler = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
-class ServiceInterceptor(aio.ServerInterceptor):
-    """Caller authentication, context, access log and error mapping for mfa.v1 calls.
+def around_service_calls(callers: CallerRegistry | None = None,
+                         metrics: Metrics | None = None) -> Callable[[str, Handler], Handler]:
+    """Caller authentication, context, access log and error mapping for mfa.v1 calls: a
+    function that wraps one method's handler (transport/gate.py: ``WrappingRegistrar``
+    applies it once per method, at registration). Other services pass unwrapped.
 
     Without a registry (development on loopback only, enforced at start-up) every call is
     the anonymous development caller.
     """
 
-    def __init__(self, callers: CallerRegistry | None = None,
-                 metrics: Metrics | None = None) -> None:
-        self._callers = callers
-        self._metrics = metrics
-        # The wrapped handler of each method, made once: the servicer's handlers do not
-        # change, and building a handler object on every call showed in the profile.
-        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    def around(method: str, inner: Handler) -> Handler:
+        if not method.startswith(SERVICE_PREFIX):
+            return inner
+        return _wrap(method, inner, callers, metrics)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails],
-                               Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        method: str = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or not method.startswith(
-                SERVICE_PREFIX):
-            return handler
-        wrapped = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
-            _wrap(method, cast(Handler, handler.unary_unary), self._callers, self._metrics),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
-        return wrapped
+    return around
 
 
 def _wrap(method: str, inner: Handler, callers: CallerRegistry | None,
