@@ -175,12 +175,10 @@ class Steps:
         """The per-user lock before anything else (one order everywhere: no deadlock
         with Challenge), then the challenge and its factor. ``expect_user``: another
         user's challenge is "not found", never a hint."""
-        locked = await tx.lockouts.lock_for_challenge(challenge_id)
-        found = await tx.challenges.get_with_factor(challenge_id) if locked else None
-        if locked is None or found is None or (
-                expect_user is not None and found[0].user_id != expect_user):
+        found = await tx.challenges.locked_with_factor(challenge_id)
+        if found is None or (expect_user is not None and found[0].user_id != expect_user):
             raise ChallengeNotFound()
-        return Loaded(found[0], found[1], locked[1])
+        return Loaded(*found)
 
     def ready(self, loaded: Loaded, proof: Proof, who: AuditContext,
               now: datetime) -> Ready | Closed:

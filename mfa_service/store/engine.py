@@ -168,17 +168,17 @@ def upsert_lock(dialect: str, source: Select[Any]) -> Insert:
     """INSERT the ``user_lockouts`` row(s) that ``source`` selects (user_id,
     consecutive_failures, admin_reset_required), or lock the existing one, returning it.
 
-    ``ON CONFLICT DO UPDATE`` with a no-op update, so an existing row is returned too and
-    (PostgreSQL) row-locked until the transaction ends; SQLite's BEGIN IMMEDIATE already
-    holds the write lock. ``source`` must have a WHERE clause (SQLite's parser needs one
-    between INSERT ... SELECT and ON CONFLICT).
+    ``ON CONFLICT DO UPDATE`` adding one to ``lock_version`` (models.UserLockoutRow), so an
+    existing row is returned too and (PostgreSQL) row-locked until the transaction ends;
+    SQLite's BEGIN IMMEDIATE already holds the write lock. ``source`` must have a WHERE
+    clause (SQLite's parser needs one between INSERT ... SELECT and ON CONFLICT).
     """
     insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
     stmt = insert_fn(user_lockouts).from_select(
         ["user_id", "consecutive_failures", "admin_reset_required"], source)
     return stmt.on_conflict_do_update(
         index_elements=[user_lockouts.c.user_id],
-        set_={"user_id": stmt.excluded.user_id}).returning(*user_lockouts.c)
+        set_={"lock_version": user_lockouts.c.lock_version + 1}).returning(*user_lockouts.c)
 
 
 def take_budget_unit(dialect: str, day: date, budget: int) -> Insert:

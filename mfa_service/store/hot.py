@@ -62,18 +62,39 @@ _CHALLENGE_COLUMNS = ", ".join(c.name for c in challenges.c)
 _LOCKOUT_COLUMNS = ", ".join(c.name for c in user_lockouts.c)
 
 # The per-user lock (store/security.py): create the counter row on first use or lock the
-# existing one, and return it; ON CONFLICT DO UPDATE takes the row lock.
+# existing one, and return it; ON CONFLICT DO UPDATE takes the row lock, and adds one to
+# lock_version (models.UserLockoutRow).
+_ON_CONFLICT_LOCK = (" ON CONFLICT (user_id) DO UPDATE"
+                     " SET lock_version = user_lockouts.lock_version + 1")
 LOCK_USER = (
     "INSERT INTO user_lockouts (user_id, consecutive_failures, admin_reset_required)"
-    " VALUES ($1, 0, false)"
-    " ON CONFLICT (user_id) DO UPDATE SET user_id = excluded.user_id"
-    f" RETURNING {_LOCKOUT_COLUMNS}")
+    " VALUES ($1, 0, false)" + _ON_CONFLICT_LOCK + f" RETURNING {_LOCKOUT_COLUMNS}")
 # The same for the user who owns a challenge, found in the same statement.
 LOCK_CHALLENGE_USER = (
     "INSERT INTO user_lockouts (user_id, consecutive_failures, admin_reset_required)"
     " SELECT user_id, 0, false FROM challenges WHERE id = $1"
-    " ON CONFLICT (user_id) DO UPDATE SET user_id = excluded.user_id"
-    f" RETURNING {_LOCKOUT_COLUMNS}")
+    + _ON_CONFLICT_LOCK + f" RETURNING {_LOCKOUT_COLUMNS}")
+# Verify's first round trip: the lock of the challenge's user *and* the challenge with its
+# factor, in one statement. Its snapshot is taken when it starts, before the lock is
+# granted: if another transaction of the user held the lock and committed meanwhile, the
+# challenge and factor read here are older than the lock. Every lock adds one to
+# lock_version and the row is never deleted, so the read is current exactly when the
+# version written (l.lock_version) is one more than the version the snapshot saw
+# (seen_version); otherwise, and when the row is new, the caller reads again
+# (LockoutRepository.lock_for_challenge_with_factor). Lockout columns prefixed "l_",
+# factor columns "f_".
+LOCK_CHALLENGE_USER_WITH_FACTOR = (
+    "WITH l AS (INSERT INTO user_lockouts"
+    " (user_id, consecutive_failures, admin_reset_required)"
+    " SELECT user_id, 0, false FROM challenges WHERE id = $1"
+    + _ON_CONFLICT_LOCK + f" RETURNING {_LOCKOUT_COLUMNS})"
+    " SELECT " + ", ".join(f"l.{c.name} AS l_{c.name}" for c in user_lockouts.c)
+    + ", (SELECT s.lock_version FROM user_lockouts AS s WHERE s.user_id = l.user_id)"
+    " AS seen_version, "
+    + ", ".join(f"c.{c.name}" for c in challenges.c) + ", "
+    + ", ".join(f"f.{c.name} AS f_{c.name}" for c in factors.c)
+    + " FROM l JOIN challenges AS c ON c.id = $1"
+    " JOIN factors AS f ON f.id = c.factor_id")
 GET_FACTOR = f"SELECT {_FACTOR_COLUMNS} FROM factors WHERE id = $1"
 # A challenge and its factor in one read (factor columns prefixed "f_").
 CHALLENGE_WITH_FACTOR = (

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from mfa_service.domain import ChallengeState, FactorStatus
-from mfa_service.store.engine import insert_ignore, notify_every_user, notify_revoked
+from mfa_service.store.engine import notify_every_user, notify_revoked
 from mfa_service.store.models import (
     challenges,
     factors,
@@ -27,6 +27,7 @@ from mfa_service.store.models import (
     user_lockouts,
 )
 from mfa_service.store.outbox import PENDING
+from mfa_service.store.security import LockoutRepository, LockoutState
 from mfa_service.store.unit import Unit
 
 # What a key can be needed for, in the order `keys status` prints them. The first two are
@@ -158,18 +159,21 @@ async def rekey_outbox_payload(unit: Unit, old: StoredCiphertext, key_id: str,
 
 # -- the support desk's reset of one user ------------------------------------------------
 async def clear_lockout(unit: Unit, user_id: str) -> bool:
-    """Delete the user's lockout counter; True if there was one.
+    """Clear the user's lockout counter, in place; True if it held anything (a failure, a
+    lock, the hard limit).
 
-    Run first in the reset: every Verify locks this row before anything else
-    (LockoutRepository.lock), so the reset takes it first too and a concurrent Verify
-    waits for it instead of deadlocking with it. A missing row is inserted first so that
-    there is a row to lock (ON CONFLICT DO NOTHING takes no lock on an existing row; the
-    DELETE does).
+    Run first in the reset, through the per-user lock every Verify takes before anything
+    else (LockoutRepository.lock): a concurrent Verify waits for the reset instead of
+    deadlocking with it, and, as after every lock, finds the counter's lock_version one
+    more, so it knows the reset committed while it waited (store/hot.py). The row stays.
     """
-    created = await unit.write(insert_ignore(unit.dialect, user_lockouts, {
-        "user_id": user_id, "consecutive_failures": 0, "admin_reset_required": False}))
-    await unit.execute(delete(user_lockouts).where(user_lockouts.c.user_id == user_id))
-    return created == 0
+    state = await LockoutRepository(unit).lock(user_id)
+    if state == LockoutState(0, None, None, False):
+        return False
+    await unit.execute(update(user_lockouts).where(user_lockouts.c.user_id == user_id).values(
+        consecutive_failures=0, last_failure_at=None, locked_until=None,
+        admin_reset_required=False))
+    return True
 
 
 async def disable_user_factors(unit: Unit, user_id: str, now: datetime) -> int:

@@ -303,6 +303,10 @@ class UserLockoutRow(Base):
     # Set at the hard limit (100 consecutive failures): only a recovery code of the user
     # (or an administrator) unlocks; codes of the other factors are refused meanwhile.
     admin_reset_required: Mapped[bool] = mapped_column(server_default=text("false"))
+    # One more on every lock, never reset (the row is never deleted): a statement that
+    # takes the lock and reads in one go compares it with what its snapshot saw, to know
+    # whether another transaction of the user committed in between (store/hot.py).
+    lock_version: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
 
 
 class RecoveryCodeRow(Base):

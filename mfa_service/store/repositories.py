@@ -60,6 +60,7 @@ from mfa_service.store.models import (
     recovery_codes,
     sessions,
 )
+from mfa_service.store.security import LockoutRepository, LockoutState, lockout_state_of
 from mfa_service.store.unit import Unit
 
 # Typed once: a bare bindparam would not run the column type's conversion (aware UTC
@@ -460,6 +461,31 @@ class ChallengeRepository:
         row = (await self._unit.execute(_CHALLENGE_WITH_FACTOR,
                                         {"challenge_id": challenge_id})).first()
         return (_challenge(row), _factor(row, "f_")) if row else None
+
+    async def locked_with_factor(self, challenge_id: str,
+                                 ) -> tuple[Challenge, FactorRecord, LockoutState] | None:
+        """Take the per-user lock of the challenge's owner (``LockoutRepository.lock``,
+        before anything else), then the challenge and its factor as they are under that
+        lock, and the user's lockout counter. None: no such challenge.
+
+        On PostgreSQL one round trip (hot.LOCK_CHALLENGE_USER_WITH_FACTOR), plus a second
+        read only when another transaction of the user committed while this one waited
+        for the lock (or the user's counter row is new): the statement's own read is then
+        older than the lock."""
+        if not self._unit.postgres:
+            locked = await LockoutRepository(self._unit).lock_for_challenge(challenge_id)
+            found = await self.get_with_factor(challenge_id) if locked else None
+            return (found[0], found[1], locked[1]) if locked and found else None
+        record = await self._unit.fetchrow(hot.LOCK_CHALLENGE_USER_WITH_FACTOR, challenge_id)
+        if record is None:
+            return None
+        m = hot.aware(record)
+        lockout = lockout_state_of(m, "l_")
+        seen = m["seen_version"]
+        if seen is None or m["l_lock_version"] != seen + 1:
+            found = await self.get_with_factor(challenge_id)  # current: the lock is held
+            return (found[0], found[1], lockout) if found else None
+        return _challenge_of(m), _factor_of(m, "f_"), lockout
 
     async def by_request_id(self, factor_id: str, request_id: str) -> Challenge | None:
         row = (await self._unit.execute(

@@ -62,9 +62,14 @@ def _state(row: Row[Any]) -> LockoutState:
     return _state_of(row._mapping)
 
 
-def _state_of(m: Any) -> LockoutState:
-    return LockoutState(m["consecutive_failures"], m["last_failure_at"], m["locked_until"],
-                        bool(m["admin_reset_required"]))
+def _state_of(m: Any, prefix: str = "") -> LockoutState:
+    return LockoutState(m[f"{prefix}consecutive_failures"], m[f"{prefix}last_failure_at"],
+                        m[f"{prefix}locked_until"], bool(m[f"{prefix}admin_reset_required"]))
+
+
+def lockout_state_of(m: Any, prefix: str = "") -> LockoutState:
+    """A lockout row (its columns named with ``prefix``) as a LockoutState."""
+    return _state_of(m, prefix)
 
 
 class LockoutRepository:

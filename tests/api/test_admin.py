@@ -326,8 +326,12 @@ async def test_reset_user_takes_away_every_factor_session_code_and_lockout(
         session_token=session.session_token, application=pb.APPLICATION_PORTAL))
     assert not check.valid
     async with app.database.engine.connect() as conn:
-        assert await conn.scalar(select(func.count()).select_from(user_lockouts).where(
-            user_lockouts.c.user_id == user_id)) == 0
+        # The counter is cleared in place (the row stays: its lock_version only grows).
+        counter = (await conn.execute(select(user_lockouts).where(
+            user_lockouts.c.user_id == user_id))).one()
+        assert (counter.consecutive_failures, counter.last_failure_at, counter.locked_until,
+                counter.admin_reset_required) == (0, None, None, False)
+        assert counter.lock_version >= 1
         assert await conn.scalar(select(func.count()).select_from(recovery_codes).where(
             recovery_codes.c.user_id == user_id, recovery_codes.c.used_at.is_(None))) == 0
         assert await conn.scalar(select(challenges.c.state).where(

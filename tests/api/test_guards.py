@@ -20,9 +20,11 @@ from mfa_service.clock import FixedClock
 from mfa_service.errors import GuardLost
 from mfa_service.factors.totp import AuthenticatorApp
 from mfa_service.service import audit
+from mfa_service.store import hot
 from mfa_service.store.database import Transaction
-from mfa_service.store.models import challenges, sessions
-from mfa_service.store.security import LockoutRepository, LockoutState
+from mfa_service.store.models import sessions
+from mfa_service.store.repositories import ChallengeRepository
+from mfa_service.store.security import LockoutState
 from tests.support.client import enroll_app, totp_at
 
 if TYPE_CHECKING:
@@ -89,10 +91,9 @@ async def test_without_the_user_lock_one_totp_code_still_logs_in_once(
         pytest.skip("SQLite serialises every writing transaction: nothing can overlap")
     factor = await enroll_app(stub, user_id, fresh_clock)
 
-    async def no_lock(self: LockoutRepository, challenge_id: str) -> Any:
-        row = (await self._unit.execute(select(challenges.c.user_id).where(
-            challenges.c.id == challenge_id))).first()
-        return (row.user_id, LockoutState(0, None, None, False)) if row else None
+    async def no_lock(self: ChallengeRepository, challenge_id: str) -> Any:
+        found = await self.get_with_factor(challenge_id)
+        return (*found, LockoutState(0, None, None, False)) if found else None
 
     barrier = asyncio.Barrier(2)
     arrivals = 0
@@ -106,7 +107,7 @@ async def test_without_the_user_lock_one_totp_code_still_logs_in_once(
             await asyncio.wait_for(barrier.wait(), timeout=10)
         return verdict
 
-    monkeypatch.setattr(LockoutRepository, "lock_for_challenge", no_lock)
+    monkeypatch.setattr(ChallengeRepository, "locked_with_factor", no_lock)
     monkeypatch.setattr(AuthenticatorApp, "check", held_check)
     # Two open challenges on one factor need two purposes (a new one of the same purpose
     # supersedes the old); both record the TOTP step when approved.
@@ -132,3 +133,49 @@ async def test_without_the_user_lock_one_totp_code_still_logs_in_once(
         created = await conn.scalar(select(func.count()).select_from(sessions).where(
             sessions.c.user_id == user_id))
     assert created == (1 if results[0].result == pb.VERIFY_RESULT_APPROVED else 0)
+
+
+@pytest.mark.postgres
+async def test_a_lock_granted_late_reads_what_its_holder_committed(
+        app: App, stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    """Verify takes the user's lock and reads the challenge in one statement, whose snapshot
+    is older than the lock when it had to wait. Here another transaction holds the lock,
+    counts two attempts on the challenge and commits while the read waits: the read must
+    return the two attempts (the lock's version says the snapshot is stale: read again),
+    not the snapshot's none."""
+    if app.database.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite serialises every writing transaction: nothing can wait")
+    factor = await enroll_app(stub, user_id, fresh_clock)
+    ch = await stub.Challenge(pb.ChallengeRequest(
+        user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
+        application=pb.APPLICATION_PORTAL))
+    engine = app.database.engine
+    async with engine.connect() as holding, engine.connect() as watching:
+        holder = (await holding.get_raw_connection()).driver_connection
+        watcher = (await watching.get_raw_connection()).driver_connection
+        assert holder is not None and watcher is not None
+        held = holder.transaction()
+        await held.start()
+        await holder.fetchrow(hot.LOCK_USER, user_id)  # as every call of the user does
+        await holder.execute("UPDATE challenges SET attempts = 2 WHERE id = $1",
+                             ch.challenge_id)
+
+        async def read() -> Any:
+            async with app.database.transaction() as tx:
+                return await tx.challenges.locked_with_factor(ch.challenge_id)
+
+        reading = asyncio.create_task(read())
+        for _ in range(500):  # until the read's statement waits for the row lock
+            waiting = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE 'WITH l AS%'")
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting == 1
+        await held.commit()
+        found = await asyncio.wait_for(reading, timeout=10)
+    assert found is not None
+    challenge, record, _ = found
+    assert challenge.attempts == 2
+    assert record.factor.factor_id == factor.factor_id
