@@ -1,15 +1,20 @@
 """Deleting what no longer serves anyone: ended sessions, closed challenges, settled
-outbox rows, idle lockout counters, expired remembered browsers and ended per-address
-counts of unknown device tokens. The audit trail and factors are never deleted, but
-a PENDING factor long gone (past MFA_PENDING_TTL_MINUTES, at most an hour) is marked
-DISABLED and its secret wiped: an unscanned QR code's secret serves no one."""
+outbox rows, expired remembered browsers and ended per-address counts of unknown device
+tokens. The audit trail and factors are never deleted, but a PENDING factor long gone
+(past MFA_PENDING_TTL_MINUTES, at most an hour) is marked DISABLED and its secret wiped:
+an unscanned QR code's secret serves no one.
+
+Nor are the users' lockout counters (one small row per user, as factors are): the per-user
+lock's ``lock_version`` must only grow for Verify's one-statement lock and read to tell a
+stale read (store/hot.py), and a row deleted would cost the user's next call a second read.
+A counter idle past the quiet period counts as reset anyway (service/lockout.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import delete, or_, select, update
 
 from mfa_service.domain import FactorStatus
 from mfa_service.store.models import (
@@ -19,7 +24,6 @@ from mfa_service.store.models import (
     outbox,
     sessions,
     trusted_devices,
-    user_lockouts,
 )
 from mfa_service.store.unit import Unit
 
@@ -31,7 +35,6 @@ class Retention:
     sessions: timedelta = timedelta(days=1)
     challenges: timedelta = timedelta(days=1)
     outbox: timedelta = timedelta(days=7)
-    lockouts: timedelta = timedelta(hours=12)  # the quiet period that resets a count anyway
     pending_factors: timedelta = timedelta(hours=1)  # >= the longest MFA_PENDING_TTL
     # A remembered browser's row goes a day after its absolute end, however it ended:
     # until then the browser may still present its token (the portal's cookie lives as
@@ -63,13 +66,6 @@ async def purge(unit: Unit, now: datetime, keep: Retention,
         outbox.c.state != "pending", outbox.c.created_at < now - keep.outbox).limit(batch)
     counts["outbox"] = (await unit.execute(
         delete(outbox).where(outbox.c.id.in_(settled)))).rowcount
-    idle = select(user_lockouts.c.user_id).where(and_(
-        user_lockouts.c.admin_reset_required.is_(False),
-        or_(user_lockouts.c.locked_until.is_(None), user_lockouts.c.locked_until < now),
-        or_(user_lockouts.c.last_failure_at.is_(None),
-            user_lockouts.c.last_failure_at < now - keep.lockouts))).limit(batch)
-    counts["lockouts"] = (await unit.execute(
-        delete(user_lockouts).where(user_lockouts.c.user_id.in_(idle)))).rowcount
     gone = select(factors.c.id).where(
         factors.c.status == FactorStatus.PENDING.value,
         factors.c.created_at < now - keep.pending_factors).limit(batch)

@@ -11,7 +11,14 @@ from sqlalchemy import func, select
 
 from mfa_service.app import App
 from mfa_service.clock import FixedClock
-from mfa_service.store.models import audit_events, challenges, factors, outbox, sessions
+from mfa_service.store.models import (
+    audit_events,
+    challenges,
+    factors,
+    outbox,
+    sessions,
+    user_lockouts,
+)
 from mfa_service.store.retention import Retention, purge
 from tests.support.client import enroll_app, login
 
@@ -73,3 +80,28 @@ async def test_purge_keeps_what_is_live_and_deletes_what_ended(
     # Factors and the audit trail are kept for good.
     assert await _count(app, factors, factors.c.user_id, user_id) == 3
     assert await _count(app, audit_events, audit_events.c.user_id, user_id) > 10
+
+
+async def test_purge_keeps_the_users_lockout_counters(
+        stub: Stub, app: App, user_id: str, fresh_clock: FixedClock) -> None:
+    """A user's lockout counter outlives every purge, with its lock_version: the version
+    only grows, or Verify's one-statement lock and read could take a stale read for a
+    current one (store/hot.py)."""
+    factor = await enroll_app(stub, user_id, fresh_clock)
+    await login(stub, factor, fresh_clock)
+
+    async def version() -> int | None:
+        async with app.database.engine.connect() as conn:
+            return await conn.scalar(select(user_lockouts.c.lock_version).where(
+                user_lockouts.c.user_id == user_id))
+
+    before = await version()
+    assert before is not None
+    async with app.database.transaction() as tx:
+        while any((await purge(tx, fresh_clock.now() + timedelta(days=30), Retention()))
+                  .values()):
+            pass
+    assert await version() == before
+    await login(stub, factor, fresh_clock)
+    after = await version()
+    assert after is not None and after > before

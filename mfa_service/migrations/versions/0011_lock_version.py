@@ -9,7 +9,7 @@ the challenge and its factor in one statement, whose snapshot is taken before th
 granted; comparing the version it saw with the one it wrote tells whether another
 transaction of the user committed in between, and only then is the read repeated
 (store/hot.py). Rows are never deleted from now on (the admin reset clears the counters in
-place), so the version only grows. Existing rows start at 0; adding a column with a
+place, and the purge keeps them), so the version only grows. Existing rows start at 0; adding a column with a
 constant default rewrites nothing on PostgreSQL 11 and later.
 """
 
