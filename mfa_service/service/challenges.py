@@ -41,7 +41,7 @@ from mfa_service.service import audit, policy
 from mfa_service.service.limits import PhoneSendRefused, SendLimits, SendPermit
 from mfa_service.service.lockout import Lockout
 from mfa_service.service.policy import Change, Evidence
-from mfa_service.service.rules import Rules, new_id, owned_factor, proof_evidence, require_status
+from mfa_service.service.rules import Rules, new_id, owned, proof_evidence, require_status
 from mfa_service.service.sessions import SessionService
 from mfa_service.store.database import Database, Transaction
 
@@ -167,8 +167,9 @@ class Challenges:
     async def _challenge(self, cmd: ChallengeCommand, who: AuditContext) -> ChallengeResult:
         now = self._clock.now()
         async with self._db.transaction() as tx:
-            lockout = await tx.lockouts.lock(cmd.user_id)  # the per-user lock, first
-            record = await owned_factor(tx, self._rules, cmd.user_id, cmd.factor_id, now)
+            # The per-user lock first, and the factor read under it (one round trip).
+            lockout, found = await tx.factors.locked_with(cmd.user_id, cmd.factor_id)
+            record = owned(self._rules, cmd.user_id, found, now)
             method = self._registry.get(record.factor.method)
             if cmd.purpose is Purpose.CHANGE_PHONE and record.factor.method is not Method.PHONE:
                 raise InvalidArgument.single("purpose", "PURPOSE_CHANGE_PHONE needs a phone factor")

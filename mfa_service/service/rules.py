@@ -142,7 +142,12 @@ def login_evidence(factor: Factor) -> Evidence:
 
 async def owned_factor(tx: Transaction, rules: Rules, user_id: str, factor_id: str,
                        now: datetime) -> FactorRecord:
-    record = await tx.factors.get(factor_id)
+    return owned(rules, user_id, await tx.factors.get(factor_id), now)
+
+
+def owned(rules: Rules, user_id: str, record: FactorRecord | None,
+          now: datetime) -> FactorRecord:
+    """``record`` if it is ``user_id``'s and not gone, else FactorNotFound."""
     # Another user's factor is "not found": no oracle for which ids exist. So is a
     # PENDING factor past MFA_PENDING_TTL: it is gone.
     if record is None or record.factor.user_id != user_id or rules.gone(record.factor, now):

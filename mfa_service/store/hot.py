@@ -96,6 +96,18 @@ LOCK_CHALLENGE_USER_WITH_FACTOR = (
     + " FROM l JOIN challenges AS c ON c.id = $1"
     " JOIN factors AS f ON f.id = c.factor_id")
 GET_FACTOR = f"SELECT {_FACTOR_COLUMNS} FROM factors WHERE id = $1"
+# Challenge's first round trip: the user's lock and the factor, read as
+# LOCK_CHALLENGE_USER_WITH_FACTOR reads (the same check of lock_version says whether the
+# read is current). No such factor: the f_ columns are NULL.
+LOCK_USER_WITH_FACTOR = (
+    "WITH l AS (INSERT INTO user_lockouts"
+    " (user_id, consecutive_failures, admin_reset_required) VALUES ($1, 0, false)"
+    + _ON_CONFLICT_LOCK + f" RETURNING {_LOCKOUT_COLUMNS})"
+    " SELECT " + ", ".join(f"l.{c.name} AS l_{c.name}" for c in user_lockouts.c)
+    + ", (SELECT s.lock_version FROM user_lockouts AS s WHERE s.user_id = $1)"
+    " AS seen_version, "
+    + ", ".join(f"f.{c.name} AS f_{c.name}" for c in factors.c)
+    + " FROM l LEFT JOIN factors AS f ON f.id = $2")
 # A challenge and its factor in one read (factor columns prefixed "f_").
 CHALLENGE_WITH_FACTOR = (
     "SELECT " + ", ".join(f"c.{c.name}" for c in challenges.c) + ", "

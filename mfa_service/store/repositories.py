@@ -179,6 +179,22 @@ class FactorRepository:
         row = (await self._unit.execute(_GET_FACTOR, {"factor_id": factor_id})).first()
         return _factor(row) if row else None
 
+    async def locked_with(self, user_id: str, factor_id: str,
+                          ) -> tuple[LockoutState, FactorRecord | None]:
+        """Take the per-user lock (``LockoutRepository.lock``, before anything else), then
+        read the factor as it is under that lock. On PostgreSQL one round trip
+        (hot.LOCK_USER_WITH_FACTOR), plus a second read only when another transaction of
+        the user committed while this one waited for the lock (or the user's counter row
+        is new)."""
+        if not self._unit.postgres:
+            return await LockoutRepository(self._unit).lock(user_id), await self.get(factor_id)
+        m = hot.aware(await self._unit.fetchrow(hot.LOCK_USER_WITH_FACTOR, user_id, factor_id))
+        lockout = lockout_state_of(m, "l_")
+        seen = m["seen_version"]
+        if seen is None or m["l_lock_version"] != seen + 1:
+            return lockout, await self.get(factor_id)  # current: the lock is held
+        return lockout, _factor_of(m, "f_") if m["f_id"] is not None else None
+
     async def list_for_user(self, user_id: str) -> list[FactorRecord]:
         rows = await self._unit.execute(_FACTORS_OF_USER, {"user_id": user_id})
         return [_factor(r) for r in rows]

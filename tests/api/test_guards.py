@@ -179,3 +179,40 @@ async def test_a_lock_granted_late_reads_what_its_holder_committed(
     challenge, record, _ = found
     assert challenge.attempts == 2
     assert record.factor.factor_id == factor.factor_id
+
+
+@pytest.mark.postgres
+async def test_challenge_lock_granted_late_reads_the_factor_its_holder_changed(
+        app: App, stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    """The same for Challenge's lock and factor read: the holder disables the factor and
+    commits while the read waits; the read returns the factor DISABLED."""
+    if app.database.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite serialises every writing transaction: nothing can wait")
+    factor = await enroll_app(stub, user_id, fresh_clock)
+    engine = app.database.engine
+    async with engine.connect() as holding, engine.connect() as watching:
+        holder = (await holding.get_raw_connection()).driver_connection
+        watcher = (await watching.get_raw_connection()).driver_connection
+        assert holder is not None and watcher is not None
+        held = holder.transaction()
+        await held.start()
+        await holder.fetchrow(hot.LOCK_USER, user_id)
+        await holder.execute("UPDATE factors SET status = 'disabled' WHERE id = $1",
+                             factor.factor_id)
+
+        async def read() -> Any:
+            async with app.database.transaction() as tx:
+                return await tx.factors.locked_with(user_id, factor.factor_id)
+
+        reading = asyncio.create_task(read())
+        for _ in range(500):
+            waiting = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE 'WITH l AS%'")
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting == 1
+        await held.commit()
+        _, record = await asyncio.wait_for(reading, timeout=10)
+    assert record is not None and record.factor.status.value == "disabled"

@@ -75,7 +75,8 @@ async def test_hot_paths_stay_within_their_statement_budget(
         ch, n = await statements.count(stub.Challenge(pb.ChallengeRequest(
             user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
             application=pb.APPLICATION_PORTAL)))
-        assert within(app, n, 3, 6), statements.sql
+        # PostgreSQL: the user lock with the factor (one statement), the deferred writes.
+        assert within(app, n, 2, 6), statements.sql
 
         ok, n = await statements.count(stub.Verify(pb.VerifyRequest(
             challenge_id=ch.challenge_id, code=totp_at(factor.secret, fresh_clock))))
@@ -138,7 +139,7 @@ async def test_a_passkey_login_costs_what_a_totp_login_costs(
         ch, n = await statements.count(stub.Challenge(pb.ChallengeRequest(
             user_id=user_id, factor_id=enrolled.factor.factor_id, purpose=pb.PURPOSE_LOGIN,
             application=pb.APPLICATION_PORTAL)))
-        assert within(app, n, 3, 6), statements.sql
+        assert within(app, n, 2, 6), statements.sql
         ok, n = await statements.count(stub.Verify(pb.VerifyRequest(
             challenge_id=ch.challenge_id, webauthn_response=key.get(ch.webauthn_request_options))))
         assert ok.result == pb.VERIFY_RESULT_APPROVED
@@ -165,7 +166,7 @@ def _no_dispatcher(app: App) -> None:
     assert not app.settings.outbox_dispatcher
 
 
-async def test_a_phone_challenge_costs_six_statements(rig: Rig, user_id: str) -> None:
+async def test_a_phone_challenge_costs_five_statements(rig: Rig, user_id: str) -> None:
     factor_id, _ = await enroll_phone(rig, user_id)
     with counting(rig.app) as statements:
         ch, n = await statements.count(rig.stub.Challenge(pb.ChallengeRequest(
@@ -178,7 +179,7 @@ async def test_a_phone_challenge_costs_six_statements(rig: Rig, user_id: str) ->
     [rpc] = {c for c, sql in statements.seen if "INSERT INTO user_lockouts" in sql}
     n = len([sql for c, sql in statements.seen if c == rpc])
     # SQLite: no advisory locks; BEGIN IMMEDIATE and one INSERT per table instead.
-    assert within(rig.app, n, 6, 10), statements.sql
+    assert within(rig.app, n, 5, 10), statements.sql
 
 
 async def test_a_remembered_browser_costs_what_a_login_costs(
