@@ -5,7 +5,7 @@ of the way and show that replay safety does not rest on it alone."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -135,6 +135,38 @@ async def test_without_the_user_lock_one_totp_code_still_logs_in_once(
     assert created == (1 if results[0].result == pb.VERIFY_RESULT_APPROVED else 0)
 
 
+async def _read_while_the_lock_is_held(app: App, user_id: str, change: str, row_id: str,
+                                       read: Callable[[Transaction], Awaitable[Any]]) -> Any:
+    """``read`` in a transaction of the service while another transaction holds the
+    user's lock (as every call of the user takes it) and runs ``change`` on ``row_id``;
+    that one commits only once ``read``'s statement waits for the lock."""
+    engine = app.database.engine
+    async with engine.connect() as holding, engine.connect() as watching:
+        holder = (await holding.get_raw_connection()).driver_connection
+        watcher = (await watching.get_raw_connection()).driver_connection
+        assert holder is not None and watcher is not None
+        held = holder.transaction()
+        await held.start()
+        await holder.fetchrow(hot.LOCK_USER, user_id)
+        await holder.execute(change, row_id)
+
+        async def reading() -> Any:
+            async with app.database.transaction() as tx:
+                return await read(tx)
+
+        task = asyncio.create_task(reading())
+        for _ in range(500):  # until the read's statement waits for the row lock
+            waiting = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE 'WITH l AS%'")
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting == 1
+        await held.commit()
+        return await asyncio.wait_for(task, timeout=10)
+
+
 @pytest.mark.postgres
 async def test_a_lock_granted_late_reads_what_its_holder_committed(
         app: App, stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
@@ -149,32 +181,9 @@ async def test_a_lock_granted_late_reads_what_its_holder_committed(
     ch = await stub.Challenge(pb.ChallengeRequest(
         user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
         application=pb.APPLICATION_PORTAL))
-    engine = app.database.engine
-    async with engine.connect() as holding, engine.connect() as watching:
-        holder = (await holding.get_raw_connection()).driver_connection
-        watcher = (await watching.get_raw_connection()).driver_connection
-        assert holder is not None and watcher is not None
-        held = holder.transaction()
-        await held.start()
-        await holder.fetchrow(hot.LOCK_USER, user_id)  # as every call of the user does
-        await holder.execute("UPDATE challenges SET attempts = 2 WHERE id = $1",
-                             ch.challenge_id)
-
-        async def read() -> Any:
-            async with app.database.transaction() as tx:
-                return await tx.challenges.locked_with_factor(ch.challenge_id)
-
-        reading = asyncio.create_task(read())
-        for _ in range(500):  # until the read's statement waits for the row lock
-            waiting = await watcher.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock' AND query LIKE 'WITH l AS%'")
-            if waiting:
-                break
-            await asyncio.sleep(0.01)
-        assert waiting == 1
-        await held.commit()
-        found = await asyncio.wait_for(reading, timeout=10)
+    found = await _read_while_the_lock_is_held(
+        app, user_id, "UPDATE challenges SET attempts = 2 WHERE id = $1", ch.challenge_id,
+        lambda tx: tx.challenges.locked_with_factor(ch.challenge_id))
     assert found is not None
     challenge, record, _ = found
     assert challenge.attempts == 2
@@ -189,30 +198,7 @@ async def test_challenge_lock_granted_late_reads_the_factor_its_holder_changed(
     if app.database.engine.dialect.name != "postgresql":
         pytest.skip("SQLite serialises every writing transaction: nothing can wait")
     factor = await enroll_app(stub, user_id, fresh_clock)
-    engine = app.database.engine
-    async with engine.connect() as holding, engine.connect() as watching:
-        holder = (await holding.get_raw_connection()).driver_connection
-        watcher = (await watching.get_raw_connection()).driver_connection
-        assert holder is not None and watcher is not None
-        held = holder.transaction()
-        await held.start()
-        await holder.fetchrow(hot.LOCK_USER, user_id)
-        await holder.execute("UPDATE factors SET status = 'disabled' WHERE id = $1",
-                             factor.factor_id)
-
-        async def read() -> Any:
-            async with app.database.transaction() as tx:
-                return await tx.factors.locked_with(user_id, factor.factor_id)
-
-        reading = asyncio.create_task(read())
-        for _ in range(500):
-            waiting = await watcher.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock' AND query LIKE 'WITH l AS%'")
-            if waiting:
-                break
-            await asyncio.sleep(0.01)
-        assert waiting == 1
-        await held.commit()
-        _, record = await asyncio.wait_for(reading, timeout=10)
+    _, record = await _read_while_the_lock_is_held(
+        app, user_id, "UPDATE factors SET status = 'disabled' WHERE id = $1",
+        factor.factor_id, lambda tx: tx.factors.locked_with(user_id, factor.factor_id))
     assert record is not None and record.factor.status.value == "disabled"

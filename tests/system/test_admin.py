@@ -131,7 +131,10 @@ async def test_admin_reset_user_from_the_command_line(tmp_path: Path) -> None:
         row = await factor_row(db, factor_id)
         assert (row.status, row.secret_ciphertext) == ("disabled", None)
         async with db.engine.connect() as conn:
-            assert await conn.scalar(select(func.count()).select_from(user_lockouts)) == 0
+            # Cleared in place: the row stays (its lock_version only grows).
+            counter = (await conn.execute(select(user_lockouts))).one()
+            assert (counter.consecutive_failures, counter.admin_reset_required,
+                    counter.locked_until) == (0, False, None)
             assert await conn.scalar(select(func.count()).select_from(sessions).where(
                 sessions.c.revoked_at.is_(None))) == 0
 
