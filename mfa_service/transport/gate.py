@@ -37,7 +37,7 @@ from mfa_service.transport.status import to_grpc_status
 Handler = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 # No new call for this long after the last one arrived: the core holds none for us.
-QUIET_SECONDS = 0.05
+QUIET_SECONDS = 0.1
 # The store's deadline is this much earlier than the caller's, so the server ends the work
 # and answers DEADLINE_EXCEEDED itself (access log, ErrorInfo) instead of racing the gRPC
 # core, which cancels the call's task at the deadline.
@@ -77,6 +77,7 @@ class CallGate:
         self.closed = False
         self._release = asyncio.Event()
         self._last_arrival = 0.0
+        self.arrivals = 0  # calls that reached the gate, held ones included
 
     def close(self) -> None:
         """From now on, hold every new call until ``release``."""
@@ -88,19 +89,31 @@ class CallGate:
 
     async def settle(self, until: float, *, quiet: float = QUIET_SECONDS) -> bool:
         """Wait (at most until loop time ``until``) for no running call and ``quiet``
-        seconds without a new one; False if time ran out first."""
+        seconds without a new one, seen on two looks ``quiet / 2`` apart with no arrival
+        between them; False if time ran out first.
+
+        Why two looks: a loop that stalled (a busy CPU, a garbage collection) finds
+        ``quiet`` seconds gone when it wakes, though calls that reached the core during the
+        stall are only now being handed over; they would be cancelled by the stop. The
+        second look, after the loop has turned again, lets them arrive first."""
         loop = asyncio.get_running_loop()
+        seen: int | None = None  # the arrivals counted at the first quiet look
         while True:
             now = loop.time()
-            if self.running == 0 and now - self._last_arrival >= quiet:
+            calm = self.running == 0 and now - self._last_arrival >= quiet
+            if calm and seen == self.arrivals:
                 return True
+            seen = self.arrivals if calm else None
             if now >= until:
                 return False
             await asyncio.sleep(min(quiet / 2, max(until - now, 0.001)))
+            for _ in range(3):  # calls handed over in this turn take their first step
+                await asyncio.sleep(0)
 
     def wrap(self, inner: Handler) -> Handler:
         async def gated(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             self._last_arrival = asyncio.get_running_loop().time()
+            self.arrivals += 1
             if self.closed:
                 self.held += 1
                 await self._release.wait()

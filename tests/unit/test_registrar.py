@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 from mfa.v1 import two_factor_service_pb2 as pb
 
-from mfa_service.transport.gate import UNDECODABLE, CallGate, WrappingRegistrar
+from mfa_service.transport.gate import QUIET_SECONDS, UNDECODABLE, CallGate, WrappingRegistrar
 
 
 class _Recording:
@@ -83,3 +83,38 @@ def test_unary_handlers_are_wrapped_once_and_streams_pass() -> None:
     assert decode(b"\xff") is UNDECODABLE
     assert decode(pb.CheckSessionRequest(session_token="t").SerializeToString()) == \
         pb.CheckSessionRequest(session_token="t")
+
+
+def test_settle_waits_for_a_call_handed_over_after_a_quiet_look() -> None:
+    """The gate looked quiet once (no call for QUIET_SECONDS); a call reaching it before
+    the second look restarts the wait: settle returns only QUIET_SECONDS after that call,
+    and only once it has finished."""
+
+    class _Context:
+        def time_remaining(self) -> None:
+            return None
+
+    async def scenario() -> tuple[float, float, float]:
+        loop = asyncio.get_running_loop()
+        gate = CallGate()
+        done = asyncio.Event()
+
+        async def slow(request: Any, context: Any) -> str:
+            await done.wait()
+            return "ok"
+
+        handler = gate.wrap(slow)
+        settling = asyncio.create_task(gate.settle(loop.time() + 5))
+        await asyncio.sleep(0)  # settle's first look: quiet (nothing ever arrived)
+        call: asyncio.Future[Any] = asyncio.ensure_future(
+            handler("r", _Context()))  # type: ignore[arg-type]
+        await asyncio.sleep(QUIET_SECONDS)
+        assert not settling.done()  # a call runs
+        finished = loop.time()
+        done.set()
+        await call
+        assert await settling
+        return finished, gate._last_arrival, loop.time()
+
+    finished, arrived, settled = asyncio.run(scenario())
+    assert settled >= arrived + QUIET_SECONDS and settled >= finished
