@@ -170,8 +170,8 @@ async def _first(*events: asyncio.Event) -> None:
 
 
 async def _purge_periodically(app: App, clock: Clock, interval: float) -> None:
-    """Retention: ended sessions, closed challenges, sent messages and idle lockout
-    counters are deleted after their keep period (store/retention.py)."""
+    """Retention: ended sessions, closed challenges, sent messages and the other ended
+    rows are deleted after their keep period (store/retention.py)."""
     while not app._stopping.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(app._stopping.wait(), timeout=interval)

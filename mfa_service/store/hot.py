@@ -69,11 +69,6 @@ _ON_CONFLICT_LOCK = (" ON CONFLICT (user_id) DO UPDATE"
 LOCK_USER = (
     "INSERT INTO user_lockouts (user_id, consecutive_failures, admin_reset_required)"
     " VALUES ($1, 0, false)" + _ON_CONFLICT_LOCK + f" RETURNING {_LOCKOUT_COLUMNS}")
-# The same for the user who owns a challenge, found in the same statement.
-LOCK_CHALLENGE_USER = (
-    "INSERT INTO user_lockouts (user_id, consecutive_failures, admin_reset_required)"
-    " SELECT user_id, 0, false FROM challenges WHERE id = $1"
-    + _ON_CONFLICT_LOCK + f" RETURNING {_LOCKOUT_COLUMNS}")
 # Verify's first round trip: the lock of the challenge's user *and* the challenge with its
 # factor, in one statement. Its snapshot is taken when it starts, before the lock is
 # granted: if another transaction of the user held the lock and committed meanwhile, the
@@ -81,7 +76,7 @@ LOCK_CHALLENGE_USER = (
 # lock_version and the row is never deleted, so the read is current exactly when the
 # version written (l.lock_version) is one more than the version the snapshot saw
 # (seen_version); otherwise, and when the row is new, the caller reads again
-# (LockoutRepository.lock_for_challenge_with_factor). Lockout columns prefixed "l_",
+# (ChallengeRepository.locked_with_factor). Lockout columns prefixed "l_",
 # factor columns "f_".
 LOCK_CHALLENGE_USER_WITH_FACTOR = (
     "WITH l AS (INSERT INTO user_lockouts"

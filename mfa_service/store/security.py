@@ -59,17 +59,13 @@ def _statement(unit: Unit, name: str, source: Any) -> Any:
 
 
 def _state(row: Row[Any]) -> LockoutState:
-    return _state_of(row._mapping)
-
-
-def _state_of(m: Any, prefix: str = "") -> LockoutState:
-    return LockoutState(m[f"{prefix}consecutive_failures"], m[f"{prefix}last_failure_at"],
-                        m[f"{prefix}locked_until"], bool(m[f"{prefix}admin_reset_required"]))
+    return lockout_state_of(row._mapping)
 
 
 def lockout_state_of(m: Any, prefix: str = "") -> LockoutState:
     """A lockout row (its columns named with ``prefix``) as a LockoutState."""
-    return _state_of(m, prefix)
+    return LockoutState(m[f"{prefix}consecutive_failures"], m[f"{prefix}last_failure_at"],
+                        m[f"{prefix}locked_until"], bool(m[f"{prefix}admin_reset_required"]))
 
 
 class LockoutRepository:
@@ -92,7 +88,7 @@ class LockoutRepository:
         """
         if self._unit.postgres:  # the hot statement (store/hot.py)
             record = await self._unit.fetchrow(hot.LOCK_USER, user_id)
-            return _state_of(hot.aware(record))
+            return lockout_state_of(hot.aware(record))
         statement = _statement(self._unit, "lock_user", _LOCK_USER_SOURCE)
         row = (await self._unit.execute(statement, {"user_id": user_id})).one()
         return _state(row)
@@ -100,13 +96,9 @@ class LockoutRepository:
     async def lock_for_challenge(self, challenge_id: str) -> tuple[str, LockoutState] | None:
         """Lock the user who owns ``challenge_id`` (see ``lock``) without knowing them
         yet: one statement instead of a read followed by the lock. None: no such
-        challenge. Everything read after this is current for that user."""
-        if self._unit.postgres:  # the hot statement (store/hot.py)
-            record = await self._unit.fetchrow(hot.LOCK_CHALLENGE_USER, challenge_id)
-            if record is None:
-                return None
-            m = hot.aware(record)
-            return m["user_id"], _state_of(m)
+        challenge. Everything read after this is current for that user. SQLite's path;
+        PostgreSQL locks and reads in one statement
+        (``ChallengeRepository.locked_with_factor``)."""
         statement = _statement(self._unit, "lock_challenge_user", _LOCK_CHALLENGE_USER_SOURCE)
         row = (await self._unit.execute(statement, {"challenge_id": challenge_id})).first()
         return (row.user_id, _state(row)) if row else None
