@@ -172,6 +172,9 @@ SITUATIONAL = {"session_token", "locale", "account_name", "request_id", "page_to
                "start_time", "end_time", "client_ip", "user_agent"}
 BY_METHOD = {"email", "phone_number", "channel", "change_proof_challenge_id",
              "webauthn_response"}
+# ... except in the requests that cannot do without them: left out there, nearly every
+# example would stop at validation (CheckSession has only two fields).
+REQUIRED_HERE = {("CheckSessionRequest", "session_token")}
 Known = dict[str, list[str]]
 # Where fields depend on each other (which ones a method takes), the shapes a right request
 # has; the other fields of BY_METHOD stay out unless drawn wild.
@@ -201,7 +204,9 @@ def _plausible(field: FieldDescriptor, known: Known) -> st.SearchStrategy[Any]:
         strategy = _value(field, 3)
     if known.get(field.name):
         strategy = st.one_of(st.sampled_from(known[field.name]), strategy)
-    if field.name in SITUATIONAL or field.name in BY_METHOD:
+    owner = field.containing_type.name if field.containing_type is not None else ""
+    if ((field.name in SITUATIONAL or field.name in BY_METHOD)
+            and (owner, field.name) not in REQUIRED_HERE):
         strategy = st.one_of(st.none(), strategy)
     return strategy
 
