@@ -66,11 +66,13 @@ class LiveFactor(NamedTuple):
 # The per-user lock of every RPC that changes a user's factors (store/security.py), for
 # many users in one statement: created on first use, else row-locked until COMMIT. In
 # the order of the ids, so two imports running at once cannot lock in a cycle (an RPC
-# holds one user's lock only).
-_LOCK_USERS = (
+# holds one user's lock only). Like every lock, it adds one to lock_version: a Challenge
+# or Verify that waited for it then knows its read is older than the import
+# (store/hot.py, LOCK_CHALLENGE_USER_WITH_FACTOR).
+LOCK_USERS = (
     "INSERT INTO user_lockouts (user_id, consecutive_failures, admin_reset_required)"
     " SELECT u, 0, false FROM unnest($1::varchar[]) AS t(u) ORDER BY u"
-    " ON CONFLICT (user_id) DO UPDATE SET user_id = excluded.user_id")
+    " ON CONFLICT (user_id) DO UPDATE SET lock_version = user_lockouts.lock_version + 1")
 _LIVE = [factors.c.id, *(factors.c[name] for name in LiveFactor._fields[1:])]
 _LIVE_FACTORS = (
     "SELECT " + ", ".join(c.name for c in _LIVE) + " FROM factors"  # noqa: S608 - our names
@@ -122,7 +124,7 @@ async def lock_users(unit: Unit, user_ids: Sequence[str]) -> None:
     ends. SQLite: BEGIN IMMEDIATE already holds the database's only write lock."""
     if unit.postgres:
         driver = await unit.driver()
-        await driver.execute(_LOCK_USERS, sorted(user_ids))
+        await driver.execute(LOCK_USERS, sorted(user_ids))
 
 
 async def live_factors(unit: Unit, user_ids: Sequence[str]) -> dict[str, list[LiveFactor]]:

@@ -20,7 +20,7 @@ from mfa_service.clock import FixedClock
 from mfa_service.errors import GuardLost
 from mfa_service.factors.totp import AuthenticatorApp
 from mfa_service.service import audit
-from mfa_service.store import hot
+from mfa_service.store import bulk, hot
 from mfa_service.store.database import Transaction
 from mfa_service.store.models import sessions
 from mfa_service.store.repositories import ChallengeRepository
@@ -136,10 +136,12 @@ async def test_without_the_user_lock_one_totp_code_still_logs_in_once(
 
 
 async def _read_while_the_lock_is_held(app: App, user_id: str, change: str, row_id: str,
-                                       read: Callable[[Transaction], Awaitable[Any]]) -> Any:
+                                       read: Callable[[Transaction], Awaitable[Any]], *,
+                                       importing: bool = False) -> Any:
     """``read`` in a transaction of the service while another transaction holds the
-    user's lock (as every call of the user takes it) and runs ``change`` on ``row_id``;
-    that one commits only once ``read``'s statement waits for the lock."""
+    user's lock (as every call of the user takes it; ``importing``: as the bulk import
+    takes it) and runs ``change`` on ``row_id``; that one commits only once ``read``'s
+    statement waits for the lock."""
     engine = app.database.engine
     async with engine.connect() as holding, engine.connect() as watching:
         holder = (await holding.get_raw_connection()).driver_connection
@@ -147,7 +149,10 @@ async def _read_while_the_lock_is_held(app: App, user_id: str, change: str, row_
         assert holder is not None and watcher is not None
         held = holder.transaction()
         await held.start()
-        await holder.fetchrow(hot.LOCK_USER, user_id)
+        if importing:
+            await holder.execute(bulk.LOCK_USERS, [user_id])
+        else:
+            await holder.fetchrow(hot.LOCK_USER, user_id)
         await holder.execute(change, row_id)
 
         async def reading() -> Any:
@@ -201,4 +206,21 @@ async def test_challenge_lock_granted_late_reads_the_factor_its_holder_changed(
     _, record = await _read_while_the_lock_is_held(
         app, user_id, "UPDATE factors SET status = 'disabled' WHERE id = $1",
         factor.factor_id, lambda tx: tx.factors.locked_with(user_id, factor.factor_id))
+    assert record is not None and record.factor.status.value == "disabled"
+
+
+@pytest.mark.postgres
+async def test_challenge_waiting_for_an_imports_lock_reads_what_the_import_changed(
+        app: App, stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    """The bulk import (store/bulk.py) takes the same per-user lock for many users at once.
+    It must add one to lock_version as every other lock does: a Challenge that waited for
+    it would otherwise take its older snapshot for current and open a challenge on a
+    factor the import had just disabled."""
+    if app.database.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite serialises every writing transaction: nothing can wait")
+    factor = await enroll_app(stub, user_id, fresh_clock)
+    _, record = await _read_while_the_lock_is_held(
+        app, user_id, "UPDATE factors SET status = 'disabled' WHERE id = $1",
+        factor.factor_id, lambda tx: tx.factors.locked_with(user_id, factor.factor_id),
+        importing=True)
     assert record is not None and record.factor.status.value == "disabled"
