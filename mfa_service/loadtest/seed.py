@@ -16,6 +16,10 @@ asyncpg's ``copy_records_to_table``; SQLite: executemany), one transaction per b
   (``--recovery-codes``): they are 10 extra rows and HMACs per user that no load scenario
   reads, and the codes could never be used anyway (nobody was shown them). Without them
   the user is in the state of one who has used all ten: a state the service produces.
+- the user's lockout counter (``user_lockouts``), which Enroll's per-user lock creates
+  and the confirming Verify locks again: no failures, ``lock_version`` 1. A user who
+  has enrolled always has this row (it is never deleted), so the population's first
+  Challenge costs what a returning user's does;
 - for the first M users, one live session each, its 256-bit token stored as the service
   stores it (``service.sessions.token_hash``: HMAC-SHA256 under the primary key),
   alternately opened on the portal and the backoffice, with the server's lifetimes
@@ -53,7 +57,7 @@ from mfa_service.service.sessions import token_hash
 from mfa_service.settings import Settings
 from mfa_service.store import migrate
 from mfa_service.store.engine import create_engine, database_url
-from mfa_service.store.models import factors, recovery_codes, sessions
+from mfa_service.store.models import factors, recovery_codes, sessions, user_lockouts
 
 CALLER = "loadtest-seed"  # sessions.caller: who opened the seeded sessions
 RECOVERY_LABEL = "recovery codes"  # as service/recovery.py labels that factor
@@ -65,6 +69,9 @@ SESSION_COLUMNS = ("id", "token_hash", "token_key_id", "user_id", "factor_id", "
                    "application", "caller", "authenticated_at", "expires_at",
                    "idle_expires_at")
 CODE_COLUMNS = ("id", "user_id", "code_hash", "key_id", "created_at")
+LOCKOUT_COLUMNS = ("user_id", "consecutive_failures", "admin_reset_required", "lock_version")
+# Enroll's lock inserted the row (version 0), the confirming Verify's lock added one.
+ENROLLED_LOCK_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,7 @@ class Batch:
     factors: list[tuple[Any, ...]] = field(default_factory=list)
     sessions: list[tuple[Any, ...]] = field(default_factory=list)
     codes: list[tuple[Any, ...]] = field(default_factory=list)
+    lockouts: list[tuple[Any, ...]] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
 
 
@@ -146,6 +154,7 @@ class Population:
                                 key_id, step, now, now, now, now))
             out.factors.append((recovery_id, user_id, recovery, active, RECOVERY_LABEL,
                                 RECOVERY_LABEL, None, None, None, now, now, now, now))
+            out.lockouts.append((user_id, 0, False, ENROLLED_LOCK_VERSION))
             token: str | None = None
             if index < self._sessions:
                 token = new_token()
@@ -213,7 +222,8 @@ class PostgresWriter:
             await asyncio.gather(*tasks, return_exceptions=True)
         async with self._engine.connect() as conn:
             # Fresh statistics, so the first queries plan with the real table sizes.
-            await conn.execute(text("ANALYZE factors, sessions, recovery_codes"))
+            await conn.execute(text(
+                "ANALYZE factors, sessions, recovery_codes, user_lockouts"))
             await conn.commit()
 
 
@@ -245,7 +255,8 @@ def _tables(batch: Batch) -> list[tuple[Table, Sequence[str], list[tuple[Any, ..
     # factor before its session.
     return [(t, c, rows) for t, c, rows in ((factors, FACTOR_COLUMNS, batch.factors),
                                             (sessions, SESSION_COLUMNS, batch.sessions),
-                                            (recovery_codes, CODE_COLUMNS, batch.codes))
+                                            (recovery_codes, CODE_COLUMNS, batch.codes),
+                                            (user_lockouts, LOCKOUT_COLUMNS, batch.lockouts))
             if rows]
 
 

@@ -35,7 +35,7 @@ from mfa_service.loadtest import (
 )
 from mfa_service.loadtest.report import summary
 from mfa_service.loadtest.users import read_users_file, time_step
-from mfa_service.store.models import factors
+from mfa_service.store.models import factors, user_lockouts
 from tests.support.config import TEST_KEYRING, make_settings
 
 if TYPE_CHECKING:
@@ -249,6 +249,18 @@ async def test_seeded_rows_are_the_rows_a_real_enrolment_leaves(
     app_row = mine["authenticator_app"]
     assert app_row["label"] == app_row["masked_destination"] == seeded.user_id
     assert theirs["authenticator_app"]["label"] == real
+
+    # The per-user lock's counter row: Enroll created it and the confirming Verify locked
+    # it again. Without it, every seeded user's first Challenge read its factor twice
+    # (the lock-and-read statement cannot vouch for a row it did not see), a cost no
+    # enrolled user pays.
+    async def counter(user_id: str) -> dict[str, Any] | None:
+        async with app.database.engine.connect() as conn:
+            row = (await conn.execute(select(user_lockouts).where(
+                user_lockouts.c.user_id == user_id))).mappings().first()
+            return {k: v for k, v in row.items() if k != "user_id"} if row else None
+
+    assert await counter(seeded.user_id) == await counter(real) is not None
 
 
 def test_seed_command_fills_sqlite_with_the_servers_keyring(
