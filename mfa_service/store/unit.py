@@ -163,7 +163,13 @@ class Unit:
     async def _raw(self) -> tuple[Any, Any]:
         """SQLAlchemy's asyncpg adapter and the asyncpg connection under this unit."""
         if self._driver is None:
-            raw = await self._conn.get_raw_connection()
+            sync = self._conn.sync_connection
+            if sync is not None and not sync.closed and not sync.invalidated:
+                # Checked out and valid: the pool's connection is already at hand, no
+                # greenlet switch needed (the async lookup below may reconnect).
+                raw: Any = sync.connection
+            else:
+                raw = await self._conn.get_raw_connection()
             self._adapted, self._driver = raw.dbapi_connection, raw.driver_connection
         return self._adapted, self._driver
 
