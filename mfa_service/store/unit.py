@@ -51,15 +51,20 @@ _NAMED_PG = postgresql.dialect(paramstyle="named")  # type: ignore[no-untyped-ca
 _NAMED_PG.bind_typing = BindTyping.NONE
 
 
+# Where one argument of a batch comes from: (update index, parameter name, None, bind
+# processor) or (table index among the inserts, row index, column, bind processor).
+_Source = tuple[int, Any, str | None, Callable[[Any], Any] | None]
+# PostgreSQL: the batch compiled for asyncpg ($n with casts), and its arguments' sources.
+_Raw = tuple[str, tuple[_Source, ...]]
+
+
 @dataclass(frozen=True)
 class _Batch:
     """The combined statement of one shape, and how to fill in its parameters."""
 
     statement: TextClause
     updates: tuple[Compiled, ...]  # each deferred UPDATE compiled, in order
-    # PostgreSQL: the statement compiled for asyncpg ($n with casts), its parameter
-    # names in order, and each one's bind processor (set on first use).
-    raw: tuple[str, tuple[str, ...], tuple[Callable[[Any], Any] | None, ...]] | None = None
+    raw: _Raw | None = None  # set on first use
 
 
 _BATCHES: dict[tuple[Any, ...], _Batch] = {}
@@ -244,23 +249,20 @@ class Unit:
         batch = _BATCHES.get(shape)
         if batch is None:
             batch = _BATCHES[shape] = _build_batch(updates, inserts)
-        params: dict[str, Any] = {}
-        for i, ((_, given, _), compiled) in enumerate(zip(updates, batch.updates,
-                                                          strict=True)):
-            for name, value in (compiled.construct_params(given) or {}).items():
-                params[f"w{i}_{name}"] = value
-        offset = len(updates)
-        for k, rows in enumerate(inserts.values()):
-            for r, row in enumerate(rows):
-                for column, value in row.items():
-                    params[f"w{offset + k}_{r}_{column}"] = value
         # On the raw asyncpg connection, as the hot statements (store/hot.py): the batch is
         # sent once or twice per request, and SQLAlchemy's path around asyncpg cost more
         # CPU than the statement itself.
         raw = batch.raw or self._compile_raw(shape, batch)
-        sql, names, processors = raw
-        args = [value if process is None else process(value) for value, process in
-                zip((params[name] for name in names), processors, strict=True)]
+        sql, sources = raw
+        # Each UPDATE's parameters with its constants filled in; then every argument
+        # straight from where the plan says it is (no renamed copy of them all).
+        given = [compiled.construct_params(params) or {} for (_, params, _), compiled in
+                 zip(updates, batch.updates, strict=True)]
+        tables = list(inserts.values())
+        args = []
+        for where, key, column, process in sources:
+            value = given[where][key] if column is None else tables[where][key][column]
+            args.append(value if process is None else process(value))
         counts = tuple(await self.fetchrow(sql, *args, sees_deferred=False))
         guarded = [g for _, _, g in updates if g is not None]
         for guard, count in zip(guarded, counts, strict=False):
@@ -268,16 +270,26 @@ class Unit:
                 raise GuardLost(guard)
 
 
-    def _compile_raw(self, shape: tuple[Any, ...], batch: _Batch) -> tuple[
-            str, tuple[str, ...], tuple[Callable[[Any], Any] | None, ...]]:
+    def _compile_raw(self, shape: tuple[Any, ...], batch: _Batch) -> _Raw:
         """The batch for asyncpg: compiled once with the connection's dialect (numbered
-        parameters, each with the cast SQLAlchemy renders for its type) and the bind
-        processors of the parameters' types (aware datetimes to the naive UTC stored)."""
+        parameters, each with the cast SQLAlchemy renders for its type), and for each
+        parameter in order where its value is found (``_Source``) with the bind processor
+        of its type (aware datetimes to the naive UTC stored)."""
         compiled = batch.statement.compile(dialect=self._conn.dialect)
-        names = tuple(compiled.positiontup or ())
-        # SQLAlchemy's own table of processors per parameter (pinned < 2.2, pyproject).
-        processors = tuple(_single(compiled._bind_processors.get(name)) for name in names)
-        raw = (str(compiled), names, processors)
+        updates = len(shape[0])
+        sources: list[_Source] = []
+        for name in compiled.positiontup or ():
+            # Named by _build_batch: "w{i}_{name}" (the i-th UPDATE's parameter) or
+            # "w{n}_{r}_{column}" (row r of the n-th table's INSERT, after the updates).
+            index, rest = name[1:].split("_", 1)
+            # SQLAlchemy's own table of processors per parameter (pinned < 2.2, pyproject).
+            process = _single(compiled._bind_processors.get(name))
+            if int(index) < updates:
+                sources.append((int(index), rest, None, process))
+            else:
+                row, column = rest.split("_", 1)
+                sources.append((int(index) - updates, int(row), column, process))
+        raw = (str(compiled), tuple(sources))
         _BATCHES[shape] = replace(batch, raw=raw)
         return raw
 
