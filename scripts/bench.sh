@@ -58,7 +58,17 @@ fi
 "$VENV/mfa-service" serve > serve.log 2>&1 & SERVER=$!
 until "$VENV/mfa-service" health >/dev/null 2>&1; do sleep 0.2; done
 CONNECTIONS=8; [ "$MFA_WORKERS" -gt 1 ] && CONNECTIONS=16
+# What the database did during each scenario, for the sessions table: rows updated (the
+# idle deadline's slide: a check whose session was last seen over a minute ago writes),
+# and blocks read from outside shared buffers against blocks found in them.
+db_stats() {
+  psql -h 127.0.0.1 -p "$PGPORT" -U postgres -d "$DB" -Atc "SELECT t.n_tup_upd, t.n_tup_ins,
+      io.heap_blks_read, io.heap_blks_hit, io.idx_blks_read, io.idx_blks_hit
+      FROM pg_stat_user_tables t JOIN pg_statio_user_tables io USING (relid)
+      WHERE t.relname = 'sessions'"
+}
 for S in "${SCENARIOS[@]}"; do
+  BEFORE=$(db_stats)
   USERS_FILE=(--users-file users.jsonl)
   case "$S" in enroll|passkey) USERS_FILE=();; esac  # these make their own users
   "$VENV/mfa-service" loadtest --target "127.0.0.1:$PORT" --plaintext "${USERS_FILE[@]}" \
@@ -73,6 +83,16 @@ for S in "${SCENARIOS[@]}"; do
   fi
   wait $LOAD || echo "loadtest $S failed (see $OUT/$S.out)"
   sed -n '/^rpc /,$p' "$S.out"
+  sleep 2  # idle backends report their statistics within a second
+  "$VENV/python" - "$BEFORE" "$(db_stats)" <<'PY'
+import sys
+before, after = ([int(v) for v in arg.split("|")] for arg in sys.argv[1:3])
+d = [a - b for a, b in zip(after, before)]
+share = lambda read, hit: f"{100 * read / (read + hit):.1f} %" if read + hit else "-"
+print(f"sessions table: {d[0]} rows updated, {d[1]} inserted; blocks from outside shared "
+      f"buffers: heap {share(d[2], d[3])} of {d[2] + d[3]}, index {share(d[4], d[5])} "
+      f"of {d[4] + d[5]}")
+PY
 done
 kill -TERM $SERVER; wait $SERVER || true
 echo "results in $OUT"
