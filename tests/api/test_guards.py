@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
+import grpc
 import pytest
 from grpc import aio
 from mfa.v1 import two_factor_service_pb2 as pb
@@ -26,6 +28,7 @@ from mfa_service.store.models import sessions
 from mfa_service.store.repositories import ChallengeRepository
 from mfa_service.store.security import LockoutState
 from tests.support.client import enroll_app, totp_at
+from tests.support.config import asyncpg_dsn
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
@@ -224,3 +227,39 @@ async def test_challenge_waiting_for_an_imports_lock_reads_what_the_import_chang
         factor.factor_id, lambda tx: tx.factors.locked_with(user_id, factor.factor_id),
         importing=True)
     assert record is not None and record.factor.status.value == "disabled"
+
+
+@pytest.mark.postgres
+async def test_a_call_refused_under_the_lock_leaves_no_transaction_open(
+        app: App, stub: Stub, database_url: str, user_id: str, fresh_clock: FixedClock) -> None:
+    """On PostgreSQL a writing transaction opens no SQLAlchemy transaction object: BEGIN
+    rides on the first hot statement and COMMIT is sent on the raw connection. A call
+    refused after it took the user's lock must still roll back before its connection goes
+    back to the pool: else the next call on that connection would run inside the old
+    transaction, holding the lock, and commit whatever it left."""
+    if app.database.engine.dialect.name != "postgresql":
+        pytest.skip("the raw-connection transaction is PostgreSQL's")
+    factor = await enroll_app(stub, user_id, fresh_clock)
+    other = f"{user_id}-other"
+    for _ in range(3):  # more than once, so a pooled connection is used again
+        with pytest.raises(aio.AioRpcError) as refused:
+            await stub.Challenge(pb.ChallengeRequest(
+                user_id=other, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
+                application=pb.APPLICATION_PORTAL))  # another user's factor: after the lock
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    pg = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        assert await pg.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'mfa-service'"
+            " AND datname = current_database() AND state LIKE 'idle in transaction%'") == 0
+        for _ in range(3):  # calls that commit, on the same pooled connections
+            ok = await stub.Challenge(pb.ChallengeRequest(
+                user_id=user_id, factor_id=factor.factor_id, purpose=pb.PURPOSE_LOGIN,
+                application=pb.APPLICATION_PORTAL))
+            assert ok.challenge_id
+        # The refused calls created the other user's lock row in their transactions:
+        # rolled back, it never appears, not even after later calls committed.
+        assert await pg.fetchval(
+            "SELECT count(*) FROM user_lockouts WHERE user_id = $1", other) == 0
+    finally:
+        await pg.close()
