@@ -12,6 +12,9 @@
 # a new temporary one; printed at the end), PGPORT (default 5432: another cluster, e.g. one
 # with pg_stat_statements loaded). Needs PostgreSQL on 127.0.0.1:$PGPORT (trust, user
 # postgres), as the test suite does. Leaves nothing behind but the results folder.
+# After each scenario it prints what the database did for the sessions table (idle
+# deadlines slid, blocks read from outside shared buffers): what makes two populations'
+# figures comparable or not (docs/BENCHMARKS.md).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv/bin"
