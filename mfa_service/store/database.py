@@ -86,8 +86,9 @@ class Transaction(Unit):
     Repositories are made on first use (most RPCs touch two or three of the eight).
     """
 
-    def __init__(self, conn: AsyncConnection, database: Database) -> None:
-        super().__init__(conn)
+    def __init__(self, conn: AsyncConnection, database: Database, *,
+                 autocommit: bool = False) -> None:
+        super().__init__(conn, autocommit=autocommit)
         self._database = database
         self._after_commit: list[Callable[[], None]] = []
         self._events: list[tuple[str, str, Mapping[str, Any] | None]] = []
@@ -196,10 +197,12 @@ class Database:
         finds nothing half done. The COMMIT itself is never cut short: its outcome would
         be unknown. This costs no round trip (no ``SET statement_timeout``): one timer.
 
-        ``readonly``: for a single read (CheckSession, ListFactors). On PostgreSQL the
-        connection runs in autocommit, so the statement is the only round trip (no BEGIN /
-        COMMIT); several reads would not share one snapshot, so keep those to one
-        statement. On SQLite a deferred BEGIN takes no write lock.
+        ``readonly``: for a single statement that reads (CheckSession, ListFactors). On
+        PostgreSQL the connection runs in autocommit, so the statement is the only round
+        trip (no BEGIN / COMMIT); several statements would not share one snapshot, so
+        keep those to one. A single statement is atomic, so it may also write (CheckSession
+        slides a due idle deadline in its read). On SQLite a deferred BEGIN takes no write
+        lock (and nothing is written there).
 
         SQLite has one writer at a time. Its busy handler sleeps and polls, so writers
         queued on it wait unfairly (p99 over a second at 16 in flight); inside this
@@ -220,8 +223,7 @@ class Database:
         try:
             async with bound, lock, self.engine.connect() as conn:
                 if readonly and self._autocommit_reads:
-                    await conn.execution_options(isolation_level="AUTOCOMMIT")
-                    tx = Transaction(conn, self)
+                    tx = Transaction(conn, self, autocommit=True)
                     yield tx
                     await tx.flush()
                 elif not self._sqlite and not readonly:

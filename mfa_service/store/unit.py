@@ -74,10 +74,17 @@ _INSERTS: dict[Table, Any] = {}
 class Unit:
     """A transaction's connection and its deferred writes."""
 
-    def __init__(self, conn: AsyncConnection) -> None:
+    def __init__(self, conn: AsyncConnection, *, autocommit: bool = False) -> None:
         # Private: every statement goes through execute/fetchrow/flush, so nothing runs
         # past the deferred writes (a read that would miss them, a write sent before them).
         self._conn = conn
+        # PostgreSQL, ``autocommit``: every statement on its own (store/database.py,
+        # readonly). Hot statements need nothing for it (asyncpg sends them outside any
+        # transaction when none is begun); SQLAlchemy's connection is switched to
+        # AUTOCOMMIT only before its first statement here, a greenlet switch (about
+        # 20 µs) that CheckSession's single hot read does not pay.
+        self._autocommit = autocommit
+        self._switched = False
         self.dialect: str = conn.dialect.name
         self._postgres = self.dialect == "postgresql"
         self.postgres = self._postgres
@@ -96,7 +103,14 @@ class Unit:
         the caller knows the statement cannot depend on them (``sees_deferred=False``)."""
         if sees_deferred:
             await self.flush()
-        return await self._conn.execute(statement, params)
+        return await (await self._sqlalchemy()).execute(statement, params)
+
+    async def _sqlalchemy(self) -> AsyncConnection:
+        """The SQLAlchemy connection, switched to AUTOCOMMIT first in an autocommit unit."""
+        if self._autocommit and not self._switched:
+            await self._conn.execution_options(isolation_level="AUTOCOMMIT")
+            self._switched = True
+        return self._conn
 
     async def fetchrow(self, sql: str, *args: Any, sees_deferred: bool = True) -> Any:
         """PostgreSQL only: one row of a hot statement (store/hot.py), run with asyncpg on
@@ -110,11 +124,11 @@ class Unit:
         for observe in hot.observers:
             observe(id(self._conn.sync_connection), sql)
         try:
-            if adapted._transaction is None:
+            if adapted._transaction is None and not self._autocommit:
                 # SQLAlchemy's asyncpg adapter sends BEGIN lazily, before the first
                 # statement it runs itself: a hot statement first in a transaction
                 # must start it the same way, or it would run (and release its row
-                # locks) on its own. (In autocommit this does nothing.)
+                # locks) on its own.
                 await adapted._start_transaction()
             return await driver.fetchrow(sql, *args)
         except BaseException as exc:
@@ -161,7 +175,7 @@ class Unit:
         SQLAlchemy has no statement for (COPY: store/bulk.py)."""
         await self.flush()
         adapted, driver = await self._raw()
-        if adapted._transaction is None:
+        if adapted._transaction is None and not self._autocommit:
             await adapted._start_transaction()
         return driver
 
@@ -182,7 +196,7 @@ class Unit:
                            rows: Sequence[dict[str, Any]]) -> None:
         """Run ``statement`` once per row (executemany), deferred writes first."""
         await self.flush()
-        await self._conn.execute(statement, list(rows))
+        await (await self._sqlalchemy()).execute(statement, list(rows))
 
     async def write(self, statement: Executable,
                     params: dict[str, Any] | None = None) -> int:
@@ -231,14 +245,14 @@ class Unit:
             await self._send_as_one(updates, inserts)
             return
         for statement, params, guard in updates:
-            result = await self._conn.execute(statement, params)
+            result = await (await self._sqlalchemy()).execute(statement, params)
             assert isinstance(result, CursorResult)
             if guard is not None and result.rowcount != 1:
                 raise GuardLost(guard)
         for table, rows in inserts.items():
             if table not in _INSERTS:
                 _INSERTS[table] = insert(table)
-            await self._conn.execute(_INSERTS[table], rows)
+            await (await self._sqlalchemy()).execute(_INSERTS[table], rows)
 
     async def _send_as_one(self,
                            updates: Sequence[tuple[UpdateBase, dict[str, Any], str | None]],
