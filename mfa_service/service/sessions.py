@@ -109,7 +109,10 @@ class SessionService:
             return cached  # service/session_cache.py: revocations evict at once
         stamp = cache.stamp()
         async with self._db.transaction(readonly=True) as tx:
-            session = await tx.sessions.find_live(hashes, now)
+            # PostgreSQL slides a due idle deadline in this same statement (one round
+            # trip); SQLite reads, and the slide below is its second statement.
+            session = await tx.sessions.find_live(hashes, now,
+                                                  slide=(now + self._idle, IDLE_STEP))
         if session is not None and not self._holds(session, now):
             async with self._db.transaction() as tx:
                 # Conditional on the session still being live: a revoke in between wins.

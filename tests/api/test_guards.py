@@ -19,16 +19,18 @@ from sqlalchemy import func, select
 
 from mfa_service.app import App
 from mfa_service.clock import FixedClock
+from mfa_service.crypto import Keyring
 from mfa_service.errors import GuardLost
 from mfa_service.factors.totp import AuthenticatorApp
 from mfa_service.service import audit
+from mfa_service.service.sessions import token_hash
 from mfa_service.store import bulk, hot
 from mfa_service.store.database import Transaction
 from mfa_service.store.models import sessions
 from mfa_service.store.repositories import ChallengeRepository
 from mfa_service.store.security import LockoutState
-from tests.support.client import enroll_app, totp_at
-from tests.support.config import asyncpg_dsn
+from tests.support.client import enroll_app, login, totp_at
+from tests.support.config import TEST_KEYRING, asyncpg_dsn
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
@@ -263,3 +265,57 @@ async def test_a_call_refused_under_the_lock_leaves_no_transaction_open(
             "SELECT count(*) FROM user_lockouts WHERE user_id = $1", other) == 0
     finally:
         await pg.close()
+
+
+async def _check_while_the_session_row_is_held(app: App, stub: Stub, database_url: str,
+                                               token: str, change: str) -> bool:
+    """CheckSession of ``token`` while another transaction holds the session's row,
+    having run ``change`` on it; that one commits once the check's statement waits."""
+    pg = await asyncpg.connect(asyncpg_dsn(database_url))
+    watcher = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        held = pg.transaction()
+        await held.start()
+        _, stored = token_hash(Keyring.parse(TEST_KEYRING), token)  # as the row keeps it
+        assert await pg.execute(change + " WHERE token_hash = $1", stored) == "UPDATE 1"
+        async def check() -> pb.CheckSessionResponse:
+            return await stub.CheckSession(pb.CheckSessionRequest(
+                session_token=token, application=pb.APPLICATION_PORTAL))
+
+        checking = asyncio.create_task(check())
+        for _ in range(500):  # until the check's statement waits for the row
+            waiting = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE 'WITH s AS%'")
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting == 1
+        await held.commit()
+        answer = await asyncio.wait_for(checking, timeout=10)
+        return bool(answer.valid)
+    finally:
+        await pg.close()
+        await watcher.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("change", "valid"), [
+    # A revocation that commits while the check's slide waits for the row wins: the read
+    # in the same statement saw the session live, but it is not.
+    ("UPDATE sessions SET revoked_at = now() AT TIME ZONE 'UTC'", False),
+    # Another check's slide of the same session does not end it.
+    ("UPDATE sessions SET idle_expires_at = idle_expires_at + interval '1 minute'", True),
+])
+async def test_a_check_that_slides_the_idle_deadline_sees_what_committed_meanwhile(
+        app: App, stub: Stub, database_url: str, user_id: str, fresh_clock: FixedClock,
+        change: str, valid: bool) -> None:
+    """On PostgreSQL CheckSession reads the session and, when due, slides its idle
+    deadline in one statement (store/hot.py: FIND_AND_SLIDE_SESSION)."""
+    if app.database.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite serialises every writing transaction: nothing can wait")
+    factor = await enroll_app(stub, user_id, fresh_clock)
+    session = await login(stub, factor, fresh_clock)
+    fresh_clock.advance(5 * 60)  # the idle deadline would move by more than a minute
+    assert await _check_while_the_session_row_is_held(
+        app, stub, database_url, session.session_token, change) is valid
