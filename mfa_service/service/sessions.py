@@ -109,11 +109,14 @@ class SessionService:
             return cached  # service/session_cache.py: revocations evict at once
         stamp = cache.stamp()
         async with self._db.transaction(readonly=True) as tx:
-            # PostgreSQL slides a due idle deadline in this same statement (one round
-            # trip); SQLite reads, and the slide below is its second statement.
-            session = await tx.sessions.find_live(hashes, now,
-                                                  slide=(now + self._idle, IDLE_STEP))
-        if session is not None and not self._holds(session, now):
+            session = await tx.sessions.find_live(hashes, now)
+            if session is not None and tx.postgres and not self._holds(session, now):
+                # The slide on this same connection: in autocommit a statement of its
+                # own, atomic (behind PgBouncer, inside the read's transaction): one
+                # round trip more, no BEGIN or COMMIT, no second checkout. Conditional
+                # on the session still being live: a revoke in between wins.
+                session = await tx.sessions.touch_live(hashes, now, now + self._idle)
+        if session is not None and not self._holds(session, now):  # SQLite
             async with self._db.transaction() as tx:
                 # Conditional on the session still being live: a revoke in between wins.
                 session = await tx.sessions.touch_live(hashes, now, now + self._idle)

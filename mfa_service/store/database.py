@@ -200,9 +200,9 @@ class Database:
         ``readonly``: for a single statement that reads (CheckSession, ListFactors). On
         PostgreSQL the connection runs in autocommit, so the statement is the only round
         trip (no BEGIN / COMMIT); several statements would not share one snapshot, so
-        keep those to one. A single statement is atomic, so it may also write (CheckSession
-        slides a due idle deadline in its read). On SQLite a deferred BEGIN takes no write
-        lock (and nothing is written there).
+        keep those to one. A statement that is atomic on its own may also write
+        (CheckSession's slide of a due idle deadline, on PostgreSQL only). On SQLite a
+        deferred BEGIN takes no write lock, and nothing may be written.
 
         SQLite has one writer at a time. Its busy handler sleeps and polls, so writers
         queued on it wait unfairly (p99 over a second at 16 in flight); inside this

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -644,31 +644,14 @@ class SessionRepository:
     def __init__(self, unit: Unit) -> None:
         self._unit = unit
 
-    async def find_live(self, token_hashes: Sequence[bytes], now: datetime, *,
-                        slide: tuple[datetime, timedelta] | None = None) -> Session | None:
+    async def find_live(self, token_hashes: Sequence[bytes], now: datetime) -> Session | None:
         """The live session (not revoked, neither deadline passed) with one of the hashes.
 
-        PostgreSQL: the hot statement on the raw asyncpg connection (store/hot.py). With
-        ``slide`` (idle_until, step), the idle deadline is also slid to ``idle_until``
-        (never past the absolute expiry) in the same statement when that would move it
-        by more than ``step``; the session returned is then the slid one, and None if it
-        ended while the slide waited. SQLite only reads: the caller slides
-        (``touch_live``)."""
+        PostgreSQL: the hot statement on the raw asyncpg connection (store/hot.py)."""
         if self._unit.postgres:
-            if slide is None:
-                row = await self._unit.fetchrow(hot.FIND_LIVE_SESSION, list(token_hashes),
-                                                hot.naive_utc(now))
-                return hot.session_from(row) if row is not None else None
-            idle_until, step = slide
-            row = await self._unit.fetchrow(
-                hot.FIND_AND_SLIDE_SESSION, list(token_hashes), hot.naive_utc(now),
-                hot.naive_utc(idle_until), step)
-            if row is None:
-                return None
-            session = hot.session_from(row)
-            if row["slid_to"] is not None:
-                return replace(session, idle_expires_at=row["slid_to"].replace(tzinfo=UTC))
-            return None if row["slide_due"] else session
+            row = await self._unit.fetchrow(hot.FIND_LIVE_SESSION, list(token_hashes),
+                                            hot.naive_utc(now))
+            return hot.session_from(row) if row is not None else None
         params: dict[str, Any] = {f"h{i}": h for i, h in enumerate(token_hashes)}
         params["now"] = now
         row = (await self._unit.execute(_find_live(len(token_hashes)), params)).first()
@@ -685,7 +668,13 @@ class SessionRepository:
 
         One statement: validity (not revoked, neither deadline passed) and the sliding
         idle timeout are decided by the database, never capped past the absolute expiry.
+        PostgreSQL: the hot statement (store/hot.py), atomic on its own in autocommit.
         """
+        if self._unit.postgres:
+            row = await self._unit.fetchrow(
+                hot.TOUCH_LIVE_SESSION, list(token_hashes), hot.naive_utc(now),
+                hot.naive_utc(idle_until))
+            return hot.session_from(row) if row is not None else None
         row = (await self._unit.execute(_TOUCH_LIVE, {
             "hashes": list(token_hashes), "now": now, "idle_until": idle_until})).first()
         return _session(row) if row else None

@@ -286,7 +286,8 @@ async def _check_while_the_session_row_is_held(app: App, stub: Stub, database_ur
         for _ in range(500):  # until the check's statement waits for the row
             waiting = await watcher.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock' AND query LIKE 'WITH s AS%'")
+                " AND wait_event_type = 'Lock'"
+                " AND query LIKE 'UPDATE sessions SET idle_expires_at%'")
             if waiting:
                 break
             await asyncio.sleep(0.01)
@@ -302,7 +303,7 @@ async def _check_while_the_session_row_is_held(app: App, stub: Stub, database_ur
 @pytest.mark.postgres
 @pytest.mark.parametrize(("change", "valid"), [
     # A revocation that commits while the check's slide waits for the row wins: the read
-    # in the same statement saw the session live, but it is not.
+    # before it saw the session live, but it is not.
     ("UPDATE sessions SET revoked_at = now() AT TIME ZONE 'UTC'", False),
     # Another check's slide of the same session does not end it.
     ("UPDATE sessions SET idle_expires_at = idle_expires_at + interval '1 minute'", True),
@@ -311,7 +312,8 @@ async def test_a_check_that_slides_the_idle_deadline_sees_what_committed_meanwhi
         app: App, stub: Stub, database_url: str, user_id: str, fresh_clock: FixedClock,
         change: str, valid: bool) -> None:
     """On PostgreSQL CheckSession reads the session and, when due, slides its idle
-    deadline in one statement (store/hot.py: FIND_AND_SLIDE_SESSION)."""
+    deadline with a second statement on the same autocommit connection
+    (store/hot.py: TOUCH_LIVE_SESSION), not in a transaction of its own."""
     if app.database.engine.dialect.name != "postgresql":
         pytest.skip("SQLite serialises every writing transaction: nothing can wait")
     factor = await enroll_app(stub, user_id, fresh_clock)
