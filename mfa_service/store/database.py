@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from functools import cached_property
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mfa_service import deadline
@@ -93,6 +93,9 @@ class Transaction(Unit):
         self._after_commit: list[Callable[[], None]] = []
         self._events: list[tuple[str, str, Mapping[str, Any] | None]] = []
 
+    def _on_lost(self) -> None:
+        self._database.connections_lost()
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once this transaction has committed (never on rollback);
         the same callback registered twice runs once."""
@@ -174,6 +177,17 @@ class Database:
         # transaction there, which pins one server connection until COMMIT.
         self._autocommit_reads = not self._sqlite and not pooled
         self._write_lock: asyncio.Lock | None = None
+        # PostgreSQL: connections kept checked out of SQLAlchemy's pool between
+        # autocommit reads (``_connection``), most recent last; dropped after a lost
+        # connection (``connections_lost``). At most a third of the pool, so writers and
+        # the health probe always find connections there.
+        self._kept: list[AsyncConnection] = []
+        self._keep = self._autocommit_reads
+        pool_size = getattr(engine.pool, "size", lambda: 0)()
+        self._keep_max = max(1, pool_size // 3) if isinstance(pool_size, int) else 1
+        self._stale = False
+        if self._keep:
+            event.listen(engine.sync_engine, "handle_error", self._on_error)
         # Called after a transaction that queued a message commits (the dispatcher's wake).
         self.outbox_listeners: list[Callable[[], None]] = []
         # Called when a transaction found the database unavailable (health, at once).
@@ -221,7 +235,8 @@ class Database:
         tx: Transaction | None = None
         bound = asyncio.timeout_at(due)
         try:
-            async with bound, lock, self.engine.connect() as conn:
+            async with bound, lock, self._connection(
+                    keep=readonly and self._autocommit_reads) as conn:
                 if readonly and self._autocommit_reads:
                     tx = Transaction(conn, self, autocommit=True)
                     yield tx
@@ -278,6 +293,74 @@ class Database:
         for callback in tx._after_commit:
             callback()
 
+    @asynccontextmanager
+    async def _connection(self, *, keep: bool) -> AsyncIterator[AsyncConnection]:
+        """A connection for one transaction; ``keep`` (PostgreSQL's autocommit reads):
+        one an earlier read left, else a checkout from SQLAlchemy's pool, and left for
+        the next read afterwards.
+
+        Why: SQLAlchemy's checkout and return cost two greenlet switches and the pool's
+        bookkeeping, 39 µs of CPU per transaction measured on this project's benchmark
+        box, more than the 23 µs of CheckSession's own round trip. Only reads: a writing
+        transaction's connection goes back to the pool, whose reset on return rolls back
+        whatever an exception left open.
+
+        A read's connection is kept only in the state a fresh checkout has: not closed
+        or invalidated, no transaction open on the server or in SQLAlchemy, its isolation
+        level never switched (a read that ran a SQLAlchemy statement set AUTOCOMMIT: the
+        pool's reset undoes it). After an exception it goes back to the pool too. Kept
+        connections are dropped when a connection was lost (``connections_lost``), as
+        the pool replaces its own.
+        """
+        if self._stale:
+            await self._drop_kept()
+        if keep and self._kept:
+            conn = self._kept.pop()
+        else:
+            conn = self.engine.connect()
+            await conn.start()
+        kept = False
+        try:
+            yield conn
+            kept = (keep and len(self._kept) < self._keep_max
+                    and self._keepable(conn))
+        finally:
+            if kept:
+                self._kept.append(conn)
+            else:
+                await conn.close()
+
+    def _keepable(self, conn: AsyncConnection) -> bool:
+        if self._stale or conn.closed or conn.invalidated:
+            return False
+        sync = conn.sync_connection
+        assert sync is not None
+        # An isolation level set on this checkout (a read that ran a SQLAlchemy
+        # statement): only the pool's reset on return undoes it.
+        if conn.in_transaction() or "isolation_level" in sync.get_execution_options():
+            return False
+        adapted: Any = sync.connection.dbapi_connection
+        return adapted is not None and adapted._transaction is None
+
+    def connections_lost(self) -> None:
+        """A connection was found gone (failover, restart): the kept ones are dropped
+        before the next transaction, as the pool replaces its own."""
+        self._stale = True
+
+    def _on_error(self, context: Any) -> None:
+        # SQLAlchemy saw a statement fail; on a disconnect it replaces its pool.
+        if context.is_disconnect:
+            self._stale = True
+
+    async def _drop_kept(self) -> None:
+        self._stale = False
+        kept, self._kept = self._kept, []
+        for conn in kept:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.close()
+
     async def ping(self) -> None:
         """Raise StoreUnavailable unless the database answers a trivial query."""
         try:
@@ -292,4 +375,8 @@ class Database:
             raise mapped from exc
 
     async def dispose(self) -> None:
+        kept, self._kept = self._kept, []
+        for conn in kept:
+            with contextlib.suppress(Exception):  # a dead one: the pool drops it
+                await conn.close()
         await self.engine.dispose()

@@ -166,8 +166,13 @@ class Unit:
         if connection_lost(exc):
             await self._conn.invalidate()
             await self._conn.engine.dispose(close=False)
+            self._on_lost()
         elif isinstance(exc, asyncio.CancelledError):
             await self._conn.invalidate()
+
+    def _on_lost(self) -> None:
+        """Called once a connection was found gone (Transaction: the database drops the
+        connections it keeps)."""
 
     async def driver(self) -> Any:
         """PostgreSQL only: the asyncpg connection under this unit, inside its transaction

@@ -1,0 +1,80 @@
+"""PostgreSQL connections kept between autocommit reads (store/database.py:
+``_connection``).
+
+A read (CheckSession's) leaves its connection for the next read instead of returning it
+to SQLAlchemy's pool, but only in the state a fresh checkout has. These tests show the two
+ways that could go wrong: a connection left in AUTOCOMMIT would run a later writing
+transaction's statements each on its own (the user's lock released at once), and
+connections the server ended must not fail one call each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+
+from mfa_service.app import App
+from mfa_service.errors import StoreUnavailable
+from mfa_service.store.database import Database
+from tests.support.config import asyncpg_dsn
+
+
+def _postgres_only(app: App) -> Database:
+    if app.database.engine.dialect.name != "postgresql":
+        pytest.skip("connections are kept on PostgreSQL only")
+    return app.database
+
+
+async def _one_transaction(db: Database) -> None:
+    """A writing transaction's hot and SQLAlchemy statements run in one transaction."""
+    async with db.transaction() as tx:
+        hot = (await tx.fetchrow("SELECT txid_current() AS x"))["x"]
+        again = (await tx.fetchrow("SELECT txid_current() AS x"))["x"]
+        through_sqlalchemy = (await tx.execute(text("SELECT txid_current()"))).scalar()
+    assert hot == again == through_sqlalchemy
+
+
+async def test_a_writing_transaction_after_an_autocommit_read_is_one_transaction(
+        app: App) -> None:
+    db = _postgres_only(app)
+    for _ in range(3):
+        # A read that ran a SQLAlchemy statement switched its connection to AUTOCOMMIT:
+        # that one goes back to the pool (which resets it), never to the next writer.
+        async with db.transaction(readonly=True) as tx:
+            await tx.execute(text("SELECT 1"))
+        await _one_transaction(db)
+        # A read of hot statements only never switches: its connection is kept.
+        async with db.transaction(readonly=True) as tx:
+            await tx.fetchrow("SELECT 1")
+        await _one_transaction(db)
+
+
+async def test_connections_the_server_ended_fail_one_call_not_one_each(
+        app: App, database_url: str) -> None:
+    db = _postgres_only(app)
+
+    async def hold() -> None:
+        async with db.transaction(readonly=True) as tx:
+            await tx.fetchrow("SELECT 1")
+            await asyncio.sleep(0.05)
+
+    await asyncio.gather(*(hold() for _ in range(4)))  # four connections, then kept
+    admin = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        ended = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = 'mfa-service' AND datname = current_database()")
+        assert ended >= 4
+    finally:
+        await admin.close()
+    failed = 0
+    for _ in range(6):
+        try:
+            async with db.transaction(readonly=True) as tx:
+                assert (await tx.fetchrow("SELECT 1 AS one"))["one"] == 1
+        except StoreUnavailable:
+            failed += 1
+    assert failed <= 1
