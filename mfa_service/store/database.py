@@ -166,6 +166,17 @@ class Transaction(Unit):
         return DeviceRepository(self)
 
 
+async def _ready_to_commit(tx: Transaction, due: float | None,
+                           bound: asyncio.Timeout) -> None:
+    """The deferred writes sent; then, unless the caller's deadline has passed (roll
+    back: DeadlineExceeded), the deadline lifted: a COMMIT is never cut short."""
+    await tx.flush()
+    if due is not None:
+        if asyncio.get_running_loop().time() >= due:
+            raise DeadlineExceeded()
+        bound.reschedule(None)
+
+
 class Database:
     """Owns the engine; hands out transactions with driver errors mapped to store errors."""
 
@@ -253,11 +264,7 @@ class Database:
                     # transaction if it began one, else the pool's reset on return.
                     tx = Transaction(conn, self)
                     yield tx
-                    await tx.flush()  # the deferred writes, before COMMIT
-                    if due is not None:
-                        if loop.time() >= due:  # the caller gave up: roll back
-                            raise DeadlineExceeded()
-                        bound.reschedule(None)  # never cut a COMMIT short
+                    await _ready_to_commit(tx, due, bound)
                     await tx.commit_raw()
                     if conn.in_transaction():
                         await conn.commit()
@@ -267,11 +274,7 @@ class Database:
                     async with conn.begin():
                         tx = Transaction(conn, self)
                         yield tx
-                        await tx.flush()  # the deferred writes, before COMMIT
-                        if due is not None:
-                            if loop.time() >= due:  # the caller gave up: roll back
-                                raise DeadlineExceeded()
-                            bound.reschedule(None)  # never cut a COMMIT short
+                        await _ready_to_commit(tx, due, bound)
                         if tx.postgres:
                             await tx.commit_raw()
         except MfaError:

@@ -140,6 +140,18 @@ async def test_without_the_user_lock_one_totp_code_still_logs_in_once(
     assert created == (1 if results[0].result == pb.VERIFY_RESULT_APPROVED else 0)
 
 
+async def _until_waiting(watcher: Any, query: str) -> None:
+    """Until exactly one statement LIKE ``query`` waits for a lock in this database."""
+    for _ in range(500):
+        waiting = await watcher.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE $1", query)
+        if waiting:
+            break
+        await asyncio.sleep(0.01)
+    assert waiting == 1
+
+
 async def _read_while_the_lock_is_held(app: App, user_id: str, change: str, row_id: str,
                                        read: Callable[[Transaction], Awaitable[Any]], *,
                                        importing: bool = False) -> Any:
@@ -165,14 +177,7 @@ async def _read_while_the_lock_is_held(app: App, user_id: str, change: str, row_
                 return await read(tx)
 
         task = asyncio.create_task(reading())
-        for _ in range(500):  # until the read's statement waits for the row lock
-            waiting = await watcher.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock' AND query LIKE 'WITH l AS%'")
-            if waiting:
-                break
-            await asyncio.sleep(0.01)
-        assert waiting == 1
+        await _until_waiting(watcher, "WITH l AS%")
         await held.commit()
         return await asyncio.wait_for(task, timeout=10)
 
@@ -283,15 +288,7 @@ async def _check_while_the_session_row_is_held(app: App, stub: Stub, database_ur
                 session_token=token, application=pb.APPLICATION_PORTAL))
 
         checking = asyncio.create_task(check())
-        for _ in range(500):  # until the check's statement waits for the row
-            waiting = await watcher.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND wait_event_type = 'Lock'"
-                " AND query LIKE 'UPDATE sessions SET idle_expires_at%'")
-            if waiting:
-                break
-            await asyncio.sleep(0.01)
-        assert waiting == 1
+        await _until_waiting(watcher, "UPDATE sessions SET idle_expires_at%")
         await held.commit()
         answer = await asyncio.wait_for(checking, timeout=10)
         return bool(answer.valid)
