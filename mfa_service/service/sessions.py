@@ -110,15 +110,17 @@ class SessionService:
         stamp = cache.stamp()
         async with self._db.transaction(readonly=True) as tx:
             session = await tx.sessions.find_live(hashes, now)
-            if session is not None and tx.postgres and not self._holds(session, now):
-                # The slide on this same connection: in autocommit a statement of its
-                # own, atomic (behind PgBouncer, inside the read's transaction): one
-                # round trip more, no BEGIN or COMMIT, no second checkout. Conditional
-                # on the session still being live: a revoke in between wins.
+            slide = session is not None and not self._holds(session, now)
+            if slide and tx.postgres:
+                # On this same connection: in autocommit a statement of its own, atomic
+                # (behind PgBouncer, inside the read's transaction): one round trip
+                # more, no BEGIN or COMMIT, no second checkout.
                 session = await tx.sessions.touch_live(hashes, now, now + self._idle)
-        if session is not None and not self._holds(session, now):  # SQLite
+                slide = False
+        if slide:
+            # SQLite: its read transaction takes no write lock, so the write is a
+            # transaction of its own.
             async with self._db.transaction() as tx:
-                # Conditional on the session still being live: a revoke in between wins.
                 session = await tx.sessions.touch_live(hashes, now, now + self._idle)
         if session is None:
             cache.discard(key)

@@ -194,8 +194,8 @@ class Database:
         # probe (and anything else on the engine) finds connections there.
         self._kept: list[AsyncConnection] = []
         self._keep = self._autocommit_reads
-        pool_size = getattr(engine.pool, "size", lambda: 0)()
-        self._keep_max = max(1, pool_size // 3) if isinstance(pool_size, int) else 1
+        size = getattr(engine.pool, "size", None)  # a QueuePool's configured size
+        self._keep_max = max(1, size() // 3) if callable(size) else 0
         self._stale = False
         if self._keep:
             event.listen(engine.sync_engine, "handle_error", self._on_error)

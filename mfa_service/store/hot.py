@@ -30,13 +30,14 @@ from mfa_service.store.models import challenges, factors, user_lockouts
 # events, so the statement-count tests and the SQL spans (telemetry.py) listen here.
 observers: list[Callable[[int, str], None]] = []
 
-# The live session with one of the token hashes (one per key of the ring). Timestamps are
-# stored naive UTC (store/models.py: UTCDateTime).
-FIND_LIVE_SESSION = (
-    "SELECT id, user_id, factor_id, method, application, authenticated_at, expires_at,"
-    " idle_expires_at, channel, device_id FROM sessions"
-    " WHERE token_hash = ANY($1::bytea[]) AND revoked_at IS NULL"
-    " AND expires_at > $2 AND idle_expires_at > $2 LIMIT 1")
+# What ``session_from`` reads. Timestamps are stored naive UTC (store/models.py:
+# UTCDateTime).
+_SESSION_COLUMNS = ("id, user_id, factor_id, method, application, authenticated_at,"
+                    " expires_at, idle_expires_at, channel, device_id")
+# A session with one of the token hashes (one per key of the ring) that is still live.
+_LIVE_BY_HASH = ("token_hash = ANY($1::bytea[]) AND revoked_at IS NULL"
+                 " AND expires_at > $2 AND idle_expires_at > $2")
+FIND_LIVE_SESSION = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {_LIVE_BY_HASH} LIMIT 1"
 
 
 # The idle deadline's slide (service/sessions.py: at most once a minute per session),
@@ -49,10 +50,7 @@ FIND_LIVE_SESSION = (
 # benchmark box, for a slide that is due at most once a minute.)
 TOUCH_LIVE_SESSION = (
     "UPDATE sessions SET idle_expires_at = LEAST(expires_at, $3::timestamp)"
-    " WHERE token_hash = ANY($1::bytea[]) AND revoked_at IS NULL"
-    " AND expires_at > $2 AND idle_expires_at > $2"
-    " RETURNING id, user_id, factor_id, method, application, authenticated_at, expires_at,"
-    " idle_expires_at, channel, device_id")
+    f" WHERE {_LIVE_BY_HASH} RETURNING {_SESSION_COLUMNS}")
 
 
 def naive_utc(value: datetime) -> datetime:
