@@ -325,8 +325,9 @@ async def _build(stack: contextlib.AsyncExitStack, settings: Settings, clock: Cl
     # once here, not by interceptors on every call (transport/gate.py).
     registrar = cast(aio.Server, WrappingRegistrar(server, gate,
                                                    around_service_calls(callers, metrics)))
-    pb_grpc.add_TwoFactorServiceServicer_to_server(TwoFactorServicer(services, metrics),
-                                                   registrar)
+    # CheckSession's answers are kept for as many sessions as the session cache holds.
+    servicer = TwoFactorServicer(services, metrics, answers_kept=settings.session_cache_size)
+    pb_grpc.add_TwoFactorServiceServicer_to_server(servicer, registrar)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
     _add_reflection(server)

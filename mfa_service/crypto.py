@@ -112,7 +112,7 @@ class Keyring:
 
     def mac_all(self, data: bytes) -> list[bytes]:
         """The HMAC under every key, primary first: for looking up a hashed token."""
-        return [hmac.new(k.mac_key, data, hashlib.sha256).digest() for k in self._keys.values()]
+        return [hmac.digest(k.mac_key, data, "sha256") for k in self._keys.values()]
 
     def verify_mac(self, data: bytes, key_id: str, expected: bytes) -> bool:
         """Constant-time check that ``expected`` is the HMAC of ``data``."""

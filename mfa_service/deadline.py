@@ -16,10 +16,13 @@ deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "deadline", default=None)
 
 
-def set_remaining(seconds: float | None) -> None:
-    """Set the current call's deadline ``seconds`` from now (None: no deadline)."""
-    deadline_var.set(None if seconds is None
-                     else asyncio.get_running_loop().time() + seconds)
+def set_remaining(seconds: float | None, now: float | None = None) -> None:
+    """Set the current call's deadline ``seconds`` from ``now`` (the loop's time, read
+    here if not given; None: no deadline)."""
+    if seconds is None:
+        deadline_var.set(None)
+        return
+    deadline_var.set((asyncio.get_running_loop().time() if now is None else now) + seconds)
 
 
 def current() -> float | None:

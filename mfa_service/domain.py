@@ -372,6 +372,14 @@ class AuditEvent:
     detail: dict[str, Any]
 
 
+def require_application(granted: frozenset[Application], application: Application) -> None:
+    """PermissionDenied unless ``application`` is among the caller's ``granted`` ones."""
+    if application not in granted:
+        raise PermissionDenied(
+            f"this caller may not act for the {application.value} application",
+            metadata={"application": application.value})
+
+
 @dataclass(frozen=True)
 class AuditContext:
     """Who did it and from where (for the audit trail, never a secret), and what that
@@ -386,10 +394,7 @@ class AuditContext:
 
     def authorize(self, application: Application) -> None:
         """PermissionDenied unless this caller may act for ``application``."""
-        if application not in self.applications:
-            raise PermissionDenied(
-                f"this caller may not act for the {application.value} application",
-                metadata={"application": application.value})
+        require_application(self.applications, application)
 
     def authorize_any(self) -> None:
         """PermissionDenied unless this caller may act for at least one application

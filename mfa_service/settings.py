@@ -257,7 +257,8 @@ class Settings(BaseSettings):
     phone_daily_budget: int = Field(default=10_000, ge=1, le=100_000_000)
     # CheckSession answers from memory while a session's last answer holds (PostgreSQL
     # only; revocations evict at once here and within a second elsewhere, via NOTIFY).
-    # Entries, about 1 KB each; 0 turns the cache off.
+    # Entries, about 2 KB each (the session, and its answer built once:
+    # transport/servicer.py); 0 turns the cache off.
     session_cache_size: int = Field(default=100_000, ge=0, le=10_000_000)
     change_proof_max_age_seconds: int = Field(default=600, ge=60, le=600)
     # The proof model (docs/SECURITY.md). A PENDING factor is gone this long after

@@ -60,13 +60,17 @@ def test_unary_handlers_are_wrapped_once_and_streams_pass() -> None:
     registrar.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("pkg.Service", handlers)])
 
-    check = server.registered["pkg.Service"]["Check"]
-    assert server.registered["pkg.Service"]["Watch"] is handlers["Watch"]
-    # Found through the generic handler: the very same wrapped handler.
-    [generic] = server.generic
+    # Registered by name, the service reaches the server as a generic handler (see
+    # add_registered_method_handlers); found through a generic handler of its own, a
+    # method is the very same wrapped handler.
+    assert server.registered == {}
+    [by_name, generic] = server.generic
+    check = by_name.service(_Details("/pkg.Service/Check"))
+    assert check is not None and check is not handlers["Check"]
     assert generic.service(_Details("/pkg.Service/Check")) is check
-    assert generic.service(_Details("/pkg.Service/Watch")) is handlers["Watch"]
-    assert generic.service(_Details("/pkg.Service/Nope")) is None
+    for found in (by_name, generic):
+        assert found.service(_Details("/pkg.Service/Watch")) is handlers["Watch"]
+        assert found.service(_Details("/pkg.Service/Nope")) is None
 
     class _Context:
         def time_remaining(self) -> None:
