@@ -189,7 +189,7 @@ class Database:
         self._autocommit_reads = not self._sqlite and not pooled
         self._write_lock: asyncio.Lock | None = None
         # PostgreSQL: connections kept checked out of SQLAlchemy's pool between
-        # autocommit reads (``_connection``), most recent last; dropped after a lost
+        # transactions (``_connection``), most recent last; dropped after a lost
         # connection (``connections_lost``). At most a third of the pool, so the health
         # probe (and anything else on the engine) finds connections there.
         self._kept: list[AsyncConnection] = []
@@ -246,8 +246,7 @@ class Database:
         tx: Transaction | None = None
         bound = asyncio.timeout_at(due)
         try:
-            async with bound, lock, self._connection(
-                    keep=readonly and self._autocommit_reads) as conn:
+            async with bound, lock, self._connection(keep=self._keep) as conn:
                 if readonly and self._autocommit_reads:
                     tx = Transaction(conn, self, autocommit=True)
                     yield tx
@@ -298,25 +297,25 @@ class Database:
 
     @asynccontextmanager
     async def _connection(self, *, keep: bool) -> AsyncIterator[AsyncConnection]:
-        """A connection for one transaction: one an earlier read left, if any, else a
-        checkout from SQLAlchemy's pool. ``keep`` (PostgreSQL's autocommit reads): left
-        for the next transaction afterwards.
+        """A connection for one transaction: one an earlier transaction left, if any,
+        else a checkout from SQLAlchemy's pool. ``keep`` (PostgreSQL without a pooler in
+        between): left for the next transaction afterwards.
 
         Why: SQLAlchemy's checkout and return cost two greenlet switches and the pool's
         bookkeeping, 39 µs of CPU per transaction measured on this project's benchmark
-        box, more than the 23 µs of CheckSession's own round trip. Only reads keep
-        theirs: a writing transaction's connection goes back to the pool, whose reset on
-        return rolls back whatever an exception left open. Writers take kept ones too, so
-        connections kept by reads never leave writers short of the pool's (when they did
-        not, three of ten connections sat kept after a CheckSession load and the logins
-        after it ran at 386 and 332 pairs/s against 546 and 473).
+        box, more than the 23 µs of CheckSession's own round trip. Reads and writers
+        both keep theirs and take kept ones first (when only reads kept theirs and
+        writers did not take them, three of ten connections sat kept after a
+        CheckSession load and the logins after it ran at 386 and 332 pairs/s against
+        546 and 473).
 
-        A read's connection is kept only in the state a fresh checkout has: not closed
-        or invalidated, no transaction open on the server or in SQLAlchemy, its isolation
-        level never switched (a read that ran a SQLAlchemy statement set AUTOCOMMIT: the
-        pool's reset undoes it). After an exception it goes back to the pool too. Kept
-        connections are dropped when a connection was lost (``connections_lost``), as
-        the pool replaces its own.
+        A connection is kept only in the state a fresh checkout has: not closed or
+        invalidated, no transaction open on the server or in SQLAlchemy (a writer's has
+        committed), its isolation level never switched (a read that ran a SQLAlchemy
+        statement set AUTOCOMMIT: the pool's reset undoes it). After an exception it
+        goes back to the pool, whose reset on return rolls back whatever the exception
+        left open. Kept connections are dropped when a connection was lost
+        (``connections_lost``), as the pool replaces its own.
         """
         if self._stale:
             await self._drop_kept()

@@ -1,10 +1,10 @@
-"""PostgreSQL connections kept between autocommit reads (store/database.py:
-``_connection``).
+"""PostgreSQL connections kept between transactions (store/database.py: ``_connection``).
 
-A read (CheckSession's) leaves its connection for the next read instead of returning it
-to SQLAlchemy's pool, but only in the state a fresh checkout has. These tests show the two
-ways that could go wrong: a connection left in AUTOCOMMIT would run a later writing
-transaction's statements each on its own (the user's lock released at once), and
+A transaction leaves its connection for the next one instead of returning it to
+SQLAlchemy's pool, but only in the state a fresh checkout has. These tests show the ways
+that could go wrong: a connection left in AUTOCOMMIT would run a later writing
+transaction's statements each on its own (the user's lock released at once); a writer
+that failed must not hand on its open transaction (and the locks it took); and
 connections the server ended must not fail one call each.
 """
 
@@ -50,6 +50,33 @@ async def test_a_writing_transaction_after_an_autocommit_read_is_one_transaction
         async with db.transaction(readonly=True) as tx:
             await tx.fetchrow("SELECT 1")
         await _one_transaction(db)
+
+
+async def test_a_failed_writer_hands_on_no_transaction_and_no_lock(
+        app: App, database_url: str) -> None:
+    """A writer that raised after taking a lock: the lock is free for others at once,
+    and the next writers (on kept connections) each run a transaction of their own."""
+    db = _postgres_only(app)
+    await _one_transaction(db)  # a writer's connection, kept
+    with pytest.raises(RuntimeError):
+        async with db.transaction() as tx:
+            await tx.fetchrow("SELECT pg_advisory_xact_lock(4242) AS l")
+            raise RuntimeError("refused under the lock")
+    other = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        assert await other.fetchval("SELECT pg_try_advisory_lock(4242)")
+        await other.execute("SELECT pg_advisory_unlock(4242)")
+    finally:
+        await other.close()
+    seen = set()
+    for _ in range(3):
+        async with db.transaction() as tx:
+            seen.add((await tx.fetchrow("SELECT txid_current() AS x"))["x"])
+            # No transaction left open: this one is not inside another's.
+            assert (await tx.fetchrow(
+                "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'"
+                " AND objid = 4242"))["n"] == 0
+    assert len(seen) == 3
 
 
 async def test_connections_the_server_ended_fail_one_call_not_one_each(

@@ -176,11 +176,11 @@ async def test_a_phone_challenge_costs_five_statements(rig: Rig, user_id: str) -
             user_id=user_id, factor_id=factor_id, purpose=pb.PURPOSE_LOGIN,
             channel=pb.CHANNEL_VOICE, application=pb.APPLICATION_PORTAL)))
     assert ch.channel == pb.CHANNEL_VOICE
-    # This rig's outbox dispatcher wakes at the COMMIT and claims the message on a
-    # connection of its own: only the RPC's connection (the one that took the user's
-    # lock) is counted.
-    [rpc] = {c for c, sql in statements.seen if "INSERT INTO user_lockouts" in sql}
-    n = len([sql for c, sql in statements.seen if c == rpc])
+    # This rig's outbox dispatcher wakes at the COMMIT and claims the message in a
+    # task of its own: only the RPC's statements (the task that took the user's lock)
+    # are counted.
+    [rpc] = {t for t, sql in statements.seen if "INSERT INTO user_lockouts" in sql}
+    n = len([sql for t, sql in statements.seen if t == rpc])
     # SQLite: no advisory locks; BEGIN IMMEDIATE and one INSERT per table instead.
     assert within(rig.app, n, 5, 10), statements.sql
 
