@@ -66,7 +66,7 @@ CONNECTIONS=8; [ "$MFA_WORKERS" -gt 1 ] && CONNECTIONS=16
 # and blocks read from outside shared buffers against blocks found in them.
 db_stats() {
   psql -h 127.0.0.1 -p "$PGPORT" -U postgres -d "$DB" -Atc "SELECT t.n_tup_upd, t.n_tup_ins,
-      io.heap_blks_read, io.heap_blks_hit, io.idx_blks_read, io.idx_blks_hit
+      io.heap_blks_read, io.heap_blks_hit, io.idx_blks_read, io.idx_blks_hit, t.n_tup_hot_upd
       FROM pg_stat_user_tables t JOIN pg_statio_user_tables io USING (relid)
       WHERE t.relname = 'sessions'"
 }
@@ -92,7 +92,8 @@ import sys
 before, after = ([int(v) for v in arg.split("|")] for arg in sys.argv[1:3])
 d = [a - b for a, b in zip(after, before)]
 share = lambda read, hit: f"{100 * read / (read + hit):.1f} %" if read + hit else "-"
-print(f"sessions table: {d[0]} rows updated, {d[1]} inserted; blocks from outside shared "
+print(f"sessions table: {d[0]} rows updated ({d[6]} heap-only), {d[1]} inserted; "
+      f"blocks from outside shared "
       f"buffers: heap {share(d[2], d[3])} of {d[2] + d[3]}, index {share(d[4], d[5])} "
       f"of {d[4] + d[5]}")
 PY

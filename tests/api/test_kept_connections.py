@@ -58,10 +58,14 @@ async def test_a_failed_writer_hands_on_no_transaction_and_no_lock(
     and the next writers (on kept connections) each run a transaction of their own."""
     db = _postgres_only(app)
     await _one_transaction(db)  # a writer's connection, kept
-    with pytest.raises(RuntimeError):
+
+    async def refused_under_a_lock() -> None:
         async with db.transaction() as tx:
             await tx.fetchrow("SELECT pg_advisory_xact_lock(4242) AS l")
             raise RuntimeError("refused under the lock")
+
+    with pytest.raises(RuntimeError):
+        await refused_under_a_lock()
     other = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         assert await other.fetchval("SELECT pg_try_advisory_lock(4242)")
