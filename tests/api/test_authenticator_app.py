@@ -272,6 +272,27 @@ async def test_session_idle_timeout_slides_and_expires(
     assert not (await stub.CheckSession(check)).valid
 
 
+async def test_check_session_reports_the_idle_deadline_as_it_slides(
+        stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    """Each answer says when the session idles out now, not when it did at an earlier
+    check: CheckSession keeps built answers (transport/servicer.py), and one kept from
+    before a slide must not be served after it."""
+    factor = await enroll_app(stub, user_id, fresh_clock)
+    session = await login(stub, factor, fresh_clock)
+    check = pb.CheckSessionRequest(session_token=session.session_token,
+                                   application=pb.APPLICATION_PORTAL)
+    seen = []
+    for _ in range(3):
+        first = await stub.CheckSession(check)
+        again = await stub.CheckSession(check)  # the same answer, from memory or not
+        assert first == again
+        assert first.idle_expires_at.ToDatetime().timestamp() == pytest.approx(
+            fresh_clock.now().timestamp() + 30 * 60, abs=60)
+        seen.append(first.idle_expires_at.ToDatetime())
+        fresh_clock.advance(5 * 60)
+    assert seen == sorted(set(seen))  # it moved at every check five minutes apart
+
+
 async def test_session_absolute_lifetime_is_twelve_hours(
         stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
     factor = await enroll_app(stub, user_id, fresh_clock)
