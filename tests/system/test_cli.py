@@ -46,6 +46,25 @@ async def _wait_serving(port: int, proc: subprocess.Popen[bytes], timeout: float
             await asyncio.sleep(0.1)
 
 
+async def _wait_scrapable(ports: list[int], proc: subprocess.Popen[bytes],
+                          timeout: float = 20) -> None:
+    """Until each port answers an HTTP scrape (each worker's metrics endpoint)."""
+    import httpx
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    async with httpx.AsyncClient() as client:
+        for port in ports:
+            while True:
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                try:
+                    if (await client.get(f"http://127.0.0.1:{port}/metrics")).is_success:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert asyncio.get_running_loop().time() < deadline, f"{port} never answered"
+                await asyncio.sleep(0.1)
+
+
 async def test_serve_with_no_configuration_then_graceful_stop(tmp_path: Path) -> None:
     port = _free_port()
     proc = subprocess.Popen([CLI, "serve"], cwd=tmp_path, stderr=subprocess.PIPE,
@@ -148,6 +167,9 @@ async def test_several_workers_share_one_port_and_stop_together(tmp_path: Path) 
         workers = [pid for pid in children_file.read_text().split()
                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(workers) == 2
+        # Health answered from one worker; the other may still be starting (a loaded box
+        # took long enough that its scrape endpoint refused): wait until both are up.
+        await _wait_scrapable([metrics, metrics + 1], proc)
         # Many connections, as the kernel balances connections: every call is served.
         for i in range(8):
             async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
