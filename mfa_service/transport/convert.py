@@ -316,6 +316,18 @@ def session_token(value: str, field: str = "session_token") -> str:
 
 
 def check_session_args(req: pb.CheckSessionRequest) -> tuple[str, domain.Application]:
+    token, application = req.session_token, APPLICATIONS.get(req.application)
+    # CheckSession is the hottest call and nearly every request is well formed: the same
+    # checks as ``_Checker.text`` and ``_Checker.enum`` in one look, without building a
+    # checker. Anything else goes the long way, which says what is wrong.
+    if (application is not None and 0 < len(token) <= MAX_TOKEN and token.isprintable()
+            and token == token.strip()):
+        return token, application
+    return checked_session_args(req)
+
+
+def checked_session_args(req: pb.CheckSessionRequest) -> tuple[str, domain.Application]:
+    """``check_session_args`` the long way, field by field."""
     c = _Checker()
     token = c.text("session_token", req.session_token, max_len=MAX_TOKEN, required=True)
     application = c.enum("application", req.application, APPLICATIONS, _APP_NAMES)
