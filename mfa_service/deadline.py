@@ -8,7 +8,6 @@ it. A context variable: each gRPC call runs in its own task, so each sees its ow
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 
 # Absolute ``loop.time()`` by which the current call must be done; None: no deadline.
@@ -16,13 +15,10 @@ deadline_var: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "deadline", default=None)
 
 
-def set_remaining(seconds: float | None, now: float | None = None) -> None:
-    """Set the current call's deadline ``seconds`` from ``now`` (the loop's time, read
-    here if not given; None: no deadline)."""
-    if seconds is None:
-        deadline_var.set(None)
-        return
-    deadline_var.set((asyncio.get_running_loop().time() if now is None else now) + seconds)
+def set_remaining(seconds: float | None, now: float) -> None:
+    """Set the current call's deadline ``seconds`` after ``now``, the event loop's time
+    (None: no deadline)."""
+    deadline_var.set(None if seconds is None else now + seconds)
 
 
 def current() -> float | None:

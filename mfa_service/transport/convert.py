@@ -575,18 +575,19 @@ def disable_response(o: VerifyOutcome) -> pb.DisableResponse:
     return resp
 
 
-def check_session_response(s: domain.Session | None,
-                           worth: SessionAssurance | None = None) -> pb.CheckSessionResponse:
-    if s is None:
-        return pb.CheckSessionResponse(valid=False)
+# CheckSession's answer for an unknown, revoked or expired token: shared, never changed.
+INVALID_SESSION = pb.CheckSessionResponse(valid=False)
+
+
+def check_session_response(s: domain.Session,
+                           worth: SessionAssurance) -> pb.CheckSessionResponse:
     resp = pb.CheckSessionResponse(
         valid=True, user_id=s.user_id, method=METHODS_OUT[s.method],
         application=APPLICATIONS_OUT[s.application],
         authenticated_at=timestamp(s.authenticated_at), expires_at=timestamp(s.expires_at),
         idle_expires_at=timestamp(s.idle_expires_at))
-    if worth is not None:
-        resp.amr.extend(worth.amr)
-        resp.phishing_resistant = worth.phishing_resistant
-        resp.trusted_device = worth.trusted_device
-        resp.aal2 = worth.aal2
+    resp.amr.extend(worth.amr)
+    resp.phishing_resistant = worth.phishing_resistant
+    resp.trusted_device = worth.trusted_device
+    resp.aal2 = worth.aal2
     return resp

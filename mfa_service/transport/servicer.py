@@ -29,9 +29,6 @@ def _who(client_ip: str = "", user_agent: str = "") -> AuditContext:
                         applications=caller.applications, audit_reader=caller.audit_reader)
 
 
-_NOT_VALID = pb.CheckSessionResponse(valid=False)
-
-
 class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
     def __init__(self, services: Services, metrics: Metrics | None = None,
                  answers_kept: int = 0) -> None:
@@ -84,7 +81,7 @@ class TwoFactorServicer(pb_grpc.TwoFactorServiceServicer):
         session = await self._s.sessions.check(token)
         if self._metrics is not None:
             self._metrics.session_checked(session is not None)
-        return _NOT_VALID if session is None else self._answer(session)
+        return convert.INVALID_SESSION if session is None else self._answer(session)
 
     async def ListFactors(self, request: pb.ListFactorsRequest,
                           context: Context) -> pb.ListFactorsResponse:

@@ -135,7 +135,7 @@ async def test_an_already_expired_deadline_touches_nothing(
     before = await challenges_of_factor()
     set_remaining = deadline.set_remaining
     monkeypatch.setattr(deadline, "set_remaining",
-                        lambda seconds, now=None: set_remaining(
+                        lambda seconds, now: set_remaining(
                             None if seconds is None else -0.001, now))
     with pytest.raises(aio.AioRpcError) as err:
         await stub.Challenge(pb.ChallengeRequest(
