@@ -16,6 +16,13 @@ asyncpg's ``copy_records_to_table``; SQLite: executemany), one transaction per b
   (``--recovery-codes``): they are 10 extra rows and HMACs per user that no load scenario
   reads, and the codes could never be used anyway (nobody was shown them). Without them
   the user is in the state of one who has used all ten: a state the service produces.
+- the confirming challenge: Enroll opened it (CONFIRM_ENROLLMENT, on the app, no code of
+  ours: the app makes the codes) and the first code approved it. The retention deletes a
+  challenge a day after it expires, so a service in use holds about a day's challenges,
+  of the order of its users; a seeded database without them would hold none, and the
+  plans PostgreSQL makes for the challenge statements would be made for an empty table
+  (a sequential scan, kept as the prepared statement's plan while the table grows: the
+  login benchmark spent most of the database's CPU there, docs/BENCHMARKS.md);
 - the user's lockout counter (``user_lockouts``), which Enroll's per-user lock creates
   and the confirming Verify locks again: no failures, ``lock_version`` 1. A user who
   has enrolled always has this row (it is never deleted), so the population's first
@@ -48,7 +55,14 @@ from sqlalchemy import Table, insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from mfa_service.crypto import Keyring, new_token
-from mfa_service.domain import Application, FactorStatus, Method
+from mfa_service.domain import (
+    Application,
+    Channel,
+    ChallengeState,
+    FactorStatus,
+    Method,
+    Purpose,
+)
 from mfa_service.factors.recovery import generate_codes, hash_codes
 from mfa_service.factors.totp import SECRET_BYTES, secret_aad
 from mfa_service.loadtest.config import LoadTestError, SeedConfig
@@ -57,9 +71,15 @@ from mfa_service.service.sessions import token_hash
 from mfa_service.settings import Settings
 from mfa_service.store import migrate
 from mfa_service.store.engine import create_engine, database_url
-from mfa_service.store.models import factors, recovery_codes, sessions, user_lockouts
+from mfa_service.store.models import (
+    challenges,
+    factors,
+    recovery_codes,
+    sessions,
+    user_lockouts,
+)
 
-CALLER = "loadtest-seed"  # sessions.caller: who opened the seeded sessions
+CALLER = "loadtest-seed"  # who opened the seeded sessions and challenges (their caller)
 RECOVERY_LABEL = "recovery codes"  # as service/recovery.py labels that factor
 
 FACTOR_COLUMNS = ("id", "user_id", "method", "status", "label", "masked_destination",
@@ -68,6 +88,9 @@ FACTOR_COLUMNS = ("id", "user_id", "method", "status", "label", "masked_destinat
 SESSION_COLUMNS = ("id", "token_hash", "token_key_id", "user_id", "factor_id", "method",
                    "application", "caller", "authenticated_at", "expires_at",
                    "idle_expires_at")
+CHALLENGE_COLUMNS = ("id", "user_id", "factor_id", "purpose", "application", "channel",
+                     "state", "attempts", "max_attempts", "caller", "created_at",
+                     "expires_at", "approved_at")
 CODE_COLUMNS = ("id", "user_id", "code_hash", "key_id", "created_at")
 LOCKOUT_COLUMNS = ("user_id", "consecutive_failures", "admin_reset_required", "lock_version")
 # Enroll's lock inserted the row (version 0), the confirming Verify's lock added one.
@@ -95,6 +118,7 @@ class Batch:
     start: int  # the index of its first user
     factors: list[tuple[Any, ...]] = field(default_factory=list)
     sessions: list[tuple[Any, ...]] = field(default_factory=list)
+    challenges: list[tuple[Any, ...]] = field(default_factory=list)
     codes: list[tuple[Any, ...]] = field(default_factory=list)
     lockouts: list[tuple[Any, ...]] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
@@ -116,6 +140,7 @@ class Population:
 
     def __init__(self, keyring: Keyring, *, prefix: str, sessions: int, now: datetime,
                  ttl: timedelta, idle: timedelta, recovery_codes: bool,
+                 code_ttl: timedelta, max_attempts: int,
                  stamp: Callable[[datetime], Any]) -> None:
         self._keyring = keyring
         self._prefix = prefix
@@ -126,24 +151,28 @@ class Population:
         self._now = stamp(now)
         self._expires = stamp(now + ttl)
         self._idle = stamp(min(now + idle, now + ttl))
+        self._code_expires = stamp(now + code_ttl)
+        self._max_attempts = max_attempts
 
     def user_id(self, index: int) -> str:
         return f"{self._prefix}-{index + 1:07d}"
 
     def batch(self, start: int, count: int) -> Batch:
         out = Batch(start)
-        ids = random_uuids(count * 3)
+        ids = random_uuids(count * 4)
         # 20 bytes = 160 bits = 32 base32 characters exactly: one encoding of all secrets
         # is the concatenation of each secret's encoding.
         raw = secrets.token_bytes(SECRET_BYTES * count)
         b32 = base64.b32encode(raw).decode()
         app, active = Method.AUTHENTICATOR_APP.value, FactorStatus.ACTIVE.value
         recovery = Method.RECOVERY_CODE.value
+        confirm, approved = Purpose.CONFIRM_ENROLLMENT.value, ChallengeState.APPROVED.value
+        no_channel = Channel.NONE.value
         now, step = self._now, self._step
         for k in range(count):
             index = start + k
             user_id = self.user_id(index)
-            factor_id, recovery_id, session_id = ids[3 * k:3 * k + 3]
+            factor_id, recovery_id, session_id, challenge_id = ids[4 * k:4 * k + 4]
             secret = raw[SECRET_BYTES * k:SECRET_BYTES * (k + 1)]
             key_id, ciphertext = self._keyring.encrypt(secret, secret_aad(factor_id, user_id))
             # The label and masked destination the service gives an app enrolled without
@@ -155,12 +184,15 @@ class Population:
             out.factors.append((recovery_id, user_id, recovery, active, RECOVERY_LABEL,
                                 RECOVERY_LABEL, None, None, None, now, now, now, now))
             out.lockouts.append((user_id, 0, False, ENROLLED_LOCK_VERSION))
+            application = (Application.PORTAL if index % 2 == 0
+                           else Application.BACKOFFICE).value
+            out.challenges.append((challenge_id, user_id, factor_id, confirm, application,
+                                   no_channel, approved, 1, self._max_attempts, CALLER, now,
+                                   self._code_expires, now))
             token: str | None = None
             if index < self._sessions:
                 token = new_token()
                 mac_id, digest = token_hash(self._keyring, token)
-                application = (Application.PORTAL if index % 2 == 0
-                               else Application.BACKOFFICE).value
                 out.sessions.append((session_id, digest, mac_id, user_id, factor_id, app,
                                      application, CALLER, now, self._expires, self._idle))
             if self._codes:
@@ -223,7 +255,7 @@ class PostgresWriter:
         async with self._engine.connect() as conn:
             # Fresh statistics, so the first queries plan with the real table sizes.
             await conn.execute(text(
-                "ANALYZE factors, sessions, recovery_codes, user_lockouts"))
+                "ANALYZE factors, challenges, sessions, recovery_codes, user_lockouts"))
             await conn.commit()
 
 
@@ -251,9 +283,10 @@ class SqliteWriter:
 
 
 def _tables(batch: Batch) -> list[tuple[Table, Sequence[str], list[tuple[Any, ...]]]]:
-    # Factors first: nothing references them by foreign key, but a reader sees a user's
-    # factor before its session.
+    # Factors first: the challenges reference them by foreign key, and a reader sees a
+    # user's factor before its session.
     return [(t, c, rows) for t, c, rows in ((factors, FACTOR_COLUMNS, batch.factors),
+                                            (challenges, CHALLENGE_COLUMNS, batch.challenges),
                                             (sessions, SESSION_COLUMNS, batch.sessions),
                                             (recovery_codes, CODE_COLUMNS, batch.codes),
                                             (user_lockouts, LOCKOUT_COLUMNS, batch.lockouts))
@@ -292,7 +325,9 @@ async def seed(settings: Settings, keyring: Keyring, config: SeedConfig, *,
         keyring, prefix=prefix, sessions=config.sessions, now=now,
         ttl=timedelta(seconds=settings.session_ttl_seconds),
         idle=timedelta(seconds=settings.session_idle_seconds),
-        recovery_codes=config.recovery_codes, stamp=writer.stamp)
+        recovery_codes=config.recovery_codes,
+        code_ttl=timedelta(seconds=settings.code_ttl_seconds),
+        max_attempts=settings.max_attempts, stamp=writer.stamp)
     written = 0
     started = time.perf_counter()
     try:
