@@ -49,6 +49,7 @@ from mfa_service.service.session_cache import RevocationListener, SessionCache
 from mfa_service.service.sessions import SessionService
 from mfa_service.settings import Environment, Settings, is_loopback_host
 from mfa_service.store import migrate, open_database
+from mfa_service.store.engine import statistics_warning
 from mfa_service.transport.auth import CallerRegistry
 from mfa_service.transport.gate import CallGate, WrappingRegistrar
 from mfa_service.transport.interceptors import around_service_calls
@@ -257,6 +258,8 @@ async def _build(stack: contextlib.AsyncExitStack, settings: Settings, clock: Cl
             await migrate.upgrade(engine)
     else:
         await migrate.require_current_schema(engine)
+        if (warning := await statistics_warning(engine)) is not None:
+            log.warning(warning)
 
     codes = SentCode(keyring, settings.code_length)
     registry = FactorRegistry([

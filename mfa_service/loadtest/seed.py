@@ -57,8 +57,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from mfa_service.crypto import Keyring, new_token
 from mfa_service.domain import (
     Application,
-    Channel,
     ChallengeState,
+    Channel,
     FactorStatus,
     Method,
     Purpose,

@@ -64,6 +64,26 @@ def database_url(url: str, password: str | None) -> URL:
     return parsed
 
 
+AUTOVACUUM_OFF = (
+    "PostgreSQL's autovacuum is off: nothing refreshes this database's statistics but an "
+    "ANALYZE you run yourself. The service's statements are prepared once per connection, "
+    "and PostgreSQL keeps the plan it made for them until the tables they read are analysed "
+    "again: planned while a table was small (a new database), a lookup by key stays a "
+    "sequential scan as the table grows. Turn autovacuum on, or ANALYZE the service's "
+    "tables regularly (docs/OPERATIONS.md, \"Statistics\")")
+
+
+async def statistics_warning(engine: AsyncEngine) -> str | None:
+    """What to tell the operator when PostgreSQL will not refresh our tables' statistics
+    by itself (``autovacuum = off``; a table's own ``autovacuum_enabled`` does not override
+    it); None when it will. Measured on a box with autovacuum off: login spent three times
+    the database CPU it needs, scanning the challenges table that had been analysed
+    empty (docs/BENCHMARKS.md)."""
+    async with engine.connect() as conn:
+        setting = (await conn.execute(text("SHOW autovacuum"))).scalar()
+    return None if setting == "on" else AUTOVACUUM_OFF
+
+
 def _unique_statement_name() -> str:
     return f"__asyncpg_{uuid.uuid4().hex}__"
 

@@ -3,6 +3,7 @@ no database connection is left behind for the operator's next attempt to trip ov
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import asyncpg
@@ -41,3 +42,34 @@ async def test_a_start_that_cannot_listen_leaves_no_connection_open(postgres_url
         assert await _connections(postgres_url) == before
     finally:
         taken.close()
+
+
+async def test_a_start_on_postgres_without_autovacuum_warns_the_operator(
+        postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """With autovacuum off nothing refreshes the statistics the prepared statements were
+    planned with; the operator hears it once, at start. Which way this box's PostgreSQL
+    is set decides which half of the test speaks: both are checked against the server's
+    own ``SHOW autovacuum``."""
+    u = make_url(postgres_url)
+    conn = await asyncpg.connect(host=u.host, port=u.port, user=u.username,
+                                 database=u.database)
+    try:
+        autovacuum = await conn.fetchval("SHOW autovacuum")
+    finally:
+        await conn.close()
+    caplog.set_level(logging.WARNING, logger="mfa_service")
+    app = await create_server(make_settings(postgres_url), keyring=Keyring.parse(TEST_KEYRING))
+    await app.stop(0)
+    warned = [r.getMessage() for r in caplog.records if "autovacuum is off" in r.getMessage()]
+    if autovacuum == "on":
+        assert warned == []
+    else:
+        assert len(warned) == 1 and "ANALYZE" in warned[0]
+
+
+async def test_no_statistics_warning_on_the_embedded_default(
+        sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="mfa_service")
+    app = await create_server(make_settings(sqlite_url), keyring=Keyring.parse(TEST_KEYRING))
+    await app.stop(0)
+    assert not [r for r in caplog.records if "autovacuum" in r.getMessage()]
