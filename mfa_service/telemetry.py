@@ -12,7 +12,10 @@ variables; see settings.py):
   nothing is built per call for nobody (issue #8's profile).
 * **Metrics** when there is an OTLP endpoint, a console exporter or ``MFA_METRICS_ADDR``
   (a Prometheus scrape endpoint). Instruments are made once (``Metrics``); the hot paths
-  record with attribute dicts built once per label combination. Gauges that need the
+  record with attribute dicts built once per label combination, and the per-call ones
+  cost no SDK call at all: the RPC duration histogram is aggregated in plain ints and
+  handed to each reader when it collects (``RpcDurations``), the CheckSession counter is
+  observed at collection. Gauges that need the
   database (outbox depth, oldest pending message) are read by one background task every
   ``MFA_METRICS_POLL_SECONDS``, never per request.
 
