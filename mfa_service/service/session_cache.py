@@ -39,10 +39,16 @@ from mfa_service.store.engine import EVERY_USER
 log = logging.getLogger("mfa_service.session_cache")
 
 CHANNEL = "mfa_session_revoked"
-# The listener proves its connection with a heartbeat every second; one missed (none
-# received within 1.5 s of the previous) turns the cache off, so a revocation whose
-# NOTIFY is lost is served from the cache for at most about that long.
-HEARTBEAT_SECONDS = 1.0
+# The listener proves its connection with a heartbeat every half second; one missed
+# (none received within 1.5 s of the previous) turns the cache off, so a revocation whose
+# NOTIFY is lost is served from the cache for at most about that long. The interval
+# leaves a second of that for a late heartbeat: the next one is sent half a second after
+# the last send returned. Every second left half a second, and on a saturated 2-core box
+# (two workers, the load generator and PostgreSQL) heartbeats came late 5-7 times in a
+# run against 1 with half a second, each time emptying a worker's cache
+# (docs/BENCHMARKS.md). Two NOTIFYs a second per process cost the database nothing
+# that shows.
+HEARTBEAT_SECONDS = 0.5
 MISS_SECONDS = 1.5
 # Misses in a row after which a silent listening connection is replaced.
 RECONNECT_AFTER = 4
