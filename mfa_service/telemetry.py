@@ -91,8 +91,6 @@ log = logging.getLogger("mfa_service")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5,
                     0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
-
-
 METER_NAME = "mfa_service"
 RPC_DURATION = "rpc.server.call.duration"
 RPC_DURATION_DESCRIPTION = "Duration of TwoFactorService calls, by method and status code"
