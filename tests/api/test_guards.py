@@ -31,6 +31,7 @@ from mfa_service.store.repositories import ChallengeRepository
 from mfa_service.store.security import LockoutState
 from tests.support.client import enroll_app, login, totp_at
 from tests.support.config import TEST_KEYRING, asyncpg_dsn
+from tests.support.replica import Replica
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
@@ -305,16 +306,21 @@ async def _check_while_the_session_row_is_held(app: App, stub: Stub, database_ur
     # Another check's slide of the same session does not end it.
     ("UPDATE sessions SET idle_expires_at = idle_expires_at + interval '1 minute'", True),
 ])
+@pytest.mark.parametrize("cached", [False, True], ids=["read-then-slide", "cached"])
 async def test_a_check_that_slides_the_idle_deadline_sees_what_committed_meanwhile(
         app: App, stub: Stub, database_url: str, user_id: str, fresh_clock: FixedClock,
-        change: str, valid: bool) -> None:
+        change: str, valid: bool, cached: bool) -> None:
     """On PostgreSQL CheckSession reads the session and, when due, slides its idle
     deadline with a second statement on the same autocommit connection
-    (store/hot.py: TOUCH_LIVE_SESSION), not in a transaction of its own."""
+    (store/hot.py: TOUCH_LIVE_SESSION), not in a transaction of its own; a session in
+    the cache is slid by that statement alone. Either way the slide decides."""
     if app.database.engine.dialect.name != "postgresql":
         pytest.skip("SQLite serialises every writing transaction: nothing can wait")
     factor = await enroll_app(stub, user_id, fresh_clock)
     session = await login(stub, factor, fresh_clock)
+    if cached:
+        await Replica(app, stub).cache_on()
+        assert await Replica(app, stub).valid(session.session_token)  # now in the cache
     fresh_clock.advance(5 * 60)  # the idle deadline would move by more than a minute
     assert await _check_while_the_session_row_is_held(
         app, stub, database_url, session.session_token, change) is valid

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import asyncpg
 import pytest
@@ -68,6 +69,43 @@ async def test_a_cached_check_costs_no_statement_and_a_logout_is_seen_at_once(
         assert statements.sql == []
     await a.stub.RevokeSession(pb.RevokeSessionRequest(session_token=session.session_token))
     assert not await a.valid(session.session_token)  # the same process: at once
+
+
+@pytest.mark.parametrize("revoked_unheard", [False, True])
+async def test_a_cached_session_due_for_its_slide_is_slid_in_one_statement(
+        replicas: list[Replica], postgres_url: str, user_id: str, fresh_clock: FixedClock,
+        revoked_unheard: bool) -> None:
+    """An active user's session is in the cache and, once a minute, due for a slide of
+    its idle deadline: the slide alone goes to the database (no read before it). It
+    still decides in the database whether the session lives: a revocation whose
+    eviction this process never heard of (written here without its NOTIFY) answers
+    invalid, in that same one statement."""
+    a = replicas[0]
+    factor = await enroll_app(a.stub, user_id, fresh_clock)
+    session = await login(a.stub, factor, fresh_clock)
+    assert await a.valid(session.session_token)  # read from the database, now cached
+    if revoked_unheard:
+        dsn = make_url(postgres_url).set(drivername="postgresql").render_as_string(
+            hide_password=False)
+        admin = await asyncpg.connect(dsn)
+        try:
+            await admin.execute("UPDATE sessions SET revoked_at = now() AT TIME ZONE 'UTC'"
+                                " WHERE user_id = $1", user_id)
+        finally:
+            await admin.close()
+        assert await a.valid(session.session_token)  # the cache has not heard of it
+    fresh_clock.advance(5 * 60)  # the idle deadline would move by more than a minute
+    with counting(a.app) as statements:
+        answer = await a.stub.CheckSession(pb.CheckSessionRequest(
+            session_token=session.session_token, application=pb.APPLICATION_PORTAL))
+        assert [sql.split()[0] for sql in statements.sql] == ["UPDATE"], statements.sql
+    assert answer.valid is not revoked_unheard
+    if not revoked_unheard:
+        assert answer.idle_expires_at.ToDatetime() == (
+            fresh_clock.now() + timedelta(minutes=30)).replace(tzinfo=None)
+        with counting(a.app) as statements:  # slid and cached again
+            assert await a.valid(session.session_token)
+            assert statements.sql == []
 
 
 @pytest.mark.parametrize("how", ["logout", "everywhere", "disable", "admin_reset"])
