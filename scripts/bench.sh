@@ -10,7 +10,10 @@
 # PostgreSQL through a PgBouncer in transaction mode started here, with
 # MFA_DATABASE_POOLER=pgbouncer: Debian's pgbouncer), OUT (results folder, default
 # a new temporary one; printed at the end), PGPORT (default 5432: another cluster, e.g. one
-# with pg_stat_statements loaded). Needs PostgreSQL on 127.0.0.1:$PGPORT (trust, user
+# with pg_stat_statements loaded), SETTLE (seconds to wait after seeding, before the
+# server starts: SETTLE=61 makes every seeded session due for its idle slide, as a
+# million users' seeding does by itself, so both sizes measure returning users). Needs
+# PostgreSQL on 127.0.0.1:$PGPORT (trust, user
 # postgres), as the test suite does. Leaves nothing behind but the results folder.
 # After each scenario it prints what the database did for the sessions table (idle
 # deadlines slid, blocks read from outside shared buffers): what makes two populations'
@@ -34,6 +37,7 @@ export MFA_DATABASE_URL="postgresql+asyncpg://postgres@127.0.0.1:$PGPORT/$DB"
 # As a database in service would be: vacuumed and analysed, not racing autovacuum on the
 # rows just written.
 psql -h 127.0.0.1 -U postgres -d "$DB" -qc "VACUUM ANALYZE" >/dev/null
+[ -n "${SETTLE:-}" ] && sleep "$SETTLE"
 if [ -n "${PGBOUNCER:-}" ]; then
   BOUNCER_PORT=$("$VENV/python" -c "import socket;s=socket.socket();s.bind(('127.0.0.1',0));print(s.getsockname()[1])")
   chmod 755 "$OUT"
