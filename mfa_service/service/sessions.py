@@ -109,20 +109,27 @@ class SessionService:
         if cached is not None and self._holds(cached, now):
             return cached  # service/session_cache.py: revocations evict at once
         stamp = cache.stamp()
-        async with self._db.transaction(readonly=True) as tx:
-            if tx.postgres and cached is not None and self._live(cached, now):
+        reads = self._db.hot_sessions
+        if reads is not None:
+            # PostgreSQL on a direct connection: each statement on its own, in autocommit,
+            # without a unit of work around it (Database.read_hot).
+            if cached is not None and self._live(cached, now):
                 # Cached and due for a slide (an active user, once a minute): the slide
                 # alone, without reading first. It decides liveness in the database
                 # itself, so a revocation whose eviction was missed still answers None.
-                session = await tx.sessions.touch_live(hashes, now, now + self._idle)
-                slide = False
+                session = await reads.touch_live(hashes, now, now + self._idle)
             else:
-                session = await tx.sessions.find_live(hashes, now)
-                slide = session is not None and not self._holds(session, now)
+                session = await reads.find_live(hashes, now)
+                if session is not None and not self._holds(session, now):
+                    session = await reads.touch_live(hashes, now, now + self._idle)
+            self._remember(key, session, stamp)
+            return session
+        # SQLite, or behind PgBouncer (neither has the cache: nothing is cached here).
+        async with self._db.transaction(readonly=True) as tx:
+            session = await tx.sessions.find_live(hashes, now)
+            slide = session is not None and not self._holds(session, now)
             if slide and tx.postgres:
-                # On this same connection: in autocommit a statement of its own, atomic
-                # (behind PgBouncer, inside the read's transaction): one round trip
-                # more, no BEGIN or COMMIT, no second checkout.
+                # Behind PgBouncer: inside the read's transaction, one round trip more.
                 session = await tx.sessions.touch_live(hashes, now, now + self._idle)
                 slide = False
         if slide:
@@ -130,11 +137,14 @@ class SessionService:
             # transaction of its own.
             async with self._db.transaction() as tx:
                 session = await tx.sessions.touch_live(hashes, now, now + self._idle)
-        if session is None:
-            cache.discard(key)
-        else:
-            cache.put(key, session, stamp)
+        self._remember(key, session, stamp)
         return session
+
+    def _remember(self, key: bytes, session: Session | None, stamp: int) -> None:
+        if session is None:
+            self._cache.discard(key)
+        else:
+            self._cache.put(key, session, stamp)
 
     @staticmethod
     def _live(session: Session, now: datetime) -> bool:

@@ -19,7 +19,7 @@ at import, and tests/api/test_statements.py runs these statements on PostgreSQL.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,6 +51,25 @@ FIND_LIVE_SESSION = f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE {_LIVE_BY_HA
 TOUCH_LIVE_SESSION = (
     "UPDATE sessions SET idle_expires_at = LEAST(expires_at, $3::timestamp)"
     f" WHERE {_LIVE_BY_HASH} RETURNING {_SESSION_COLUMNS}")
+
+
+class SessionReads:
+    """CheckSession's two statements, each atomic on its own, run in autocommit without a
+    unit of work around them (``Database.read_hot``: PostgreSQL on a direct connection).
+    The same statements as SessionRepository's, the same answers."""
+
+    def __init__(self, read: Callable[..., Awaitable[Any]]) -> None:
+        self._read = read
+
+    async def find_live(self, token_hashes: Sequence[bytes], now: datetime) -> Session | None:
+        row = await self._read(FIND_LIVE_SESSION, list(token_hashes), naive_utc(now))
+        return session_from(row) if row is not None else None
+
+    async def touch_live(self, token_hashes: Sequence[bytes], now: datetime,
+                         idle_until: datetime) -> Session | None:
+        row = await self._read(TOUCH_LIVE_SESSION, list(token_hashes), naive_utc(now),
+                               naive_utc(idle_until))
+        return session_from(row) if row is not None else None
 
 
 def naive_utc(value: datetime) -> datetime:

@@ -16,10 +16,12 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 
+from mfa_service import deadline
 from mfa_service.app import App
-from mfa_service.errors import StoreUnavailable
+from mfa_service.errors import DeadlineExceeded, StoreUnavailable
 from mfa_service.store.database import Database
 from tests.support.config import asyncpg_dsn
+from tests.support.statements import counting
 
 
 def _postgres_only(app: App) -> Database:
@@ -109,3 +111,47 @@ async def test_connections_the_server_ended_fail_one_call_not_one_each(
         except StoreUnavailable:
             failed += 1
     assert failed <= 1
+
+
+async def test_hot_reads_keep_one_connection_and_survive_connections_the_server_ended(
+        app: App, database_url: str) -> None:
+    """``Database.read_hot`` (CheckSession's statements without a unit of work): calls one
+    after another run on one kept connection, each in autocommit (no transaction left
+    open), and connections the server ended fail at most one call."""
+    db = _postgres_only(app)
+    assert db.hot_sessions is not None
+    first = await db.read_hot("SELECT pg_backend_pid() AS pid")
+    again = await db.read_hot("SELECT pg_backend_pid() AS pid")
+    assert first["pid"] == again["pid"]  # kept, not checked out again
+    admin = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        # A statement of its own: no transaction left open on the kept connection.
+        assert await admin.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1",
+                                    first["pid"]) == "idle"
+        await _one_transaction(db)  # what a read leaves is a fresh checkout's state
+        ended = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = 'mfa-service' AND datname = current_database()")
+        assert ended >= 1
+    finally:
+        await admin.close()
+    failed = 0
+    for _ in range(6):
+        try:
+            assert (await db.read_hot("SELECT 1 AS one"))["one"] == 1
+        except StoreUnavailable:
+            failed += 1
+    assert failed <= 1
+
+
+async def test_a_hot_read_past_its_deadline_sends_nothing(app: App) -> None:
+    db = _postgres_only(app)
+
+    async def late() -> None:
+        deadline.set_remaining(0.0, asyncio.get_running_loop().time())
+        with counting(app) as statements:
+            with pytest.raises(DeadlineExceeded):
+                await db.read_hot("SELECT 1")
+            assert statements.seen == []
+
+    await asyncio.create_task(late())  # its own context: the deadline goes with it
