@@ -342,13 +342,16 @@ class Database:
                 for observe in hot.observers:
                     observe(id(sync), sql)
                 driver: Any = sync.connection.driver_connection
-                row = await driver.fetchrow(sql, *args)
-        except BaseException as exc:
-            if conn is not None:
-                # As after a hot statement in a unit (Unit.fetchrow): lost or cut short,
-                # the connection is not used again; and it goes back to the pool.
-                with contextlib.suppress(Exception):
+                try:
+                    row = await driver.fetchrow(sql, *args)
+                except BaseException as exc:
+                    # As after a hot statement in a unit (Unit.fetchrow), and here, inside
+                    # the deadline, where its cut shows as a cancellation: lost or cut
+                    # short, the connection is not used again.
                     await Transaction(conn, self, autocommit=True)._drop_if_unsure(exc)
+                    raise
+        except BaseException as exc:
+            if conn is not None:  # back to the pool (or dropped, if invalidated above)
                 with contextlib.suppress(Exception):
                     await conn.close()
             if isinstance(exc, MfaError) or not isinstance(exc, Exception):

@@ -155,3 +155,30 @@ async def test_a_hot_read_past_its_deadline_sends_nothing(app: App) -> None:
             assert statements.seen == []
 
     await asyncio.create_task(late())  # its own context: the deadline goes with it
+
+
+async def test_a_hot_read_cut_by_its_deadline_leaves_nothing_running(
+        app: App, database_url: str) -> None:
+    """The deadline cancels the statement: DEADLINE_EXCEEDED, the connection is not kept
+    (its state is unsure), the server stops the statement, and the next read works."""
+    db = _postgres_only(app)
+
+    async def short() -> None:
+        deadline.set_remaining(0.2, asyncio.get_running_loop().time())
+        with pytest.raises(DeadlineExceeded):
+            await db.read_hot("SELECT pg_sleep(5)")
+
+    await asyncio.create_task(short())
+    assert (await db.read_hot("SELECT 1 AS one"))["one"] == 1
+    admin = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        for _ in range(50):
+            running = await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+                " AND query = 'SELECT pg_sleep(5)' AND datname = current_database()")
+            if running == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert running == 0
+    finally:
+        await admin.close()
