@@ -11,6 +11,7 @@ connections the server ended must not fail one call each.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import pytest
@@ -22,6 +23,21 @@ from mfa_service.errors import DeadlineExceeded, StoreUnavailable
 from mfa_service.store.database import Database
 from tests.support.config import asyncpg_dsn
 from tests.support.statements import counting
+
+END_OUR_CONNECTIONS = (
+    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+    " WHERE application_name = 'mfa-service' AND datname = current_database()")
+
+
+async def _unavailable_of_six(read: Callable[[], Awaitable[None]]) -> int:
+    """How many of six reads, one after another, fail UNAVAILABLE."""
+    failed = 0
+    for _ in range(6):
+        try:
+            await read()
+        except StoreUnavailable:
+            failed += 1
+    return failed
 
 
 def _postgres_only(app: App) -> Database:
@@ -97,20 +113,15 @@ async def test_connections_the_server_ended_fail_one_call_not_one_each(
     await asyncio.gather(*(hold() for _ in range(4)))  # four connections, then kept
     admin = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
-        ended = await admin.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE application_name = 'mfa-service' AND datname = current_database()")
-        assert ended >= 4
+        assert await admin.fetchval(END_OUR_CONNECTIONS) >= 4
     finally:
         await admin.close()
-    failed = 0
-    for _ in range(6):
-        try:
-            async with db.transaction(readonly=True) as tx:
-                assert (await tx.fetchrow("SELECT 1 AS one"))["one"] == 1
-        except StoreUnavailable:
-            failed += 1
-    assert failed <= 1
+
+    async def read() -> None:
+        async with db.transaction(readonly=True) as tx:
+            assert (await tx.fetchrow("SELECT 1 AS one"))["one"] == 1
+
+    assert await _unavailable_of_six(read) <= 1
 
 
 async def test_hot_reads_keep_one_connection_and_survive_connections_the_server_ended(
@@ -129,19 +140,14 @@ async def test_hot_reads_keep_one_connection_and_survive_connections_the_server_
         assert await admin.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1",
                                     first["pid"]) == "idle"
         await _one_transaction(db)  # what a read leaves is a fresh checkout's state
-        ended = await admin.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE application_name = 'mfa-service' AND datname = current_database()")
-        assert ended >= 1
+        assert await admin.fetchval(END_OUR_CONNECTIONS) >= 1
     finally:
         await admin.close()
-    failed = 0
-    for _ in range(6):
-        try:
-            assert (await db.read_hot("SELECT 1 AS one"))["one"] == 1
-        except StoreUnavailable:
-            failed += 1
-    assert failed <= 1
+
+    async def read() -> None:
+        assert (await db.read_hot("SELECT 1 AS one"))["one"] == 1
+
+    assert await _unavailable_of_six(read) <= 1
 
 
 async def test_a_hot_read_past_its_deadline_sends_nothing(app: App) -> None:
