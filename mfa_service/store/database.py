@@ -372,9 +372,9 @@ class Database:
         """Whether a connection done with may be kept: fewer than ``_keep_max`` kept, and
         not every connection of the pool out. When all are out a call may be waiting at
         the pool, and a kept connection would pass it by, taken again and again by
-        later calls: cold CheckSession's p99 was 4.8-5.0x the bare server's in two runs,
-        against 2.0x with this rule (docs/BENCHMARKS.md). Returned, the waiter gets it,
-        first come first served."""
+        later calls; returned, the waiter gets it, first come first served. (Cold
+        CheckSession's p99 swings between 2x and 5x the bare server's from run to run on
+        this project's benchmark box, with this rule and without: docs/BENCHMARKS.md.)"""
         pool: Any = self.engine.pool
         return len(self._kept) < self._keep_max and pool.checkedout() < pool.size()
 
