@@ -347,8 +347,10 @@ class Database:
                 except BaseException as exc:
                     # As after a hot statement in a unit (Unit.fetchrow), and here, inside
                     # the deadline, where its cut shows as a cancellation: lost or cut
-                    # short, the connection is not used again.
-                    await Transaction(conn, self, autocommit=True)._drop_if_unsure(exc)
+                    # short, the connection is not used again. (What failed is what
+                    # the caller hears, not a failure to drop it.)
+                    with contextlib.suppress(Exception):
+                        await Transaction(conn, self, autocommit=True)._drop_if_unsure(exc)
                     raise
         except BaseException as exc:
             if conn is not None:  # back to the pool (or dropped, if invalidated above)
