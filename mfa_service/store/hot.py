@@ -54,9 +54,9 @@ TOUCH_LIVE_SESSION = (
 
 
 class SessionReads:
-    """CheckSession's two statements, each atomic on its own, run in autocommit without a
-    unit of work around them (``Database.read_hot``: PostgreSQL on a direct connection).
-    The same statements as SessionRepository's, the same answers."""
+    """CheckSession's two statements on PostgreSQL, run by ``read``: ``Database.read_hot``
+    (each on its own in autocommit, no unit of work: a direct connection) or a unit's
+    ``fetchrow`` (SessionRepository: inside its transaction, as behind PgBouncer)."""
 
     def __init__(self, read: Callable[..., Awaitable[Any]]) -> None:
         self._read = read

@@ -649,9 +649,7 @@ class SessionRepository:
 
         PostgreSQL: the hot statement on the raw asyncpg connection (store/hot.py)."""
         if self._unit.postgres:
-            row = await self._unit.fetchrow(hot.FIND_LIVE_SESSION, list(token_hashes),
-                                            hot.naive_utc(now))
-            return hot.session_from(row) if row is not None else None
+            return await hot.SessionReads(self._unit.fetchrow).find_live(token_hashes, now)
         params: dict[str, Any] = {f"h{i}": h for i, h in enumerate(token_hashes)}
         params["now"] = now
         row = (await self._unit.execute(_find_live(len(token_hashes)), params)).first()
@@ -671,10 +669,8 @@ class SessionRepository:
         PostgreSQL: the hot statement (store/hot.py), atomic on its own in autocommit.
         """
         if self._unit.postgres:
-            row = await self._unit.fetchrow(
-                hot.TOUCH_LIVE_SESSION, list(token_hashes), hot.naive_utc(now),
-                hot.naive_utc(idle_until))
-            return hot.session_from(row) if row is not None else None
+            return await hot.SessionReads(self._unit.fetchrow).touch_live(
+                token_hashes, now, idle_until)
         row = (await self._unit.execute(_TOUCH_LIVE, {
             "hashes": list(token_hashes), "now": now, "idle_until": idle_until})).first()
         return _session(row) if row else None
