@@ -18,6 +18,7 @@
           ├── StoreUnavailable   ERROR_REASON_STORE_UNAVAILABLE       UNAVAILABLE
           └── StoreConflict      ERROR_REASON_INTERNAL                ABORTED
                └── GuardLost     ERROR_REASON_INTERNAL                ABORTED
+                    └── NeedsLock    (never reaches a caller: the use case runs again)
 
 Messages are written for the caller and never carry a code, secret or token. Reasons are
 values of the generated ``mfa.v1.ErrorReason`` enum (the contract callers branch on), so a
@@ -177,6 +178,17 @@ class GuardLost(StoreConflict):
     def __init__(self, guard: str) -> None:
         super().__init__()
         self.guard = guard
+
+
+class NeedsLock(GuardLost):
+    """An optimistic unit of work (store/unit.py) met what it cannot do without the
+    user's lock: a statement other than its one read and its writes at the end. Nothing
+    was written; the use case runs again under the lock (service/attempts.py,
+    ``again_if_guard_lost``)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__("user lock")
+        self.why = why
 
 
 class ConfigurationError(Exception):

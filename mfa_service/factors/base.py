@@ -106,6 +106,9 @@ class FactorMethod(Protocol):
 
     method: Method
     sends_code: bool  # True: the service sends a code (email, phone); False: the user has it
+    # A login's check only defers its writes (a TOTP step, a passkey counter): nothing is
+    # written at once, so the login may try without the user's lock (service/optimism.py).
+    login_writes_deferred: bool
     # The request field that carries the proof: a typed code, or the browser's WebAuthn
     # response (VerifyRequest/DisableRequest.webauthn_response).
     proof_field: ProofField

@@ -241,6 +241,7 @@ class Passkey:
 
     method = Method.PASSKEY
     sends_code = False
+    login_writes_deferred = True
     proof_field = ProofField.WEBAUTHN_RESPONSE
     max_challenge_ttl: timedelta | None = MAX_CHALLENGE_TTL
     passes_hard_lockout = False

@@ -70,6 +70,7 @@ class RecoveryCodes(CodeMethod):
 
     method = Method.RECOVERY_CODE
     sends_code = False
+    login_writes_deferred = False
     passes_hard_lockout = True  # >= 50 bits: see service/lockout.py
 
     def __init__(self, keyring: Keyring) -> None:

@@ -54,6 +54,7 @@ class SentCodeMethod(CodeMethod):
 
     method: Method
     sends_code = True
+    login_writes_deferred = True
 
     def __init__(self, codes: SentCode) -> None:
         self._codes = codes

@@ -140,6 +140,7 @@ class AuthenticatorApp(CodeMethod):
 
     method = Method.AUTHENTICATOR_APP
     sends_code = False
+    login_writes_deferred = True
 
     def __init__(self, keyring: Keyring, issuer: str, window: int) -> None:
         self._keyring = keyring

@@ -26,6 +26,7 @@ from mfa_service.service.enrolment import Enrolment
 from mfa_service.service.limits import SendLimits
 from mfa_service.service.lockout import Lockout, LockoutPolicy
 from mfa_service.service.notices import Notifier
+from mfa_service.service.optimism import Hints
 from mfa_service.service.profile import Profile
 from mfa_service.service.recovery import Recovery
 from mfa_service.service.rules import Rules, new_id
@@ -57,7 +58,8 @@ class Services:
         """Wire the use cases: each gets exactly the collaborators it uses."""
         lockout = Lockout(notifier, lockout_policy or LockoutPolicy())
         sends = SendLimits(rules.quota, keyring, db, clock)
-        opener = ChallengeOpener(keyring, rules, new_id)
+        hints = Hints()  # which calls may try without the user's lock (optimism.py)
+        opener = ChallengeOpener(keyring, rules, new_id, hints)
         recovery = Recovery(db, clock, keyring, rules, notifier, sessions, new_id)
         trusted = TrustedDevices(db, clock, keyring, sessions, lockout,
                                  devices or DeviceRules())
@@ -70,7 +72,7 @@ class Services:
             challenges=Challenges(db, clock, registry, rules, lockout, sends, opener,
                                   sessions),
             verification=Verification(db, clock, rules, steps, sessions, notifier, recovery,
-                                      removal, trusted),
+                                      removal, trusted, hints),
             disabling=Disabling(db, clock, rules, steps, removal),
             recovery=recovery, profile=Profile(db, clock, rules), sessions=sessions,
             devices=trusted, assurance=assurance or Assurance())

@@ -143,17 +143,29 @@ def audit_verify(tx: Transaction, now: datetime, who: AuditContext, challenge: C
                 **({"refused": refused.value} if refused else {})})
 
 
-async def again_if_guard_lost(run: Callable[[], Awaitable[T]]) -> T:
-    """Run a verification; once more if a guarded write lost its race (store/unit.py).
+async def again_if_guard_lost(run: Callable[[bool], Awaitable[T]], *,
+                              optimistic: bool = False) -> T:
+    """Run a verification (``run(optimistic)``); once more if a guarded write lost its
+    race (store/unit.py).
 
     The per-user lock makes that impossible in normal operation; should anything write a
     factor without it, the loser's transaction rolled back whole (its attempt too) and
     the second run decides on the winner's state: a replayed TOTP step is then a wrong
-    code, counted as one. A second loss is ABORTED (retryable)."""
+    code, counted as one. A second loss is ABORTED (retryable).
+
+    ``optimistic``: try without the lock first (service/optimism.py). That try loses
+    when another call of the user's came between its read and its write, or stops when
+    it needs the lock (NeedsLock); either way nothing of it was written, and the runs
+    above follow, under the lock."""
+    if optimistic:
+        try:
+            return await run(True)
+        except GuardLost:
+            pass
     try:
-        return await run()
+        return await run(False)
     except GuardLost:
-        return await run()
+        return await run(False)
 
 
 # What follows a passed proof with a method: (tx, challenge, record, who, now, account_email).

@@ -33,13 +33,20 @@ from mfa_service.domain import (
     Outgoing,
     Purpose,
 )
-from mfa_service.errors import FailedPrecondition, InvalidArgument, StoreConflict
+from mfa_service.errors import (
+    FailedPrecondition,
+    GuardLost,
+    InvalidArgument,
+    NeedsLock,
+    StoreConflict,
+)
 from mfa_service.factors.base import FactorMethod
 from mfa_service.factors.codes import hash_code
 from mfa_service.factors.registry import FactorRegistry
 from mfa_service.service import audit, policy
 from mfa_service.service.limits import PhoneSendRefused, SendLimits, SendPermit
 from mfa_service.service.lockout import Lockout
+from mfa_service.service.optimism import Hints
 from mfa_service.service.policy import Change, Evidence
 from mfa_service.service.rules import Rules, new_id, owned, proof_evidence, require_status
 from mfa_service.service.sessions import SessionService
@@ -86,10 +93,11 @@ class ChallengeOpener:
     """Opens challenges: for Challenge, and for Enroll (the confirmation challenge)."""
 
     def __init__(self, keyring: Keyring, rules: Rules,
-                 new_id: Callable[[], str] = new_id) -> None:
+                 new_id: Callable[[], str] = new_id, hints: Hints | None = None) -> None:
         self._keyring = keyring
         self._rules = rules
         self._new_id = new_id
+        self.hints = hints or Hints()
 
     def open(self, tx: Transaction, new: NewChallenge) -> Challenge:
         """Replace the factor's open challenge for the purpose with a new one; for a sent
@@ -111,6 +119,8 @@ class ChallengeOpener:
             created_at=now, expires_at=now + ttl, code_hash=code_hash,
             code_key_id=code_key_id, request_id=new.request_id,
             destination_key=sent.destination_key if sent else None)
+        self.hints.opened(challenge_id, factor.factor_id, login=new.purpose is Purpose.LOGIN,
+                          quiet=method.login_writes_deferred, sends_code=method.sends_code)
         tx.later.challenges.supersede_open(factor.factor_id, new.purpose)
         tx.later.challenges.add(challenge, new.who.caller,
                                 phone_prefix_key=sent.phone_prefix_key if sent else None,
@@ -150,6 +160,15 @@ class Challenges:
     async def challenge(self, cmd: ChallengeCommand, who: AuditContext) -> ChallengeResult:
         who.authorize(cmd.application)
         try:
+            if (cmd.purpose is Purpose.LOGIN and cmd.request_id is None
+                    and self._opener.hints.challenge_may_try(cmd.factor_id)):
+                # Without the user's lock first (service/optimism.py).
+                try:
+                    return await self._challenge(cmd, who, optimistic=True)
+                except NeedsLock:
+                    self._opener.hints.needed_lock(cmd.factor_id)
+                except GuardLost:
+                    pass  # another call of the user's came between: under the lock now
             try:
                 return await self._challenge(cmd, who)
             except StoreConflict:
@@ -164,9 +183,10 @@ class Challenges:
                                              application=cmd.application)
             raise
 
-    async def _challenge(self, cmd: ChallengeCommand, who: AuditContext) -> ChallengeResult:
+    async def _challenge(self, cmd: ChallengeCommand, who: AuditContext, *,
+                         optimistic: bool = False) -> ChallengeResult:
         now = self._clock.now()
-        async with self._db.transaction() as tx:
+        async with self._db.transaction(optimistic=optimistic) as tx:
             # The per-user lock first, and the factor read under it (one round trip).
             lockout, found = await tx.factors.locked_with(cmd.user_id, cmd.factor_id)
             record = owned(self._rules, cmd.user_id, found, now)

@@ -100,7 +100,7 @@ class Disabling:
         """Disable ``factor_id``, proven on a PURPOSE_DISABLE challenge of ``user_id``.
         ``account_email``: the notice also goes there."""
         shown = Proof(code=proof) if isinstance(proof, str) else proof
-        return await again_if_guard_lost(lambda: self._disable(
+        return await again_if_guard_lost(lambda _optimistic: self._disable(
             user_id, factor_id, challenge_id, shown, who, account_email))
 
     async def _disable(self, user_id: str, factor_id: str, challenge_id: str, proof: Proof,

@@ -7,8 +7,11 @@ opens a session, CONFIRM_ENROLLMENT activates the factor, DISABLE disables the f
 itself (disabling.py's Removal), CHANGE_PHONE and REGENERATE_RECOVERY_CODES only approve
 (the proof the next call consumes).
 
-On PostgreSQL a TOTP login is three statements: the lock, the read, and the deferred
+On PostgreSQL a TOTP login is two statements: the lock with the read, and the deferred
 writes (the attempt, the TOTP step, the session, audit rows) sent as one before COMMIT.
+A LOGIN challenge this process opened is first tried without the lock, BEGIN or COMMIT:
+the read, then the writes as one statement that stands only if nothing of the user's
+changed meanwhile (service/optimism.py, store/unit.py).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from mfa_service.service.attempts import (
 from mfa_service.service.devices import TrustedDevices
 from mfa_service.service.disabling import Removal
 from mfa_service.service.notices import Notifier
+from mfa_service.service.optimism import Hints
 from mfa_service.service.policy import Change, Evidence
 from mfa_service.service.recovery import Recovery
 from mfa_service.service.rules import SEVERAL_ACTIVE, Rules, already_enrolled, login_evidence
@@ -72,8 +76,9 @@ Handler = Callable[["Verification", _Approved], Awaitable[VerifyOutcome]]
 class Verification:
     def __init__(self, db: Database, clock: Clock, rules: Rules, steps: Steps,
                  sessions: SessionService, notifier: Notifier, recovery: Recovery,
-                 removal: Removal, devices: TrustedDevices) -> None:
+                 removal: Removal, devices: TrustedDevices, hints: Hints) -> None:
         self._db = db
+        self._hints = hints
         self._clock = clock
         self._rules = rules
         self._steps = steps
@@ -94,15 +99,18 @@ class Verification:
         ``remember_as``: a login also remembers the browser under this label
         (service/devices.py)."""
         shown = Proof(code=proof) if isinstance(proof, str) else proof
-        return await again_if_guard_lost(lambda: self._verify(
-            challenge_id, shown, who, user_id, account_email, open_session, remember_as))
+        return await again_if_guard_lost(
+            lambda optimistic: self._verify(challenge_id, shown, who, user_id, account_email,
+                                            open_session, remember_as, optimistic),
+            optimistic=remember_as is None and self._hints.verify_may_try(challenge_id))
 
     async def _verify(self, challenge_id: str, proof: Proof, who: AuditContext,
                       expect_user: str | None, account_email: str | None,
-                      open_session: bool, remember_as: str | None) -> VerifyOutcome:
+                      open_session: bool, remember_as: str | None,
+                      optimistic: bool) -> VerifyOutcome:
         now = self._clock.now()
         steps = self._steps
-        async with self._db.transaction() as tx:
+        async with self._db.transaction(optimistic=optimistic) as tx:
             loaded = await steps.load(tx, challenge_id, expect_user=expect_user)
             if (loaded.challenge.purpose is Purpose.DISABLE
                     and loaded.record.factor.method is Method.RECOVERY_CODE):

@@ -88,8 +88,8 @@ class Transaction(Unit):
     """
 
     def __init__(self, conn: AsyncConnection, database: Database, *,
-                 autocommit: bool = False) -> None:
-        super().__init__(conn, autocommit=autocommit)
+                 autocommit: bool = False, optimistic: bool = False) -> None:
+        super().__init__(conn, autocommit=autocommit, optimistic=optimistic)
         self._database = database
         self._after_commit: list[Callable[[], None]] = []
         self._events: list[tuple[str, str, Mapping[str, Any] | None]] = []
@@ -178,6 +178,18 @@ async def _ready_to_commit(tx: Transaction, due: float | None,
         bound.reschedule(None)
 
 
+async def _commit_optimistic(tx: Transaction, due: float | None,
+                             bound: asyncio.Timeout) -> None:
+    """An optimistic unit's writes: their one statement is its own COMMIT, so it is never
+    cut short either (its outcome would be unknown): the deadline is checked before it is
+    sent (past it: DeadlineExceeded, nothing written), then lifted."""
+    if due is not None:
+        if asyncio.get_running_loop().time() >= due:
+            raise DeadlineExceeded()
+        bound.reschedule(None)
+    await tx.finish()
+
+
 class Database:
     """Owns the engine; hands out transactions with driver errors mapped to store errors."""
 
@@ -209,7 +221,8 @@ class Database:
             Callable[[Sequence[tuple[str, str, Mapping[str, Any] | None]]], None]] = []
 
     @asynccontextmanager
-    async def transaction(self, *, readonly: bool = False) -> AsyncIterator[Transaction]:
+    async def transaction(self, *, readonly: bool = False,
+                          optimistic: bool = False) -> AsyncIterator[Transaction]:
         """Commit on success, roll back on any exception; then the after-commit callbacks.
 
         Domain errors raised inside pass through untouched (and roll back); driver errors
@@ -229,6 +242,12 @@ class Database:
         keep those to one. A statement that is atomic on its own may also write
         (CheckSession's slide of a due idle deadline, on PostgreSQL only). On SQLite a
         deferred BEGIN takes no write lock, and nothing may be written.
+
+        ``optimistic``: try without the user's lock (store/unit.py, Unit): a read, then
+        the writes as one statement that is its own transaction; NeedsLock or GuardLost
+        when the caller must run again under the lock (service/optimism.py). Only on
+        PostgreSQL on a direct connection, as autocommit reads; elsewhere an ordinary
+        transaction.
 
         SQLite has one writer at a time. Its busy handler sleeps and polls, so writers
         queued on it wait unfairly (p99 over a second at 16 in flight); inside this
@@ -252,6 +271,10 @@ class Database:
                     tx = Transaction(conn, self, autocommit=True)
                     yield tx
                     await tx.flush()
+                elif optimistic and self._keep:
+                    tx = Transaction(conn, self, optimistic=True)
+                    yield tx
+                    await _commit_optimistic(tx, due, bound)
                 elif not self._sqlite and not readonly:
                     # PostgreSQL: no SQLAlchemy ``begin()``. Its begin and the commit on
                     # leaving it are a greenlet switch each (about 20 µs of CPU) and send

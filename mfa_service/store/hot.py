@@ -141,6 +141,25 @@ CHALLENGE_WITH_FACTOR = (
     "SELECT " + ", ".join(f"c.{c.name}" for c in challenges.c) + ", "
     + ", ".join(f"f.{c.name} AS f_{c.name}" for c in factors.c)
     + " FROM challenges AS c JOIN factors AS f ON f.id = c.factor_id WHERE c.id = $1")
+# The same two reads for an optimistic unit (store/unit.py): no lock, the user's counter
+# row as it is (lock_version among its columns; NULL columns when there is none yet).
+USER_WITH_FACTOR = (
+    "SELECT " + ", ".join(f"l.{c.name} AS l_{c.name}" for c in user_lockouts.c) + ", "
+    + ", ".join(f"f.{c.name} AS f_{c.name}" for c in factors.c)
+    + " FROM (SELECT $1::varchar AS user_id) AS u"
+    " LEFT JOIN user_lockouts AS l ON l.user_id = u.user_id"
+    " LEFT JOIN factors AS f ON f.id = $2")
+CHALLENGE_USER_WITH_FACTOR = (
+    "SELECT " + ", ".join(f"l.{c.name} AS l_{c.name}" for c in user_lockouts.c) + ", "
+    + ", ".join(f"c.{c.name}" for c in challenges.c) + ", "
+    + ", ".join(f"f.{c.name} AS f_{c.name}" for c in factors.c)
+    + " FROM challenges AS c JOIN factors AS f ON f.id = c.factor_id"
+    " LEFT JOIN user_lockouts AS l ON l.user_id = c.user_id WHERE c.id = $1")
+# What an optimistic unit may run before its writes: reads, each atomic on its own.
+OPTIMISTIC_READS = frozenset({USER_WITH_FACTOR, CHALLENGE_USER_WITH_FACTOR, GET_FACTOR,
+                              CHALLENGE_WITH_FACTOR})
+
+
 def aware(row: Any) -> dict[str, Any]:
     """An asyncpg record as a mapping with aware UTC datetimes (the columns hold naive UTC,
     as SQLAlchemy's UTCDateTime type would have returned them)."""

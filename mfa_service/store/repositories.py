@@ -188,6 +188,11 @@ class FactorRepository:
         is new)."""
         if not self._unit.postgres:
             return await LockoutRepository(self._unit).lock(user_id), await self.get(factor_id)
+        if self._unit.optimistic:  # no lock: the writes check lock_version (store/unit.py)
+            m = hot.aware(await self._unit.fetchrow(hot.USER_WITH_FACTOR, user_id, factor_id))
+            self._unit.read_version(user_id, m["l_lock_version"])
+            return (lockout_state_of(m, "l_"),
+                    _factor_of(m, "f_") if m["f_id"] is not None else None)
         m = hot.aware(await self._unit.fetchrow(hot.LOCK_USER_WITH_FACTOR, user_id, factor_id))
         lockout = lockout_state_of(m, "l_")
         seen = m["seen_version"]
@@ -492,6 +497,13 @@ class ChallengeRepository:
             locked = await LockoutRepository(self._unit).lock_for_challenge(challenge_id)
             found = await self.get_with_factor(challenge_id) if locked else None
             return (found[0], found[1], locked[1]) if locked and found else None
+        if self._unit.optimistic:  # no lock: the writes check lock_version (store/unit.py)
+            record = await self._unit.fetchrow(hot.CHALLENGE_USER_WITH_FACTOR, challenge_id)
+            if record is None:
+                return None
+            m = hot.aware(record)
+            self._unit.read_version(m["user_id"], m["l_lock_version"])
+            return _challenge_of(m), _factor_of(m, "f_"), lockout_state_of(m, "l_")
         record = await self._unit.fetchrow(hot.LOCK_CHALLENGE_USER_WITH_FACTOR, challenge_id)
         if record is None:
             return None

@@ -21,10 +21,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Row
 
+from mfa_service.errors import NeedsLock
 from mfa_service.store import hot
 from mfa_service.store.engine import upsert_lock
 from mfa_service.store.models import UTCDateTime, challenges, recovery_codes, user_lockouts
-from mfa_service.store.unit import Unit
+from mfa_service.store.unit import USER_LOCK, Unit
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ _SAVE = update(user_lockouts).where(user_lockouts.c.user_id == bindparam("uid"))
     last_failure_at=bindparam("last_failure_at", type_=UTCDateTime()),
     locked_until=bindparam("locked_until", type_=UTCDateTime()),
     admin_reset_required=bindparam("admin", type_=Boolean()))
+# The same write in an optimistic unit (store/unit.py): only if lock_version is still the
+# one read, which it moves on, as the lock would have (the unit's USER_LOCK guard).
+_SAVE_IF_VERSION = _SAVE.where(user_lockouts.c.lock_version == bindparam("cas_seen")).values(
+    lock_version=user_lockouts.c.lock_version + 1)
 
 
 def _statement(unit: Unit, name: str, source: Any) -> Any:
@@ -86,6 +91,8 @@ class LockoutRepository:
         (PostgreSQL's ON CONFLICT DO UPDATE takes the row lock; on SQLite BEGIN
         IMMEDIATE already holds the write lock).
         """
+        if self._unit.optimistic:
+            raise NeedsLock("the user's lock")
         if self._unit.postgres:  # the hot statement (store/hot.py)
             record = await self._unit.fetchrow(hot.LOCK_USER, user_id)
             return lockout_state_of(hot.aware(record))
@@ -112,11 +119,17 @@ class LockoutWrites:
         self._unit = unit
 
     def save(self, user_id: str, state: LockoutState) -> None:
-        """Write the counter before COMMIT (the row is locked by this transaction)."""
-        self._unit.defer(_SAVE, {
+        """Write the counter before COMMIT (the row is locked by this transaction, or,
+        in an optimistic unit, the write stands for the lock: USER_LOCK)."""
+        params = {
             "uid": user_id, "failures": state.consecutive_failures,
             "last_failure_at": state.last_failure_at, "locked_until": state.locked_until,
-            "admin": state.admin_reset_required})
+            "admin": state.admin_reset_required}
+        seen = self._unit.version_read(user_id)
+        if seen is None:
+            self._unit.defer(_SAVE, params)
+        else:
+            self._unit.defer(_SAVE_IF_VERSION, {**params, "cas_seen": seen}, guard=USER_LOCK)
 
 
 class RecoveryCodeWrites:

@@ -33,7 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
-from sqlalchemy import Executable, Table, TextClause, bindparam, insert, text
+import asyncpg
+from sqlalchemy import Executable, Table, TextClause, bindparam, insert, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Compiled, CursorResult
 from sqlalchemy.engine.interfaces import BindTyping
@@ -41,9 +42,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.util.typing import TupleAny, Unpack
 
-from mfa_service.errors import GuardLost
+from mfa_service.errors import GuardLost, NeedsLock
 from mfa_service.store import hot
 from mfa_service.store.engine import connection_lost
+from mfa_service.store.models import user_lockouts
 
 # Compiles deferred UPDATEs to SQL with :named parameters, to be embedded in one WITH.
 # No casts in that text: the asyncpg dialect adds its own to the typed parameters.
@@ -70,14 +72,45 @@ class _Batch:
 _BATCHES: dict[tuple[Any, ...], _Batch] = {}
 _INSERTS: dict[Table, Any] = {}
 
+# Optimistic units (``Unit(optimistic=True)``): the guard that stands for the user's lock.
+# The first write of the one statement moves ``lock_version`` on from the value the read
+# found, as taking the lock would have; a lock taken or a write made meanwhile moved it
+# already, so nothing matches. (LockoutWrites.save carries the same condition when the
+# counter itself is written: one UPDATE per row.)
+USER_LOCK = "user lock"
+VERSION_STILL = update(user_lockouts).where(
+    user_lockouts.c.user_id == bindparam("cas_uid"),
+    user_lockouts.c.lock_version == bindparam("cas_seen")).values(
+    lock_version=user_lockouts.c.lock_version + 1)
+# Raised by mfa_guard_lost() (migrations/versions/0013_guard_lost.py).
+GUARD_LOST_SQLSTATE = "MFA01"
+
 
 class Unit:
     """A transaction's connection and its deferred writes."""
 
-    def __init__(self, conn: AsyncConnection, *, autocommit: bool = False) -> None:
+    def __init__(self, conn: AsyncConnection, *, autocommit: bool = False,
+                 optimistic: bool = False) -> None:
+        """``optimistic`` (PostgreSQL only): the unit reads without the user's lock and
+        sends all its writes at the end as one statement in autocommit, which writes
+        only if the user's ``lock_version`` is still what the read found
+        (``read_version``) and every guard matched; else nothing is written and
+        GuardLost is raised. Anything else - a statement through SQLAlchemy, a write
+        before the end, a read after a deferred write, a read that is not one of
+        ``hot.OPTIMISTIC_READS`` - raises NeedsLock before anything is written, and the
+        use case runs again under the lock (service/optimism.py says where it tries).
+
+        Why it is sound: every transaction that changes what a user's Verify or
+        Challenge reads takes the user's lock first, and every lock moves
+        ``lock_version`` on (store/hot.py); the one statement takes the same row lock
+        first (its first CTE), so between the read and the write nothing of the user's
+        can have changed unnoticed. The guards still check the rows themselves."""
         # Private: every statement goes through execute/fetchrow/flush, so nothing runs
         # past the deferred writes (a read that would miss them, a write sent before them).
         self._conn = conn
+        self._optimistic = optimistic
+        self._seen: tuple[str, int] | None = None  # the user and lock_version read
+        autocommit = autocommit or optimistic
         # PostgreSQL, ``autocommit``: every statement on its own (store/database.py,
         # readonly). Hot statements need nothing for it (asyncpg sends them outside any
         # transaction when none is begun); SQLAlchemy's connection is switched to
@@ -97,10 +130,36 @@ class Unit:
         self._adapted: Any = None
         self._driver: Any = None
 
+    @property
+    def optimistic(self) -> bool:
+        """Whether this unit reads without the user's lock (see ``__init__``)."""
+        return self._optimistic
+
+    def read_version(self, user_id: str, version: int | None) -> None:
+        """Optimistic: the user whose lock the writes stand for, and the ``lock_version``
+        the read found (None: the user has no counter row yet, which only a lock makes)."""
+        if version is None:
+            raise NeedsLock("the user has no lockout counter yet")
+        if self._seen is not None and self._seen[0] != user_id:
+            raise NeedsLock("a second user")
+        self._seen = (user_id, version)
+
+    def version_read(self, user_id: str) -> int | None:
+        """Optimistic, for ``user_id``: the ``lock_version`` read (LockoutWrites.save
+        writes the counter on that condition); else None."""
+        if self._optimistic and self._seen is not None and self._seen[0] == user_id:
+            return self._seen[1]
+        return None
+
+    def _needs_lock(self, why: str) -> None:
+        if self._optimistic:
+            raise NeedsLock(why)
+
     async def execute(self, statement: Executable, params: dict[str, Any] | None = None, *,
                       sees_deferred: bool = True) -> CursorResult[Unpack[TupleAny]]:
         """Run ``statement`` now and return its result; the deferred writes go first unless
         the caller knows the statement cannot depend on them (``sees_deferred=False``)."""
+        self._needs_lock("a statement through SQLAlchemy")
         if sees_deferred:
             await self.flush()
         return await (await self._sqlalchemy()).execute(statement, params)
@@ -118,8 +177,16 @@ class Unit:
 
         A connection that failed here is invalidated, so the pool does not hand it out
         again (SQLAlchemy did not see the failure)."""
-        if sees_deferred:
+        if self._optimistic:
+            if sql not in hot.OPTIMISTIC_READS:
+                raise NeedsLock("a statement that is not a read")
+            if self._pending():
+                raise NeedsLock("a read after a write")
+        elif sees_deferred:
             await self.flush()
+        return await self._fetchrow(sql, *args)
+
+    async def _fetchrow(self, sql: str, *args: Any) -> Any:
         adapted, driver = await self._raw()
         for observe in hot.observers:
             observe(id(self._conn.sync_connection), sql)
@@ -178,6 +245,7 @@ class Unit:
         """PostgreSQL only: the asyncpg connection under this unit, inside its transaction
         (begun as ``fetchrow`` begins it), deferred writes sent first. For bulk work
         SQLAlchemy has no statement for (COPY: store/bulk.py)."""
+        self._needs_lock("bulk work")
         await self.flush()
         adapted, driver = await self._raw()
         if adapted._transaction is None and not self._autocommit:
@@ -200,6 +268,7 @@ class Unit:
     async def execute_many(self, statement: Executable,
                            rows: Sequence[dict[str, Any]]) -> None:
         """Run ``statement`` once per row (executemany), deferred writes first."""
+        self._needs_lock("a statement through SQLAlchemy")
         await self.flush()
         await (await self._sqlalchemy()).execute(statement, list(rows))
 
@@ -236,9 +305,40 @@ class Unit:
         them). Every row of a table must name the same columns."""
         self._inserts.setdefault(table, []).append(row)
 
+    def _pending(self) -> bool:
+        return bool(self._updates or self._inserts or self._before_flush)
+
     async def flush(self) -> None:
         """Send every deferred write: one statement on PostgreSQL, one per table or
-        update on SQLite."""
+        update on SQLite. (Optimistic: the writes go only at the end, ``finish``; a
+        flush with writes pending would send them early, so it needs the lock.)"""
+        if self._optimistic:
+            if self._pending():
+                raise NeedsLock("writes sent before the end")
+            return
+        await self._flush()
+
+    async def finish(self) -> None:
+        """Optimistic: send the writes, all in one statement that is its own transaction
+        (nothing to send: nothing to check either, the read alone answered)."""
+        assert self._optimistic
+        callbacks, self._before_flush = self._before_flush, []
+        for callback in callbacks:
+            callback()
+        updates, inserts = self._updates, self._inserts
+        if not updates and not inserts:
+            return
+        self._updates, self._inserts = [], {}
+        if self._seen is None:
+            raise NeedsLock("writes with no lock_version read")
+        # The user's lock first, as everywhere (the guard that stands for it runs first).
+        locks = [u for u in updates if u[2] == USER_LOCK]
+        if not locks:
+            user_id, seen = self._seen
+            locks = [(VERSION_STILL, {"cas_uid": user_id, "cas_seen": seen}, USER_LOCK)]
+        await self._send_as_one(locks + [u for u in updates if u[2] != USER_LOCK], inserts)
+
+    async def _flush(self) -> None:
         callbacks, self._before_flush = self._before_flush, []
         for callback in callbacks:
             callback()
@@ -264,10 +364,11 @@ class Unit:
                            inserts: dict[Table, list[dict[str, Any]]]) -> None:
         shape = (tuple((id(statement), guard is not None) for statement, _, guard in updates),
                  tuple((table.name, len(rows), tuple(rows[0])) for table, rows in
-                       inserts.items()))
+                       inserts.items()), self._optimistic)
         batch = _BATCHES.get(shape)
         if batch is None:
-            batch = _BATCHES[shape] = _build_batch(updates, inserts)
+            batch = _BATCHES[shape] = _build_batch(updates, inserts,
+                                                   undo_if_lost=self._optimistic)
         # On the raw asyncpg connection, as the hot statements (store/hot.py): the batch is
         # sent once or twice per request, and SQLAlchemy's path around asyncpg cost more
         # CPU than the statement itself.
@@ -282,8 +383,15 @@ class Unit:
         for where, key, column, process in sources:
             value = given[where][key] if column is None else tables[where][key][column]
             args.append(value if process is None else process(value))
-        counts = tuple(await self.fetchrow(sql, *args, sees_deferred=False))
         guarded = [g for _, _, g in updates if g is not None]
+        try:
+            counts = tuple(await self._fetchrow(sql, *args))
+        except asyncpg.PostgresError as exc:
+            # Optimistic: the statement undid itself (mfa_guard_lost, the guard's index).
+            if exc.sqlstate != GUARD_LOST_SQLSTATE:
+                raise
+            lost = re.search(r"guarded write (\d+) ", str(exc))
+            raise GuardLost(guarded[int(lost.group(1))] if lost else USER_LOCK) from None
         for guard, count in zip(guarded, counts, strict=False):
             if count != 1:
                 raise GuardLost(guard)
@@ -323,7 +431,13 @@ def _single(processor: object) -> Callable[[Any], Any] | None:
 
 
 def _build_batch(updates: Sequence[tuple[UpdateBase, dict[str, Any], str | None]],
-                 inserts: dict[Table, list[dict[str, Any]]]) -> _Batch:
+                 inserts: dict[Table, list[dict[str, Any]]], *,
+                 undo_if_lost: bool = False) -> _Batch:
+    """The combined statement. ``undo_if_lost`` (an optimistic unit, where the statement
+    is its own transaction): a guard that matched no row makes the statement fail, so
+    nothing it wrote stands. Its last part looks at the guards in order (the user's lock
+    first: store/unit.py, USER_LOCK); each is run when first looked at, so the user's row
+    is locked before any other, the order every transaction takes them in."""
     parts: list[str] = []
     binds = []
     compiled_updates = []
@@ -354,5 +468,9 @@ def _build_batch(updates: Sequence[tuple[UpdateBase, dict[str, Any], str | None]
                      for r in range(len(rows)) for c in columns)
     # Names from our own metadata: no input in the text.
     tail = " SELECT " + (", ".join(counted) if counted else "1")
+    if undo_if_lost and counted:
+        tail = (" SELECT CASE " + " ".join(f"WHEN {count} <> 1 THEN mfa_guard_lost({k})"
+                                           for k, count in enumerate(counted))
+                + " ELSE 1 END")
     combined = text("WITH " + ", ".join(parts) + tail).bindparams(*binds)
     return _Batch(combined, tuple(compiled_updates))
