@@ -22,9 +22,9 @@ Counted with SQLAlchemy's ``before_cursor_execute`` hook on the server's engine.
 reads run in autocommit (no BEGIN/COMMIT); writing transactions add asyncpg's BEGIN and
 COMMIT, which are not cursor executions, except a login's Challenge and Verify, which try
 first without the lock: their read and their writes are each a statement of its own, in
-autocommit (store/unit.py, "optimistic"; tests/api/test_optimistic.py). SQLite is embedded (a statement is a function
-call, not a round trip): its deferred writes go one per table, and its ``BEGIN
-IMMEDIATE`` is counted.
+autocommit (store/unit.py, "optimistic"; tests/api/test_optimistic.py). SQLite is
+embedded (a statement is a function call, not a round trip): its deferred writes go one
+per table, and its ``BEGIN IMMEDIATE`` is counted.
 """
 
 from __future__ import annotations
