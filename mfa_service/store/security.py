@@ -25,7 +25,7 @@ from mfa_service.errors import NeedsLock
 from mfa_service.store import hot
 from mfa_service.store.engine import upsert_lock
 from mfa_service.store.models import UTCDateTime, challenges, recovery_codes, user_lockouts
-from mfa_service.store.unit import USER_LOCK, Unit
+from mfa_service.store.unit import NOT_HELD, USER_LOCK, Unit
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ _SAVE = update(user_lockouts).where(user_lockouts.c.user_id == bindparam("uid"))
     admin_reset_required=bindparam("admin", type_=Boolean()))
 # The same write in an optimistic unit (store/unit.py): only if lock_version is still the
 # one read, which it moves on, as the lock would have (the unit's USER_LOCK guard).
-_SAVE_IF_VERSION = _SAVE.where(user_lockouts.c.lock_version == bindparam("cas_seen")).values(
+_SAVE_IF_VERSION = _SAVE.where(
+    user_lockouts.c.lock_version == bindparam("cas_seen"), NOT_HELD).values(
     lock_version=user_lockouts.c.lock_version + 1)
 
 
@@ -129,7 +130,8 @@ class LockoutWrites:
         if seen is None:
             self._unit.defer(_SAVE, params)
         else:
-            self._unit.defer(_SAVE_IF_VERSION, {**params, "cas_seen": seen}, guard=USER_LOCK)
+            self._unit.defer(_SAVE_IF_VERSION, {**params, "cas_seen": seen, "cas_uid": user_id},
+                             guard=USER_LOCK)
 
 
 class RecoveryCodeWrites:

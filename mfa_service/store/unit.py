@@ -34,7 +34,18 @@ from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import asyncpg
-from sqlalchemy import Executable, Table, TextClause, bindparam, insert, text, update
+from sqlalchemy import (
+    Executable,
+    Table,
+    TextClause,
+    bindparam,
+    exists,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Compiled, CursorResult
 from sqlalchemy.engine.interfaces import BindTyping
@@ -78,12 +89,22 @@ _INSERTS: dict[Table, Any] = {}
 # already, so nothing matches. (LockoutWrites.save carries the same condition when the
 # counter itself is written: one UPDATE per row.)
 USER_LOCK = "user lock"
+_HELD = user_lockouts.alias("held")
+# ... and it never waits for that lock: held by another call, the statement fails at once
+# (lock_not_available) and the use case runs again under the lock, waiting there within
+# the caller's deadline. The one statement is its own COMMIT and so runs past the
+# deadline (a COMMIT is never cut short): a wait there could end after the caller was
+# told DEADLINE_EXCEEDED, with the login done.
+NOT_HELD = exists(select(literal(1)).select_from(_HELD).where(
+    _HELD.c.user_id == bindparam("cas_uid")).with_for_update(nowait=True))
 VERSION_STILL = update(user_lockouts).where(
     user_lockouts.c.user_id == bindparam("cas_uid"),
-    user_lockouts.c.lock_version == bindparam("cas_seen")).values(
+    user_lockouts.c.lock_version == bindparam("cas_seen"), NOT_HELD).values(
     lock_version=user_lockouts.c.lock_version + 1)
-# Raised by mfa_guard_lost() (migrations/versions/0013_guard_lost.py).
+# Raised by mfa_guard_lost() (migrations/versions/0013_guard_lost.py); and PostgreSQL's
+# lock_not_available, from NOT_HELD.
 GUARD_LOST_SQLSTATE = "MFA01"
+LOCK_NOT_AVAILABLE = "55P03"
 
 
 class Unit:
@@ -387,7 +408,10 @@ class Unit:
         try:
             counts = tuple(await self._fetchrow(sql, *args))
         except asyncpg.PostgresError as exc:
-            # Optimistic: the statement undid itself (mfa_guard_lost, the guard's index).
+            # Optimistic: the statement undid itself (mfa_guard_lost, the guard's index),
+            # or found the user's lock held (NOT_HELD).
+            if self._optimistic and exc.sqlstate == LOCK_NOT_AVAILABLE:
+                raise GuardLost(USER_LOCK) from None
             if exc.sqlstate != GUARD_LOST_SQLSTATE:
                 raise
             lost = re.search(r"guarded write (\d+) ", str(exc))

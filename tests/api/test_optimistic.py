@@ -22,10 +22,13 @@ from sqlalchemy import func, select
 
 from mfa_service.app import App
 from mfa_service.clock import FixedClock
-from mfa_service.errors import NeedsLock
+from mfa_service.domain import AuditContext
+from mfa_service.errors import GuardLost, NeedsLock
+from mfa_service.service import audit
 from mfa_service.store import hot
 from mfa_service.store.database import Transaction
 from mfa_service.store.models import audit_events, challenges, sessions, user_lockouts
+from mfa_service.store.unit import USER_LOCK
 from tests.support.client import enroll_app, rich_error, totp_at
 
 if TYPE_CHECKING:
@@ -99,11 +102,12 @@ async def test_a_login_reads_unlocked_and_writes_in_one_statement(
 
 async def test_a_lockout_committed_between_the_read_and_the_write_refuses_the_login(
         app: App, stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
-    """Another call of the user's (here: a run of wrong codes elsewhere) holds the lock,
-    locks the user out and commits after Verify's unlocked read found no lockout. Verify's
-    writes must not stand on that read: they find lock_version moved, write nothing, and
-    Verify runs again under the lock, which refuses the locked-out user. (Nothing else
-    guards this: the lockout is not a row the login writes.)"""
+    """Another call of the user's (here: a run of wrong codes elsewhere) holds the lock
+    and locks the user out; Verify's unlocked read found no lockout. Verify's writes must
+    not stand on that read: they find the lock held and write nothing (they never wait
+    for it: their statement is its own COMMIT, which no deadline may cut), and Verify runs
+    again under the lock, waits for it within its deadline, and refuses the locked-out
+    user. (Nothing else guards this: the lockout is not a row the login writes.)"""
     factor = await enroll_app(stub, user_id, fresh_clock)
     ch = await _login_challenge(stub, user_id, factor.factor_id)
     code = totp_at(factor.secret, fresh_clock)
@@ -122,14 +126,14 @@ async def test_a_lockout_committed_between_the_read_and_the_write_refuses_the_lo
             return await stub.Verify(pb.VerifyRequest(challenge_id=ch.challenge_id, code=code))
 
         verify = asyncio.create_task(verifying())
-        for _ in range(500):  # until the writes wait for the user's row
+        for _ in range(500):  # until Verify, run again under the lock, waits for it
             if await watcher.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock' AND query LIKE 'WITH w0 AS (UPDATE%'"):
+                    " AND wait_event_type = 'Lock' AND query LIKE 'WITH l AS (INSERT%'"):
                 break
             await asyncio.sleep(0.01)
         else:
-            pytest.fail("Verify's writes never waited for the user's row")
+            pytest.fail("Verify never waited for the user's lock")
         await held.commit()
         answer = await refused(asyncio.wait_for(verify, timeout=10))
     assert answer == (grpc.StatusCode.RESOURCE_EXHAUSTED, "ERROR_REASON_USER_LOCKED_OUT")
@@ -194,3 +198,32 @@ async def test_a_statement_that_needs_the_lock_stops_before_writing(
     with pytest.raises(NeedsLock):  # a read after a write
         await then(lambda tx: tx.factors.get(factor.factor_id))
     assert (await _lockout_row(app, user_id)).lock_version == before.lock_version
+
+
+async def test_a_lock_taken_and_released_after_the_read_makes_the_writes_stand_down(
+        app: App, stub: Stub, user_id: str, fresh_clock: FixedClock) -> None:
+    """The other half of the check: a call of the user's that took the lock and committed
+    between the read and the writes (so nothing holds the lock any more) moved
+    lock_version on. The writes find it moved: GuardLost, and none of them stands."""
+    factor = await enroll_app(stub, user_id, fresh_clock)
+    before = await _count(app, audit_events, user_id=user_id)
+
+    async def another_call() -> None:
+        async with app.database.engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None
+            async with raw.transaction():
+                await raw.fetchrow(hot.LOCK_USER, user_id)
+
+    async def read_then_write() -> None:
+        async with app.database.transaction(optimistic=True) as tx:
+            await tx.factors.locked_with(user_id, factor.factor_id)
+            await another_call()
+            audit.record(tx, fresh_clock.now(), audit.Event.CHALLENGE, audit.Outcome.OK,
+                         AuditContext(caller="test"), user_id=user_id,
+                         factor_id=factor.factor_id)
+
+    with pytest.raises(GuardLost) as lost:
+        await read_then_write()
+    assert lost.value.guard == USER_LOCK
+    assert await _count(app, audit_events, user_id=user_id) == before
