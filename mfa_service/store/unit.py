@@ -343,13 +343,10 @@ class Unit:
         """Optimistic: send the writes, all in one statement that is its own transaction
         (nothing to send: nothing to check either, the read alone answered)."""
         assert self._optimistic
-        callbacks, self._before_flush = self._before_flush, []
-        for callback in callbacks:
-            callback()
-        updates, inserts = self._updates, self._inserts
-        if not updates and not inserts:
+        pending = self._take_pending()
+        if pending is None:
             return
-        self._updates, self._inserts = [], {}
+        updates, inserts = pending
         if self._seen is None:
             raise NeedsLock("writes with no lock_version read")
         # The user's lock first, as everywhere (the guard that stands for it runs first).
@@ -359,14 +356,24 @@ class Unit:
             locks = [(VERSION_STILL, {"cas_uid": user_id, "cas_seen": seen}, USER_LOCK)]
         await self._send_as_one(locks + [u for u in updates if u[2] != USER_LOCK], inserts)
 
-    async def _flush(self) -> None:
+    def _take_pending(self) -> tuple[list[tuple[UpdateBase, dict[str, Any], str | None]],
+                                     dict[Table, list[dict[str, Any]]]] | None:
+        """The deferred writes, taken (the repositories' merged changes turned into writes
+        first); None when there are none."""
         callbacks, self._before_flush = self._before_flush, []
         for callback in callbacks:
             callback()
         updates, inserts = self._updates, self._inserts
         if not updates and not inserts:
-            return
+            return None
         self._updates, self._inserts = [], {}
+        return updates, inserts
+
+    async def _flush(self) -> None:
+        pending = self._take_pending()
+        if pending is None:
+            return
+        updates, inserts = pending
         if self._postgres and len(updates) + len(inserts) > 1:
             await self._send_as_one(updates, inserts)
             return

@@ -24,13 +24,13 @@ from mfa_service.errors import GuardLost
 from mfa_service.factors.totp import AuthenticatorApp
 from mfa_service.service import audit
 from mfa_service.service.sessions import token_hash
-from mfa_service.store import bulk, hot
 from mfa_service.store.database import Transaction
 from mfa_service.store.models import sessions
 from mfa_service.store.repositories import ChallengeRepository
 from mfa_service.store.security import LockoutState
 from tests.support.client import enroll_app, login, totp_at
 from tests.support.config import TEST_KEYRING, asyncpg_dsn
+from tests.support.locks import until_waiting, users_lock_held
 from tests.support.replica import Replica
 
 if TYPE_CHECKING:
@@ -141,18 +141,6 @@ async def test_without_the_user_lock_one_totp_code_still_logs_in_once(
     assert created == (1 if results[0].result == pb.VERIFY_RESULT_APPROVED else 0)
 
 
-async def _until_waiting(watcher: Any, query: str) -> None:
-    """Until exactly one statement LIKE ``query`` waits for a lock in this database."""
-    for _ in range(500):
-        waiting = await watcher.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock' AND query LIKE $1", query)
-        if waiting:
-            break
-        await asyncio.sleep(0.01)
-    assert waiting == 1
-
-
 async def _read_while_the_lock_is_held(app: App, user_id: str, change: str, row_id: str,
                                        read: Callable[[Transaction], Awaitable[Any]], *,
                                        importing: bool = False) -> Any:
@@ -160,25 +148,15 @@ async def _read_while_the_lock_is_held(app: App, user_id: str, change: str, row_
     user's lock (as every call of the user takes it; ``importing``: as the bulk import
     takes it) and runs ``change`` on ``row_id``; that one commits only once ``read``'s
     statement waits for the lock."""
-    engine = app.database.engine
-    async with engine.connect() as holding, engine.connect() as watching:
-        holder = (await holding.get_raw_connection()).driver_connection
-        watcher = (await watching.get_raw_connection()).driver_connection
-        assert holder is not None and watcher is not None
-        held = holder.transaction()
-        await held.start()
-        if importing:
-            await holder.execute(bulk.LOCK_USERS, [user_id])
-        else:
-            await holder.fetchrow(hot.LOCK_USER, user_id)
-        await holder.execute(change, row_id)
+    async with users_lock_held(app, user_id, importing=importing) as held:
+        await held.holder.execute(change, row_id)
 
         async def reading() -> Any:
             async with app.database.transaction() as tx:
                 return await read(tx)
 
         task = asyncio.create_task(reading())
-        await _until_waiting(watcher, "WITH l AS%")
+        await held.until_waiting("WITH l AS%")
         await held.commit()
         return await asyncio.wait_for(task, timeout=10)
 
@@ -289,7 +267,7 @@ async def _check_while_the_session_row_is_held(app: App, stub: Stub, database_ur
                 session_token=token, application=pb.APPLICATION_PORTAL))
 
         checking = asyncio.create_task(check())
-        await _until_waiting(watcher, "UPDATE sessions SET idle_expires_at%")
+        await until_waiting(watcher, "UPDATE sessions SET idle_expires_at%")
         await held.commit()
         answer = await asyncio.wait_for(checking, timeout=10)
         return bool(answer.valid)

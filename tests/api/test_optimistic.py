@@ -30,6 +30,7 @@ from mfa_service.store.database import Transaction
 from mfa_service.store.models import audit_events, challenges, sessions, user_lockouts
 from mfa_service.store.unit import USER_LOCK
 from tests.support.client import enroll_app, rich_error, totp_at
+from tests.support.locks import users_lock_held
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
@@ -79,7 +80,8 @@ async def test_a_login_reads_unlocked_and_writes_in_one_statement(
     seen: list[str] = []
 
     def observe(_: int, sql: str) -> None:
-        seen.append(sql)
+        if "user_lockouts" in sql:  # a login's statements (not another test's checks)
+            seen.append(sql)
 
     hot.observers.append(observe)
     try:
@@ -111,34 +113,22 @@ async def test_a_lockout_committed_between_the_read_and_the_write_refuses_the_lo
     factor = await enroll_app(stub, user_id, fresh_clock)
     ch = await _login_challenge(stub, user_id, factor.factor_id)
     code = totp_at(factor.secret, fresh_clock)
-    engine = app.database.engine
-    async with engine.connect() as holding, engine.connect() as watching:
-        holder = (await holding.get_raw_connection()).driver_connection
-        watcher = (await watching.get_raw_connection()).driver_connection
-        assert holder is not None and watcher is not None
-        held = holder.transaction()
-        await held.start()
-        await holder.fetchrow(hot.LOCK_USER, user_id)
+    async with users_lock_held(app, user_id) as held:
         until = (fresh_clock.now() + timedelta(minutes=15)).replace(tzinfo=None)
-        await holder.execute("UPDATE user_lockouts SET consecutive_failures = 10,"
-                             " locked_until = $2 WHERE user_id = $1", user_id, until)
+        await held.holder.execute("UPDATE user_lockouts SET consecutive_failures = 10,"
+                                  " locked_until = $2 WHERE user_id = $1", user_id, until)
+
         async def verifying() -> pb.VerifyResponse:
             return await stub.Verify(pb.VerifyRequest(challenge_id=ch.challenge_id, code=code))
 
         verify = asyncio.create_task(verifying())
-        for _ in range(500):  # until Verify, run again under the lock, waits for it
-            if await watcher.fetchval(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock' AND query LIKE 'WITH l AS (INSERT%'"):
-                break
-            await asyncio.sleep(0.01)
-        else:
-            pytest.fail("Verify never waited for the user's lock")
+        # Until Verify, run again under the lock, waits for it.
+        await held.until_waiting("WITH l AS (INSERT%")
         await held.commit()
         answer = await refused(asyncio.wait_for(verify, timeout=10))
     assert answer == (grpc.StatusCode.RESOURCE_EXHAUSTED, "ERROR_REASON_USER_LOCKED_OUT")
     assert await _count(app, sessions, user_id=user_id) == 0
-    async with engine.connect() as conn:
+    async with app.database.engine.connect() as conn:
         attempts = (await conn.execute(select(challenges.c.attempts).where(
             challenges.c.id == ch.challenge_id))).scalar_one()
     assert attempts == 0  # the unlocked try's attempt was undone with the rest
