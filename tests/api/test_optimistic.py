@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from grpc import aio
 from mfa.v1 import two_factor_service_pb2 as pb
+from mfa.v1 import two_factor_service_pb2_grpc as pb_grpc
 from sqlalchemy import func, select
 
 from mfa_service.app import App
@@ -31,6 +33,8 @@ from mfa_service.store.models import audit_events, challenges, sessions, user_lo
 from mfa_service.store.unit import USER_LOCK
 from tests.support.client import enroll_app, rich_error, totp_at
 from tests.support.locks import users_lock_held
+from tests.support.rig import Rig, code_in, enroll_phone, eventually, phone_text
+from tests.support.statements import counting
 
 if TYPE_CHECKING:
     from mfa.v1.two_factor_service_pb2_grpc import TwoFactorServiceAsyncStub as Stub
@@ -217,3 +221,33 @@ async def test_a_lock_taken_and_released_after_the_read_makes_the_writes_stand_d
         await read_then_write()
     assert lost.value.guard == USER_LOCK
     assert await _count(app, audit_events, user_id=user_id) == before
+
+
+async def test_a_phone_login_through_a_process_that_never_saw_the_factor(
+        rig: Rig, user_id: str) -> None:
+    """A second server process (another worker, or this one after a restart) knows
+    nothing of a phone factor: its first login Challenge tries without the lock, finds it
+    must lock the number and count the send (NeedsLock), and runs again under the lock;
+    one text is sent, and the code logs in there. From then on it knows, and a Challenge
+    costs the budgeted five statements again."""
+    factor_id, number = await enroll_phone(rig, user_id)
+    other: App = await rig.restart()  # another server on the same database
+    async with aio.insecure_channel(f"127.0.0.1:{other.port}") as channel:
+        stub = pb_grpc.TwoFactorServiceStub(channel)
+        sent = len(rig.calls_to(number))
+        ch = await stub.Challenge(pb.ChallengeRequest(
+            user_id=user_id, factor_id=factor_id, purpose=pb.PURPOSE_LOGIN,
+            application=pb.APPLICATION_PORTAL))
+        sms = (await eventually(lambda: rig.calls_to(number)[sent:]))
+        ok = await stub.Verify(pb.VerifyRequest(challenge_id=ch.challenge_id,
+                                                code=code_in(phone_text(sms[-1]))))
+        assert ok.result == pb.VERIFY_RESULT_APPROVED and ok.session.session_token
+        assert len(rig.calls_to(number)) == sent + 1
+        rig.clock.advance(61)  # past the resend cooldown
+        with counting(other) as statements:
+            again = await stub.Challenge(pb.ChallengeRequest(
+                user_id=user_id, factor_id=factor_id, purpose=pb.PURPOSE_LOGIN,
+                application=pb.APPLICATION_PORTAL))
+        assert again.challenge_id
+        [rpc] = {t for t, sql in statements.seen if "INSERT INTO user_lockouts" in sql}
+        assert len([sql for t, sql in statements.seen if t == rpc]) == 5, statements.sql
