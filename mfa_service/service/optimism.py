@@ -42,7 +42,8 @@ class Hints:
             self._remember(self._senders, factor_id)
 
     def needed_lock(self, factor_id: str) -> None:
-        """A Challenge on this factor found it needed the lock (its sends are counted)."""
+        """A Challenge on this factor found it needed the lock (a send to count, a user
+        with no lockout counter yet): its next ones take the lock at once."""
         self._remember(self._senders, factor_id)
 
     def verify_may_try(self, challenge_id: str) -> bool:

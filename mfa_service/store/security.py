@@ -21,11 +21,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Row
 
-from mfa_service.errors import NeedsLock
 from mfa_service.store import hot
 from mfa_service.store.engine import upsert_lock
 from mfa_service.store.models import UTCDateTime, challenges, recovery_codes, user_lockouts
-from mfa_service.store.unit import NOT_HELD, USER_LOCK, Unit
+from mfa_service.store.unit import USER_LOCK, Unit, standing_for_the_lock
 
 
 @dataclass(frozen=True)
@@ -51,9 +50,7 @@ _SAVE = update(user_lockouts).where(user_lockouts.c.user_id == bindparam("uid"))
     admin_reset_required=bindparam("admin", type_=Boolean()))
 # The same write in an optimistic unit (store/unit.py): only if lock_version is still the
 # one read, which it moves on, as the lock would have (the unit's USER_LOCK guard).
-_SAVE_IF_VERSION = _SAVE.where(
-    user_lockouts.c.lock_version == bindparam("cas_seen"), NOT_HELD).values(
-    lock_version=user_lockouts.c.lock_version + 1)
+_SAVE_IF_VERSION = standing_for_the_lock(_SAVE)
 
 
 def _statement(unit: Unit, name: str, source: Any) -> Any:
@@ -92,8 +89,6 @@ class LockoutRepository:
         (PostgreSQL's ON CONFLICT DO UPDATE takes the row lock; on SQLite BEGIN
         IMMEDIATE already holds the write lock).
         """
-        if self._unit.optimistic:
-            raise NeedsLock("the user's lock")
         if self._unit.postgres:  # the hot statement (store/hot.py)
             record = await self._unit.fetchrow(hot.LOCK_USER, user_id)
             return lockout_state_of(hot.aware(record))

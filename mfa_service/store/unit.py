@@ -97,10 +97,18 @@ _HELD = user_lockouts.alias("held")
 # told DEADLINE_EXCEEDED, with the login done.
 NOT_HELD = exists(select(literal(1)).select_from(_HELD).where(
     _HELD.c.user_id == bindparam("cas_uid")).with_for_update(nowait=True))
-VERSION_STILL = update(user_lockouts).where(
-    user_lockouts.c.user_id == bindparam("cas_uid"),
-    user_lockouts.c.lock_version == bindparam("cas_seen"), NOT_HELD).values(
-    lock_version=user_lockouts.c.lock_version + 1)
+
+
+def standing_for_the_lock(statement: Any) -> Any:
+    """``statement`` (an UPDATE of the user's ``user_lockouts`` row) made to stand for the
+    user's lock: only if ``lock_version`` is still ``cas_seen``, moving it on, and never
+    waiting for the row (NOT_HELD: ``cas_uid``)."""
+    return statement.where(user_lockouts.c.lock_version == bindparam("cas_seen"),
+                           NOT_HELD).values(lock_version=user_lockouts.c.lock_version + 1)
+
+
+VERSION_STILL = standing_for_the_lock(
+    update(user_lockouts).where(user_lockouts.c.user_id == bindparam("cas_uid")))
 # Raised by mfa_guard_lost() (migrations/versions/0013_guard_lost.py); and PostgreSQL's
 # lock_not_available, from NOT_HELD.
 GUARD_LOST_SQLSTATE = "MFA01"
